@@ -1,0 +1,38 @@
+"""The `uvit` command. Thin: parse, resolve config, one call into a workflow, render.
+
+Importing this module must not import torch (`uvit --help` stays fast); each command imports its
+workflow inside the function body.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from uvit_cli import __version__
+from uvit_cli.cli import presets
+
+app = typer.Typer(
+    name="uvit",
+    help="U-ViT diffusion toolkit: prepare data, train, sample, measure FID, benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(presets.app, name="presets")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"uvit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+def main() -> None:
+    app()

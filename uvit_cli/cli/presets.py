@@ -1,0 +1,41 @@
+"""`uvit presets list|show`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from uvit_cli import config
+from uvit_cli.cli.common import SetOption, handle_errors, out
+
+app = typer.Typer(help="List and inspect the packaged presets.", no_args_is_help=True)
+
+
+@app.command("list")
+@handle_errors
+def list_() -> None:
+    """List the packaged presets with their model and data."""
+    table = Table("name", "model", "data", "schedule", "description")
+    for name in config.list_presets():
+        p = config.load_preset(name)
+        m = p.model
+        table.add_row(
+            name,
+            f"D{m.embed_dim} depth {m.depth} /{m.patch_size} {m.conditioning}",
+            f"{p.data.kind} {p.data.resolution}px {p.data.space}",
+            p.schedule.kind,
+            p.description,
+        )
+    out.print(table)
+
+
+@app.command("show")
+@handle_errors
+def show(
+    name: Annotated[str, typer.Argument(help="Preset name or path to a .toml file.")],
+    set_: SetOption = None,
+) -> None:
+    """Print a preset, fully resolved (defaults filled in, overrides applied), as TOML."""
+    out.print(config.load_preset(name, set_ or []).to_toml(), end="", markup=False)

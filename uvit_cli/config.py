@@ -1,0 +1,269 @@
+"""Presets: pydantic models of a run's configuration, loaded from TOML with command-line overrides.
+
+Imports no torch, so `uvit --help` and preset validation stay fast. The precedence is written down
+once, here: explicit `--set key=value` > preset file > field default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from uvit_cli.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESETS_ENV = "UVIT_PRESETS"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Constructor keywords of `uvit_cli.model.UViT`, named as the official nnet configs."""
+
+    img_size: int = Field(gt=0)
+    patch_size: int = Field(gt=0)
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    qk_scale: float | None = None
+    mlp_time_embed: bool = False
+    num_classes: int = -1
+    clip_dim: int | None = None
+    num_clip_token: int = 77
+    use_checkpoint: bool = False
+    conv: bool = True
+    skip: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.clip_dim is not None and self.num_classes > 0:
+            raise ValueError("a model is either class-conditional (num_classes > 0) or text-conditional (clip_dim)")
+        return self
+
+    @property
+    def conditioning(self) -> Literal["none", "class", "text"]:
+        if self.clip_dim is not None:
+            return "text"
+        return "class" if self.num_classes > 0 else "none"
+
+
+class DataConfig(_Strict):
+    """Where the training data lives and what it is."""
+
+    kind: Literal["coco", "imagenet", "folder", "cifar10", "celeba", "imagenet64", "shapes"]
+    path: str = Field(description="directory of prepared shards (`uvit prepare ... --out`)")
+    space: Literal["latent", "pixel"] = "latent"
+    resolution: int = Field(gt=0, description="image resolution in pixels")
+    random_flip: bool = False
+
+
+class ScheduleConfig(_Strict):
+    """Noise schedule: discrete SD scaled-linear (integer steps) or the continuous VP-SDE."""
+
+    kind: Literal["discrete", "continuous"] = "discrete"
+    num_steps: int = Field(1000, gt=0, description="N of the discrete schedule")
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="global batch over all GPUs")
+    lr: float = Field(gt=0)
+    betas: tuple[float, float] = (0.99, 0.999)
+    weight_decay: float = Field(0.03, ge=0)
+    warmup_steps: int = Field(5000, ge=0)
+    ema_rate: float = Field(0.9999, ge=0, le=1)
+    p_uncond: float = Field(0.0, ge=0, le=1, description="probability of dropping the condition (CFG)")
+    grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables clipping")
+    seed: int = 1234
+    log_interval: int = Field(10, gt=0)
+    sample_interval: int = Field(5000, gt=0)
+    save_interval: int = Field(50000, gt=0)
+    keep_last: int = Field(3, gt=0, description="checkpoints kept on disk")
+    compile: bool = True
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    num_workers: int = Field(4, ge=0)
+
+
+class SampleConfig(_Strict):
+    solver: Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"] = (
+        "dpm_solver_pp"
+    )
+    steps: int = Field(50, gt=0)
+    cfg_scale: float = Field(0.0, ge=0, description="official convention: eps_c + s * (eps_c - eps_u)")
+    guidance_interval: tuple[float, float] | None = None
+    n_samples: int = Field(50000, gt=0, description="samples for the final FID evaluation")
+    batch_size: int = Field(50, gt=0)
+
+
+class AutoencoderConfig(_Strict):
+    pretrained: str = Field("autoencoder_kl.pth", description="file name of the SD KL-f8 weights")
+    scale_factor: float = Field(0.18215, gt=0)
+
+
+class TextEncoderConfig(_Strict):
+    kind: Literal["clip", "toy"] = "clip"
+    pretrained: str = "openai/clip-vit-large-patch14"
+
+
+class Preset(_Strict):
+    """A complete, validated configuration: what `uvit train/sample/bench` run from."""
+
+    name: str
+    description: str = ""
+    model: ModelConfig
+    data: DataConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig
+    sample: SampleConfig = SampleConfig()
+    autoencoder: AutoencoderConfig | None = None
+    text_encoder: TextEncoderConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Preset:
+        if self.data.space == "latent" and self.autoencoder is None:
+            raise ValueError("a latent-space preset needs an [autoencoder] table")
+        if self.model.conditioning == "text" and self.text_encoder is None:
+            raise ValueError("a text-conditional model needs a [text_encoder] table")
+        return self
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.model_dump(mode="json", exclude_none=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, lookup
+
+
+def presets_dir() -> Path:
+    """The directory of packaged presets: $UVIT_PRESETS, else `presets/` beside the package."""
+    env = os.environ.get(PRESETS_ENV)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
+
+
+def resolve_preset_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """A path to a TOML file, or the name of a packaged preset (with or without `.toml`)."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.exists():
+        return p
+    candidate = presets_dir() / f"{p.stem if p.suffix == '.toml' else p.name}.toml"
+    if candidate.exists():
+        return candidate
+    if p.suffix == ".toml":
+        raise ConfigError(f"{p}: preset file not found")
+    known = ", ".join(list_presets()) or "none"
+    raise ConfigError(f"unknown preset '{name_or_path}' (known: {known}; or pass a path to a .toml file)")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); the value is parsed as a TOML value, else a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    path = [k.strip() for k in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for k in path[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: '{k}' is not a table")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def preset_from_dict(data: dict[str, Any], source: str = "preset") -> Preset:
+    try:
+        return Preset.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_preset(name_or_path: str | os.PathLike[str], overrides: list[str] | None = None) -> Preset:
+    """Load and validate a preset; `overrides` are `key.path=value` strings applied on top."""
+    path = resolve_preset_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    data.setdefault("name", path.stem)
+    apply_overrides(data, overrides or [])
+    return preset_from_dict(data, str(path))
+
+
+def preset_from_toml(text: str, source: str = "embedded preset") -> Preset:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML ({e})") from None
+    return preset_from_dict(data, source)
+
+
+# --------------------------------------------------------------------------------------------------
+# A minimal TOML writer (tomllib only reads): tables of scalars, strings and flat lists.
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines.extend(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None)
+    return "\n".join(lines) + "\n"
