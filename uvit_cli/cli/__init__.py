@@ -6,6 +6,8 @@ workflow inside the function body.
 
 from __future__ import annotations
 
+import importlib
+
 import typer
 
 from uvit_cli import __version__
@@ -19,6 +21,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(presets.app, name="presets")
+
+# Each workflow's command lives in uvit_cli/cli/<name>.py and exposes `register(app)`.
+_COMMANDS = ("prepare", "train", "sample", "fid", "bench", "quickstart")
+for _name in _COMMANDS:
+    try:
+        _mod = importlib.import_module(f"uvit_cli.cli.{_name}")
+    except ModuleNotFoundError as _e:
+        if _e.name != f"uvit_cli.cli.{_name}":
+            raise
+        continue
+    _mod.register(app)
 
 
 def _version(value: bool) -> None:
