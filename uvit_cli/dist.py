@@ -1,0 +1,82 @@
+"""torch.distributed helpers: rank, world size, barrier, print on rank 0.
+
+Every helper works without an initialised process group (one process: rank 0 of 1), so workflows call
+them unconditionally. `init_from_env` reads the variables `torchrun` sets.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as td
+
+
+def is_initialized() -> bool:
+    return td.is_available() and td.is_initialized()
+
+
+def rank() -> int:
+    return td.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return td.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized() and td.get_world_size() > 1:
+        td.barrier()
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    if is_main():
+        print(*args, **kwargs)
+
+
+def device() -> torch.device:
+    """This process's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_from_env() -> bool:
+    """Join the process group described by torchrun's env vars (nccl on CUDA, gloo on CPU).
+
+    Returns True when running distributed. A single process (no WORLD_SIZE, or 1) is left alone.
+    Idempotent: a second call is a no-op.
+    """
+    if is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+        td.init_process_group("nccl", device_id=device())
+    else:
+        td.init_process_group("gloo")
+    return True
+
+
+def destroy() -> None:
+    if is_initialized():
+        td.destroy_process_group()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (just `[obj]` when not distributed)."""
+    if not is_initialized() or td.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out
