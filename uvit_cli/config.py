@@ -54,7 +54,9 @@ class ModelConfig(_Strict):
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.clip_dim is not None and self.num_classes > 0:
-            raise ValueError("a model is either class-conditional (num_classes > 0) or text-conditional (clip_dim)")
+            raise ValueError(
+                "a model is either class-conditional (num_classes > 0) or text-conditional (clip_dim)"
+            )
         return self
 
     @property
@@ -104,9 +106,9 @@ class TrainConfig(_Strict):
 
 
 class SampleConfig(_Strict):
-    solver: Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"] = (
-        "dpm_solver_pp"
-    )
+    solver: Literal[
+        "dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"
+    ] = "dpm_solver_pp"
     steps: int = Field(50, gt=0)
     cfg_scale: float = Field(0.0, ge=0, description="official convention: eps_c + s * (eps_c - eps_u)")
     guidance_interval: tuple[float, float] | None = None

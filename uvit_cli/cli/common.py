@@ -19,7 +19,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a preset value, e.g. --set train.lr=1e-4 (repeatable).", show_default=False),
+    typer.Option(
+        "--set", help="Override a preset value, e.g. --set train.lr=1e-4 (repeatable).", show_default=False
+    ),
 ]
 
 

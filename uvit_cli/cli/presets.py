@@ -17,18 +17,22 @@ app = typer.Typer(help="List and inspect the packaged presets.", no_args_is_help
 @handle_errors
 def list_() -> None:
     """List the packaged presets with their model and data."""
-    table = Table("name", "model", "data", "schedule", "description")
+    table = Table("name", "model", "data", "schedule", "solver")
+    table.columns[0].no_wrap = True
     for name in config.list_presets():
         p = config.load_preset(name)
         m = p.model
         table.add_row(
             name,
-            f"D{m.embed_dim} depth {m.depth} /{m.patch_size} {m.conditioning}",
+            f"D{m.embed_dim} depth {m.depth} patch {m.patch_size}, {m.conditioning}",
             f"{p.data.kind} {p.data.resolution}px {p.data.space}",
             p.schedule.kind,
-            p.description,
+            f"{p.sample.solver} {p.sample.steps}, cfg {p.sample.cfg_scale:g}",
         )
     out.print(table)
+    out.print(
+        f"[dim]{len(table.rows)} presets in {config.presets_dir()}; `uvit presets show NAME` prints one.[/dim]"
+    )
 
 
 @app.command("show")
@@ -38,4 +42,4 @@ def show(
     set_: SetOption = None,
 ) -> None:
     """Print a preset, fully resolved (defaults filled in, overrides applied), as TOML."""
-    out.print(config.load_preset(name, set_ or []).to_toml(), end="", markup=False)
+    typer.echo(config.load_preset(name, set_ or []).to_toml(), nl=False)
