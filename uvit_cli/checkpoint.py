@@ -1,0 +1,391 @@
+"""Checkpoints: safetensors weights with the resolved preset in their metadata, and the training state.
+
+    <run_dir>/preset.toml                     the resolved preset the run was started with
+    <run_dir>/metrics.jsonl                   one JSON object per log interval
+    <run_dir>/ckpts/<step:08d>/model.safetensors   online weights  } metadata: format, preset (TOML),
+    <run_dir>/ckpts/<step:08d>/ema.safetensors     EMA weights     } step, weights, uvit_version
+    <run_dir>/ckpts/<step:08d>/state.pt       optimizer, LR scheduler, step, RNG states, data position
+    <run_dir>/ckpts/latest                    text: the name of the newest complete step directory
+    <run_dir>/samples/<step:08d>.png          sample grids of the EMA model
+
+A step directory appears (rename) only when all its files are written, so a killed run never leaves a
+half checkpoint under a step name; `latest` is replaced atomically after that. Official `nnet.pth` /
+`nnet_ema.pth` files (plain state dicts) load too, given the preset they belong to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from uvit_cli.config import Preset, preset_from_toml
+from uvit_cli.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from uvit_cli.model import UViT
+
+FORMAT = "uvit"
+CKPTS = "ckpts"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "state.pt"
+PRESET_FILE = "preset.toml"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES = "samples"
+_STEP_RE = re.compile(r"^\d{8,}$")
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def step_dir_name(step: int) -> str:
+    return f"{step:08d}"
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name beside `path`, fsync, rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+
+
+def save_weights(
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, torch.Tensor],
+    preset: Preset | None,
+    step: int,
+    weights: str,
+) -> Path:
+    """Write `state_dict` as safetensors with the uvit metadata; temp file + rename (atomic)."""
+    from safetensors.torch import save_file
+
+    from uvit_cli import __version__
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    path = Path(path)
+    meta = {
+        "format": FORMAT,
+        "step": str(int(step)),
+        "weights": weights,
+        "uvit_version": __version__,
+    }
+    if preset is not None:
+        meta["preset"] = preset.to_toml()
+    # safetensors wants contiguous, unshared CPU tensors; the copy also detaches from the live model.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_weights(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], Preset | None, dict[str, str]]:
+    """(state_dict, embedded preset or None, metadata) of a uvit safetensors file or an official .pth."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
+        preset = None
+        if "preset" in meta:
+            preset = preset_from_toml(meta["preset"], source=f"{path} (embedded preset)")
+        return sd, preset, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot read as a state dict ({_first_line(e)}); expected our .safetensors or an "
+            "official nnet.pth / nnet_ema.pth"
+        ) from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a plain state dict of tensors (official nnet.pth layout)")
+    return dict(obj), None, {"format": "official", "weights": "ema" if "ema" in path.stem else "model"}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding checkpoints in a run directory
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete step directories of a run, oldest first (temporaries are ignored)."""
+    d = Path(run_dir) / CKPTS
+    if not d.is_dir():
+        return []
+    return sorted((int(p.name), p) for p in d.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The step directory `ckpts/latest` names, else the highest step directory, else None."""
+    d = Path(run_dir) / CKPTS
+    try:
+        name = (d / LATEST).read_text().strip()
+    except OSError:
+        name = ""
+    if name and _STEP_RE.match(name) and (d / name).is_dir():
+        return d / name
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def find_checkpoint(path_or_run_dir: str | os.PathLike[str], ema: bool = True) -> Path:
+    """A weights file from a file, a step directory or a run directory (its latest step); EMA preferred."""
+    p = Path(path_or_run_dir)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory (pass a .safetensors/.pth file or a run dir)")
+    step_dir = p
+    if not (p / MODEL_FILE).exists() and not (p / EMA_FILE).exists():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise CheckpointError(
+                f"{p}: no checkpoint found (expected {CKPTS}/<step>/{EMA_FILE}; has the run saved one yet?)"
+            )
+        step_dir = latest
+    order = (EMA_FILE, MODEL_FILE) if ema else (MODEL_FILE, EMA_FILE)
+    for name in order:
+        if (step_dir / name).is_file():
+            return step_dir / name
+    raise CheckpointError(f"{step_dir}: holds neither {EMA_FILE} nor {MODEL_FILE}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+def _short(items: list[str], n: int = 4) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """Raise one CheckpointError line naming missing / unexpected / mis-shaped keys."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [
+        f"{k} {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in got and tuple(got[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_short(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch {_short(shapes, 3)}")
+        raise CheckpointError(f"{what} does not fit the model: " + "; ".join(parts))
+
+
+@dataclass
+class CheckpointInfo:
+    """Where a model's weights came from."""
+
+    path: Path
+    step: int | None
+    weights: str  # "ema" | "model"
+    sha256: str
+    format: str  # "uvit" | "official"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "step": self.step,
+            "weights": self.weights,
+            "sha256": self.sha256,
+            "format": self.format,
+        }
+
+    def __getitem__(self, key: str) -> Any:  # info["step"] works as well as info.step
+        return self.as_dict()[key]
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    preset: Preset | None = None,
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+) -> tuple[UViT, Preset, CheckpointInfo]:
+    """Build the U-ViT of the embedded preset (or `preset`, required for official .pth) and load strictly."""
+    from uvit_cli.model import UViT
+
+    file = find_checkpoint(path, ema=ema)
+    sd, embedded, meta = load_weights(file)
+    preset = preset if preset is not None else embedded
+    if preset is None:
+        raise CheckpointError(
+            f"{file}: carries no preset (official checkpoint?); pass the preset it belongs to, e.g. "
+            "imagenet256_uvit_h2"
+        )
+    model = UViT(**preset.model.model_dump())
+    check_state_dict(model.state_dict(), sd, str(file))
+    model.load_state_dict(sd, strict=True)
+    model.eval().requires_grad_(False).to(device)
+    step = meta.get("step")
+    info = CheckpointInfo(
+        path=file,
+        step=int(step) if step is not None and str(step).isdigit() else None,
+        weights=meta.get("weights", "ema" if ema else "model"),
+        sha256=_sha256(file),
+        format=meta.get("format", FORMAT),
+    )
+    return model, preset, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Training state and whole checkpoints
+
+
+def save_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+    """torch.save `state` (tensors, numbers, strings, lists, dicts only: loadable with weights_only=True)."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import torch
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable training state ({_first_line(e)})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a uvit training state")
+    return state
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike[str],
+    step: int,
+    *,
+    model: Mapping[str, torch.Tensor],
+    ema: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    preset: Preset,
+    keep_last: int,
+) -> Path:
+    """Write ckpts/<step> (temporary directory, then rename), move `latest` to it, prune to `keep_last`."""
+    ckpts = Path(run_dir) / CKPTS
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / step_dir_name(step)
+    tmp = ckpts / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_weights(tmp / MODEL_FILE, model, preset, step, "model")
+        save_weights(tmp / EMA_FILE, ema, preset, step, "ema")
+        save_state(tmp / STATE_FILE, state)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. a resumed run ends where it resumed)
+            old = ckpts / f".old-{step_dir_name(step)}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(ckpts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(ckpts / LATEST, final.name + "\n")
+    prune_checkpoints(run_dir, keep_last, keep=final)
+    return final
+
+
+def prune_checkpoints(
+    run_dir: str | os.PathLike[str], keep_last: int, keep: Path | None = None
+) -> list[Path]:
+    """Delete all but the newest `keep_last` step directories (never `keep`), and stale temporaries."""
+    found = list_checkpoints(run_dir)
+    doomed = [p for _, p in found[: max(len(found) - max(keep_last, 1), 0)] if p != keep]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in (Path(run_dir) / CKPTS).glob(".tmp-*"):
+        if not p.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return doomed
+
+
+def read_checkpoint(
+    step_dir: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(model weights, EMA weights, training state) of a step directory; CheckpointError if any is unreadable."""
+    for name in (MODEL_FILE, EMA_FILE, STATE_FILE):
+        if not (step_dir / name).is_file():
+            raise CheckpointError(f"{step_dir}: {name} is missing")
+    model, _, _ = load_weights(step_dir / MODEL_FILE)
+    ema, _, _ = load_weights(step_dir / EMA_FILE)
+    state = load_state(step_dir / STATE_FILE)
+    return model, ema, state
