@@ -1,0 +1,294 @@
+"""`uvit fid`: FID against `mu`/`sigma` reference statistics, with clean-fid's protocols and a local Inception.
+
+Entry points (each returns a result with a protocol stamp; none prints):
+  compute_fid(samples, ref)          folder or .npz of images vs reference npz
+  make_ref_stats(images, out)        reference npz from a folder or .npz of images
+  fid_from_generator(batches, ref)   a stream of uint8 (B, H, W, 3) batches (the sampler's hook)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uvit_cli.errors import DataError
+from uvit_cli.fid.stats import FeatureStats, frechet_distance, load_ref_stats, read_meta, save_stats
+
+__all__ = [
+    "FeatureStats",
+    "FidResult",
+    "RefResult",
+    "compute_fid",
+    "fid_from_generator",
+    "frechet_distance",
+    "load_ref_stats",
+    "make_ref_stats",
+    "save_stats",
+    "write_stamp",
+]
+
+MIN_IMAGES = 2048  # below the feature dimension the covariance is singular and FID is biased upward
+
+
+@dataclass
+class FidResult:
+    fid: float  # clamped at 0 (FID(a, a) computes as about -1e-6)
+    fid_raw: float
+    num_images: int
+    stamp: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    is_main: bool = True  # rank 0 under torchrun: the one that prints and writes
+
+
+@dataclass
+class RefResult:
+    path: Path | None  # None on ranks other than 0
+    num_images: int
+    stamp: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    is_main: bool = True
+
+
+@dataclass
+class _Setup:
+    features: Any
+    device: Any
+    dim: int
+    weights: dict[str, Any]
+
+
+def _setup(mode: str, inception_weights: Any, device: Any, features: Any, feature_dim: int) -> _Setup:
+    import torch
+
+    from uvit_cli.fid.features import check_mode, inception_features
+
+    check_mode(mode)
+    if device is None:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        else:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    if features is not None:  # a stand-in extractor (tests, other feature spaces)
+        return _Setup(
+            features, device, feature_dim, {"path": None, "sha256": None, "note": "custom features"}
+        )
+    from uvit_cli.inception import file_sha256, load_inception, resolve_weights
+
+    path = resolve_weights(inception_weights, mode)
+    model = load_inception(path).to(device)
+    return _Setup(
+        inception_features(model, mode), device, 2048, {"path": str(path), "sha256": file_sha256(path)}
+    )
+
+
+def _maybe_init_distributed() -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1) if nobody has yet."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _default_workers(device: Any) -> int:
+    # Decoding + PIL resize become the bottleneck once Inception runs on a GPU; on CPU they are ~3% of it.
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def _images_stats(
+    images: str | os.PathLike, s: _Setup, mode: str, batch_size: int, workers: int | None, progress: Any
+) -> tuple[FeatureStats, set[tuple[int, int]], str]:
+    """This rank's statistics of a folder or an npz of images, merged over ranks; also sizes and the kind."""
+    from uvit_cli.fid.features import all_reduce_stats, batches_stats, folder_stats, rank_world
+    from uvit_cli.fid.images import list_images, npz_batches, npz_images_info
+
+    p = Path(images)
+    rank, world = rank_world()
+    if p.is_file() and p.suffix == ".npz":
+        n = npz_images_info(p)[0]
+        if n == 0:
+            raise DataError(f"{p}: arr_0 holds no images")
+        lo, hi = n * rank // world, n * (rank + 1) // world  # contiguous share: the stream never seeks back
+        stream = npz_batches(p, batch_size, lo, hi)
+        prog = None if progress is None else (lambda done, _t: progress(done * world, n))
+        stats, sizes = batches_stats(stream, s.features, mode, s.device, prog, n, s.dim)
+        kind = "npz"
+    elif not p.exists():
+        raise DataError(f"no such folder or .npz: {p}")
+    else:
+        files = list_images(p)
+        w = _default_workers(s.device) if workers is None else workers
+        stats, sizes = folder_stats(files, s.features, mode, s.device, batch_size, w, progress, s.dim)
+        kind = "folder"
+    return all_reduce_stats(stats, s.device), sizes, kind
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("uvit", "clean-fid", "torch", "numpy", "scipy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
+def _warnings(n: int, sizes: set[tuple[int, int]]) -> list[str]:
+    out = []
+    if n < MIN_IMAGES:
+        out.append(
+            f"only {n} images: below {MIN_IMAGES} the covariance is singular and FID is biased upward "
+            "(the paper uses 50,000; 30,000 for MS-COCO)"
+        )
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
+        out.append(f"images of {len(sizes)} sizes ({shown}...): each was resized to 299x299 on its own")
+    return out
+
+
+def _fid_against(
+    stats: FeatureStats, ref: str | os.PathLike, s: _Setup, mode: str, sizes: set, t0: float, source: dict
+) -> FidResult:
+    from uvit_cli.fid.features import rank_world
+    from uvit_cli.inception import file_sha256
+
+    rank, world = rank_world()
+    if stats.n == 0:
+        raise DataError("no images to measure")
+    mu_r, sigma_r = load_ref_stats(ref, s.dim)
+    mu, sigma = stats.mu_sigma()
+    raw = frechet_distance(mu, sigma, mu_r, sigma_r)
+    warns = _warnings(stats.n, sizes)
+    ref_meta = read_meta(ref)
+    if ref_meta.get("mode") and ref_meta["mode"] != mode:
+        warns.append(f"the reference was made with --mode {ref_meta['mode']}, these samples with {mode}")
+    stamp = {
+        "metric": "fid",
+        "fid": max(raw, 0.0),
+        "fid_raw": raw,
+        "mode": mode,
+        "num_images": stats.n,
+        "samples": source,
+        "reference": {"path": str(ref), "sha256": file_sha256(ref), "num_images": ref_meta.get("num_images")},
+        "inception": s.weights,
+        "image_sizes": [f"{h}x{w}" for h, w in sorted(sizes)[:8]],
+        "device": str(s.device),
+        "world_size": world,
+        "seconds": round(time.time() - t0, 2),
+        "versions": _versions(),
+        "warnings": warns,
+    }
+    return FidResult(max(raw, 0.0), raw, stats.n, stamp, warns, rank == 0)
+
+
+def compute_fid(
+    samples: str | os.PathLike,
+    ref: str | os.PathLike,
+    *,
+    mode: str = "clean",
+    inception_weights: str | os.PathLike | None = None,
+    device: Any = None,
+    batch_size: int = 50,
+    workers: int | None = None,
+    progress: Any = None,
+    features: Any = None,
+    feature_dim: int = 2048,
+) -> FidResult:
+    """FID of a folder or .npz of images against reference `mu`/`sigma`. Under torchrun each rank takes a slice.
+
+    `features` replaces the Inception by any `(B,3,H,W) float [0,255] -> (B, feature_dim)` function.
+    """
+    t0 = time.time()
+    load_ref_stats(
+        ref, None if features is not None else 2048
+    )  # fail on a bad reference before hours of work
+    _maybe_init_distributed()
+    s = _setup(mode, inception_weights, device, features, feature_dim)
+    stats, sizes, kind = _images_stats(samples, s, mode, batch_size, workers, progress)
+    return _fid_against(stats, ref, s, mode, sizes, t0, {"path": str(samples), "kind": kind})
+
+
+def fid_from_generator(
+    batches: Iterable[Any],
+    ref: str | os.PathLike,
+    *,
+    mode: str = "clean",
+    inception_weights: str | os.PathLike | None = None,
+    device: Any = None,
+    total: int | None = None,
+    progress: Any = None,
+    generator: dict[str, Any] | None = None,
+    features: Any = None,
+    feature_dim: int = 2048,
+) -> FidResult:
+    """FID of images streamed as uint8 (B, H, W, 3) batches (numpy or torch), no PNGs written.
+
+    `generator` (checkpoint, sampler, steps, cfg_scale, ema, seed, ...) goes into the stamp as is. Under
+    torchrun every rank passes its own share of the batches; the statistics are summed over ranks.
+    """
+    from uvit_cli.fid.features import all_reduce_stats, batches_stats
+
+    t0 = time.time()
+    load_ref_stats(ref, None if features is not None else 2048)
+    s = _setup(mode, inception_weights, device, features, feature_dim)
+    stats, sizes = batches_stats(batches, s.features, mode, s.device, progress, total, s.dim)
+    stats = all_reduce_stats(stats, s.device)
+    return _fid_against(stats, ref, s, mode, sizes, t0, {"kind": "generator", "generator": generator or {}})
+
+
+def make_ref_stats(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    mode: str = "clean",
+    inception_weights: str | os.PathLike | None = None,
+    device: Any = None,
+    batch_size: int = 50,
+    workers: int | None = None,
+    progress: Any = None,
+    features: Any = None,
+    feature_dim: int = 2048,
+) -> RefResult:
+    """Reference statistics (`mu`, `sigma` float64 + `meta`) of a folder or .npz of images, written to `out`."""
+    from uvit_cli.fid.features import rank_world
+
+    t0 = time.time()
+    _maybe_init_distributed()
+    s = _setup(mode, inception_weights, device, features, feature_dim)
+    stats, sizes, kind = _images_stats(images, s, mode, batch_size, workers, progress)
+    mu, sigma = stats.mu_sigma()
+    warns = _warnings(stats.n, sizes)
+    stamp = {
+        "metric": "fid_reference",
+        "mode": mode,
+        "num_images": stats.n,
+        "images": {"path": str(images), "kind": kind},
+        "inception": s.weights,
+        "image_sizes": [f"{h}x{w}" for h, w in sorted(sizes)[:8]],
+        "device": str(s.device),
+        "world_size": rank_world()[1],
+        "seconds": round(time.time() - t0, 2),
+        "versions": _versions(),
+        "warnings": warns,
+    }
+    is_main = rank_world()[0] == 0
+    path = save_stats(out, mu, sigma, stamp) if is_main else None
+    return RefResult(path, stats.n, stamp, warns, is_main)
+
+
+def write_stamp(path: str | os.PathLike, stamp: dict[str, Any]) -> Path:
+    """The protocol stamp as indented JSON."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(stamp, indent=2) + "\n")
+    return p

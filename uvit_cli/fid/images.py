@@ -1,0 +1,147 @@
+"""Where images come from: a folder of files or an `.npz` of uint8 NHWC images (`arr_0`), read in a stream."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uvit_cli.errors import DataError
+
+IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+# Files a sample folder legitimately holds beside its images (stamps, prompts, logs): skipped, not errors.
+SIDECAR_EXTENSIONS = {".json", ".toml", ".txt", ".yaml", ".yml", ".log", ".md", ".csv"}
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder` (recursive, sorted like clean-fid); any other non-sidecar file is an error."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"not a folder or .npz: {root}")
+    try:
+        paths = sorted(p for p in root.rglob("*") if p.is_file())
+    except OSError as e:
+        raise DataError(f"cannot read folder {root}: {e.strerror or e}") from None
+    images, strays = [], []
+    for p in paths:
+        if any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        ext = p.suffix.lower()
+        if ext in IMAGE_EXTENSIONS:
+            images.append(p)
+        elif ext not in SIDECAR_EXTENSIONS:
+            strays.append(p)
+    if strays:
+        more = f" and {len(strays) - 1} more" if len(strays) > 1 else ""
+        raise DataError(f"not an image file among the images: {strays[0]}{more}; move it out of {root}")
+    if not images:
+        raise DataError(f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return images
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8, as clean-fid reads it (`PIL.Image.open(...).convert('RGB')`)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+class ImageFiles:
+    """Map-style dataset for a DataLoader: decode + the mode's CPU resize in the workers.
+
+    Returns (image float32 (3,H,W) in [0,255], original (H, W), error text). Errors travel as text so the
+    main process can raise one clean line (DataLoader would wrap a worker's exception in a traceback).
+    """
+
+    def __init__(self, files: list[Path], resize: Callable[[np.ndarray], np.ndarray]):
+        self.files, self.resize = files, resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Any, tuple[int, int], str]:
+        import torch
+
+        try:
+            img = read_image(self.files[i])
+        except Exception as e:
+            return None, (0, 0), f"cannot decode {self.files[i]} as an image: {str(e).splitlines()[0]}"
+        out = np.asarray(self.resize(img), dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), img.shape[:2], ""
+
+
+def collate(items: list[tuple[Any, tuple[int, int], str]]) -> tuple[Any, list[tuple[int, int]], str]:
+    """Stack a batch; a decode error or two tensor sizes in one batch come back as text instead."""
+    import torch
+
+    errors = [e for _, _, e in items if e]
+    sizes = [s for _, s, _ in items]
+    if errors:
+        return None, sizes, errors[0]
+    shapes = {tuple(t.shape) for t, _, _ in items}
+    if len(shapes) > 1:
+        return None, sizes, f"images of different sizes in one batch: {sorted(set(sizes))[:3]}"
+    return torch.stack([t for t, _, _ in items]), sizes, ""
+
+
+def npz_images_info(path: str | os.PathLike) -> tuple[int, tuple[int, ...]]:
+    """(number of images, shape) of `arr_0` in an npz, read from the header only."""
+    with _open_arr0(Path(path)) as (_, shape, _offset):
+        return shape[0], shape
+
+
+class _open_arr0:
+    """Context: the `arr_0.npy` member of an npz as a stream positioned after its header."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> tuple[Any, tuple[int, ...], int]:
+        p = self.path
+        try:
+            self.zip = zipfile.ZipFile(p)
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read {p} as an .npz: {e}") from None
+        if "arr_0.npy" not in self.zip.namelist():
+            self.zip.close()
+            raise DataError(
+                f"{p} has no `arr_0` images (an npz of uint8 NHWC images, as ADM's sample batches)"
+            )
+        self.f = self.zip.open("arr_0.npy")
+        try:
+            major, _ = np.lib.format.read_magic(self.f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(self.f)
+        except ValueError as e:
+            self.__exit__()
+            raise DataError(f"{p}: arr_0 is not a readable array: {e}") from None
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+            self.__exit__()
+            raise DataError(f"{p}: arr_0 is {dtype} {tuple(shape)}, want uint8 (N, H, W, 3) images")
+        return self.f, tuple(shape), self.f.tell()
+
+    def __exit__(self, *exc: Any) -> None:
+        if hasattr(self, "f"):
+            self.f.close()
+        self.zip.close()
+
+
+def npz_batches(
+    path: str | os.PathLike, batch_size: int, start: int = 0, stop: int | None = None
+) -> Iterator[np.ndarray]:
+    """uint8 (B, H, W, 3) batches of images [start, stop) of `arr_0`, never holding the whole array."""
+    with _open_arr0(Path(path)) as (f, shape, offset):
+        n, row = shape[0], int(np.prod(shape[1:]))
+        stop = n if stop is None else min(stop, n)
+        f.seek(offset + start * row)
+        for i in range(start, stop, batch_size):
+            k = min(batch_size, stop - i)
+            buf = f.read(k * row)
+            if len(buf) != k * row:
+                raise DataError(f"{path}: arr_0 ends early (truncated file?)")
+            yield np.frombuffer(buf, np.uint8).reshape(k, *shape[1:])
