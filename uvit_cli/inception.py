@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -320,7 +321,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     with zipfile.ZipFile(path) as z:  # both torch.save and TorchScript files are zip archives
         names = z.namelist()
     if any(n.endswith("constants.pkl") or "/code/" in n for n in names):  # TorchScript (NVIDIA, fid-helper)
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        with warnings.catch_warnings():  # torch >= 2.9 calls torch.jit.load deprecated; it still works
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]

@@ -103,6 +103,20 @@ def _default_workers(device: Any) -> int:
     return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
+def _check_source(images: str | os.PathLike) -> None:
+    """Fail on a missing/empty folder, stray files or a bad npz before loading the Inception."""
+    from uvit_cli.fid.images import list_images, npz_images_info
+
+    p = Path(images)
+    if p.is_file() and p.suffix == ".npz":
+        if npz_images_info(p)[0] == 0:
+            raise DataError(f"{p}: arr_0 holds no images")
+    elif not p.exists():
+        raise DataError(f"no such folder or .npz: {p}")
+    else:
+        list_images(p)
+
+
 def _images_stats(
     images: str | os.PathLike, s: _Setup, mode: str, batch_size: int, workers: int | None, progress: Any
 ) -> tuple[FeatureStats, set[tuple[int, int]], str]:
@@ -209,9 +223,9 @@ def compute_fid(
     `features` replaces the Inception by any `(B,3,H,W) float [0,255] -> (B, feature_dim)` function.
     """
     t0 = time.time()
-    load_ref_stats(
-        ref, None if features is not None else 2048
-    )  # fail on a bad reference before hours of work
+    # Fail on a bad reference or bad images before loading the Inception (and before hours of work).
+    load_ref_stats(ref, None if features is not None else 2048)
+    _check_source(samples)
     _maybe_init_distributed()
     s = _setup(mode, inception_weights, device, features, feature_dim)
     stats, sizes, kind = _images_stats(samples, s, mode, batch_size, workers, progress)
@@ -263,6 +277,7 @@ def make_ref_stats(
     from uvit_cli.fid.features import rank_world
 
     t0 = time.time()
+    _check_source(images)
     _maybe_init_distributed()
     s = _setup(mode, inception_weights, device, features, feature_dim)
     stats, sizes, kind = _images_stats(images, s, mode, batch_size, workers, progress)
