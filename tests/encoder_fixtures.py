@@ -1,0 +1,172 @@
+"""Tiny seeded encoders saved in the REAL file formats, for encoder, prepare and sample tests.
+
+Stable helper API (other tests import it):
+    tiny_autoencoder(seed=0, ...) -> AutoencoderKL           f8 (4 levels), ch 32, 1 resnet per level
+    save_autoencoder(vae, path, fmt) -> Path                 fmt: "uvit" | "sd_ckpt" | "diffusers" | "diffusers_legacy"
+    tiny_text_encoder(seed=0, hidden_size=32, ...) -> CLIPTextEncoder
+    save_text_encoder(clip, directory, layout=..., fmt=..., tokenizer=True) -> Path (the directory)
+    write_tokenizer_files(directory) -> Path                 HF vocab.json + merges.txt from the bundled .gz
+All writers use only torch/safetensors/json (no transformers or diffusers needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from uvit_cli.encoders.autoencoder import AutoencoderKL, ldm_to_diffusers
+from uvit_cli.encoders.clip import CLIPTextConfig, CLIPTextEncoder
+from uvit_cli.encoders.tokenizer import BUNDLED_BPE, NUM_MERGES, _merges_from_gz, _vocab_from_merges
+
+TINY_VAE = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Deterministic, non-trivial weights (norm gains around 1, small biases, fan-in scaled weights)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            elif p.ndim == 1:  # GroupNorm / LayerNorm gains
+                p.copy_(1.0 + 0.1 * noise)
+            elif "embedding" in name:
+                p.copy_(0.5 * noise)
+            else:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+    return module
+
+
+def tiny_autoencoder(seed: int = 0, scale_factor: float = 0.18215, **sizes) -> AutoencoderKL:
+    """A small seeded f8 KL autoencoder (GroupNorm 32 as the real one); sizes override TINY_VAE."""
+    with torch.device("meta"):  # skip the default init: randomize_ sets every weight
+        vae = AutoencoderKL(**{**TINY_VAE, **sizes}, scale_factor=scale_factor)
+    vae.to_empty(device="cpu")
+    return randomize_(vae, seed).eval().requires_grad_(False)
+
+
+def diffusers_vae_config(vae: AutoencoderKL) -> dict:
+    """The diffusers `AutoencoderKL` config.json describing the same network."""
+    c = vae.config
+    n = len(c["ch_mult"])
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": c["in_channels"],
+        "out_channels": c["out_channels"],
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": [c["ch"] * m for m in c["ch_mult"]],
+        "layers_per_block": c["num_res_blocks"],
+        "act_fn": "silu",
+        "latent_channels": c["embed_dim"],
+        "norm_num_groups": c["norm_groups"],
+        "sample_size": 256,
+        "scaling_factor": vae.scale_factor,
+    }
+
+
+def save_autoencoder(vae: AutoencoderKL, path: str | Path, fmt: str = "uvit") -> Path:
+    """Write `vae` as U-ViT's plain .pth ("uvit"), an SD .ckpt ("sd_ckpt": state_dict wrapper,
+    first_stage_model. prefix, loss.* and a UNet key), or a diffusers folder ("diffusers", "diffusers_legacy":
+    config.json + diffusion_pytorch_model.safetensors). Returns the file or folder written."""
+    path = Path(path)
+    sd = {k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()}
+    if fmt == "uvit":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(sd, path)
+    elif fmt == "sd_ckpt":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        full = {f"first_stage_model.{k}": v for k, v in sd.items()}
+        full["first_stage_model.loss.logvar"] = torch.zeros(())
+        full["model.diffusion_model.out.0.weight"] = torch.ones(4)
+        torch.save({"state_dict": full, "global_step": 470000}, path)
+    elif fmt in ("diffusers", "diffusers_legacy"):
+        path.mkdir(parents=True, exist_ok=True)
+        dsd = {k: v.contiguous() for k, v in ldm_to_diffusers(sd, legacy=fmt == "diffusers_legacy").items()}
+        save_file(dsd, str(path / "diffusion_pytorch_model.safetensors"))
+        (path / "config.json").write_text(json.dumps(diffusers_vae_config(vae), indent=2))
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    return path
+
+
+def tiny_text_encoder(
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    intermediate_size: int = 64,
+) -> CLIPTextEncoder:
+    """A small seeded CLIP text tower with the real vocabulary (49408) and context (77)."""
+    cfg = CLIPTextConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+    )
+    with torch.device("meta"):
+        clip = CLIPTextEncoder(cfg)
+    return randomize_(clip.to_empty(device="cpu"), seed).eval().requires_grad_(False)
+
+
+def write_tokenizer_files(directory: str | Path) -> Path:
+    """Hugging Face `vocab.json` + `merges.txt`, derived from the bundled OpenAI .gz as the hub files are."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    merges = _merges_from_gz(BUNDLED_BPE)
+    assert len(merges) == NUM_MERGES
+    (directory / "vocab.json").write_text(
+        json.dumps(_vocab_from_merges(merges), ensure_ascii=False), encoding="utf-8"
+    )
+    lines = ["#version: 0.2", *(" ".join(m) for m in merges)]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+def save_text_encoder(
+    clip: CLIPTextEncoder,
+    directory: str | Path,
+    layout: str = "text_model",
+    fmt: str = "safetensors",
+    tokenizer: bool = True,
+    config: bool = True,
+) -> Path:
+    """Write a HF-style folder: `model.safetensors` (fmt "safetensors") or `pytorch_model.bin` ("bin").
+
+    layout: "text_model" (CLIPTextModel, transformers 4: `text_model.` prefix + a position_ids buffer),
+    "unprefixed" (what transformers 5 save_pretrained writes), "clipmodel" (full CLIPModel: adds vision
+    tensors, projections and logit_scale, with a nested text_config).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().clone().contiguous() for k, v in clip.state_dict().items()}
+    cfg = {k: getattr(clip.config, k) for k in clip.config.__dataclass_fields__}
+    if layout in ("text_model", "clipmodel"):
+        sd = {f"text_model.{k}": v for k, v in sd.items()}
+        sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    if layout == "clipmodel":
+        d = clip.config.hidden_size
+        sd["vision_model.embeddings.class_embedding"] = torch.zeros(d)
+        sd["vision_model.post_layernorm.weight"] = torch.ones(d)
+        sd["visual_projection.weight"] = torch.zeros(d, d)
+        sd["text_projection.weight"] = torch.zeros(d, d)
+        sd["logit_scale"] = torch.tensor(2.6592)
+        cfg = {"architectures": ["CLIPModel"], "model_type": "clip", "text_config": cfg, "vision_config": {}}
+    else:
+        cfg = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **cfg}
+    if fmt == "safetensors":
+        save_file(sd, str(directory / "model.safetensors"))
+    elif fmt == "bin":
+        torch.save(sd, directory / "pytorch_model.bin")
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    if config:
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer:
+        write_tokenizer_files(directory)
+    return directory

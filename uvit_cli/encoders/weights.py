@@ -1,0 +1,213 @@
+"""Find pretrained encoder weights without surprises: flag > environment variable > Hugging Face cache > download.
+
+Order (docs/encoders.md): an explicit spec (file, directory or hub id `org/name`), then `UVIT_VAE` / `UVIT_CLIP`,
+then the Hugging Face cache layout (`$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`), read without
+network. Only then, and only if `huggingface_hub` is installed, downloads are allowed (`HF_HUB_OFFLINE` /
+`UVIT_OFFLINE` unset) and huggingface.co answers, a hub download, logged as a warning. Otherwise a
+`WeightsNotFoundError` lists every place looked at and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uvit_cli.errors import WeightsNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightKind:
+    """What to look for: file names in preference order, sub-folders of a pipeline repo, defaults."""
+
+    name: str
+    env_var: str
+    flag: str
+    files: tuple[str, ...]
+    subfolders: tuple[str, ...]
+    default_repos: tuple[str, ...]
+    download_patterns: tuple[str, ...]
+
+
+KINDS = {
+    "vae": WeightKind(
+        name="autoencoder",
+        env_var="UVIT_VAE",
+        flag="--vae",
+        # U-ViT's own file first; the ema file must be named explicitly (huge models decode with it).
+        files=(
+            "autoencoder_kl.pth",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.bin",
+            "autoencoder_kl_ema.pth",
+        ),
+        subfolders=("vae",),
+        default_repos=("stabilityai/sd-vae-ft-ema",),
+        download_patterns=("config.json", "diffusion_pytorch_model.safetensors"),
+    ),
+    "clip": WeightKind(
+        name="CLIP text encoder",
+        env_var="UVIT_CLIP",
+        flag="--clip",
+        files=("model.safetensors", "pytorch_model.bin"),
+        subfolders=("text_encoder",),
+        default_repos=("openai/clip-vit-large-patch14",),
+        download_patterns=("config.json", "model.safetensors", "vocab.json", "merges.txt", "*.json"),
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ResolvedWeights:
+    """The weights file chosen, where it came from (`argument`, `env`, `cache`, `download`) and the places looked."""
+
+    path: Path
+    source: str
+    looked: list[str] = field(default_factory=list)
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache directory, by the same rules as huggingface_hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def weights_in_dir(directory: Path, kind: WeightKind) -> Path | None:
+    """The preferred weights file in a directory or in its pipeline sub-folder (`vae/`, `text_encoder/`)."""
+    for d in (directory, *(directory / s for s in kind.subfolders)):
+        for name in kind.files:
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def cached_snapshots(repo_id: str, cache: Path | None = None) -> list[Path]:
+    """Snapshot folders of a hub repo in the local cache, the `refs/main` one first, then newest first."""
+    repo_dir = (cache or hf_hub_cache()) / ("models--" + repo_id.replace("/", "--"))
+    snaps = sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        main = repo_dir / "snapshots" / ref.read_text().strip()
+        snaps = [main] + [s for s in snaps if s != main] if main.is_dir() else snaps
+    return [s for s in snaps if s.is_dir()]
+
+
+def _from_spec(spec: str, kind: WeightKind, looked: list[str], origin: str) -> Path | None:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = weights_in_dir(path, kind)
+        looked.append(f"{origin} directory {path} (no {' / '.join(kind.files)})")
+        return found
+    if _HUB_ID.match(spec):
+        return _from_cache(spec, kind, looked, origin=f"{origin} hub id")
+    looked.append(f"{origin} {spec} (no such file or directory)")
+    return None
+
+
+def _from_cache(repo_id: str, kind: WeightKind, looked: list[str], origin: str) -> Path | None:
+    cache = hf_hub_cache()
+    for snap in cached_snapshots(repo_id, cache):
+        if found := weights_in_dir(snap, kind):
+            return found
+    looked.append(f"{origin} {repo_id} in the Hugging Face cache {cache}")
+    return None
+
+
+def _download(repo_id: str, kind: WeightKind, looked: list[str]) -> Path | None:
+    """Last resort, never silent: only with huggingface_hub installed, downloads allowed and a network."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("UVIT_OFFLINE", "0") not in (
+        "",
+        "0",
+    ):
+        looked.append(f"no download of {repo_id} (HF_HUB_OFFLINE/UVIT_OFFLINE set)")
+        return None
+    try:
+        import huggingface_hub
+    except ImportError:
+        looked.append(f"no download of {repo_id} (huggingface_hub not installed)")
+        return None
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        looked.append(f"no download of {repo_id} (huggingface.co unreachable)")
+        return None
+    patterns = [
+        *kind.download_patterns,
+        *(f"{s}/{p}" for s in kind.subfolders for p in kind.download_patterns),
+    ]
+    log.warning("downloading %s weights from the Hugging Face hub: %s", kind.name, repo_id)
+    try:
+        snap = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as e:  # any hub/network failure becomes "not found", listed below
+        looked.append(f"download of {repo_id} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return None
+    return weights_in_dir(Path(snap), kind)
+
+
+def resolve_weights(
+    spec: str | os.PathLike | None, kind: str, allow_download: bool = True
+) -> ResolvedWeights:
+    """Find the weights file for `kind` ("vae" or "clip"); raise WeightsNotFoundError listing where it looked.
+
+    An explicit spec wins over the environment variable, which wins over the default hub repos; a spec or
+    variable that names a missing file or directory is an error (no silent fallback to something else).
+    """
+    k = KINDS[kind]
+    looked: list[str] = []
+    env = os.environ.get(k.env_var) or None
+    if spec is not None and str(spec) != "":
+        chosen, origin, source = str(spec), "argument", "argument"
+    elif env is not None:
+        chosen, origin, source = env, f"${k.env_var}", "env"
+    else:
+        chosen, origin, source = None, "default", "cache"
+    if chosen is not None:
+        if found := _from_spec(chosen, k, looked, origin):
+            return ResolvedWeights(found, source, looked)
+        if not (_HUB_ID.match(chosen) and not Path(chosen).expanduser().exists()):
+            raise _not_found(k, looked)
+        hub_ids = [chosen]
+    else:
+        hub_ids = list(k.default_repos)
+        for repo_id in hub_ids:
+            if found := _from_cache(repo_id, k, looked, origin):
+                return ResolvedWeights(found, "cache", looked)
+    for repo_id in hub_ids:
+        if not allow_download:
+            looked.append(f"no download of {repo_id} (downloads disabled)")
+        elif found := _download(repo_id, k, looked):
+            return ResolvedWeights(found, "download", looked)
+    raise _not_found(k, looked)
+
+
+def _not_found(k: WeightKind, looked: list[str]) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
+        f"{k.name} weights not found; looked at: {'; '.join(looked)}. Fix: pass {k.flag} FILE|DIR|ORG/NAME, "
+        f"set {k.env_var}, or put the files in the Hugging Face cache "
+        f"(e.g. `huggingface-cli download {k.default_repos[0]}`); see docs/encoders.md"
+    )
