@@ -1,0 +1,119 @@
+"""`uvit train PRESET`: train (or continue training) a preset's model; progress drawn here, work in uvit_cli.train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from uvit_cli.cli.common import SetOption, console, handle_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+
+
+@handle_errors
+def train(
+    preset: Annotated[str, typer.Argument(help="Preset name or path to a .toml file.", show_default=False)],
+    set_: SetOption = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-dir",
+            help="Run directory (default runs/<preset name>); rerun to resume.",
+            show_default=False,
+        ),
+    ] = None,
+    batch_per_gpu: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-per-gpu",
+            min=1,
+            help="Micro-batch per GPU; gradient accumulation fills the rest of its share of train.batch_size.",
+            show_default=False,
+        ),
+    ] = None,
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="Do not torch.compile the model.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Continue a run dir that was created by a different preset.")
+    ] = False,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--max-steps", min=1, help="Stop after this many steps of this invocation.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Train a preset's U-ViT on its prepared shards; rerunning the same command resumes exactly.
+
+    Multi-GPU: torchrun --nproc_per_node N -m uvit_cli train PRESET (train.batch_size is the global batch).
+    """
+    from uvit_cli import dist
+    from uvit_cli.config import load_preset
+    from uvit_cli.train import train as run_training
+
+    p = load_preset(preset, set_ or [])
+    show = dist.is_main()
+    progress, task = None, None
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        progress = Progress(
+            TextColumn("[bold]train[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]}  {task.fields[ips]} img/s  lr {task.fields[lr]}  ETA {task.fields[eta]}"
+            ),
+            console=console,
+            transient=False,
+        )
+
+    def on_event(e: Any) -> None:
+        nonlocal task
+        assert progress is not None
+        if e.kind == "start":
+            console.print(f"[dim]{e.message}[/dim]")
+            task = progress.add_task(
+                "train", total=e.total_steps, completed=e.step, loss="-", ips="-", lr="-", eta="-"
+            )
+            progress.start()
+        elif e.kind == "log" and task is not None:
+            m = e.metrics
+            progress.update(
+                task,
+                completed=e.step,
+                loss=f"{m['loss']:.4f}",
+                ips=f"{m['img_per_s']:.1f}",
+                lr=f"{m['lr']:.2e}",
+                eta=_duration(m["eta_s"]),
+            )
+        elif e.kind == "warning":
+            progress.console.print(f"[yellow]warning:[/yellow] {e.message}", soft_wrap=True)
+        elif e.kind in ("checkpoint", "samples"):
+            progress.console.print(f"[dim]step {e.step}: {e.message}[/dim]", soft_wrap=True)
+        elif e.kind == "done":
+            progress.stop()
+            console.print(e.message, soft_wrap=True)
+
+    try:
+        run_training(
+            p,
+            run_dir,
+            batch_per_gpu=batch_per_gpu,
+            compile=False if no_compile else None,
+            force=force,
+            max_steps=max_steps,
+            on_event=on_event if show else None,
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"

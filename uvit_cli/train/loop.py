@@ -1,0 +1,377 @@
+"""`uvit train`: the training loop, one function in comment-headed phases (EDM2 style), resume by default."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from uvit_cli import checkpoint as ck
+from uvit_cli import dist
+from uvit_cli.config import Preset
+from uvit_cli.errors import CheckpointError, ConfigError, TrainingDiverged
+from uvit_cli.train.objective import DiffusionLoss, Objective, build_optimizer, ema_update, step_seed
+from uvit_cli.train.rundir import MetricsLog, check_data_fits, claim_run_dir
+
+
+@dataclass
+class TrainEvent:
+    """What the loop reports (rank 0 only): kind is start | log | checkpoint | samples | warning | done."""
+
+    kind: str
+    step: int
+    total_steps: int
+    message: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    loss: float | None
+
+
+def default_run_dir(preset: Preset) -> Path:
+    return Path("runs") / preset.name
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG states of a process (stored per rank in state.pt; tensors and plain values only)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(s["python"])
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _micro_batches(loader: Any, sampler: Any, ds: Any, epoch: int, start_batch: int) -> Iterator[dict]:
+    """This rank's micro-batches, epoch after epoch, starting at global batch `start_batch` of `epoch`."""
+    while True:
+        sampler.set_epoch(epoch, start_batch)
+        ds.set_epoch(epoch)
+        yield from loader
+        epoch, start_batch = epoch + 1, 0
+
+
+def train(
+    preset: Preset,
+    run_dir: str | Path | None = None,
+    *,
+    batch_per_gpu: int | None = None,
+    compile: bool | None = None,
+    force: bool = False,
+    max_steps: int | None = None,
+    on_event: Callable[[TrainEvent], None] | None = None,
+) -> TrainResult:
+    """Train `preset` in `run_dir` (default runs/<name>), continuing from its latest checkpoint if any.
+
+    `batch_per_gpu` splits each rank's share of the global batch into micro-batches (gradient accumulation);
+    `compile` overrides `train.compile` (CUDA only); `max_steps` stops after that many steps of this call.
+    """
+    tc = preset.train
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(preset)
+
+    # ---- Processes, device, precision ------------------------------------------------------------
+    created_group = not dist.is_initialized() and dist.init_from_env()
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0
+    device = dist.device()
+    cuda = device.type == "cuda"
+
+    def emit(kind: str, at_step: int, message: str = "", **metrics: Any) -> None:
+        if main and on_event is not None:
+            on_event(TrainEvent(kind, at_step, tc.steps, message, metrics))
+
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision) if cuda else None
+    use_compile = cuda and (tc.compile if compile is None else compile)
+
+    try:
+        # ---- Batch geometry ----------------------------------------------------------------------
+        global_batch = tc.batch_size
+        if global_batch % world:
+            raise ConfigError(f"train.batch_size {global_batch} is not divisible by {world} processes")
+        per_rank = global_batch // world
+        micro = min(batch_per_gpu or per_rank, per_rank)
+        if per_rank % micro:
+            raise ConfigError(
+                f"--batch-per-gpu {micro} does not divide this GPU's share {per_rank} of the global batch "
+                f"{global_batch}; pick a divisor of {per_rank}"
+            )
+        accum = per_rank // micro
+
+        # ---- Data -----------------------------------------------------------------------------------
+        from torch.utils.data import DataLoader
+
+        from uvit_cli.data import FeatureDataset, ResumableSampler, collate
+
+        ds = FeatureDataset(preset.data.path, "train", seed=tc.seed)
+        check_data_fits(preset, ds)
+        sampler = ResumableSampler(
+            len(ds), global_batch, seed=tc.seed, rank=rank, world_size=world, with_epoch=True
+        )
+        loader = DataLoader(
+            ds,
+            batch_size=micro,
+            sampler=sampler,
+            num_workers=tc.num_workers,
+            collate_fn=collate,
+            pin_memory=cuda,
+            drop_last=False,  # the sampler yields whole global batches; micro divides a rank's share
+        )
+        null_class = ds.null_class if preset.model.conditioning == "class" else None
+        empty_context = ds.empty_context.to(device) if preset.model.conditioning == "text" else None
+
+        # ---- Run directory (rank 0 writes; every rank checks, so a refusal stops them all) -------
+        claim_run_dir(run_dir, preset, force, write=main)
+        dist.barrier()
+
+        # ---- Model, EMA, optimiser --------------------------------------------------------------------
+        from uvit_cli.model import UViT
+
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+        model = UViT(**preset.model.model_dump()).to(device)
+        # EMA in fp32, initialised as a copy of the online weights (the official ema_update(0)).
+        ema = copy.deepcopy(model).requires_grad_(False)
+        params, ema_params = list(model.parameters()), list(ema.parameters())
+        opt, sched = build_optimizer(
+            params,
+            lr=tc.lr,
+            betas=tc.betas,
+            weight_decay=tc.weight_decay,
+            warmup_steps=tc.warmup_steps,
+            fused=cuda,
+        )
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+        # ---- Resume: the newest readable checkpoint, falling back to older ones -------------------
+        step, epoch, batch_in_epoch, resumed_from = 0, 0, 0, None
+        for _, step_dir in reversed(ck.list_checkpoints(run_dir)):
+            try:
+                model_sd, ema_sd, state = ck.read_checkpoint(step_dir)
+            except CheckpointError as e:
+                emit("warning", 0, f"checkpoint {step_dir.name} is unreadable ({e}); trying the previous one")
+                continue
+            ck.check_state_dict(model.state_dict(), model_sd, str(step_dir / ck.MODEL_FILE))
+            ck.check_state_dict(ema.state_dict(), ema_sd, str(step_dir / ck.EMA_FILE))
+            model.load_state_dict(model_sd)
+            ema.load_state_dict(ema_sd)
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["lr_scheduler"])
+            if "grad_scaler" in state and scaler.is_enabled():
+                scaler.load_state_dict(state["grad_scaler"])
+            rngs = state.get("rng", [])
+            if len(rngs) == world:
+                set_rng_state(rngs[rank])
+            step = int(state["step"])
+            pos = state["data"]
+            epoch = int(pos["epoch"])
+            batch_in_epoch = int(pos["batch"]) * int(pos["global_batch"]) // global_batch
+            resumed_from = step_dir
+            break
+        else:
+            if ck.list_checkpoints(run_dir):
+                raise CheckpointError(
+                    f"{run_dir / ck.CKPTS}: no readable checkpoint; move that folder aside to start over"
+                )
+        if batch_in_epoch >= sampler.batches_per_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0
+        end_step = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
+        metrics = MetricsLog(run_dir, step) if main else None
+
+        # ---- Wrap for speed: DDP over ranks, then torch.compile --------------------------------------
+        loss_module: torch.nn.Module = DiffusionLoss(model)
+        ddp = None
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp = DistributedDataParallel(loss_module, device_ids=[device] if cuda else None)
+            loss_module = ddp
+        loss_fn = torch.compile(loss_module) if use_compile else loss_module
+        objective = Objective(
+            kind=preset.schedule.kind,
+            z_shape=(preset.model.in_chans, preset.model.img_size, preset.model.img_size),
+            num_steps=preset.schedule.num_steps,
+            beta_min=preset.schedule.beta_min,
+            beta_max=preset.schedule.beta_max,
+            p_uncond=tc.p_uncond,
+            conditioning=preset.model.conditioning,
+            latent=preset.data.space == "latent",
+            scale_factor=preset.autoencoder.scale_factor if preset.autoencoder else 1.0,
+            random_flip=preset.data.random_flip,
+            device=device,
+        )
+        grid = None
+        if main:
+            from uvit_cli.train.grid import GridSampler
+
+            grid = GridSampler(preset, ds, device, seed=tc.seed)
+
+        n_params = sum(p.numel() for p in params)
+        emit(
+            "start",
+            step,
+            f"{n_params / 1e6:.2f}M params on {device} x{world}; global batch {global_batch} = {world} x "
+            f"{accum} x {micro}; {tc.mixed_precision if amp_dtype else 'fp32'}"
+            f"{', compiled' if use_compile else ''}; "
+            + (f"resuming from {resumed_from.name}" if resumed_from else f"new run in {run_dir}"),
+            start_step=step,
+            end_step=end_step,
+        )
+        if step >= end_step:
+            emit("done", step, f"already at step {step} of {tc.steps}; nothing to do")
+            return TrainResult(run_dir, step, ck.latest_checkpoint(run_dir), None)
+
+        # ---- State saving ---------------------------------------------------------------------------
+        def save() -> Path | None:
+            state = {
+                "step": step,
+                "optimizer": opt.state_dict(),
+                "lr_scheduler": sched.state_dict(),
+                "rng": dist.all_gather_object(rng_state()),
+                "data": {"epoch": epoch, "batch": batch_in_epoch, "global_batch": global_batch},
+                "world_size": world,
+            }
+            if scaler.is_enabled():
+                state["grad_scaler"] = scaler.state_dict()
+            path = None
+            if main:
+                path = ck.save_checkpoint(
+                    run_dir,
+                    step,
+                    model=model.state_dict(),
+                    ema=ema.state_dict(),
+                    state=state,
+                    preset=preset,
+                    keep_last=tc.keep_last,
+                )
+                emit("checkpoint", step, f"saved {path}")
+            dist.barrier()
+            return path
+
+        # ---- Training loop --------------------------------------------------------------------------
+        model.train()
+        batches = _micro_batches(loader, sampler, ds, epoch, batch_in_epoch)
+        gen = torch.Generator(device)
+        loss_sum = torch.zeros((), device=device)  # on device: no host sync until the next flush
+        steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
+        lr_used = sched.get_last_lr()[0]
+        autocast = torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        )
+        while step < end_step:
+            # One global batch: the step's random numbers for all of it, this rank's rows per micro-batch.
+            gen.manual_seed(step_seed(tc.seed, step))
+            draws = objective.draw(gen, global_batch)
+            for m in range(accum):
+                batch = _to_device(next(batches), device)
+                lo = rank * per_rank + m * micro
+                d = draws.rows(lo, lo + micro)
+                x0 = objective.clean_data(batch["x"], d)
+                cond = objective.condition(batch, d, null_class, empty_context)
+                sqrt_ab, sqrt_1m_ab, timesteps = objective.coefficients(d.timesteps)
+                no_sync = ddp.no_sync() if ddp is not None and m < accum - 1 else contextlib.nullcontext()
+                with no_sync:
+                    with autocast:
+                        per_sample = loss_fn(x0, d.eps, sqrt_ab, sqrt_1m_ab, timesteps, **cond)  # (micro,)
+                    # Sum / share: DDP's mean over ranks then makes it the global-batch mean.
+                    scaler.scale(per_sample.sum() / per_rank).backward()
+                loss_sum += per_sample.detach().sum()
+            if tc.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            lr_used = opt.param_groups[0]["lr"]
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            ema_update(ema_params, params, tc.ema_rate)
+            step += 1
+            steps_since += 1
+            batch_in_epoch += 1
+            if batch_in_epoch == sampler.batches_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+
+            # ---- Log (the only host sync), checkpoint, samples -----------------------------------
+            saving = step % tc.save_interval == 0 or step == end_step
+            if step % tc.log_interval == 0 or saving:
+                if world > 1:
+                    torch.distributed.all_reduce(loss_sum)
+                loss = loss_sum.item() / (steps_since * global_batch)
+                now = time.perf_counter()
+                ips = steps_since * global_batch / max(now - t_last, 1e-9)
+                if not math.isfinite(loss):
+                    where = (
+                        f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
+                    )
+                    raise TrainingDiverged(
+                        f"loss became {loss} by step {step}; stopped, {where} "
+                        "(lower train.lr or set train.grad_clip, then rerun to resume)"
+                    )
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss,
+                    "lr": lr_used,
+                    "img_per_s": ips,
+                    "time": time.time(),
+                }
+                if metrics is not None:
+                    metrics.write(record)
+                emit("log", step, eta_s=(end_step - step) * global_batch / ips, **record)
+                loss_sum.zero_()
+                steps_since, t_last, last_loss = 0, now, loss
+            if saving:
+                last_ckpt = save() or last_ckpt
+            if step % tc.sample_interval == 0 and grid is not None and not grid.disabled:
+                path = grid(ema, run_dir / ck.SAMPLES / f"{ck.step_dir_name(step)}.png", amp_dtype)
+                if path is not None:
+                    emit("samples", step, f"sample grid {path}")
+                elif grid.disabled:
+                    emit("warning", step, grid.disabled)
+            if saving or step % tc.sample_interval == 0:
+                dist.barrier()
+                t_last = time.perf_counter()  # keep checkpoint and sampling time out of img/s
+
+        emit("done", step, f"finished at step {step}; checkpoint {last_ckpt}", loss=last_loss)
+        return TrainResult(run_dir, step, last_ckpt if isinstance(last_ckpt, Path) else None, last_loss)
+    finally:
+        if created_group:
+            dist.destroy()
