@@ -161,6 +161,11 @@ def test_shard_written_atomically(tmp_path, monkeypatch):
         data.write_shard(split, 0, sd, "fp")
     monkeypatch.setattr(np, "save", real_save)
     assert data.list_shards(split) == [] and data.read_shard_meta(split, 0) is None
+    assert list(split.iterdir()) == []
+    # a hard kill leaves a temporary: never listed as a shard, removed at the next start
+    (split / ".tmp-shard-00000-123").mkdir()
+    (split / ".tmp-shard-00000-123" / "x.npy").write_bytes(b"partial")
+    assert data.list_shards(split) == []
     assert data.remove_temporaries(split) == 1 and list(split.iterdir()) == []
     meta = data.write_shard(split, 0, sd, "fp")
     assert data.list_shards(split) == [0] and meta == data.read_shard_meta(split, 0)

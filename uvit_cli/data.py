@@ -131,35 +131,42 @@ def write_shard(split_dir: Path, index: int, data: ShardData, fp: str) -> dict[s
     if data.contexts is not None:
         counts = np.array([c.shape[0] for c in data.contexts], dtype=np.int64)
         arrays["context_offsets.npy"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        arrays["context.npy"] = np.ascontiguousarray(np.concatenate(data.contexts, axis=0))
+        if data.contexts:  # an all-skipped shard has offsets [0] and no context array
+            arrays["context.npy"] = np.ascontiguousarray(np.concatenate(data.contexts, axis=0))
         n_captions = int(counts.sum())
 
     final = split_dir / shard_name(index)
     tmp = split_dir / f".tmp-{shard_name(index)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, arr in arrays.items():
-        with open(tmp / name, "wb") as f:
-            np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-    items: dict[str, Any] = {"keys": data.keys}
-    if data.captions is not None:
-        items["captions"] = data.captions
-    (tmp / "items.json").write_text(json.dumps(items))
-    files = sorted([*arrays, "items.json"])
-    meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "fingerprint": fp,
-        "index": index,
-        "count": n,
-        "sources": data.sources,
-        "captions": n_captions,
-        "skipped": data.skipped,
-        "sha256": {name: sha256_file(tmp / name) for name in files},
-    }
-    write_json_atomic(tmp / SHARD_META, meta)
+    try:
+        for name, arr in arrays.items():
+            with open(tmp / name, "wb") as f:
+                np.save(f, arr)
+                f.flush()
+                os.fsync(f.fileno())
+        items: dict[str, Any] = {"keys": data.keys}
+        if data.captions is not None:
+            items["captions"] = data.captions
+        (tmp / "items.json").write_text(json.dumps(items))
+        files = sorted([*arrays, "items.json"])
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "fingerprint": fp,
+            "index": index,
+            "count": n,
+            "sources": data.sources,
+            "captions": n_captions,
+            "skipped": data.skipped,
+            "sha256": {name: sha256_file(tmp / name) for name in files},
+        }
+        write_json_atomic(tmp / SHARD_META, meta)
+    except BaseException:
+        # Interrupted (Ctrl-C, full disk): drop the partial shard. A hard kill leaves the temporary,
+        # which `remove_temporaries` deletes at the next start; it is never read as a shard.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, final)
     except OSError:

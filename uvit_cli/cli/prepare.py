@@ -1,0 +1,265 @@
+"""`uvit prepare coco|imagenet|folder`: data sets into feature shards (see docs/data.md)."""
+
+from __future__ import annotations
+
+import os
+import time
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from uvit_cli.cli.common import console, handle_errors, out
+
+if TYPE_CHECKING:
+    from rich.progress import Task
+
+app = typer.Typer(
+    help="Turn a data set into feature shards for training (docs/data.md).", no_args_is_help=True
+)
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+    both = "both"
+
+
+class Space(str, Enum):
+    latent = "latent"
+    pixel = "pixel"
+
+
+class Crop(str, Enum):
+    adm = "adm"
+    lanczos = "lanczos"
+
+
+class Labels(str, Enum):
+    auto = "auto"
+    folders = "folders"
+    none = "none"
+
+
+class Captions(str, Enum):
+    auto = "auto"
+    none = "none"
+
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory of shards (created; resumable).")]
+VaeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--vae", help="Autoencoder weights: file, directory or hub id (default: $UVIT_VAE, HF cache)."
+    ),
+]
+ClipOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--clip", help="CLIP text encoder: file, directory or hub id (default: $UVIT_CLIP, HF cache)."
+    ),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder call (per GPU).")]
+ShardOpt = Annotated[int, typer.Option("--items-per-shard", min=1, help="Images per shard.")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Storage of moments and contexts.")]
+PrecisionOpt = Annotated[
+    Precision, typer.Option("--precision", help="Autoencoder compute: fp32 (as U-ViT) or bf16.")
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", min=0, help="Image-decoding processes per GPU [default: min(8, CPUs)]."),
+]
+
+
+def _progress_bar() -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:6.1f} img/s" if speed else "   -- img/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=console,
+        transient=False,
+        disable=int(os.environ.get("RANK", "0")) != 0,  # torchrun: one bar, drawn by rank 0
+    )
+
+
+def _run(fn: Any, **kwargs: Any) -> None:
+    """Call a prepare workflow with a progress bar, then print a one-screen summary."""
+    t0 = time.perf_counter()
+    tasks: dict[str, Any] = {}
+    with _progress_bar() as bar:
+
+        def progress(p: Any) -> None:
+            if p.split not in tasks:
+                tasks[p.split] = bar.add_task(p.split, total=p.total, note="")
+            note = f"{p.skipped} skipped" if p.skipped else ""
+            if p.shards_reused:
+                note += f"{', ' if note else ''}{p.shards_reused} shards reused"
+            bar.update(tasks[p.split], completed=p.done, total=p.total, note=note)
+
+        result = fn(progress=progress, **kwargs)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    m = result.manifest
+    for split, entry in m["splits"].items():
+        skipped = len(entry.get("skipped", []))
+        out.print(
+            f"{split}: {entry.get('items', 0)} items in {len(entry.get('shards', []))} shards"
+            + (f", {entry['captions']} captions" if entry.get("captions") else "")
+            + (f", {skipped} unreadable images skipped (listed in manifest.json)" if skipped else "")
+        )
+    for name, e in m.get("encoders", {}).items():
+        out.print(f"{name}: {e['path']} sha256 {e['sha256'][:16]}")
+    out.print(f"wrote {result.out} in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command("coco")
+@handle_errors
+def coco(
+    coco_root: Annotated[
+        Path,
+        typer.Option("--coco-root", help="Holds train2014/, val2014/ and annotations/captions_*2014.json."),
+    ],
+    out_dir: OutOpt,
+    split: Annotated[Split, typer.Option("--split", help="Which split(s) to prepare.")] = Split.both,
+    vae: VaeOpt = None,
+    clip: ClipOpt = None,
+    resolution: Annotated[int, typer.Option("--resolution", help="Image side (U-ViT: 256).")] = 256,
+    batch_size: BatchOpt = 64,
+    items_per_shard: ShardOpt = 1000,
+    dtype: DtypeOpt = Dtype.float16,
+    precision: PrecisionOpt = Precision.fp32,
+    workers: WorkersOpt = None,
+) -> None:
+    """MS-COCO 2014 as U-ViT: autoencoder moments + CLIP features of every caption, and CLIP("")."""
+    from uvit_cli.prepare import prepare_coco
+
+    _run(
+        prepare_coco,
+        coco_root=coco_root,
+        out=out_dir,
+        split=split.value,
+        vae=vae,
+        clip=clip,
+        resolution=resolution,
+        batch_size=batch_size,
+        items_per_shard=items_per_shard,
+        dtype=dtype.value,
+        precision=precision.value,
+        num_workers=workers,
+    )
+
+
+@app.command("imagenet")
+@handle_errors
+def imagenet(
+    root: Annotated[Path, typer.Option("--root", help="ImageNet directory holding train/<synset>/*.JPEG.")],
+    out_dir: OutOpt,
+    resolution: Annotated[int, typer.Option("--resolution", help="256 or 512.")] = 256,
+    vae: VaeOpt = None,
+    batch_size: BatchOpt = 64,
+    items_per_shard: ShardOpt = 1000,
+    dtype: DtypeOpt = Dtype.float16,
+    precision: PrecisionOpt = Precision.fp32,
+    workers: WorkersOpt = None,
+) -> None:
+    """ImageNet train as U-ViT: ADM centre crop, moments of each image and its mirror image, labels."""
+    from uvit_cli.prepare import prepare_imagenet
+
+    _run(
+        prepare_imagenet,
+        root=root,
+        out=out_dir,
+        resolution=resolution,
+        vae=vae,
+        batch_size=batch_size,
+        items_per_shard=items_per_shard,
+        dtype=dtype.value,
+        precision=precision.value,
+        num_workers=workers,
+    )
+
+
+@app.command("folder")
+@handle_errors
+def folder(
+    directory: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    out_dir: OutOpt,
+    space: Annotated[
+        Space, typer.Option("--space", help="latent: autoencoder moments; pixel: uint8 images.")
+    ] = (Space.latent),
+    resolution: Annotated[int, typer.Option("--resolution", help="Image side after cropping.")] = 256,
+    crop: Annotated[
+        Crop, typer.Option("--crop", help="adm (ImageNet style) or lanczos (COCO style).")
+    ] = Crop.adm,
+    flip: Annotated[bool, typer.Option("--flip", help="Also store each image's mirror image.")] = False,
+    labels: Annotated[
+        Labels,
+        typer.Option(
+            "--labels", help="Classes from first-level sub-folders (auto: if all images are in one)."
+        ),
+    ] = Labels.auto,
+    captions: Annotated[
+        Captions, typer.Option("--captions", help="auto: use captions.jsonl or a .txt beside each image.")
+    ] = Captions.auto,
+    vae: VaeOpt = None,
+    clip: ClipOpt = None,
+    batch_size: BatchOpt = 64,
+    items_per_shard: ShardOpt = 1000,
+    dtype: DtypeOpt = Dtype.float16,
+    precision: PrecisionOpt = Precision.fp32,
+    workers: WorkersOpt = None,
+) -> None:
+    """Your own images: optional captions (text) or sub-folder classes; latent or pixel space."""
+    from uvit_cli.prepare import prepare_folder
+
+    _run(
+        prepare_folder,
+        directory=directory,
+        out=out_dir,
+        space=space.value,
+        resolution=resolution,
+        crop=crop.value,
+        flip=flip,
+        labels=labels.value,
+        captions=captions.value,
+        vae=vae,
+        clip=clip,
+        batch_size=batch_size,
+        items_per_shard=items_per_shard,
+        dtype=dtype.value,
+        precision=precision.value,
+        num_workers=workers,
+    )
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="prepare")

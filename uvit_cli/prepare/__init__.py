@@ -1,0 +1,151 @@
+"""`uvit prepare`: COCO 2014, ImageNet and image folders into feature shards (`uvit_cli.data`).
+
+    prepare_coco("coco/", "feats/coco256")                      # moments + every caption's CLIP features
+    prepare_imagenet("imagenet/", "feats/in256", resolution=256)  # moments of image and flip + label
+    prepare_folder("my_images/", "feats/mine", space="pixel", resolution=64)
+
+Each call runs on every `torchrun` rank (each writes its own shards) and reports progress through
+`progress(Progress)`; rerunning the same call resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from uvit_cli.errors import DataError
+from uvit_cli.prepare.run import PrepareResult, PrepareSpec, Progress, ProgressFn, SplitJob, run
+
+__all__ = [
+    "PrepareResult",
+    "PrepareSpec",
+    "Progress",
+    "ProgressFn",
+    "prepare_coco",
+    "prepare_folder",
+    "prepare_imagenet",
+]
+
+Path_ = str | os.PathLike[str]
+
+
+def _default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def prepare_coco(
+    coco_root: Path_,
+    out: Path_,
+    *,
+    split: Literal["train", "val", "both"] = "both",
+    vae: str | None = None,
+    clip: str | None = None,
+    resolution: int = 256,
+    batch_size: int = 64,
+    items_per_shard: int = 1000,
+    dtype: str = "float16",
+    precision: str = "fp32",
+    num_workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> PrepareResult:
+    """MS-COCO 2014 as U-ViT (spec §5.1): moments (8, 32, 32) per image, CLIP features of all its captions."""
+    from uvit_cli.prepare.sources import coco_sources
+
+    splits = ["train", "val"] if split == "both" else [split]
+    jobs = [SplitJob(s, coco_sources(coco_root, s)) for s in splits]
+    spec = PrepareSpec(
+        kind="coco",
+        space="latent",
+        resolution=resolution,
+        crop="lanczos",
+        flip=False,
+        conditioning="text",
+        vae=vae,
+        clip=clip,
+        dtype=dtype,
+        items_per_shard=items_per_shard,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=_default_workers() if num_workers is None else num_workers,
+    )
+    return run(out, spec, jobs, progress)
+
+
+def prepare_imagenet(
+    root: Path_,
+    out: Path_,
+    *,
+    resolution: int = 256,
+    vae: str | None = None,
+    batch_size: int = 64,
+    items_per_shard: int = 1000,
+    dtype: str = "float16",
+    precision: str = "fp32",
+    num_workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> PrepareResult:
+    """ImageNet train as U-ViT (spec §5.3): ADM centre crop, moments of the image and its flip, class label."""
+    from uvit_cli.prepare.sources import imagenet_sources
+
+    if resolution not in (256, 512):
+        raise DataError(f"--resolution {resolution}: U-ViT's ImageNet latents are 256 or 512")
+    sources, classes = imagenet_sources(root)
+    spec = PrepareSpec(
+        kind="imagenet",
+        space="latent",
+        resolution=resolution,
+        crop="adm",
+        flip=True,
+        conditioning="class",
+        classes=classes,
+        vae=vae,
+        dtype=dtype,
+        items_per_shard=items_per_shard,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=_default_workers() if num_workers is None else num_workers,
+    )
+    return run(out, spec, [SplitJob("train", sources)], progress)
+
+
+def prepare_folder(
+    directory: Path_,
+    out: Path_,
+    *,
+    space: Literal["latent", "pixel"] = "latent",
+    resolution: int = 256,
+    crop: Literal["adm", "lanczos"] = "adm",
+    flip: bool = False,
+    labels: Literal["auto", "folders", "none"] = "auto",
+    captions: Literal["auto", "none"] = "auto",
+    vae: str | None = None,
+    clip: str | None = None,
+    batch_size: int = 64,
+    items_per_shard: int = 1000,
+    dtype: str = "float16",
+    precision: str = "fp32",
+    num_workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> PrepareResult:
+    """A folder of images: captions from captions.jsonl or sidecar .txt files, classes from sub-folders."""
+    from uvit_cli.prepare.sources import folder_sources
+
+    sources, classes, has_captions = folder_sources(directory, labels=labels, captions=captions)
+    conditioning = "text" if has_captions else "class" if classes else "none"
+    spec = PrepareSpec(
+        kind="folder",
+        space=space,
+        resolution=resolution,
+        crop=crop,
+        flip=flip,
+        conditioning=conditioning,
+        classes=classes,
+        vae=vae,
+        clip=clip,
+        dtype=dtype,
+        items_per_shard=items_per_shard,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=_default_workers() if num_workers is None else num_workers,
+    )
+    return run(out, spec, [SplitJob("train", sources)], progress)

@@ -1,0 +1,407 @@
+"""The prepare engine: decode in DataLoader workers, encode in batches, write shards, assemble the manifest.
+
+Resumable by construction: shard k covers sources [k*S, (k+1)*S), finished shards (a directory with a
+meta.json carrying the same settings fingerprint) are skipped, and rank r of W writes the shards k with
+k % W == r. Rank 0 writes the manifest: first as "incomplete" (it holds the settings a rerun is checked
+against), then complete once every shard of the split exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from uvit_cli import data, dist
+from uvit_cli.errors import DataError
+from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source, load_rgb
+
+
+@dataclass
+class SplitJob:
+    """One split to prepare: its sorted sources and what to compute from them."""
+
+    name: str
+    sources: list[Source]
+
+
+@dataclass
+class PrepareSpec:
+    """Everything that determines the shards (fingerprinted), plus how to run (not fingerprinted)."""
+
+    kind: str
+    space: str  # "latent" | "pixel"
+    resolution: int
+    crop: str  # "lanczos" | "adm"
+    flip: bool  # also store the horizontally flipped view
+    conditioning: str  # "none" | "class" | "text"
+    classes: list[str] | None = None
+    dtype: str = "float16"
+    items_per_shard: int = 1000
+    vae: str | None = None
+    clip: str | None = None
+    precision: str = "fp32"  # VAE encode: "fp32" or "bf16" autocast (CUDA)
+    batch_size: int = 64
+    num_workers: int = 4
+    text_batch_size: int = 256
+
+
+@dataclass
+class Progress:
+    """Reported after every batch: this rank's images done / to do in `split` (skipped = unreadable)."""
+
+    split: str
+    done: int
+    total: int
+    skipped: int = 0
+    shards_written: int = 0
+    shards_reused: int = 0
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    manifest: dict[str, Any]
+    written: dict[str, int] = field(default_factory=dict)  # shards written per split by this rank
+    reused: dict[str, int] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding in workers
+
+
+class _Decode(Dataset):
+    """Source index -> (index, uint8 HWC image or None, error text)."""
+
+    def __init__(self, sources: list[Source], indices: list[int], crop: str, resolution: int) -> None:
+        self.sources, self.indices, self.resolution = sources, indices, resolution
+        self.crop = CROPS[crop]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, n: int) -> tuple[int, np.ndarray | None, str]:
+        i = self.indices[n]
+        try:
+            return i, self.crop(load_rgb(self.sources[i].path), self.resolution), ""
+        except Exception as e:  # corrupt, truncated, unsupported, missing: skip and report, never crash
+            return i, None, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and refusal of mixed outputs
+
+
+def _settings(spec: PrepareSpec, vae_sha: str | None, clip_sha: str | None) -> dict[str, Any]:
+    return {
+        "format_version": data.FORMAT_VERSION,
+        "kind": spec.kind,
+        "space": spec.space,
+        "resolution": spec.resolution,
+        "crop": spec.crop,
+        "flip": spec.flip,
+        "conditioning": spec.conditioning,
+        "classes": spec.classes,
+        "dtype": spec.dtype if spec.space == "latent" else "uint8",
+        "items_per_shard": spec.items_per_shard,
+        "vae_sha256": vae_sha,
+        "clip_sha256": clip_sha,
+        "vae_precision": spec.precision if spec.space == "latent" else None,
+    }
+
+
+def source_digest(sources: list[Source]) -> str:
+    rows = [(s.key, s.label, s.captions) for s in sources]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def _check_out(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest to continue from: refuse a directory holding anything made with other settings."""
+    path = out / data.MANIFEST
+    if path.exists():
+        old = data.read_manifest(out)
+        if old.get("fingerprint") != manifest["fingerprint"]:
+            a, b = old.get("settings", {}), manifest["settings"]
+            diff = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+            raise DataError(
+                f"{out} holds shards made with other settings (differs in: {', '.join(diff)}); "
+                "use another --out, or delete it to start over"
+            )
+        return old
+    if out.exists() and any(p.name not in (".", "..") for p in out.iterdir()):
+        raise DataError(f"{out} is not empty and holds no {data.MANIFEST}; choose an empty or new --out")
+    return manifest
+
+
+def _check_split(out: Path, manifest: dict[str, Any], job: SplitJob, digest: str, n_shards: int) -> None:
+    entry = manifest["splits"].get(job.name)
+    if entry is not None and entry.get("source_digest") != digest:
+        raise DataError(
+            f"{out}/{job.name}: the source images or captions changed since these shards were made "
+            "(different listing); use another --out, or delete it to start over"
+        )
+    split_dir = out / job.name
+    for k in data.list_shards(split_dir):
+        meta = data.read_shard_meta(split_dir, k)
+        if meta is not None and (meta.get("fingerprint") != manifest["fingerprint"] or k >= n_shards):
+            raise DataError(f"{split_dir / data.shard_name(k)} was made with other settings; delete {out}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding
+
+
+class _Encoders:
+    def __init__(self, spec: PrepareSpec, device: torch.device) -> None:
+        from uvit_cli.encoders import load_autoencoder, load_text_encoder
+
+        self.spec, self.device = spec, device
+        self.vae = load_autoencoder(spec.vae, device=device) if spec.space == "latent" else None
+        self.clip = load_text_encoder(spec.clip, device=device) if spec.conditioning == "text" else None
+
+    def ids(self) -> dict[str, Any]:
+        enc: dict[str, Any] = {}
+        if self.vae is not None:
+            enc["autoencoder"] = {"path": self.vae.weights_path, "sha256": self.vae.weights_sha256}
+        if self.clip is not None:
+            enc["text"] = {"path": self.clip.weights_path, "sha256": self.clip.weights_sha256}
+        return enc
+
+    @torch.no_grad()
+    def images(self, imgs: list[np.ndarray]) -> np.ndarray:
+        """uint8 HWC images -> (B, V, C, h, w): float32 moments (latent) or uint8 CHW pixels (pixel)."""
+        # NCHW contiguous as the official pipeline: a channels-last input picks other conv kernels (~2e-5 apart)
+        x = (
+            torch.from_numpy(np.stack(imgs)).to(self.device).permute(0, 3, 1, 2).contiguous()
+        )  # (B, 3, H, W) u8
+        if self.vae is None:
+            views = [x, x.flip(-1)] if self.spec.flip else [x]
+            return torch.stack(views, 1).cpu().numpy()
+        x = x.float() / 127.5 - 1.0  # float32, as the official `arr / 127.5 - 1`
+        if self.spec.flip:
+            x = torch.cat([x, x.flip(-1)])  # (2B, 3, H, W): images then their mirror images
+        use_bf16 = self.spec.precision == "bf16"
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with ctx:
+            m = self.vae.encode_moments(x).float()  # (B·V, 8, h, w)
+        b = len(imgs)
+        m = torch.stack([m[:b], m[b:]], 1) if self.spec.flip else m[:, None]
+        return m.cpu().numpy()
+
+    @torch.no_grad()
+    def texts(self, captions: list[str]) -> np.ndarray:
+        assert self.clip is not None
+        bs = self.spec.text_batch_size
+        parts = [self.clip.encode(captions[i : i + bs]).float().cpu() for i in range(0, len(captions), bs)]
+        return torch.cat(parts).numpy() if parts else np.zeros((0, 77, 0), np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+class _ShardBuffer:
+    def __init__(self, index: int, lo: int, hi: int) -> None:
+        self.index, self.lo, self.hi = index, lo, hi
+        self.rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.skipped: dict[int, str] = {}
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) + len(self.skipped) == self.hi - self.lo
+
+
+def _finish_shard(
+    buf: _ShardBuffer, sources: list[Source], spec: PrepareSpec, split_dir: Path, fp: str
+) -> dict[str, Any]:
+    order = sorted(buf.rows)
+    store = (lambda a: a) if spec.space == "pixel" else (lambda a: data.to_storage(a, spec.dtype))
+    if order:
+        x = store(np.stack([buf.rows[i][0] for i in order]))
+    else:
+        c = 3 if spec.space == "pixel" else 8
+        f = 1 if spec.space == "pixel" else 8
+        r = spec.resolution // f
+        x = np.zeros((0, 2 if spec.flip else 1, c, r, r), np.uint8 if spec.space == "pixel" else spec.dtype)
+    text = spec.conditioning == "text"
+    shard = data.ShardData(
+        x=x,
+        keys=[sources[i].key for i in order],
+        sources=buf.hi - buf.lo,
+        y=np.array([sources[i].label for i in order], np.int64) if spec.conditioning == "class" else None,
+        contexts=[data.to_storage(buf.rows[i][1], spec.dtype) for i in order] if text else None,  # type: ignore[arg-type]
+        captions=[list(sources[i].captions or []) for i in order] if text else None,
+        skipped=[
+            {"key": sources[i].key, "path": sources[i].path, "reason": r}
+            for i, r in sorted(buf.skipped.items())
+        ],
+    )
+    return data.write_shard(split_dir, buf.index, shard, fp)
+
+
+def _prepare_split(
+    out: Path,
+    job: SplitJob,
+    spec: PrepareSpec,
+    enc: _Encoders,
+    fp: str,
+    pending: list[int],
+    progress: ProgressFn | None,
+    reused: int,
+) -> int:
+    """Write this rank's pending shards of one split; returns how many were written."""
+    split_dir = out / job.name
+    S, N = spec.items_per_shard, len(job.sources)
+    bufs = {k: _ShardBuffer(k, k * S, min((k + 1) * S, N)) for k in pending}
+    indices = [i for k in pending for i in range(k * S, min((k + 1) * S, N))]
+    owner = {i: k for k in pending for i in range(k * S, min((k + 1) * S, N))}
+    loader = DataLoader(
+        _Decode(job.sources, indices, spec.crop, spec.resolution),
+        batch_size=spec.batch_size,
+        num_workers=spec.num_workers,
+        collate_fn=_as_list,
+        prefetch_factor=4 if spec.num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    state = Progress(job.name, 0, len(indices), shards_reused=reused)
+    if progress:
+        progress(state)
+    for batch in loader:
+        ok = [(i, img) for i, img, _ in batch if img is not None]
+        for i, img, err in batch:
+            if img is None:
+                bufs[owner[i]].skipped[i] = err
+                state.skipped += 1
+            elif spec.conditioning == "text" and not job.sources[i].captions:
+                bufs[owner[i]].skipped[i] = "no captions"
+                state.skipped += 1
+        ok = [(i, img) for i, img in ok if i not in bufs[owner[i]].skipped]
+        if ok:
+            feats = enc.images([img for _, img in ok])
+            ctx: list[np.ndarray | None] = [None] * len(ok)
+            if spec.conditioning == "text":
+                caps = [c for i, _ in ok for c in job.sources[i].captions or []]
+                flat = enc.texts(caps)
+                bounds = np.cumsum([0] + [len(job.sources[i].captions or []) for i, _ in ok])
+                ctx = [flat[bounds[j] : bounds[j + 1]] for j in range(len(ok))]
+            for (i, _), f, c in zip(ok, feats, ctx, strict=True):
+                bufs[owner[i]].rows[i] = (f, c)
+        state.done += len(batch)
+        for k in sorted({owner[i] for i, _, _ in batch}):
+            if k in bufs and bufs[k].full:
+                _finish_shard(bufs.pop(k), job.sources, spec, split_dir, fp)
+                state.shards_written += 1
+        if progress:
+            progress(state)
+    if bufs:  # cannot happen unless the loader dropped items
+        raise DataError(f"{split_dir}: shards {sorted(bufs)} incomplete after the run; rerun the command")
+    return state.shards_written
+
+
+def run(
+    out: str | os.PathLike[str],
+    spec: PrepareSpec,
+    jobs: list[SplitJob],
+    progress: ProgressFn | None = None,
+    device: torch.device | None = None,
+) -> PrepareResult:
+    """Prepare every split of `jobs` into `out` (see the module docstring); call on every torchrun rank."""
+    out = Path(out)
+    distributed = dist.init_from_env()
+    device = device or dist.device()
+    rank, world = dist.rank(), dist.world_size()
+    enc = _Encoders(spec, device)
+    vae_sha = enc.vae.weights_sha256 if enc.vae is not None else None
+    clip_sha = enc.clip.weights_sha256 if enc.clip is not None else None
+    settings = _settings(spec, vae_sha, clip_sha)
+    views = 2 if spec.flip else 1
+    shape = [3, spec.resolution, spec.resolution] if spec.space == "pixel" else [8, *_latent_hw(spec)]
+    manifest = data.new_manifest(
+        kind=spec.kind,
+        space=spec.space,
+        conditioning=spec.conditioning,
+        shape=shape,
+        views=views,
+        dtype=settings["dtype"],
+        items_per_shard=spec.items_per_shard,
+        settings=settings,
+        num_classes=len(spec.classes) if spec.conditioning == "class" and spec.classes else None,
+        classes=spec.classes,
+        context_shape=None,
+        encoders=enc.ids(),
+        preprocessing=CROP_DESCRIPTIONS[spec.crop] + ("; plus the horizontal flip" if spec.flip else ""),
+    )
+    manifest = _check_out(out, manifest)
+    digests = {job.name: source_digest(job.sources) for job in jobs}
+    n_shards = {job.name: math.ceil(len(job.sources) / spec.items_per_shard) for job in jobs}
+    for job in jobs:
+        if not job.sources:
+            raise DataError(f"the {job.name} split has no images")
+        _check_split(out, manifest, job, digests[job.name], n_shards[job.name])
+
+    dist.barrier()  # every rank has checked --out before rank 0 writes to it
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if enc.clip is not None:
+            empty = enc.texts([""])[0]  # (77, D) float32, kept in float32: it is one array
+            data.save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
+            manifest["context_shape"] = list(empty.shape)
+            manifest["context_dtype"] = spec.dtype
+        for job in jobs:
+            (out / job.name).mkdir(exist_ok=True)
+            data.remove_temporaries(out / job.name)
+            if not manifest["splits"].get(job.name, {}).get("complete"):
+                manifest["splits"][job.name] = {"complete": False, "source_digest": digests[job.name]}
+        data.write_json_atomic(out / data.MANIFEST, manifest)
+    dist.barrier()
+
+    result = PrepareResult(out, manifest)
+    for job in jobs:
+        split_dir = out / job.name
+        mine = [k for k in range(n_shards[job.name]) if k % world == rank]
+        pending = [k for k in mine if data.read_shard_meta(split_dir, k) is None]
+        result.reused[job.name] = len(mine) - len(pending)
+        result.written[job.name] = _prepare_split(
+            out, job, spec, enc, manifest["fingerprint"], pending, progress, result.reused[job.name]
+        )
+    dist.barrier()
+
+    if rank == 0:
+        for job in jobs:
+            split_dir = out / job.name
+            metas = [data.read_shard_meta(split_dir, k) for k in range(n_shards[job.name])]
+            missing = [k for k, m in enumerate(metas) if m is None]
+            if missing:
+                raise DataError(f"{split_dir}: shards {missing[:5]} missing after the run; rerun the command")
+            manifest["splits"][job.name] = data.split_summary(metas, digests[job.name])  # type: ignore[arg-type]
+        data.write_json_atomic(out / data.MANIFEST, manifest)
+    dist.barrier()
+    if distributed:
+        result.manifest = data.read_manifest(out)
+    return result
+
+
+def _latent_hw(spec: PrepareSpec) -> list[int]:
+    if spec.resolution % 8:
+        raise DataError(
+            f"--resolution {spec.resolution} is not a multiple of 8 (the autoencoder downsamples by 8)"
+        )
+    return [spec.resolution // 8] * 2
