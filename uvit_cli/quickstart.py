@@ -1,0 +1,232 @@
+"""`uvit quickstart`: prepare -> train -> sample -> score on the captioned-shapes set, within a time budget.
+
+Every stage is the real workflow (`prepare_shapes`, `uvit_cli.train.train`, `uvit_cli.sample.generate`);
+this module only chains them, fits training into `minutes`, and scores the samples with the weight-free
+analysis of `uvit_cli.shapes.analyze`. Reports through `on_event`; prints nothing.
+
+    OUT/data/          the prepared shards (uvit prepare shapes)
+    OUT/run/           the training run (uvit train): preset.toml, metrics.jsonl, ckpts/
+    OUT/samples.png    a grid: one row per prompt, `samples_per_prompt` seeds per row
+    OUT/fidelity.json  colour / shape accuracy of the samples, and of the held-out real images
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uvit_cli.errors import ConfigError
+
+PRESET = "shapes_uvit_tiny"
+# One prompt per (colour, shape), positions cycled: chance is 25% for colour and 33% for shape.
+PROMPTS: tuple[str, ...] = (
+    "a red circle at the top left",
+    "a red square in the middle",
+    "a red triangle at the bottom right",
+    "a green circle at the top right",
+    "a green square at the bottom left",
+    "a green triangle in the middle",
+    "a blue circle at the bottom left",
+    "a blue square at the top right",
+    "a blue triangle at the top left",
+    "a yellow circle in the middle",
+    "a yellow square at the bottom right",
+    "a yellow triangle at the top right",
+)
+SAMPLE_RESERVE_S = 10.0  # kept from the training budget for sampling and scoring (they take a few seconds)
+MIN_CHUNK_STEPS = 20
+MAX_CHUNK_S = 30.0  # training runs in resumable chunks of about this long, re-timed after each
+
+
+@dataclass
+class QuickstartEvent:
+    """stage: prepare | train | sample | done; `message` is one line for a human."""
+
+    stage: str
+    message: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QuickstartResult:
+    out: Path
+    grid: Path
+    fidelity: Any  # uvit_cli.shapes.analyze.Fidelity of the samples
+    reference: Any  # the same score on held-out real images: the analysis's own ceiling
+    steps: int
+    seconds: dict[str, float]  # per stage and total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": asdict(self.fidelity),
+            "heldout_real_images": asdict(self.reference),
+            "train_steps": self.steps,
+            "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+            "grid": str(self.grid),
+        }
+
+
+def _train_within(
+    preset: Any,
+    run_dir: Path,
+    deadline: float,
+    max_steps: int | None,
+    on_event: Callable[[QuickstartEvent], None],
+) -> int:
+    """Train in resumable chunks until `deadline` (time.perf_counter) or `max_steps`; returns the step reached."""
+    from uvit_cli.train import train
+
+    step, rate = 0, None  # rate: steps per second, measured on the last chunk
+    while True:
+        left_s = deadline - time.perf_counter()
+        if max_steps is not None:
+            chunk = max_steps - step
+        elif rate is None:
+            chunk = MIN_CHUNK_STEPS
+        else:
+            chunk = int(min(left_s, MAX_CHUNK_S) * rate)
+        if chunk <= 0 or (max_steps is None and chunk < MIN_CHUNK_STEPS // 2 and step > 0):
+            return step
+        t0 = time.perf_counter()
+
+        def relay(e: Any) -> None:
+            if e.kind == "log":
+                on_event(
+                    QuickstartEvent(
+                        "train",
+                        f"step {e.step}  loss {e.metrics['loss']:.4f}  {e.metrics['img_per_s']:.0f} img/s",
+                        {"step": e.step, "loss": e.metrics["loss"], "left_s": deadline - time.perf_counter()},
+                    )
+                )
+            elif e.kind == "warning":
+                on_event(QuickstartEvent("train", f"warning: {e.message}"))
+
+        result = train(preset, run_dir, max_steps=chunk, on_event=relay)
+        done = result.step - step
+        step = result.step
+        if done > 0:
+            rate = done / max(time.perf_counter() - t0, 1e-6)
+        if max_steps is not None or step >= preset.train.steps:
+            return step
+
+
+def _grid(images: Any, prompts: list[str], per_row: int, path: Path, scale: int = 4) -> Path:
+    """Rows of `per_row` samples, the prompt written left of each row; nearest-neighbour upscaled."""
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    rows = n // per_row
+    pad, label_w = 2, 230
+    cell = h * scale
+    canvas = Image.new("RGB", (label_w + per_row * (cell + pad) + pad, rows * (cell + pad) + pad), (255,) * 3)
+    draw = ImageDraw.Draw(canvas)
+    for r in range(rows):
+        y = pad + r * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), prompts[r * per_row], fill=(0, 0, 0))
+        for c in range(per_row):
+            img = Image.fromarray(images[r * per_row + c]).resize((cell, cell), Image.Resampling.NEAREST)
+            canvas.paste(img, (label_w + pad + c * (cell + pad), y))
+    canvas.save(path)
+    return path
+
+
+def quickstart(
+    out: str | os.PathLike[str] = "quickstart",
+    *,
+    minutes: float = 5.0,
+    steps: int | None = None,
+    images: int | None = None,
+    samples_per_prompt: int = 4,
+    seed: int = 0,
+    threads: int | None = None,
+    overrides: list[str] | None = None,
+    on_event: Callable[[QuickstartEvent], None] | None = None,
+) -> QuickstartResult:
+    """Run the whole pipeline on the shapes preset in `out`; `steps` fixes the training length instead of
+    `minutes` (reproducible across machines). Re-running continues the same run (more training)."""
+    import numpy as np
+    import torch
+
+    from uvit_cli.config import load_preset
+    from uvit_cli.shapes import analyze, render, text
+    from uvit_cli.shapes.prepare import DEFAULT_IMAGES, prepare_shapes
+
+    emit = on_event or (lambda _e: None)
+    if minutes <= 0 and steps is None:
+        raise ConfigError("--minutes must be > 0 (or give --steps)")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    deadline = t_start + 60.0 * minutes - SAMPLE_RESERVE_S
+    out = Path(out)
+    data_dir, run_dir = out / "data", out / "run"
+    seconds: dict[str, float] = {}
+
+    # ---- Prepare --------------------------------------------------------------------------------------
+    preset = load_preset(
+        PRESET, [f"data.path={data_dir.as_posix()}", f"train.seed={seed}", *(overrides or [])]
+    )
+    t0 = time.perf_counter()
+    prep = prepare_shapes(data_dir, n=images or DEFAULT_IMAGES, seed=seed, resolution=preset.data.resolution)
+    m = prep.manifest["splits"]
+    seconds["prepare"] = time.perf_counter() - t0
+    emit(
+        QuickstartEvent(
+            "prepare",
+            f"{m['train']['items']} training and {m.get('val', {}).get('items', 0)} held-out scenes in {data_dir} "
+            f"({seconds['prepare']:.1f} s)",
+        )
+    )
+
+    # ---- Train ----------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    emit(
+        QuickstartEvent(
+            "train",
+            f"training {preset.name} in {run_dir} until {'step ' + str(steps) if steps else f'{minutes:g} min are up'}",
+        )
+    )
+    step = _train_within(preset, run_dir, deadline, steps, emit)
+    seconds["train"] = time.perf_counter() - t0
+
+    # ---- Sample ---------------------------------------------------------------------------------------
+    from uvit_cli.checkpoint import find_checkpoint, load_model
+    from uvit_cli.sample import context_conditions, generate, null_condition
+
+    t0 = time.perf_counter()
+    model, resolved, _info = load_model(find_checkpoint(run_dir, ema=True), ema=True, device="cpu")
+    encoder = text.toy_text_encoder(int(prep.manifest["encoders"]["text"]["seed"]))
+    prompts = [p for p in PROMPTS for _ in range(samples_per_prompt)]
+    contexts = encoder.encode(list(PROMPTS))  # (P, L, D)
+    rows = {i: i // samples_per_prompt for i in range(len(prompts))}
+    batches = generate(
+        model,
+        resolved,
+        range(len(prompts)),
+        context_conditions(contexts, rows),
+        null_condition(resolved, encoder.encode([""])),
+        seed=seed,
+        device="cpu",
+    )
+    samples = np.concatenate([imgs for _, imgs in batches])  # (n, H, W, 3) uint8, in index order
+    out.mkdir(parents=True, exist_ok=True)
+    grid = _grid(samples, prompts, samples_per_prompt, out / "samples.png")
+    seconds["sample"] = time.perf_counter() - t0
+
+    # ---- Score ----------------------------------------------------------------------------------------
+    score = analyze.fidelity(samples, prompts)
+    scenes = render.sample_scenes(len(prompts), seed, "val")
+    reference = analyze.fidelity(
+        render.render_many(scenes, preset.data.resolution).transpose(0, 2, 3, 1),
+        [s.captions()[0] for s in scenes],
+    )
+    seconds["total"] = time.perf_counter() - t_start
+    result = QuickstartResult(out, grid, score, reference, step, seconds)
+    (out / "fidelity.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    emit(QuickstartEvent("done", f"samples: {score}", result.to_dict()))
+    return result
