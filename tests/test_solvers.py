@@ -210,6 +210,8 @@ ODE_CASES = [
     # (solver, kwargs, steps, (min slope, max slope)); logSNR grids give uniform steps in lambda.
     (sample_dpm_solver_pp, {"skip_type": "logSNR"}, [146, 218, 290], (2.6, 3.4)),
     (sample_dpm_solver_pp_2m, {"skip_type": "logSNR"}, [20, 38, 74], (1.8, 2.2)),
+    # non-uniform lambda steps: the step ratio r of 2M matters
+    (sample_dpm_solver_pp_2m, {"skip_type": "time_quadratic"}, [40, 80, 160], (1.8, 2.3)),
     (sample_ddim, {"skip_type": "logSNR"}, [20, 40, 80], (0.85, 1.15)),
     (sample_dpm_solver, {}, [20, 38, 74], (2.8, 3.8)),
 ]
