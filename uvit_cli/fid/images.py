@@ -85,7 +85,8 @@ def collate(items: list[tuple[Any, tuple[int, int], str]]) -> tuple[Any, list[tu
         return None, sizes, errors[0]
     shapes = {tuple(t.shape) for t, _, _ in items}
     if len(shapes) > 1:
-        return None, sizes, f"images of different sizes in one batch: {sorted(set(sizes))[:3]}"
+        # only legacy_tensorflow leaves images unresized here (it resizes inside the network)
+        return None, sizes, f"legacy_tensorflow needs images of one size, found {sorted(set(sizes))[:3]}"
     return torch.stack([t for t, _, _ in items]), sizes, ""
 
 
