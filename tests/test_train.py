@@ -1,0 +1,447 @@
+"""`uvit train`: objective against a direct computation, CFG dropout, warm-up and EMA arithmetic, data checks,
+exact resume after a killed process, a CPU run whose loss falls, and one-line CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from uvit_cli import data
+from uvit_cli.config import preset_from_dict
+from uvit_cli.errors import ConfigError, DataError
+from uvit_cli.model import UViT
+from uvit_cli.train import read_metrics, train
+from uvit_cli.train.objective import (
+    Objective,
+    build_optimizer,
+    ema_update,
+    eps_mse,
+    step_seed,
+    warmup_factor,
+)
+from uvit_cli.train.rundir import check_data_fits
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures: a tiny class-conditional pixel set and a preset that fits it
+
+
+def write_pixel_set(root: Path, n: int = 32, size: int = 8, classes: int = 4, seed: int = 0) -> Path:
+    """Flat-coloured images, one colour per class (+ a little noise): easy to learn, so the loss falls."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    colours = rng.integers(20, 235, size=(classes, 3))
+    x = colours[y][:, :, None, None] + rng.integers(-10, 10, size=(n, 3, size, size))
+    data.write_arrays(root, x.clip(0, 255).astype(np.uint8), y=y, num_classes=classes, items_per_shard=10)
+    return root
+
+
+def tiny_preset(data_path: Path | str, **train: object):
+    t = dict(
+        steps=6,
+        batch_size=8,
+        lr=2e-3,
+        betas=[0.9, 0.99],
+        warmup_steps=2,
+        ema_rate=0.9,
+        p_uncond=0.2,
+        log_interval=1,
+        save_interval=3,
+        sample_interval=10**9,
+        keep_last=2,
+        num_workers=0,
+        compile=False,
+        mixed_precision="no",
+    )
+    t.update(train)
+    return preset_from_dict(
+        {
+            "name": "tiny",
+            "model": dict(
+                img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2, num_classes=5
+            ),
+            "data": {
+                "kind": "shapes",
+                "path": str(data_path),
+                "space": "pixel",
+                "resolution": 8,
+                "random_flip": True,
+            },
+            "train": t,
+            "sample": {"solver": "dpm_solver_pp", "steps": 4, "cfg_scale": 1.0},
+        }
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy CI machine OpenMP threads that wait
+    # for each other make each step 30x slower. Subprocesses get OMP_NUM_THREADS=1 for the same reason.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_pixel_set(tmp_path_factory.mktemp("data") / "px")
+
+
+# --------------------------------------------------------------------------------------------------
+# Objective, dropout, optimiser arithmetic
+
+
+def _alpha_bar_direct(n: np.ndarray) -> np.ndarray:
+    """SD scaled-linear alpha_bar_n, n in 1..1000, straight from the spec's formula (float64)."""
+    betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)[n - 1]
+
+
+def test_discrete_objective_matches_direct_computation():
+    net = UViT(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2)
+    obj = Objective(kind="discrete", z_shape=(3, 8, 8))
+    d = obj.draw(torch.Generator().manual_seed(0), 512)
+    assert d.timesteps.dtype == torch.int64
+    assert d.timesteps.min() >= 1 and d.timesteps.max() <= 1000 and len(d.timesteps.unique()) > 300
+    d = d.rows(0, 6)
+    x0 = torch.randn(6, 3, 8, 8)
+    sqrt_ab, sqrt_1m_ab, ts = obj.coefficients(d.timesteps)
+    assert torch.equal(ts, d.timesteps)  # the network gets the integer step n
+    loss = eps_mse(net, x0, d.eps, sqrt_ab, sqrt_1m_ab, ts)
+
+    ab = torch.from_numpy(_alpha_bar_direct(d.timesteps.numpy())).float()
+    x_n = ab.sqrt()[:, None, None, None] * x0 + (1 - ab).sqrt()[:, None, None, None] * d.eps
+    direct = ((d.eps - net(x_n, d.timesteps)) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, direct, rtol=1e-5, atol=1e-6)
+    assert loss.shape == (6,)
+
+
+def test_continuous_objective_matches_direct_computation():
+    net = UViT(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2)
+    obj = Objective(kind="continuous", z_shape=(3, 8, 8))
+    d = obj.draw(torch.Generator().manual_seed(1), 5)
+    t = d.timesteps
+    assert t.dtype == torch.float32 and (t >= 0).all() and (t < 1).all()
+    x0 = torch.randn(5, 3, 8, 8)
+    sqrt_ab, sqrt_1m_ab, ts = obj.coefficients(t)
+    torch.testing.assert_close(ts, t * 999)  # sde.ScoreModel feeds t * 999
+    ab = torch.exp(-(0.1 * t + 19.9 * t**2 / 2))
+    x_n = ab.sqrt()[:, None, None, None] * x0 + (1 - ab).sqrt()[:, None, None, None] * d.eps
+    direct = ((d.eps - net(x_n, t * 999)) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(eps_mse(net, x0, d.eps, sqrt_ab, sqrt_1m_ab, ts), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_latents_are_sampled_from_moments_and_pixels_flip():
+    obj = Objective(kind="discrete", z_shape=(4, 2, 2), latent=True, scale_factor=0.23010)
+    d = obj.draw(torch.Generator().manual_seed(2), 3)
+    mean, logvar = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2) * 30  # some beyond the clamp range
+    z = obj.clean_data(torch.cat([mean, logvar], 1), d)
+    direct = 0.23010 * (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * d.latent_eps)
+    torch.testing.assert_close(z, direct)
+
+    obj = Objective(kind="discrete", z_shape=(3, 2, 2), random_flip=True)
+    d = obj.draw(torch.Generator().manual_seed(3), 64)
+    x = torch.randn(64, 3, 2, 2)
+    out = obj.clean_data(x, d)
+    assert 10 < int(d.flip.sum()) < 54
+    assert torch.equal(out[d.flip], x[d.flip].flip(-1)) and torch.equal(out[~d.flip], x[~d.flip])
+
+
+def test_cfg_dropout_rate_and_null_conditions():
+    obj = Objective(kind="discrete", z_shape=(1, 1, 1), p_uncond=0.1, conditioning="class")
+    d = obj.draw(torch.Generator().manual_seed(step_seed(1234, 7)), 200_000)
+    assert abs(d.drop.float().mean().item() - 0.1) < 0.004
+    y = torch.randint(0, 1000, (200_000,))
+    out = obj.condition({"y": y}, d, null_class=1000)["y"]
+    assert (out[d.drop] == 1000).all() and torch.equal(out[~d.drop], y[~d.drop])
+
+    obj = Objective(kind="discrete", z_shape=(1, 1, 1), p_uncond=0.5, conditioning="text")
+    d = obj.draw(torch.Generator().manual_seed(0), 400)
+    ctx, empty = torch.randn(400, 3, 4), torch.randn(3, 4)
+    out = obj.condition({"context": ctx}, d, empty_context=empty)["context"]
+    assert 150 < int(d.drop.sum()) < 250
+    assert (out[d.drop] == empty).all() and torch.equal(out[~d.drop], ctx[~d.drop])
+
+    # No dropout without a condition or with p = 0; the same (seed, step) gives the same numbers.
+    assert Objective(kind="discrete", z_shape=(1,), p_uncond=0.1).draw(torch.Generator(), 4).drop is None
+    a = obj.draw(torch.Generator().manual_seed(step_seed(5, 3)), 8)
+    b = obj.draw(torch.Generator().manual_seed(step_seed(5, 3)), 8)
+    assert torch.equal(a.eps, b.eps) and torch.equal(a.drop, b.drop)
+    assert step_seed(5, 3) != step_seed(5, 4) != step_seed(6, 3)
+
+
+def test_warmup_schedule_and_adamw_settings():
+    p = torch.nn.Parameter(torch.ones(3))
+    q = torch.nn.Parameter(torch.ones(2))
+    opt, sched = build_optimizer([p, q], lr=0.5, betas=[0.99, 0.999], weight_decay=0.03, warmup_steps=4)
+    (g,) = opt.param_groups
+    assert (
+        g["weight_decay"] == 0.03
+        and g["betas"] == (0.99, 0.999)
+        and g["eps"] == 1e-8
+        and len(g["params"]) == 2
+    )
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        p.grad, q.grad = torch.ones(3), torch.ones(2)
+        opt.step()
+        if len(lrs) == 1:
+            assert torch.equal(p.detach(), torch.ones(3)), "the first step must run at lr 0 (official)"
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5, 0.5])
+    assert [warmup_factor(s, 0) for s in (0, 5)] == [1.0, 1.0]
+
+
+def test_ema_arithmetic():
+    rate = 0.9
+    params = [torch.randn(4), torch.randn(2, 3)]
+    ema = [p.clone() for p in params]
+    expect = [p.double().clone() for p in params]
+    for _ in range(5):
+        for p in params:
+            p.add_(torch.randn_like(p))
+        ema_update(ema, params, rate)
+        expect = [rate * e + (1 - rate) * p.double() for e, p in zip(expect, params)]
+    for e, x in zip(ema, expect):
+        torch.testing.assert_close(e.double(), x, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data that does not fit the model
+
+
+def _fake_ds(**kw):
+    base = dict(
+        root="feats/x",
+        space="pixel",
+        z_shape=(3, 8, 8),
+        conditioning="class",
+        num_classes=4,
+        manifest={"context_shape": None},
+    )
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize(
+    "ds, match",
+    [
+        (_fake_ds(space="latent", z_shape=(4, 1, 1)), "latent shards but the preset trains on pixel"),
+        (_fake_ds(z_shape=(3, 16, 16)), r"shape \(3, 16, 16\) but the model takes \(3, 8, 8\)"),
+        (
+            _fake_ds(num_classes=10),
+            "10 classes plus the CFG null class, so model.num_classes must be 11, not 5",
+        ),
+        (_fake_ds(conditioning="none"), "no class labels"),
+    ],
+)
+def test_data_that_does_not_fit_is_refused_in_one_line(ds, match):
+    with pytest.raises(DataError, match=match) as e:
+        check_data_fits(tiny_preset("x"), ds)
+    assert "\n" not in str(e.value)
+
+
+def test_text_context_width_is_checked():
+    p = tiny_preset("x").model_dump()
+    p["model"].update(num_classes=-1, clip_dim=16, num_clip_token=5)
+    p["text_encoder"] = {"kind": "toy", "pretrained": "toy"}
+    p = preset_from_dict(p)
+    ds = _fake_ds(conditioning="text", manifest={"context_shape": [5, 32]})
+    with pytest.raises(DataError, match=r"contexts of shape \(5, 32\) but the model takes \(5, 16\)"):
+        check_data_fits(p, ds)
+    check_data_fits(p, _fake_ds(conditioning="text", manifest={"context_shape": [5, 16]}))
+    uncond = tiny_preset("x").model_dump()
+    uncond["model"]["num_classes"] = -1
+    with pytest.raises(ConfigError, match="p_uncond"):
+        check_data_fits(preset_from_dict(uncond), _fake_ds())
+
+
+# --------------------------------------------------------------------------------------------------
+# Training runs
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in read_metrics(run)]
+
+
+def _weights(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "ckpts" / f"{step:08d}" / name))
+
+
+def test_short_cpu_run_loss_falls_and_writes_the_run_dir(shards, tmp_path):
+    preset = tiny_preset(
+        shards, steps=40, batch_size=16, lr=3e-3, warmup_steps=0, save_interval=20, sample_interval=40
+    )
+    events = []
+    res = train(preset, tmp_path / "run", on_event=events.append)
+    run = tmp_path / "run"
+    assert res.step == 40 and res.checkpoint == run / "ckpts" / "00000040"
+    losses = [loss for _, loss in _losses(run)]
+    assert len(losses) == 40
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.7 * first, (first, last)
+    assert (run / "preset.toml").read_text() == preset.to_toml()
+    assert (run / "ckpts" / "latest").read_text().strip() == "00000040"
+    assert (run / "samples" / "00000040.png").is_file()
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("checkpoint") == 2
+    # Rerunning the finished command is a no-op that says so.
+    again = train(preset, run, on_event=events.append)
+    assert again.step == 40 and "nothing to do" in events[-1].message
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from uvit_cli.config import load_preset
+    from uvit_cli.train import train
+
+    kill_at = int(sys.argv[3])
+
+    def on_event(e):
+        if e.kind == "log" and e.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no final checkpoint
+
+    train(load_preset(sys.argv[1]), sys.argv[2], on_event=on_event)
+    """
+)
+
+
+def test_exact_resume_after_a_killed_process(shards, tmp_path):
+    k = 3
+    preset = tiny_preset(shards, steps=2 * k, save_interval=k)
+    straight = tmp_path / "straight"
+    train(preset, straight)
+
+    killed = tmp_path / "killed"
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(preset.to_toml())
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(toml), str(killed), str(k + 2)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(p.name for p in (killed / "ckpts").iterdir() if not p.name.startswith(".")) == [
+        "00000003",
+        "latest",
+    ]
+    assert [s for s, _ in _losses(killed)] == [1, 2, 3, 4, 5]  # logged past the checkpoint, then killed
+
+    events = []
+    train(preset, killed, on_event=events.append)
+    assert "resuming from 00000003" in events[0].message
+    assert _losses(killed) == _losses(straight)  # identical floats, steps 1..6 once each
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = _weights(straight, 2 * k, name), _weights(killed, 2 * k, name)
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+    sa = torch.load(straight / "ckpts" / "00000006" / "state.pt", weights_only=True)
+    sb = torch.load(killed / "ckpts" / "00000006" / "state.pt", weights_only=True)
+    assert sa["data"] == sb["data"] and sa["lr_scheduler"] == sb["lr_scheduler"]
+    for pid, st in sa["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg_sq"], sb["optimizer"]["state"][pid]["exp_avg_sq"])
+
+
+def test_accumulation_matches_the_full_batch(shards, tmp_path):
+    preset = tiny_preset(shards, steps=2, save_interval=2)
+    train(preset, tmp_path / "full")
+    train(preset, tmp_path / "accum", batch_per_gpu=2)  # 4 micro-batches of 2
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "accum")
+    np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=1e-5)
+    wa, wb = (
+        _weights(tmp_path / "full", 2, "model.safetensors"),
+        _weights(tmp_path / "accum", 2, "model.safetensors"),
+    )
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="does not divide"):
+        train(preset, tmp_path / "bad", batch_per_gpu=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: one line per problem
+
+
+def _cli(args):
+    from uvit_cli.cli import app
+
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def _error_line(res) -> str:
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len([line for line in lines if line.startswith("error:")]) == 1, res.output
+    assert "Traceback" not in res.output
+    return next(line for line in lines if line.startswith("error:"))
+
+
+def test_cli_errors_are_one_line(shards, tmp_path):
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(tiny_preset(shards, steps=1, save_interval=1).to_toml())
+
+    res = _cli([str(toml), "--run-dir", str(tmp_path / "r0"), "--set", f"data.path={tmp_path / 'missing'}"])
+    assert res.exit_code == 2 and "prepare the data first" in _error_line(res)
+    assert not (tmp_path / "r0").exists()  # nothing created for a run that cannot start
+
+    res = _cli([str(toml), "--run-dir", str(tmp_path / "r1"), "--set", "model.img_size=16"])
+    assert res.exit_code == 2 and "but the model takes (3, 16, 16)" in _error_line(res)
+
+    res = _cli([str(toml), "--run-dir", str(tmp_path / "r2")])
+    assert res.exit_code == 0, res.output
+    res = _cli([str(toml), "--run-dir", str(tmp_path / "r2"), "--set", "train.lr=1e-2"])
+    assert res.exit_code == 2 and "created by a different preset (train.lr: 0.002 -> 0.01)" in _error_line(
+        res
+    )
+    res = _cli(
+        [
+            str(toml),
+            "--run-dir",
+            str(tmp_path / "r2"),
+            "--set",
+            "train.lr=1e-2",
+            "--set",
+            "train.steps=2",
+            "--force",
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "r2").glob("preset.*.toml"))) == 1  # the old preset is kept
+
+    res = _cli([str(toml), "--run-dir", str(tmp_path / "r3"), "--set", "train.lr=1e30", "--set", "train.warmup_steps=0",
+                "--set", "train.steps=5"])  # fmt: skip
+    assert res.exit_code == 3 and "loss became" in _error_line(res)
+    assert "the last good checkpoint is" in res.output
+    assert (tmp_path / "r3" / "ckpts" / "latest").read_text().strip() == "00000001"
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(shards, tmp_path):
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(tiny_preset(shards, steps=2, save_interval=1, keep_last=3).to_toml())
+    run = tmp_path / "run"
+    assert _cli([str(toml), "--run-dir", str(run)]).exit_code == 0
+    (run / "ckpts" / "00000002" / "model.safetensors").write_bytes(b"\x01\x02 truncated")
+    res = _cli([str(toml), "--run-dir", str(run), "--set", "train.steps=3"])
+    assert res.exit_code == 0, res.output
+    assert "checkpoint 00000002 is unreadable" in res.output and "trying the previous one" in res.output
+    assert "resuming from 00000001" in res.output
+    assert [s for s, _ in _losses(run)] == [1, 2, 3]
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
