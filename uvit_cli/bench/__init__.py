@@ -1,0 +1,510 @@
+"""`uvit bench`: time the real code paths against the official recipe, side by side in one process.
+
+Every task builds the preset's real network (random weights of the real size), feeds it data of the
+real shapes, and times whole steps after warm-up (and compilation). FLOPs are counted once with
+`torch.utils.flop_counter` on the meta device (training = 3x the forward: the backward is twice the
+forward; recomputation by gradient checkpointing is not counted, as MFU conventionally does not).
+
+    report = run_bench("train", load_preset("coco_uvit_s2_deep"), batch=256, steps=20)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uvit_cli.bench.measure import (
+    Measurement,
+    count_flops,
+    device_name,
+    peak_tflops,
+    reset_peak_memory,
+    time_steps,
+)
+from uvit_cli.bench.recipes import (
+    OFFICIAL,
+    OURS,
+    SAMPLE_LADDER,
+    TRAIN_LADDER,
+    Recipe,
+    apply_attention,
+    for_device,
+    official_ema_update,
+)
+from uvit_cli.config import Preset
+from uvit_cli.errors import ConfigError
+from uvit_cli.model import UViT
+
+TASKS = ("train", "sample", "prepare", "fid")
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class BenchReport:
+    task: str
+    preset: str
+    device: str
+    torch_version: str
+    peak_bf16_tflops: float | None
+    date: str
+    measurements: list[Measurement]
+    settings: dict[str, Any]
+
+    @property
+    def speedup(self) -> float | None:
+        """Images/s of our recipe over the official one, when both were measured."""
+        by = {m.recipe: m for m in self.measurements}
+        ours = by.get(OURS.name) or by.get("+compile (uvit)")
+        if ours and OFFICIAL.name in by:
+            return ours.images_per_s / by[OFFICIAL.name].images_per_s
+        return None
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["speedup"] = self.speedup
+        return json.dumps(d, indent=1)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _conditions(preset: Preset, batch: int, device: torch.device, g: torch.Generator) -> tuple[dict, dict]:
+    """Random conditions of the real shapes, and the matching null condition (for CFG)."""
+    m = preset.model
+    if m.conditioning == "text":
+        ctx = torch.randn(batch, m.num_clip_token, m.clip_dim, generator=g).to(device)
+        return {"context": ctx}, {
+            "context": torch.randn(1, m.num_clip_token, m.clip_dim, generator=g).to(device)
+        }
+    if m.conditioning == "class":
+        y = torch.randint(0, m.num_classes - 1, (batch,), generator=g).to(device)
+        return {"y": y}, {"y": torch.full((1,), m.num_classes - 1, device=device)}
+    return {}, {}
+
+
+def _network(preset: Preset, device: torch.device, official: bool) -> UViT:
+    torch.manual_seed(0)
+    return apply_attention(UViT(**preset.model.model_dump()).to(device), official)
+
+
+def _forward_flops(preset: Preset, batch: int) -> int:
+    """FLOPs of one forward of the network at `batch`, counted on the meta device (no memory, no time)."""
+    m = preset.model
+    with torch.device("meta"):
+        net = UViT(**m.model_dump())
+        x = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
+        cond: dict[str, torch.Tensor] = {}
+        if m.conditioning == "text":
+            cond = {"context": torch.randn(batch, m.num_clip_token, m.clip_dim)}
+        elif m.conditioning == "class":
+            cond = {"y": torch.zeros(batch, dtype=torch.long)}
+        return count_flops(lambda: net(x, torch.ones(batch), **cond))
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def bench_train(
+    preset: Preset,
+    *,
+    batch: int | None = None,
+    steps: int = 10,
+    warmup: int = 3,
+    recipes: Sequence[Recipe] = (OFFICIAL, OURS),
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> list[Measurement]:
+    """Images/s of full training steps (noising, forward, backward, optimiser, EMA) for each recipe."""
+    from uvit_cli.train.objective import Objective
+
+    device = device or _default_device()
+    batch = batch or preset.train.batch_size
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    m, tc = preset.model, preset.train
+    latent = preset.data.space == "latent"
+    g = torch.Generator().manual_seed(0)
+    # Stored moments (mean | logvar) for latent data sets, pixels in [-1, 1] otherwise.
+    x = torch.randn(batch, m.in_chans * (2 if latent else 1), m.img_size, m.img_size, generator=g).to(device)
+    cond, null = _conditions(preset, batch, device, g)
+    objective = Objective(
+        kind=preset.schedule.kind,
+        z_shape=(m.in_chans, m.img_size, m.img_size),
+        num_steps=preset.schedule.num_steps,
+        beta_min=preset.schedule.beta_min,
+        beta_max=preset.schedule.beta_max,
+        p_uncond=tc.p_uncond,
+        conditioning=m.conditioning,
+        latent=latent,
+        scale_factor=preset.autoencoder.scale_factor if preset.autoencoder else 1.0,
+        random_flip=preset.data.random_flip,
+        device=device,
+    )
+    null_class = m.num_classes - 1 if m.conditioning == "class" else None
+    empty_context = null["context"][0] if m.conditioning == "text" else None
+    flops = 3 * _forward_flops(preset, batch)
+
+    results = []
+    for recipe in recipes:
+        if progress:
+            progress(f"train / {recipe.name}")
+        r = for_device(recipe, device)
+        step = _train_step(r, preset, objective, x, cond, null_class, empty_context, batch, device)
+        reset_peak_memory(device)
+        sec = time_steps(step, steps, warmup, device)
+        results.append(
+            Measurement.from_timing("train", recipe.name, batch, sec, flops, peak, device, _note(r))
+        )
+        del step
+        _free(device)
+    return results
+
+
+def _train_step(
+    r: Recipe,
+    preset: Preset,
+    objective: Any,
+    x: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    null_class: int | None,
+    empty_context: torch.Tensor | None,
+    batch: int,
+    device: torch.device,
+) -> Callable[[], None]:
+    """One full training step of recipe `r` as a closure over a fresh model, optimiser and EMA."""
+    from uvit_cli.train.objective import DiffusionLoss, build_optimizer, ema_update
+
+    tc = preset.train
+    model = _network(preset, device, r.official_attention).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    opt, sched = build_optimizer(
+        params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, warmup_steps=0, fused=r.fused_adamw
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=r.amp == "fp16")
+    loss_fn: Any = torch.compile(DiffusionLoss(model)) if r.compile else DiffusionLoss(model)
+    gen = torch.Generator(device).manual_seed(0)
+    amp = r.amp_dtype
+
+    def step() -> None:
+        d = objective.draw(gen, batch)
+        x0 = objective.clean_data(x, d)
+        c = objective.condition(cond, d, null_class, empty_context)
+        sqrt_ab, sqrt_1m_ab, timesteps = objective.coefficients(d.timesteps)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            per_sample = loss_fn(x0, d.eps, sqrt_ab, sqrt_1m_ab, timesteps, **c)
+        scaler.scale(per_sample.mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if r.name == OFFICIAL.name:
+            official_ema_update(ema, model, tc.ema_rate)
+        else:
+            ema_update(ema_params, params, tc.ema_rate)
+
+    return step
+
+
+def _note(r: Recipe) -> str:
+    parts = [r.amp or "fp32", "fp32 attention" if r.official_attention else "SDPA in autocast dtype"]
+    if r.compile:
+        parts.append("compiled")
+    if r.cuda_graphs:
+        parts.append("CUDA graphs")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def bench_sample(
+    preset: Preset,
+    *,
+    batch: int | None = None,
+    solver_steps: int | None = None,
+    steps: int = 2,
+    warmup: int = 1,
+    decode: bool = True,
+    recipes: Sequence[Recipe] = (OFFICIAL, OURS),
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> list[Measurement]:
+    """Images/s of guided sampling with the preset's solver, VAE decoding included (latent presets).
+
+    Ours runs through `uvit_cli.sample.generate` (the code `uvit sample` runs); the official recipe
+    calls the network twice per step (cond, then uncond) under fp16 autocast with fp32 attention.
+    """
+    from uvit_cli.schedule import make_schedule
+
+    device = device or _default_device()
+    batch = batch or preset.sample.batch_size
+    m = preset.model
+    solver_steps = solver_steps or preset.sample.steps
+    scale = preset.sample.cfg_scale if m.conditioning != "none" and preset.train.p_uncond > 0 else 0.0
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    g = torch.Generator().manual_seed(0)
+    cond, null = _conditions(preset, batch, device, g)
+    schedule = make_schedule(
+        preset.schedule.kind, preset.schedule.num_steps, preset.schedule.beta_min, preset.schedule.beta_max
+    )
+    vae = None
+    decode_flops = 0
+    if preset.data.space == "latent" and decode:
+        from uvit_cli.encoders import AutoencoderKL
+
+        torch.manual_seed(0)
+        vae = AutoencoderKL(scale_factor=preset.autoencoder.scale_factor).to(device).eval()
+        with torch.device("meta"):
+            meta_vae = AutoencoderKL()
+            z = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
+            decode_flops = count_flops(lambda: meta_vae.decode(z))
+    passes = 2 if scale > 0 else 1
+    flops = solver_steps * passes * _forward_flops(preset, batch) + decode_flops
+
+    results = []
+    for recipe in recipes:
+        if progress:
+            progress(f"sample / {recipe.name}")
+        r = for_device(recipe, device)
+        run = _sample_run(r, preset, cond, null, vae, schedule, scale, solver_steps, batch, device)
+        reset_peak_memory(device)
+        sec = time_steps(run, steps, warmup, device)
+        note = _note(r) + (", batched CFG" if r.batched_cfg and scale > 0 else "")
+        results.append(Measurement.from_timing("sample", recipe.name, batch, sec, flops, peak, device, note))
+        del run
+        _free(device)
+    return results
+
+
+def _sample_run(
+    r: Recipe,
+    preset: Preset,
+    cond: dict[str, torch.Tensor],
+    null: dict[str, torch.Tensor],
+    vae: torch.nn.Module | None,
+    schedule: Any,
+    scale: float,
+    solver_steps: int,
+    batch: int,
+    device: torch.device,
+) -> Callable[[], None]:
+    """Sampling (and decoding) of one batch with recipe `r`, as a closure over a fresh network."""
+    from uvit_cli import solvers
+    from uvit_cli.sample.generate import SampleSettings, decode_latents, generate, to_uint8
+
+    m = preset.model
+    model = _network(preset, device, r.official_attention).eval()
+    if r.batched_cfg:  # the code `uvit sample` runs
+        precision = {"fp16": "fp16", "bf16": "bf16", None: "fp32"}[r.amp]
+        settings = SampleSettings.from_preset(
+            preset,
+            steps=solver_steps,
+            cfg_scale=scale,
+            batch_size=batch,
+            precision=precision,
+            compile=r.compile,
+            cuda_graphs=r.cuda_graphs,
+        )
+
+        def conditions(idx: Any) -> dict[str, torch.Tensor]:
+            return {k: v[: len(idx)] for k, v in cond.items()}
+
+        def run() -> None:
+            for _ in generate(
+                model, preset, range(batch), conditions, null, autoencoder=vae, settings=settings
+            ):
+                pass
+
+        return run
+
+    amp = r.amp_dtype
+    uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in null.items()}
+
+    def net(x: torch.Tensor, t: torch.Tensor, **c: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return model(x, t, **c).float()
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps_c = net(x, t, **cond)
+        if scale == 0:
+            return eps_c
+        return eps_c + scale * (eps_c - net(x, t, **uncond))  # two passes, as the official cfg_nnet
+
+    def run_official() -> None:
+        with torch.no_grad():
+            x_T = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=device)
+            x = solvers.sample(preset.sample.solver, eps_fn, x_T, schedule, solver_steps)
+            to_uint8(decode_latents(vae, x, 50, "fp16" if device.type == "cuda" else "fp32"))
+
+    return run_official
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders (prepare) and Inception (fid)
+
+
+def bench_prepare(
+    preset: Preset,
+    *,
+    batch: int = 64,
+    steps: int = 3,
+    warmup: int = 1,
+    captions_per_image: int = 5,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> list[Measurement]:
+    """Encoder throughput of `uvit prepare` (VAE moments + CLIP of every caption), random real-size weights.
+
+    Official: one image per call, fp32 (scripts/extract_mscoco_feature.py). Ours: batched, VAE under bf16
+    autocast on CUDA. Image decoding is not included (it runs in DataLoader workers in `uvit prepare`).
+    """
+    from uvit_cli.encoders import AutoencoderKL, CLIPTextConfig, CLIPTextEncoder
+
+    device = device or _default_device()
+    if preset.data.space != "latent":
+        raise ConfigError(f"bench prepare needs a latent preset; '{preset.name}' is pixel-space")
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    torch.manual_seed(0)
+    vae = AutoencoderKL().to(device).eval()
+    text = preset.model.conditioning == "text"
+    clip = CLIPTextEncoder(CLIPTextConfig()).to(device).eval() if text else None
+    res = preset.data.resolution
+    images = torch.rand(batch, 3, res, res, device=device) * 2 - 1
+    tokens = torch.randint(0, 49406, (batch * captions_per_image, 77), device=device)
+    with torch.device("meta"):
+        meta_vae = AutoencoderKL()
+        flops = count_flops(lambda: meta_vae.encode_moments(torch.randn(batch, 3, res, res)))
+        if text:
+            meta_clip = CLIPTextEncoder(CLIPTextConfig())
+            flops += count_flops(
+                lambda: meta_clip(torch.zeros(batch * captions_per_image, 77, dtype=torch.long))
+            )
+
+    def official() -> None:
+        with torch.no_grad():
+            for i in range(batch):
+                vae.encode_moments(images[i : i + 1])
+                if clip is not None:
+                    clip(tokens[i * captions_per_image : (i + 1) * captions_per_image])
+
+    def ours() -> None:
+        amp = device.type == "cuda"
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            vae.encode_moments(images)
+        if clip is not None:
+            with torch.no_grad():
+                clip(tokens)
+
+    results = []
+    for name, fn, note in [("official", official, "1 image per call, fp32"), ("uvit", ours, "batched")]:
+        if progress:
+            progress(f"prepare / {name}")
+        reset_peak_memory(device)
+        sec = time_steps(fn, steps, warmup, device)
+        results.append(Measurement.from_timing("prepare", name, batch, sec, flops, peak, device, note))
+    return results
+
+
+def bench_fid(
+    *,
+    batch: int = 200,
+    steps: int = 3,
+    warmup: int = 1,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> list[Measurement]:
+    """Inception feature throughput at 299x299 (random weights of the real FID Inception), fp32."""
+    from uvit_cli.inception import FIDInception
+
+    device = device or _default_device()
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    net = FIDInception().to(device).eval()
+    x = torch.rand(batch, 3, 299, 299, device=device) * 255
+    with torch.device("meta"):
+        meta = FIDInception()
+        flops = count_flops(lambda: meta(torch.rand(batch, 3, 299, 299)))
+
+    def run() -> None:
+        with torch.no_grad():
+            net(x)
+
+    if progress:
+        progress("fid / uvit")
+    reset_peak_memory(device)
+    sec = time_steps(run, steps, warmup, device)
+    return [Measurement.from_timing("fid", "uvit", batch, sec, flops, peak, device, "fp32, TF32 off")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run_bench(
+    task: str,
+    preset: Preset,
+    *,
+    batch: int | None = None,
+    steps: int | None = None,
+    compare: bool = False,
+    official: bool = True,
+    decode: bool = True,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Run one benchmark task and return its report (our recipe and, by default, the official one)."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown bench task '{task}' (choose from {', '.join(TASKS)})")
+    device = device or _default_device()
+    kw: dict[str, Any] = {"device": device, "progress": progress}
+    if steps is not None:
+        kw["steps"] = steps
+    if task == "train":
+        recipes = TRAIN_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
+        ms = bench_train(preset, batch=batch, recipes=recipes, **kw)
+    elif task == "sample":
+        recipes = SAMPLE_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
+        if device.type != "cuda":
+            recipes = [r for r in recipes if not r.cuda_graphs]
+        ms = bench_sample(preset, batch=batch, recipes=recipes, decode=decode, **kw)
+    elif task == "prepare":
+        ms = bench_prepare(preset, batch=batch or 64, **kw)
+    else:
+        ms = bench_fid(batch=batch or 200, **kw)
+    name = device_name(device)
+    return BenchReport(
+        task=task,
+        preset=preset.name,
+        device=name,
+        torch_version=torch.__version__,
+        peak_bf16_tflops=peak_tflops(name) if device.type == "cuda" else None,
+        date=datetime.date.today().isoformat(),
+        measurements=ms,
+        settings={
+            "batch": ms[0].batch if ms else batch,
+            "steps": steps,
+            "compare": compare,
+            "decode": decode,
+        },
+    )
+
+
+def write_json(report: BenchReport, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.to_json() + "\n")
+    return path

@@ -1,0 +1,125 @@
+"""Measuring: device facts, a synchronising timer, FLOP counts, and the result record."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets. The first
+# substring of the device name that matches wins, so the more specific names come first.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),  # SXM
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+]
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a known GPU, else None (then no MFU is reported)."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of `fn`, after `warmup` calls (compilation, autotuning, allocator warm-up)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call (matmuls, convolutions, attention), as torch.utils.flop_counter counts them."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One recipe's numbers for one task."""
+
+    task: str
+    recipe: str
+    batch: int
+    images_per_s: float
+    ms_per_step: float
+    flops_per_step: int | None = None
+    tflops: float | None = None
+    mfu: float | None = None
+    peak_mem_gb: float | None = None
+    note: str = ""
+
+    @classmethod
+    def from_timing(
+        cls,
+        task: str,
+        recipe: str,
+        batch: int,
+        seconds_per_step: float,
+        flops_per_step: int | None,
+        peak: float | None,
+        device: torch.device,
+        note: str = "",
+    ) -> Measurement:
+        tflops = flops_per_step / seconds_per_step / 1e12 if flops_per_step else None
+        return cls(
+            task=task,
+            recipe=recipe,
+            batch=batch,
+            images_per_s=batch / seconds_per_step,
+            ms_per_step=seconds_per_step * 1e3,
+            flops_per_step=flops_per_step,
+            tflops=tflops,
+            mfu=tflops / peak if tflops is not None and peak else None,
+            peak_mem_gb=peak_memory_gb(device),
+            note=note,
+        )

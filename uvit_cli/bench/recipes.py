@@ -1,0 +1,91 @@
+"""The recipes `uvit bench` compares: ours, the official code's, and the steps in between.
+
+A recipe is a set of switches over the *same* network and objective, so a ratio measures the
+switches and nothing else. `official` reproduces how baofff/U-ViT runs (spec §1.3, §3.5, §4.2):
+fp16 autocast with a grad scaler (`accelerate --mixed_precision fp16`), attention upcast to fp32,
+eager, non-fused AdamW, a per-parameter EMA loop; sampling with cond and uncond as two passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uvit_cli.model import Attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    amp: str | None  # "fp16", "bf16" or None (fp32)
+    official_attention: bool  # q, k, v upcast to fp32 before SDPA: no flash kernel
+    fused_adamw: bool = False
+    compile: bool = False
+    batched_cfg: bool = True  # sampling: cond and uncond in one forward
+    cuda_graphs: bool = False  # sampling: torch.compile mode="reduce-overhead"
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, None: None}[self.amp]
+
+
+OFFICIAL = Recipe("official", amp="fp16", official_attention=True, batched_cfg=False)
+OURS = Recipe("uvit", amp="bf16", official_attention=False, fused_adamw=True, compile=True)
+
+# `--compare`: switch one optimisation on at a time, from the official recipe to ours.
+TRAIN_LADDER = [
+    OFFICIAL,
+    dataclasses.replace(OFFICIAL, name="+bf16", amp="bf16"),
+    dataclasses.replace(OFFICIAL, name="+flash attention", amp="bf16", official_attention=False),
+    dataclasses.replace(
+        OFFICIAL, name="+fused AdamW", amp="bf16", official_attention=False, fused_adamw=True
+    ),
+    dataclasses.replace(OURS, name="+compile (uvit)"),
+]
+SAMPLE_LADDER = [
+    OFFICIAL,
+    dataclasses.replace(OFFICIAL, name="+bf16", amp="bf16"),
+    dataclasses.replace(OFFICIAL, name="+flash attention", amp="bf16", official_attention=False),
+    dataclasses.replace(
+        OFFICIAL, name="+batched CFG", amp="bf16", official_attention=False, batched_cfg=True
+    ),
+    dataclasses.replace(OURS, name="+compile (uvit)"),
+    dataclasses.replace(OURS, name="+CUDA graphs", cuda_graphs=True),
+]
+
+
+def for_device(recipe: Recipe, device: torch.device) -> Recipe:
+    """What a recipe becomes on the CPU: fp32 (CPU autocast is not what either code base runs), eager."""
+    if device.type == "cuda":
+        return recipe
+    return dataclasses.replace(recipe, amp=None, compile=False, cuda_graphs=False, fused_adamw=False)
+
+
+class OfficialAttention(Attention):
+    """The official 'flash' path: q, k, v cast to fp32 before SDPA, output left in fp32 (spec §1.3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).float().unbind(0)  # 3 x (B, H, T, Dh) float32
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh) float32
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+def apply_attention(model: nn.Module, official: bool) -> nn.Module:
+    """Switch every attention module of `model` to the official upcasting path or back, in place."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.__class__ = OfficialAttention if official else Attention
+    return model
+
+
+def official_ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    """The official EMA: a Python loop over named parameters, mul_ then add_ (utils.ema)."""
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, p_ema in ema.named_parameters():
+            p_ema.mul_(rate).add_(params[name].detach().float(), alpha=1 - rate)

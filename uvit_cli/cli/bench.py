@@ -1,0 +1,95 @@
+"""`uvit bench train|sample|prepare|fid`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from uvit_cli.cli.common import SetOption, console, handle_errors, out
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+@handle_errors
+def bench(
+    task: Annotated[str, typer.Argument(help="What to time: train, sample, prepare or fid.")],
+    preset: Annotated[
+        str, typer.Option("--preset", "-p", help="Preset name or .toml path.")
+    ] = "coco_uvit_s2_deep",
+    batch: Annotated[int | None, typer.Option(help="Batch size (default: the preset's).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Timed steps after warm-up.")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Add each optimisation one at a time.")] = False,
+    official: Annotated[
+        bool, typer.Option(help="Also time the official recipe (the ratio's baseline).")
+    ] = True,
+    decode: Annotated[bool, typer.Option(help="sample: include VAE decoding (latent presets).")] = True,
+    device: Annotated[
+        str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON here.")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Time the real code paths (random weights of the real sizes) against the official recipe."""
+    from uvit_cli import config
+
+    p = config.load_preset(preset, set_ or [])  # validate before importing torch
+
+    import torch
+
+    from uvit_cli.bench import run_bench, write_json
+
+    dev = torch.device(device) if device else None
+    with console.status("benchmarking…") as status:
+        report = run_bench(
+            task,
+            p,
+            batch=batch,
+            steps=steps,
+            compare=compare,
+            official=official,
+            decode=decode,
+            device=dev,
+            progress=lambda msg: status.update(f"benchmarking {msg}…"),
+        )
+
+    table = Table(
+        "recipe",
+        "img/s",
+        "ms/step",
+        "TFLOP/s",
+        "MFU",
+        "peak mem GB",
+        "what",
+        title=f"uvit bench {task} · {p.name} · batch {report.settings['batch']}",
+        caption=f"{report.device} · torch {report.torch_version} · {report.date}",
+    )
+    for m in report.measurements:
+        table.add_row(
+            m.recipe,
+            f"{m.images_per_s:,.1f}",
+            f"{m.ms_per_step:,.1f}",
+            _fmt(m.tflops, ".1f"),
+            _fmt(m.mfu and 100 * m.mfu, ".1f") + ("%" if m.mfu else ""),
+            _fmt(m.peak_mem_gb, ".1f"),
+            m.note,
+        )
+    out.print(table)
+    if report.speedup is not None:
+        out.print(f"speed-up over the official recipe: [bold]{report.speedup:.2f}x[/bold]")
+    if report.peak_bf16_tflops is None and report.device.startswith("CPU"):
+        out.print(
+            "[dim]CPU: fp32 and eager for every recipe, no MFU; GPU numbers are the ones that count.[/dim]"
+        )
+    if json_path:
+        out.print(f"wrote {write_json(report, json_path)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
