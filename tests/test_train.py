@@ -445,3 +445,28 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(shards, tmp_path):
     assert "resuming from 00000001" in res.output
     assert [s for s, _ in _losses(run)] == [1, 2, 3]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_latent_text_run_without_vae_warns_once_and_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 12
+    moments = np.concatenate([rng.normal(size=(n, 4, 4, 4)), rng.normal(-2, 0.5, size=(n, 4, 4, 4))], axis=1)
+    contexts = [rng.normal(size=(1 + i % 3, 5, 16)).astype(np.float32) for i in range(n)]
+    root = data.write_arrays(
+        tmp_path / "lat",
+        moments,
+        space="latent",
+        contexts=contexts,
+        empty_context=np.zeros((5, 16), np.float32),
+    )
+    p = tiny_preset(root, steps=3, batch_size=4, save_interval=3, sample_interval=1).model_dump()
+    p["model"].update(in_chans=4, img_size=4, num_classes=-1, clip_dim=16, num_clip_token=5)
+    p["data"].update(space="latent", random_flip=False)
+    p["autoencoder"] = {"pretrained": str(tmp_path / "no_such_vae.pth"), "scale_factor": 0.23010}
+    p["text_encoder"] = {"kind": "toy", "pretrained": "toy"}
+    events = []
+    res = train(preset_from_dict(p), tmp_path / "run", on_event=events.append)
+    assert res.step == 3 and np.isfinite(res.loss)
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert len(warnings) == 1 and "no sample grids" in warnings[0]
+    assert not (tmp_path / "run" / "samples").exists()
