@@ -1,0 +1,427 @@
+"""`uvit sample`: per-image seeds, resume, official checkpoints, guidance, decoding, outputs, bad input.
+
+Tiny seeded U-ViTs (text/latent and class/pixel) and tiny encoders saved in their real file formats.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from encoder_fixtures import (
+    randomize_,
+    save_autoencoder,
+    save_text_encoder,
+    tiny_autoencoder,
+    tiny_text_encoder,
+)
+from PIL import Image
+from typer.testing import CliRunner
+
+from uvit_cli import solvers
+from uvit_cli.checkpoint import save_weights
+from uvit_cli.cli import app
+from uvit_cli.config import load_preset
+from uvit_cli.errors import UvitError
+from uvit_cli.model import UViT
+from uvit_cli.sample import (
+    SampleSettings,
+    class_conditions,
+    context_conditions,
+    decode_latents,
+    generate,
+    image_generators,
+    null_condition,
+    sample_latents,
+    sample_to_dir,
+    to_uint8,
+)
+from uvit_cli.schedule import make_schedule
+
+runner = CliRunner()
+
+T2I_TOML = """
+name = "tiny_t2i"
+[model]
+img_size = 4
+patch_size = 2
+in_chans = 4
+embed_dim = 32
+depth = {depth}
+num_heads = 2
+clip_dim = 32
+num_clip_token = 77
+[data]
+kind = "coco"
+path = "unused"
+space = "latent"
+resolution = 32
+[train]
+steps = 10
+batch_size = 4
+lr = 1e-4
+p_uncond = 0.1
+[sample]
+solver = "dpm_solver_pp"
+steps = 2
+cfg_scale = 1.0
+batch_size = 4
+[autoencoder]
+scale_factor = 0.5
+[text_encoder]
+kind = "clip"
+"""
+
+CLASS_TOML = """
+name = "tiny_class"
+[model]
+img_size = 8
+patch_size = 2
+in_chans = 3
+embed_dim = 32
+depth = 2
+num_heads = 2
+num_classes = 11
+[data]
+kind = "imagenet64"
+path = "unused"
+space = "pixel"
+resolution = 8
+[train]
+steps = 10
+batch_size = 4
+lr = 1e-4
+p_uncond = 0.1
+[sample]
+solver = "euler_maruyama"
+steps = 4
+cfg_scale = 0.5
+batch_size = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Preset files, a seeded model of each, and the tiny VAE / CLIP written in their real formats."""
+    d = tmp_path_factory.mktemp("sample_env")
+    (d / "tiny_t2i.toml").write_text(T2I_TOML.format(depth=2))
+    (d / "tiny_t2i_deep.toml").write_text(T2I_TOML.format(depth=4).replace('"tiny_t2i"', '"tiny_t2i_deep"'))
+    (d / "tiny_class.toml").write_text(CLASS_TOML)
+    t2i = load_preset(d / "tiny_t2i.toml")
+    cls = load_preset(d / "tiny_class.toml")
+    torch.manual_seed(0)
+    t2i_model = randomize_(UViT(**t2i.model.model_dump()), seed=1).eval()
+    cls_model = randomize_(UViT(**cls.model.model_dump()), seed=2).eval()
+    torch.save(t2i_model.state_dict(), d / "nnet_ema.pth")  # the official layout: a plain state dict
+    (d / "cls").mkdir()
+    torch.save(cls_model.state_dict(), d / "cls" / "nnet_ema.pth")
+    vae = tiny_autoencoder(seed=3)
+    save_autoencoder(vae, d / "autoencoder_kl.pth", "uvit")
+    clip = tiny_text_encoder(seed=4)
+    save_text_encoder(clip, d / "clip")
+    return dict(dir=d, t2i=t2i, cls=cls, t2i_model=t2i_model, cls_model=cls_model, vae=vae, clip=clip)
+
+
+def _pngs(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("[0-9]*.png"))}
+
+
+def _run(env, out, **kw):
+    d = env["dir"]
+    args = dict(
+        out=out,
+        preset=d / "tiny_t2i.toml",
+        ckpt=d / "nnet_ema.pth",
+        prompts=["a red cube", "a blue ball"],
+        n=3,
+        seed=7,
+        vae=str(d / "autoencoder_kl.pth"),
+        clip=str(d / "clip"),
+    )
+    args.update(kw)
+    return sample_to_dir(**args)
+
+
+def _one_line_error(r) -> str:
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and batching
+
+
+def test_images_do_not_depend_on_batch_size(env, tmp_path):
+    p, m = env["t2i"], env["t2i_model"]
+    ctx = _contexts(env, ["a red cube", "a blue ball", ""])
+    cond, unc = context_conditions(ctx, [0, 0, 1, 1]), null_condition(p, ctx[2:])
+    # the network + solver output is bitwise the same for batch sizes 1 and 3 (per-image noise)
+    z1 = torch.cat([sample_latents(m, p, [i], cond, unc, seed=7) for i in range(4)])
+    z3 = torch.cat([sample_latents(m, p, b, cond, unc, seed=7) for b in ([0, 1, 2], [3])])
+    assert torch.equal(z1, z3) and (z1[0] - z1[1]).abs().max() > 0.1
+
+    # images: bitwise equal when the VAE decodes image by image (--decode-batch-size 1) ...
+    vae = env["vae"]
+    vae.scale_factor = p.autoencoder.scale_factor
+
+    def images(**kw):
+        s = SampleSettings.from_preset(p, **kw)
+        return np.concatenate(
+            [b for _, b in generate(m, p, range(3), cond, unc, seed=7, autoencoder=vae, settings=s)]
+        )
+
+    a, b = images(batch_size=1), images(batch_size=2, decode_batch_size=1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[0], a[1]) and a[0].std() > 1
+    # ... and within one 8-bit level when batched decoding picks other conv kernels (float rounding)
+    diff = np.abs(images(batch_size=3).astype(int) - a.astype(int))  # one batch of 3
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_stochastic_solver_noise_is_per_image(env):
+    """Euler–Maruyama draws fresh noise every step: still the same image for batch 1 and batch 3."""
+    p, m = env["cls"], env["cls_model"]
+    cond, unc = class_conditions([3, 5, 5, 1]), null_condition(p)
+    one = [
+        img
+        for _, b in generate(
+            m, p, range(4), cond, unc, seed=1, settings=SampleSettings.from_preset(p, batch_size=1)
+        )
+        for img in b
+    ]
+    three = np.concatenate(
+        [
+            b
+            for _, b in generate(
+                m, p, range(4), cond, unc, seed=1, settings=SampleSettings.from_preset(p, batch_size=3)
+            )
+        ]
+    )
+    np.testing.assert_array_equal(np.stack(one), three)
+    other_seed = np.concatenate([b for _, b in generate(m, p, range(4), cond, unc, seed=2)])
+    assert not np.array_equal(three, other_seed)
+    # a subset of indices (another rank, or a resumed run) gives the same images for those indices
+    sub = next(generate(m, p, [2, 3], cond, unc, seed=1))[1]
+    np.testing.assert_array_equal(sub, three[2:])
+
+
+def test_interrupted_then_resumed_run_is_identical(env, tmp_path):
+    d = env["dir"]
+    kw = dict(preset=d / "tiny_class.toml", ckpt=d / "cls" / "nnet_ema.pth", classes=[1, 4, 7], n=2, seed=3)
+    sample_to_dir(out=tmp_path / "full", settings={"batch_size": 2}, **kw)
+
+    part = tmp_path / "part"
+
+    def stop_after_two_batches(p):
+        if p.done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_to_dir(out=part, settings={"batch_size": 2}, progress=stop_after_two_batches, **kw)
+    assert sorted(_pngs(part)) == [f"{i:05d}.png" for i in range(4)] and not list(part.glob(".*.tmp"))
+    r = sample_to_dir(out=part, settings={"batch_size": 3}, **kw)
+    assert (r.skipped, r.written) == (4, 2)
+    a, b = _pngs(tmp_path / "full"), _pngs(part)
+    assert sorted(a) == sorted(b) == [f"{i:05d}.png" for i in range(6)]
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert not np.array_equal(a["00000.png"], a["00001.png"])
+    again = sample_to_dir(out=part, **kw)
+    assert (again.skipped, again.written) == (6, 0)
+    # resuming with other settings would mix images: refused
+    with pytest.raises(UvitError, match="different settings"):
+        sample_to_dir(out=part, settings={"cfg_scale": 3.0}, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Guidance and decoding
+
+
+def _contexts(env, prompts):
+    return env["clip"].encode(prompts)
+
+
+def test_cfg_scale_zero_equals_the_conditional_model(env):
+    p, m = env["t2i"], env["t2i_model"]
+    ctx = _contexts(env, ["a red cube", "a blue ball"])
+    cond = context_conditions(ctx, [0, 1, 1])
+    idx = [0, 1, 2]
+    garbage = {"context": torch.randn(1, 77, 32) * 100}
+    s0 = SampleSettings.from_preset(p, cfg_scale=0.0)
+    got = sample_latents(m, p, idx, cond, garbage, seed=3, settings=s0)
+
+    # reference: the solver on the conditional network alone, from the same per-image noise
+    x_T = torch.stack([torch.randn(4, 4, 4, generator=g) for g in image_generators(3, idx)])
+    eps_fn = lambda x, t: m(x, t, context=ctx[[0, 1, 1]])  # noqa: E731
+    ref = solvers.sample("dpm_solver_pp", eps_fn, x_T, make_schedule("discrete"), 2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+    # scale s: eps_c + s (eps_c - eps_u) with the empty context, as two separate passes (spec §4.2)
+    uncond = null_condition(p, _contexts(env, [""]))
+    s1 = SampleSettings.from_preset(p, cfg_scale=1.5)
+    guided = sample_latents(m, p, idx, cond, uncond, seed=3, settings=s1)
+    empty = uncond["context"].expand(3, -1, -1)
+
+    def two_pass(x, t):
+        e_c, e_u = m(x, t, context=ctx[[0, 1, 1]]), m(x, t, context=empty)
+        return e_c + 1.5 * (e_c - e_u)
+
+    ref_g = solvers.sample("dpm_solver_pp", two_pass, x_T, make_schedule("discrete"), 2)
+    torch.testing.assert_close(guided, ref_g, rtol=1e-4, atol=1e-4)
+    assert (guided - got).abs().max() > 1e-2  # guidance does something
+
+
+def test_decoding_uses_the_presets_scale_factor(env, tmp_path):
+    p, m = env["t2i"], env["t2i_model"]
+    assert p.autoencoder.scale_factor == 0.5
+    _run(env, tmp_path / "o", prompts=["a red cube"], n=2, settings={"cfg_scale": 0.0})
+    got = np.stack(list(_pngs(tmp_path / "o").values()))
+
+    ctx = _contexts(env, ["a red cube"])
+    z = sample_latents(
+        m,
+        p,
+        [0, 1],
+        context_conditions(ctx, [0, 0]),
+        seed=7,
+        settings=SampleSettings.from_preset(p, cfg_scale=0.0),
+    )
+    vae = env["vae"]
+    with torch.no_grad():
+        right = to_uint8(vae.decoder(vae.post_quant_conv(z / 0.5)))
+        wrong = to_uint8(vae.decoder(vae.post_quant_conv(z / 0.18215)))  # sample_t2i_discrete.py's bug (§9.1)
+    np.testing.assert_array_equal(got, right)
+    assert np.abs(got.astype(int) - wrong.astype(int)).max() > 10
+    # chunked decoding equals one call
+    vae.scale_factor = 0.5
+    torch.testing.assert_close(
+        decode_latents(vae, z, chunk=1), decode_latents(vae, z, chunk=50), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_to_uint8_matches_save_image_rounding():
+    v = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0, 2 * (100.4 / 255) - 1, 2 * (100.6 / 255) - 1]).reshape(
+        1, 1, 1, 7
+    )
+    v = v.expand(1, 3, 1, 7)
+    assert to_uint8(v)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 100, 101]
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI: official checkpoints, our checkpoints, outputs
+
+
+def test_official_checkpoint_samples_through_the_cli(env, tmp_path):
+    d, out = env["dir"], tmp_path / "cli"
+    args = ["sample", "--ckpt", str(d / "nnet_ema.pth"), "--preset", str(d / "tiny_t2i.toml"),
+            "--prompt", "a calico cat wearing a tie", "--n", "3", "--out", str(out), "--vae", str(d / "autoencoder_kl.pth"),
+            "--clip", str(d / "clip"), "--steps", "2", "--no-compile", "--grid", "--npz", "--seed", "5"]  # fmt: skip
+    r = runner.invoke(app, args, terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "EMA weights" in r.output and "nnet_ema.pth" in r.output
+    pngs = _pngs(out)
+    assert sorted(pngs) == ["00000.png", "00001.png", "00002.png"]
+    arr = np.load(out / "samples.npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(arr, np.stack(list(pngs.values())))
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (2 + 2 * 34, 2 + 2 * 34, 3)  # 2x2 tiles of 32 px, 2 px padding
+    np.testing.assert_array_equal(grid[2:34, 36:68], pngs["00001.png"])
+    recs = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    assert recs[0]["prompt"] == "a calico cat wearing a tie" and recs[0]["seed"] == 5
+    assert recs[0]["settings"]["steps"] == 2 and recs[0]["settings"]["cfg_scale"] == 1.0
+
+
+def test_our_checkpoint_from_the_default_run_dir(env, tmp_path, monkeypatch):
+    d = env["dir"]
+    monkeypatch.chdir(tmp_path)
+    step = tmp_path / "runs" / "tiny_class" / "ckpts" / "00000010"
+    step.mkdir(parents=True)
+    m = env["cls_model"]
+    save_weights(step / "ema.safetensors", m.state_dict(), env["cls"], 10, "ema")
+    other = {k: v + 0.05 for k, v in m.state_dict().items()}
+    save_weights(step / "model.safetensors", other, env["cls"], 10, "model")
+    (tmp_path / "runs" / "tiny_class" / "ckpts" / "latest").write_text("00000010")
+    base = ["sample", "--preset", str(d / "tiny_class.toml"), "--class", "3", "--n", "2", "--no-compile"]
+    r = runner.invoke(app, [*base, "--out", "ema"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "EMA weights" in r.output and "step 10" in r.output
+    r = runner.invoke(app, [*base, "--out", "online", "--model-weights", "model"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "online (non-EMA) weights" in r.output
+    assert not np.array_equal(
+        np.stack(list(_pngs(tmp_path / "ema").values())), np.stack(list(_pngs(tmp_path / "online").values()))
+    )
+    # the embedded preset's pixel images, 8 px, no VAE needed
+    assert np.asarray(Image.open(tmp_path / "ema" / "00000.png")).shape == (8, 8, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line each
+
+
+def test_bad_input_is_one_line(env, tmp_path, monkeypatch):
+    d = env["dir"]
+    t2i = ["sample", "--ckpt", str(d / "nnet_ema.pth"), "--preset", str(d / "tiny_t2i.toml"), "--n", "1",
+           "--steps", "1", "--vae", str(d / "autoencoder_kl.pth"), "--clip", str(d / "clip")]  # fmt: skip
+
+    # a checkpoint that does not fit the preset names the keys
+    line = _one_line_error(
+        runner.invoke(
+            app,
+            [*t2i, "--preset", str(d / "tiny_t2i_deep.toml"), "--prompt", "x", "--out", str(tmp_path / "a")],
+        )
+    )
+    assert "missing" in line and "in_blocks.1" in line
+
+    # --out not writable
+    (tmp_path / "file").write_text("")
+    line = _one_line_error(
+        runner.invoke(app, [*t2i, "--prompt", "x", "--out", str(tmp_path / "file" / "sub")])
+    )
+    assert "not writable" in line
+
+    # missing VAE weights: the encoders' resolution message
+    line = _one_line_error(
+        runner.invoke(
+            app, [*t2i, "--prompt", "x", "--out", str(tmp_path / "b"), "--vae", str(tmp_path / "nope.pth")]
+        )
+    )
+    assert "autoencoder weights not found" in line and "--vae" in line
+
+    # unknown class index
+    cls = [
+        "sample",
+        "--ckpt",
+        str(d / "cls" / "nnet_ema.pth"),
+        "--preset",
+        str(d / "tiny_class.toml"),
+        "--out",
+        str(tmp_path / "c"),
+    ]
+    line = _one_line_error(runner.invoke(app, [*cls, "--class", "10"]))
+    assert "unknown class 10" in line and "null class" in line
+
+    # no checkpoint anywhere: how to get one
+    monkeypatch.chdir(tmp_path)
+    line = _one_line_error(
+        runner.invoke(app, ["sample", "--preset", str(d / "tiny_t2i.toml"), "--prompt", "x"])
+    )
+    assert "uvit train tiny_t2i" in line and "nnet_ema.pth" in line and "baofff/U-ViT" in line
+
+
+def test_long_prompt_is_truncated_with_a_warning(env, tmp_path):
+    d = env["dir"]
+    long = " ".join(["cat"] * 100)
+    args = ["sample", "--ckpt", str(d / "nnet_ema.pth"), "--preset", str(d / "tiny_t2i.toml"), "--prompt", long,
+            "--n", "1", "--steps", "1", "--out", str(tmp_path / "o"), "--vae", str(d / "autoencoder_kl.pth"),
+            "--clip", str(d / "clip")]  # fmt: skip
+    r = runner.invoke(app, args, terminal_width=300)
+    assert r.exit_code == 0, r.output
+    assert "truncated" in r.output and (tmp_path / "o" / "00000.png").is_file()

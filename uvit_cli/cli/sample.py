@@ -1,0 +1,232 @@
+"""`uvit sample`: images from our checkpoints or the paper's released ones (docs/sampling.md)."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from uvit_cli.cli.common import SetOption, console, handle_errors, out
+
+if TYPE_CHECKING:
+    from rich.progress import Task
+
+SOLVERS = ("dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode")
+
+
+class Weights(str, Enum):
+    ema = "ema"
+    model = "model"
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+def _progress_bar() -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:6.2f} img/s" if speed else "   -- img/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=int(os.environ.get("RANK", "0")) != 0,  # torchrun: rank 0 draws (its own share)
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("sample")
+    @handle_errors
+    def sample(
+        prompt: Annotated[
+            list[str] | None,
+            typer.Option("--prompt", "-p", help="Text prompt (repeatable).", show_default=False),
+        ] = None,
+        prompts_file: Annotated[
+            Path | None,
+            typer.Option("--prompts-file", help="File of prompts, one per line.", show_default=False),
+        ] = None,
+        class_: Annotated[
+            list[int] | None,
+            typer.Option(
+                "--class", "-c", help="Class index (repeatable), e.g. 207 for ImageNet.", show_default=False
+            ),
+        ] = None,
+        n: Annotated[
+            int, typer.Option("--n", min=1, help="Images per prompt/class (in total if unconditional).")
+        ] = 4,
+        out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path(
+            "samples"
+        ),
+        seed: Annotated[
+            int, typer.Option("--seed", min=0, help="Image i uses a generator from (seed, i).")
+        ] = 0,
+        steps: Annotated[
+            int | None, typer.Option("--steps", min=1, help="Solver steps (default: the preset's).")
+        ] = None,
+        cfg_scale: Annotated[
+            float | None,
+            typer.Option(
+                "--cfg-scale",
+                min=0.0,
+                help="Guidance s: eps_c + s (eps_c - eps_u); 0 = none (default: the preset's).",
+            ),
+        ] = None,
+        solver: Annotated[
+            str | None,
+            typer.Option(
+                "--solver", help=f"One of {', '.join(SOLVERS)} (default: the preset's).", show_default=False
+            ),
+        ] = None,
+        guidance_interval: Annotated[
+            tuple[float, float] | None,
+            typer.Option(
+                "--guidance-interval",
+                help="Guide only for solver times t in [LO, HI] (t in (0, 1]).",
+                show_default=False,
+            ),
+        ] = None,
+        batch_size: Annotated[
+            int | None,
+            typer.Option("--batch-size", min=1, help="Images per batch per GPU (default: the preset's)."),
+        ] = None,
+        decode_batch_size: Annotated[
+            int, typer.Option("--decode-batch-size", min=1, help="Latents per VAE call.")
+        ] = 50,
+        grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png (first 256 images).")] = False,
+        npz: Annotated[
+            bool, typer.Option("--npz", help="Also write samples.npz (arr_0 uint8 NHWC, ADM evaluator).")
+        ] = False,
+        ckpt: Annotated[
+            str | None,
+            typer.Option(
+                "--ckpt",
+                help="Our .safetensors / run dir, or the paper's nnet_ema.pth (+ --preset).",
+                show_default=False,
+            ),
+        ] = None,
+        preset: Annotated[
+            str | None,
+            typer.Option(
+                "--preset",
+                help="Preset name or .toml: for an official .pth, or to find runs/NAME.",
+                show_default=False,
+            ),
+        ] = None,
+        vae: Annotated[
+            str | None,
+            typer.Option("--vae", help="Autoencoder weights: file, directory or hub id.", show_default=False),
+        ] = None,
+        clip: Annotated[
+            str | None,
+            typer.Option("--clip", help="CLIP text encoder: file, directory or hub id.", show_default=False),
+        ] = None,
+        model_weights: Annotated[
+            Weights, typer.Option("--model-weights", help="EMA or online weights of our checkpoints.")
+        ] = Weights.ema,
+        precision: Annotated[
+            Precision | None,
+            typer.Option(
+                "--precision",
+                help="Network autocast (default: bf16 on CUDA, fp32 on CPU).",
+                show_default=False,
+            ),
+        ] = None,
+        no_compile: Annotated[
+            bool, typer.Option("--no-compile", help="Do not torch.compile the network.")
+        ] = False,
+        cuda_graphs: Annotated[
+            bool,
+            typer.Option(
+                "--cuda-graphs", help="CUDA graphs of the network call (compile mode reduce-overhead)."
+            ),
+        ] = False,
+        set_: SetOption = None,
+    ) -> None:
+        """Generate images: text prompts, ImageNet classes or unconditional; PNGs named by index."""
+        import torch
+
+        from uvit_cli.sample import SampleProgress, read_prompts_file, sample_to_dir
+
+        prompts = list(prompt or [])
+        if prompts_file is not None:
+            prompts += read_prompts_file(prompts_file)
+        on_cuda = torch.cuda.is_available()
+        settings = dict(
+            solver=solver,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            guidance_interval=guidance_interval,
+            batch_size=batch_size,
+            decode_batch_size=decode_batch_size,
+            precision=precision.value if precision else None,
+            compile=on_cuda and not no_compile,  # compiling pays off on GPUs; on a CPU it only costs time
+            cuda_graphs=cuda_graphs,
+        )
+        bar = _progress_bar()
+        task = None
+
+        def progress(p: SampleProgress) -> None:
+            nonlocal task
+            if task is None:
+                bar.start()
+                note = f" ({p.skipped} already there)" if p.skipped else ""
+                task = bar.add_task(f"sampling{note}", total=p.total)
+            bar.update(task, completed=p.done)
+
+        def log(msg: str) -> None:
+            if int(os.environ.get("RANK", "0")) == 0:
+                console.print(msg, soft_wrap=True, markup=False)
+
+        try:
+            result = sample_to_dir(
+                out=out_dir,
+                preset=preset,
+                ckpt=ckpt,
+                prompts=prompts,
+                classes=list(class_ or []),
+                n=n,
+                seed=seed,
+                settings=settings,
+                overrides=list(set_ or []),
+                ema=model_weights == Weights.ema,
+                vae=vae,
+                clip=clip,
+                grid=grid,
+                npz=npz,
+                progress=progress,
+                log=log,
+            )
+        finally:
+            bar.stop()
+        if not result.is_main:
+            return
+        st = result.settings
+        gi = f", guidance interval {st['guidance_interval']}" if st["guidance_interval"] else ""
+        out.print(
+            f"{result.total} images in {result.out} ({result.written} new, {result.skipped} already there) "
+            f"in {result.seconds:.1f} s; {st['solver']} {st['steps']} steps, cfg {st['cfg_scale']:g}{gi}, seed {seed}"
+        )
+        for f in result.files:
+            out.print(f"wrote {f}")

@@ -1,0 +1,47 @@
+"""`uvit sample`: seeded, guided, resumable image generation (docs/sampling.md).
+
+generate(model, preset, indices, conditions, uncond, seed=..., autoencoder=..., settings=...)
+    -> Iterator[(indices, uint8 (B, H, W, 3))]      the library hook (`uvit fid` streams it)
+sample_to_dir(out=..., preset=..., ckpt=..., prompts=..., classes=..., n=..., seed=...)
+    -> SampleResult                                   the CLI workflow: PNGs, samples.jsonl, grid, npz
+"""
+
+from __future__ import annotations
+
+from uvit_cli.sample.generate import (
+    ConditionFn,
+    SampleSettings,
+    class_conditions,
+    context_conditions,
+    decode_latents,
+    generate,
+    image_generators,
+    image_seed,
+    null_condition,
+    random_class_conditions,
+    sample_latents,
+    to_uint8,
+    valid_classes,
+)
+from uvit_cli.sample.run import SampleProgress, SampleResult, read_prompts_file, resolve_model, sample_to_dir
+
+__all__ = [
+    "ConditionFn",
+    "SampleProgress",
+    "SampleResult",
+    "SampleSettings",
+    "class_conditions",
+    "context_conditions",
+    "decode_latents",
+    "generate",
+    "image_generators",
+    "image_seed",
+    "null_condition",
+    "random_class_conditions",
+    "read_prompts_file",
+    "resolve_model",
+    "sample_latents",
+    "sample_to_dir",
+    "to_uint8",
+    "valid_classes",
+]

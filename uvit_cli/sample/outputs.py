@@ -1,0 +1,118 @@
+"""What `uvit sample` writes: PNGs named by index, samples.jsonl, a grid PNG, an ADM-style .npz."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from uvit_cli.errors import UvitError
+
+INDEX_DIGITS = 5
+JSONL = "samples.jsonl"
+
+
+def png_name(index: int) -> str:
+    """`00000.png`, ... (zero-padded to 5 digits, wider past 99999) so names sort in index order."""
+    return f"{index:0{INDEX_DIGITS}d}.png"
+
+
+def check_writable(out: Path) -> None:
+    """Create `out` and prove a file can be written there, or raise one line."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".uvit-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UvitError(f"--out {out}: not writable ({e.strerror or e})") from None
+
+
+def done_indices(out: Path, indices: Iterable[int]) -> set[int]:
+    """Indices whose PNG is already there (written atomically, so a present file is a complete one)."""
+    return {i for i in indices if (out / png_name(i)).is_file()}
+
+
+def write_png(out: Path, index: int, image: np.ndarray) -> None:
+    """uint8 (H, W, 3) -> out/<index>.png via a temporary file and an atomic rename (safe to interrupt)."""
+    final = out / png_name(index)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, final)
+
+
+def read_png(out: Path, index: int) -> np.ndarray:
+    return np.asarray(Image.open(out / png_name(index)).convert("RGB"))
+
+
+def write_jsonl(out: Path, records: Sequence[dict[str, Any]]) -> Path:
+    """One JSON object per image (index order); replaced atomically."""
+    path = out / JSONL
+    tmp = path.with_name(f".{JSONL}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_jsonl(out: Path) -> dict[int, dict[str, Any]]:
+    """Existing records by index ({} when there is no samples.jsonl)."""
+    path = out / JSONL
+    if not path.is_file():
+        return {}
+    records: dict[int, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                records[int(r["index"])] = r
+    return records
+
+
+def write_grid(out: Path, indices: Sequence[int], path: Path, padding: int = 2) -> Path:
+    """The images of `indices` read back from `out`, in a near-square grid (torchvision make_grid's
+    layout: ceil(sqrt(n)) columns, `padding` black pixels around every tile)."""
+    first = read_png(out, indices[0])
+    h, w, _ = first.shape
+    cols = max(1, math.ceil(math.sqrt(len(indices))))
+    rows = math.ceil(len(indices) / cols)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), dtype=np.uint8)
+    for k, i in enumerate(indices):
+        r, c = divmod(k, cols)
+        y, x = padding + r * (h + padding), padding + c * (w + padding)
+        grid[y : y + h, x : x + w] = first if k == 0 else read_png(out, i)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def write_npz(out: Path, indices: Sequence[int], path: Path) -> Path:
+    """`arr_0` = uint8 (N, H, W, 3) of the PNGs in index order, as `np.savez` writes it and the ADM
+    evaluator reads it; streamed image by image into the zip, so 50k images need no 10 GB array."""
+    first = read_png(out, indices[0])
+    shape = (len(indices), *first.shape)
+    tmp = path.with_name(f".{path.name}.tmp")
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+        "fortran_order": False,
+        "shape": shape,
+    }
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for k, i in enumerate(indices):
+                img = first if k == 0 else read_png(out, i)
+                if img.shape != first.shape:
+                    raise UvitError(f"{out / png_name(i)}: size {img.shape} differs from {first.shape}")
+                f.write(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
+    os.replace(tmp, path)
+    return path

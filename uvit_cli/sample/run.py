@@ -1,0 +1,337 @@
+"""The `uvit sample` workflow: resolve the model and encoders, plan the images, generate, write, resume.
+
+Reports through callbacks (`progress`, `log`); prints nothing. Under torchrun every rank takes the indices
+`rank::world_size` of the plan; rank 0 writes samples.jsonl, the grid and the npz.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uvit_cli.config import Preset, apply_overrides, load_preset, preset_from_dict
+from uvit_cli.errors import CheckpointError, ConfigError, DataError, UvitError
+from uvit_cli.sample import outputs
+from uvit_cli.sample.generate import SampleSettings, image_seed, valid_classes
+
+RUNS_DIR = Path("runs")  # a preset's default run directory is runs/<preset.name> (uvit train)
+GRID_MAX_IMAGES = 256
+OFFICIAL_CKPTS = "https://github.com/baofff/U-ViT#pretrained-models"
+
+
+@dataclass
+class SampleProgress:
+    """This rank's progress: `done` of `total` images generated now; `skipped` already on disk (all ranks)."""
+
+    done: int
+    total: int
+    skipped: int
+
+
+@dataclass
+class SampleResult:
+    out: Path
+    total: int  # images in the plan
+    written: int  # written by this rank in this run
+    skipped: int  # already on disk before this run
+    weights: str  # one line: which weights were used (EMA or not, file, step)
+    settings: dict[str, Any]
+    seconds: float
+    files: list[Path] = field(default_factory=list)  # grid / npz / samples.jsonl (rank 0)
+    is_main: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Model resolution
+
+
+def _no_checkpoint(preset: Preset, run_dir: Path) -> CheckpointError:
+    return CheckpointError(
+        f"no checkpoint in {run_dir}: train one with `uvit train {preset.name}`, or download the paper's "
+        f"(baofff/U-ViT README, {OFFICIAL_CKPTS}) and pass it with `--ckpt nnet_ema.pth --preset {preset.name}`"
+    )
+
+
+def resolve_model(
+    ckpt: str | os.PathLike[str] | None,
+    preset: Preset | None,
+    ema: bool,
+    device: Any,
+) -> tuple[Any, Preset, str]:
+    """(model in eval mode, its preset, a line saying which weights) from --ckpt / --preset."""
+    from uvit_cli.checkpoint import find_checkpoint, load_model
+
+    if ckpt is None:
+        if preset is None:
+            raise ConfigError(
+                "say which model: --ckpt FILE (ours, or the paper's nnet_ema.pth with --preset NAME) or "
+                "--preset NAME (its latest run in runs/NAME)"
+            )
+        run_dir = RUNS_DIR / preset.name
+        if not run_dir.is_dir():
+            raise _no_checkpoint(preset, run_dir)
+        try:
+            file = find_checkpoint(run_dir, ema=ema)
+        except CheckpointError:
+            raise _no_checkpoint(preset, run_dir) from None
+    else:
+        file = find_checkpoint(ckpt, ema=ema)
+    # Our safetensors carry their preset; an official .pth needs --preset (load_model says so otherwise).
+    model, resolved, info = load_model(
+        file, preset=None if file.suffix == ".safetensors" else preset, ema=ema, device=device
+    )
+    kind = "EMA" if info.weights == "ema" else "online (non-EMA)"
+    step = f", step {info.step}" if info.step is not None else ""
+    note = f"{kind} weights: {info.path}{step} ({info.format}, sha256 {info.sha256[:12]})"
+    if ema != (info.weights == "ema"):
+        note += f" [asked for {'EMA' if ema else 'non-EMA'} weights; this file holds {info.weights}]"
+    return model, resolved, note
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan: one record per image index
+
+
+def _plan(preset: Preset, prompts: Sequence[str], classes: Sequence[int], n: int) -> list[dict[str, Any]]:
+    """Condition-major: image c * n + j is the j-th image of condition c."""
+    cond = preset.model.conditioning
+    if cond == "text":
+        if classes:
+            raise ConfigError(f"preset '{preset.name}' is text-conditional: use --prompt, not --class")
+        if not prompts:
+            raise ConfigError(
+                f"preset '{preset.name}' is text-conditional: pass --prompt TEXT or --prompts-file"
+            )
+        return [{"prompt": p} for p in prompts for _ in range(n)]
+    if cond == "class":
+        if prompts:
+            raise ConfigError(f"preset '{preset.name}' is class-conditional: use --class N, not --prompt")
+        if not classes:
+            raise ConfigError(f"preset '{preset.name}' is class-conditional: pass --class N (repeatable)")
+        ok = valid_classes(preset)
+        for c in classes:
+            if c not in ok:
+                null = (
+                    f"; {preset.model.num_classes - 1} is the null class used for guidance"
+                    if preset.train.p_uncond > 0
+                    else ""
+                )
+                raise ConfigError(f"unknown class {c} for '{preset.name}' (valid: 0..{ok[-1]}{null})")
+        return [{"class": int(c)} for c in classes for _ in range(n)]
+    if prompts or classes:
+        raise ConfigError(f"preset '{preset.name}' is unconditional: drop --prompt/--class")
+    return [{} for _ in range(n)]
+
+
+def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"--prompts-file {path}: cannot read ({e.strerror or e})") from None
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise DataError(f"--prompts-file {path}: no prompts in it")
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------------
+# The workflow
+
+
+def sample_to_dir(
+    *,
+    out: str | os.PathLike[str],
+    preset: str | os.PathLike[str] | None = None,
+    ckpt: str | os.PathLike[str] | None = None,
+    prompts: Sequence[str] = (),
+    classes: Sequence[int] = (),
+    n: int = 4,
+    seed: int = 0,
+    settings: dict[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    ema: bool = True,
+    vae: str | None = None,
+    clip: str | None = None,
+    grid: bool = False,
+    npz: bool = False,
+    device: Any = None,
+    progress: Callable[[SampleProgress], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> SampleResult:
+    """Generate the planned images into `out` as <index>.png (skipping those already there), samples.jsonl,
+    and optionally grid.png and samples.npz. `settings` are SampleSettings overrides (None = preset's)."""
+    import torch
+
+    from uvit_cli import dist
+    from uvit_cli.sample.generate import generate
+
+    t0 = time.perf_counter()
+    say = log or (lambda _msg: None)
+    started_dist = not dist.is_initialized() and dist.init_from_env()
+    try:
+        device = torch.device(device) if device is not None else dist.device()
+        base = load_preset(preset) if preset is not None else None
+        model, resolved, weights_note = resolve_model(ckpt, base, ema, device)
+        if overrides:  # --set on top of the checkpoint's preset (sampling keys; the network is built already)
+            resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
+        s = SampleSettings.from_preset(resolved, **(settings or {}))
+        plan = _plan(resolved, list(prompts), list(classes), n)
+
+        out_dir = Path(out)
+        outputs.check_writable(out_dir)
+        records = [
+            {
+                "index": i,
+                "file": outputs.png_name(i),
+                **cond,
+                "seed": seed,
+                "noise_seed": image_seed(seed, i),
+                "preset": resolved.name,
+                "checkpoint": weights_note,
+                "settings": s.to_dict(),
+            }
+            for i, cond in enumerate(plan)
+        ]
+        _check_same_run(out_dir, records)
+        all_indices = list(range(len(plan)))
+        done = outputs.done_indices(out_dir, all_indices)
+        mine = [i for i in all_indices[dist.rank() :: dist.world_size()] if i not in done]
+        if dist.is_main():
+            outputs.write_jsonl(out_dir, records)
+
+        conditions = uncond = autoencoder = None
+        if mine:  # encoders load only when there is work (a finished run just rewrites grid/npz)
+            conditions, uncond, autoencoder = _encoders(resolved, plan, mine, vae, clip, device, say)
+        say(weights_note)
+        written = 0
+        if mine:
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                pending: list[Future[None]] = []
+                if progress:
+                    progress(SampleProgress(0, len(mine), len(done)))
+                for batch, images in generate(
+                    model,
+                    resolved,
+                    mine,
+                    conditions,
+                    uncond,
+                    seed=seed,
+                    autoencoder=autoencoder,
+                    settings=s,
+                    device=device,
+                ):
+                    pending += [
+                        pool.submit(outputs.write_png, out_dir, i, img)
+                        for i, img in zip(batch, images, strict=True)
+                    ]
+                    # keep at most ~2 batches of PNGs in flight; surface write errors as they happen
+                    while len(pending) > 2 * s.batch_size:
+                        pending.pop(0).result()
+                    written += len(batch)
+                    if progress:
+                        progress(SampleProgress(written, len(mine), len(done)))
+                for f in pending:
+                    f.result()
+
+        dist.barrier()
+        files: list[Path] = []
+        if dist.is_main():
+            files.append(out_dir / outputs.JSONL)
+            if grid:
+                shown = all_indices[:GRID_MAX_IMAGES]
+                files.append(outputs.write_grid(out_dir, shown, out_dir / "grid.png"))
+                if len(shown) < len(all_indices):
+                    say(f"grid.png shows the first {len(shown)} of {len(all_indices)} images")
+            if npz:
+                files.append(outputs.write_npz(out_dir, all_indices, out_dir / "samples.npz"))
+        return SampleResult(
+            out=out_dir,
+            total=len(plan),
+            written=written,
+            skipped=len(done),
+            weights=weights_note,
+            settings=s.to_dict(),
+            seconds=time.perf_counter() - t0,
+            files=files,
+            is_main=dist.is_main(),
+        )
+    finally:
+        if started_dist:
+            dist.destroy()
+
+
+def _check_same_run(out_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Resuming into a folder made with other settings would mix images: refuse, naming the difference."""
+    old = outputs.read_jsonl(out_dir)
+    keys = ("prompt", "class", "seed", "preset", "settings")
+    for r in records:
+        prev = old.get(r["index"])
+        if prev is None:
+            continue
+        diff = [k for k in keys if prev.get(k) != r.get(k)]
+        if diff:
+            raise UvitError(
+                f"--out {out_dir} holds image {r['file']} made with different {', '.join(diff)} "
+                f"(see {outputs.JSONL}); use another --out or delete the folder"
+            )
+
+
+def _encoders(
+    preset: Preset,
+    plan: list[dict[str, Any]],
+    mine: list[int],
+    vae: str | None,
+    clip: str | None,
+    device: Any,
+    say: Callable[[str], None],
+) -> tuple[Any, Any, Any]:
+    """(conditions, uncond, autoencoder) for this rank's images; CLIP is freed after encoding."""
+    import torch
+
+    from uvit_cli.sample.generate import class_conditions, context_conditions, null_condition
+
+    conditions = uncond = autoencoder = None
+    cond = preset.model.conditioning
+    if cond == "class":
+        conditions = class_conditions({i: plan[i]["class"] for i in mine})
+        uncond = null_condition(preset)
+    elif cond == "text":
+        from uvit_cli.encoders import load_text_encoder
+
+        assert preset.text_encoder is not None
+        encoder = load_text_encoder(clip, device=device)
+        prompts = list(dict.fromkeys(plan[i]["prompt"] for i in mine))  # unique, in order
+        for p, cut in zip(prompts, encoder.tokenizer(prompts).truncated, strict=True):
+            if cut:
+                say(f"warning: prompt longer than 77 CLIP tokens, truncated: {p[:60]!r}...")
+        row = {p: k for k, p in enumerate(prompts)}
+        contexts = torch.cat([encoder.encode(prompts[k : k + 64]) for k in range(0, len(prompts), 64)])
+        conditions = context_conditions(contexts, {i: row[plan[i]["prompt"]] for i in mine})
+        uncond = null_condition(preset, encoder.encode([""]))  # CLIP('') as the official empty_context
+        del encoder
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if preset.data.space == "latent":
+        from uvit_cli.encoders import load_autoencoder
+
+        assert preset.autoencoder is not None
+        autoencoder = load_autoencoder(
+            _vae_spec(vae, preset), scale_factor=preset.autoencoder.scale_factor, device=device
+        )
+    return conditions, uncond, autoencoder
+
+
+def _vae_spec(vae: str | None, preset: Preset) -> str | None:
+    """A directory given with --vae (or $UVIT_VAE) that holds the preset's own file (e.g. the huge models'
+    autoencoder_kl_ema.pth) resolves to that file; anything else goes to the encoders' resolution as is."""
+    assert preset.autoencoder is not None
+    spec = vae if vae is not None else os.environ.get("UVIT_VAE") or None
+    if spec is not None and Path(spec).is_dir() and (Path(spec) / preset.autoencoder.pretrained).is_file():
+        return str(Path(spec) / preset.autoencoder.pretrained)
+    return vae
