@@ -11,6 +11,7 @@ All writers use only torch/safetensors/json (no transformers or diffusers needed
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -114,17 +115,21 @@ def tiny_text_encoder(
     return randomize_(clip.to_empty(device="cpu"), seed).eval().requires_grad_(False)
 
 
+@functools.cache
+def _tokenizer_file_texts() -> tuple[str, str]:
+    merges = _merges_from_gz(BUNDLED_BPE)
+    assert len(merges) == NUM_MERGES
+    vocab = json.dumps(_vocab_from_merges(merges), ensure_ascii=False)
+    return vocab, "\n".join(["#version: 0.2", *(" ".join(m) for m in merges)]) + "\n"
+
+
 def write_tokenizer_files(directory: str | Path) -> Path:
     """Hugging Face `vocab.json` + `merges.txt`, derived from the bundled OpenAI .gz as the hub files are."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    merges = _merges_from_gz(BUNDLED_BPE)
-    assert len(merges) == NUM_MERGES
-    (directory / "vocab.json").write_text(
-        json.dumps(_vocab_from_merges(merges), ensure_ascii=False), encoding="utf-8"
-    )
-    lines = ["#version: 0.2", *(" ".join(m) for m in merges)]
-    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    vocab, merges = _tokenizer_file_texts()
+    (directory / "vocab.json").write_text(vocab, encoding="utf-8")
+    (directory / "merges.txt").write_text(merges, encoding="utf-8")
     return directory
 
 

@@ -372,6 +372,12 @@ def build_autoencoder(
     """Build an AutoencoderKL of the right sizes from any accepted state dict, strict-loading it."""
     sd = vae_state_dict_from_any(sd)
     cfg = config_from_state_dict(sd, norm_groups)
+    widths = [cfg["ch"] * m for m in cfg["ch_mult"]]
+    if any(w % norm_groups for w in widths):
+        raise CheckpointError(
+            f"autoencoder widths {widths} do not divide into {norm_groups} GroupNorm groups; "
+            "a diffusers config.json beside the weights (norm_num_groups) sets another count"
+        )
     with torch.device("meta"):
         model = AutoencoderKL(**cfg, scale_factor=scale_factor)
     strict_load(model, sd, what="autoencoder")

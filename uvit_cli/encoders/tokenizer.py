@@ -176,13 +176,13 @@ class CLIPTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         n = self.context_length
-        out = torch.full((len(texts), n), self.pad_id, dtype=torch.long)
-        truncated = []
-        for row, text in enumerate(texts):
+        rows, truncated = [], []
+        for text in texts:
             ids = self.encode(text)
             truncated.append(len(ids) > n - 2)
             ids = [self.bos_id, *ids[: n - 2], self.eos_id]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            rows.append(ids + [self.pad_id] * (n - len(ids)))
+        out = torch.tensor(rows, dtype=torch.long).reshape(len(rows), n)  # (B, context_length)
         return TokenBatch(out, truncated)
 
 
