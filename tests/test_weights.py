@@ -127,3 +127,16 @@ def test_sha256_file_is_chunked(tmp_path):
     data = bytes(range(256)) * 1000
     (tmp_path / "f").write_bytes(data)
     assert sha256_file(tmp_path / "f", chunk_bytes=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_refs_main_snapshot_wins(vae_dir, tmp_path):
+    _fake_cache(tmp_path, "stabilityai/sd-vae-ft-ema", vae_dir)
+    repo = tmp_path / "hf_home" / "hub" / "models--stabilityai--sd-vae-ft-ema"
+    newer = repo / "snapshots" / "ffff0000"
+    newer.mkdir()
+    (newer / "diffusion_pytorch_model.safetensors").symlink_to(
+        vae_dir / "diffusion_pytorch_model.safetensors"
+    )
+    assert "/0123abcd/" in str(resolve_weights(None, "vae").path)  # refs/main, not the newest folder
+    (repo / "refs" / "main").unlink()
+    assert "/ffff0000/" in str(resolve_weights(None, "vae").path)
