@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         n: Annotated[
-            int, typer.Option("--n", min=1, help="Images per prompt/class (in total if unconditional).")
+            int, typer.Option("--n", "-n", min=1, help="Images per prompt/class (in total if unconditional).")
         ] = 4,
         out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path(
             "samples"

@@ -37,7 +37,7 @@ class SampleProgress:
 class SampleResult:
     out: Path
     total: int  # images in the plan
-    written: int  # written by this rank in this run
+    written: int  # written in this run (all ranks)
     skipped: int  # already on disk before this run
     weights: str  # one line: which weights were used (EMA or not, file, step)
     settings: dict[str, Any]
@@ -240,6 +240,7 @@ def sample_to_dir(
                     f.result()
 
         dist.barrier()
+        written_all = sum(dist.all_gather_object(written))
         files: list[Path] = []
         if dist.is_main():
             files.append(out_dir / outputs.JSONL)
@@ -253,7 +254,7 @@ def sample_to_dir(
         return SampleResult(
             out=out_dir,
             total=len(plan),
-            written=written,
+            written=written_all,
             skipped=len(done),
             weights=weights_note,
             settings=s.to_dict(),
