@@ -425,6 +425,7 @@ def test_cli_errors_are_one_line(shards, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "r2").glob("preset.*.toml"))) == 1  # the old preset is kept
+    assert [m["lr"] for m in read_metrics(tmp_path / "r2")] == [0.0, 0.01 * 1 / 2]  # the new lr applies
 
     res = _cli([str(toml), "--run-dir", str(tmp_path / "r3"), "--set", "train.lr=1e30", "--set", "train.warmup_steps=0",
                 "--set", "train.steps=5"])  # fmt: skip

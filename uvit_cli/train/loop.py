@@ -19,7 +19,14 @@ from uvit_cli import checkpoint as ck
 from uvit_cli import dist
 from uvit_cli.config import Preset
 from uvit_cli.errors import CheckpointError, ConfigError, TrainingDiverged
-from uvit_cli.train.objective import DiffusionLoss, Objective, build_optimizer, ema_update, step_seed
+from uvit_cli.train.objective import (
+    DiffusionLoss,
+    Objective,
+    build_optimizer,
+    ema_update,
+    step_seed,
+    warmup_factor,
+)
 from uvit_cli.train.rundir import MetricsLog, check_data_fits, claim_run_dir
 
 
@@ -195,6 +202,11 @@ def train(
             ema.load_state_dict(ema_sd)
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["lr_scheduler"])
+            # The preset's recipe wins over the one stored with the state (they differ only under --force).
+            sched.base_lrs = [tc.lr for _ in opt.param_groups]
+            for g in opt.param_groups:
+                g.update(betas=(float(tc.betas[0]), float(tc.betas[1])), weight_decay=tc.weight_decay)
+                g["lr"] = tc.lr * warmup_factor(sched.last_epoch, tc.warmup_steps)
             if "grad_scaler" in state and scaler.is_enabled():
                 scaler.load_state_dict(state["grad_scaler"])
             rngs = state.get("rng", [])
