@@ -78,10 +78,14 @@ def _train_within(
     max_steps: int | None,
     on_event: Callable[[QuickstartEvent], None],
 ) -> int:
-    """Train in resumable chunks until `deadline` (time.perf_counter) or `max_steps`; returns the step reached."""
+    """Train in resumable chunks until `deadline` (time.perf_counter) or step `max_steps` (a total: a rerun
+    continues the run in `run_dir`); returns the step reached."""
+    from uvit_cli.checkpoint import list_checkpoints
     from uvit_cli.train import train
 
-    step, rate = 0, None  # rate: steps per second, measured on the last chunk
+    done_before = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    step = done_before[-1][0] if done_before else 0
+    rate = None  # steps per second, measured on the last chunk
     while True:
         left_s = deadline - time.perf_counter()
         if max_steps is not None:
@@ -90,7 +94,11 @@ def _train_within(
             chunk = MIN_CHUNK_STEPS
         else:
             chunk = int(min(left_s, MAX_CHUNK_S) * rate)
-        if chunk <= 0 or (max_steps is None and chunk < MIN_CHUNK_STEPS // 2 and step > 0):
+        if max_steps is None and step == 0:
+            chunk = max(
+                chunk, MIN_CHUNK_STEPS
+            )  # always a checkpoint to sample from, however short the budget
+        if chunk <= 0 or (max_steps is None and chunk < MIN_CHUNK_STEPS // 2):
             return step
         t0 = time.perf_counter()
 

@@ -5,9 +5,9 @@ own features. The rules, in order:
 1. background: the median of the one-pixel border must be near `BACKGROUND`;
 2. every pixel takes the nearest of {background, palette colours}; the dominant colour is the most
    frequent non-background label (at least `MIN_PIXELS` of them, else "no shape");
-3. shape: the largest 4-connected blob of the dominant colour, measured in its bounding box. A triangle
-   (apex up) holds 1/4 of its area in the top half of the box, a circle or square 1/2; a square fills
-   its box, a circle fills pi/4 of it.
+3. shape: the largest 4-connected blob of the dominant colour. A triangle (apex up) holds 1/4 of its
+   area in the top half of its box, a circle or square 1/2; a square fills its box, a circle pi/4 of it
+   (measured with soft, anti-aliased coverage, see `classify_blob`).
 `tests/test_shapes.py` checks that these rules read the renderer's own images (nearly) perfectly.
 """
 
@@ -23,7 +23,8 @@ from uvit_cli.shapes.render import BACKGROUND, COLOURS, parse_prompt
 BACKGROUND_TOLERANCE = 48.0  # RGB distance of the border median from BACKGROUND that still counts as right
 MIN_PIXELS = 4
 TRIANGLE_TOP_SHARE = 0.38  # top-half share of the blob below this -> triangle (ideal 0.25 vs 0.5)
-SQUARE_FILL = 0.89  # bounding-box fill above this -> square (ideal 1.0 vs pi/4 = 0.785)
+TRIANGLE_FILL = 0.7  # soft fill below this -> triangle (ideal 0.5)
+SQUARE_FILL = 0.9  # soft fill above this -> square (ideal 1.0 vs pi/4 = 0.785 for a circle)
 
 _PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)  # (1 + K, 3)
 _NAMES = list(COLOURS)
@@ -36,7 +37,7 @@ class Reading:
     background_ok: bool
     colour: str | None  # None: no shape found
     shape: str | None
-    fill: float = 0.0  # blob area / bounding-box area
+    fill: float = 0.0  # soft blob area / soft bounding-box area
     top_share: float = 0.0  # share of the blob's area in the top half of its box
 
 
@@ -49,19 +50,22 @@ def _hwc(image: np.ndarray) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def classify_blob(mask: np.ndarray) -> tuple[str, float, float]:
-    """(shape, fill, top share) of a boolean blob."""
-    rows, cols = np.nonzero(mask)
-    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
-    h, w = bottom - top + 1, right - left + 1
-    area = float(mask.sum())
-    fill = area / float(h * w)
+def classify_blob(mask: np.ndarray, alpha: np.ndarray | None = None) -> tuple[str, float, float]:
+    """(shape, fill, top share) of a boolean blob; `alpha` (H, W) in [0, 1] is its soft coverage.
+
+    fill = soft area / (soft width x soft height), the soft extents being the sums of the column and row
+    maxima of alpha: anti-aliased edges count by coverage, so a 7-pixel circle does not read as a square.
+    """
+    alpha = mask.astype(np.float32) if alpha is None else alpha * ndimage.binary_dilation(mask)
+    fill = float(alpha.sum() / max(alpha.max(axis=0).sum() * alpha.max(axis=1).sum(), 1e-6))
+    rows = np.nonzero(mask)[0]
+    top, bottom = rows.min(), rows.max()
+    h = bottom - top + 1
+    per_row = mask[top : bottom + 1].sum(axis=1).astype(np.float64)  # (h,)
     # Top half of the box; the middle row of an odd-height box counts half to each side.
-    box = mask[top : bottom + 1, left : right + 1].sum(axis=1).astype(np.float64)  # (h,)
-    half = h / 2.0
-    weights = np.clip(half - np.arange(h), 0.0, 1.0)  # 1 for rows fully above the middle, 0.5 for the middle
-    top_share = float((box * weights).sum() / max(area, 1.0))
-    if top_share < TRIANGLE_TOP_SHARE:
+    weights = np.clip(h / 2.0 - np.arange(h), 0.0, 1.0)
+    top_share = float((per_row * weights).sum() / max(per_row.sum(), 1.0))
+    if top_share < TRIANGLE_TOP_SHARE or fill < TRIANGLE_FILL:
         return "triangle", fill, top_share
     return ("square" if fill > SQUARE_FILL else "circle"), fill, top_share
 
@@ -79,7 +83,9 @@ def read_image(image: np.ndarray) -> Reading:
     k = int(counts.argmax())
     blobs, n = ndimage.label(label == k + 1)  # 4-connectivity
     sizes = np.bincount(blobs.ravel(), minlength=n + 1)[1:]
-    shape, fill, top_share = classify_blob(blobs == 1 + int(sizes.argmax()))
+    d = _PALETTE[k + 1] - _PALETTE[0]
+    alpha = np.clip((a - _PALETTE[0]) @ d / float(d @ d), 0.0, 1.0)  # (H, W) coverage by colour k
+    shape, fill, top_share = classify_blob(blobs == 1 + int(sizes.argmax()), alpha)
     return Reading(background_ok, _NAMES[k], shape, fill, top_share)
 
 
