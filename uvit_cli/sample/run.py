@@ -176,9 +176,11 @@ def sample_to_dir(
     started_dist = not dist.is_initialized() and dist.init_from_env()
     try:
         device = torch.device(device) if device is not None else dist.device()
-        base = load_preset(preset) if preset is not None else None
+        # --set applies to --preset before an official .pth is built from it (e.g. model.depth=16), and to
+        # the preset embedded in our checkpoints after loading (there only sampling keys can matter).
+        base = load_preset(preset, list(overrides)) if preset is not None else None
         model, resolved, weights_note = resolve_model(ckpt, base, ema, device)
-        if overrides:  # --set on top of the checkpoint's preset (sampling keys; the network is built already)
+        if overrides:
             resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
         s = SampleSettings.from_preset(resolved, **(settings or {}))
         plan = _plan(resolved, list(prompts), list(classes), n)
