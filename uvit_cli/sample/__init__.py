@@ -11,6 +11,7 @@ from __future__ import annotations
 from uvit_cli.sample.generate import (
     ConditionFn,
     SampleSettings,
+    check_guidance,
     class_conditions,
     context_conditions,
     decode_latents,
@@ -30,6 +31,7 @@ __all__ = [
     "SampleProgress",
     "SampleResult",
     "SampleSettings",
+    "check_guidance",
     "class_conditions",
     "context_conditions",
     "decode_latents",

@@ -28,6 +28,7 @@ from uvit_cli.schedule import make_schedule
 __all__ = [
     "ConditionFn",
     "SampleSettings",
+    "check_guidance",
     "class_conditions",
     "context_conditions",
     "decode_latents",
@@ -206,7 +207,8 @@ def _network(
     return call
 
 
-def _check_guidance(preset: Preset, settings: SampleSettings) -> None:
+def check_guidance(preset: Preset, settings: SampleSettings) -> None:
+    """Refuse guidance that cannot mean anything: an unconditional model, or one never trained without its condition."""
     if settings.cfg_scale > 0:
         if preset.model.conditioning == "none":
             raise ConfigError("--cfg-scale needs a conditional model; this preset is unconditional")
@@ -242,7 +244,7 @@ def sample_latents(
     """Solver output x_0 (B, C, h, w) float32 for ONE batch of image indices (latents or pixels in [-1, 1])."""
     settings = settings or SampleSettings.from_preset(preset)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    _check_guidance(preset, settings)
+    check_guidance(preset, settings)
     schedule = make_schedule(
         preset.schedule.kind, preset.schedule.num_steps, preset.schedule.beta_min, preset.schedule.beta_max
     )
@@ -325,7 +327,7 @@ def generate(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if preset.data.space == "latent" and autoencoder is None:
         raise ValueError(f"preset '{preset.name}' samples latents: pass the autoencoder to decode them")
-    _check_guidance(preset, settings)
+    check_guidance(preset, settings)
     net = _network(model, settings, device)
     indices = [int(i) for i in indices]
     for start in range(0, len(indices), settings.batch_size):

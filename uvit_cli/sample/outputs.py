@@ -70,10 +70,13 @@ def read_jsonl(out: Path) -> dict[int, dict[str, Any]]:
         return {}
     records: dict[int, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                r = json.loads(line)
-                records[int(r["index"])] = r
+                try:
+                    r = json.loads(line)
+                    records[int(r["index"])] = r
+                except (ValueError, KeyError, TypeError):
+                    raise UvitError(f"{path}:{n}: not a samples.jsonl record; use another --out") from None
     return records
 
 

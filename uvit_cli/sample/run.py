@@ -17,7 +17,7 @@ from typing import Any
 from uvit_cli.config import Preset, apply_overrides, load_preset, preset_from_dict
 from uvit_cli.errors import CheckpointError, ConfigError, DataError, UvitError
 from uvit_cli.sample import outputs
-from uvit_cli.sample.generate import SampleSettings, image_seed, valid_classes
+from uvit_cli.sample.generate import SampleSettings, check_guidance, image_seed, valid_classes
 
 RUNS_DIR = Path("runs")  # a preset's default run directory is runs/<preset.name> (uvit train)
 GRID_MAX_IMAGES = 256
@@ -85,9 +85,13 @@ def resolve_model(
     model, resolved, info = load_model(
         file, preset=None if file.suffix == ".safetensors" else preset, ema=ema, device=device
     )
-    kind = "EMA" if info.weights == "ema" else "online (non-EMA)"
     step = f", step {info.step}" if info.step is not None else ""
-    note = f"{kind} weights: {info.path}{step} ({info.format}, sha256 {info.sha256[:12]})"
+    where = f"{info.path}{step} ({info.format}, sha256 {info.sha256[:12]})"
+    if info.format == "official" and "ema" not in file.stem and file.stem != "nnet":
+        # the README's released files (e.g. imagenet256_uvit_huge.pth) do not say which weights they hold
+        return model, resolved, f"released weights: {where}"
+    kind = "EMA" if info.weights == "ema" else "online (non-EMA)"
+    note = f"{kind} weights: {where}"
     if ema != (info.weights == "ema"):
         note += f" [asked for {'EMA' if ema else 'non-EMA'} weights; this file holds {info.weights}]"
     return model, resolved, note
@@ -184,6 +188,7 @@ def sample_to_dir(
             resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
         s = SampleSettings.from_preset(resolved, **(settings or {}))
         plan = _plan(resolved, list(prompts), list(classes), n)
+        check_guidance(resolved, s)
 
         out_dir = Path(out)
         outputs.check_writable(out_dir)
