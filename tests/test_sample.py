@@ -429,12 +429,19 @@ def test_bad_input_is_one_line(env, tmp_path, monkeypatch):
 def test_long_prompt_is_truncated_with_a_warning(env, tmp_path):
     d = env["dir"]
     long = " ".join(["cat"] * 100)
+    (tmp_path / "prompts.txt").write_text("a dog\n\n  a bird  \n")
     args = ["sample", "--ckpt", str(d / "nnet_ema.pth"), "--preset", str(d / "tiny_t2i.toml"), "--prompt", long,
             "--n", "1", "--steps", "1", "--out", str(tmp_path / "o"), "--vae", str(d / "autoencoder_kl.pth"),
             "--clip", str(d / "clip")]  # fmt: skip
     r = runner.invoke(app, args, terminal_width=300)
     assert r.exit_code == 0, r.output
     assert "truncated" in r.output and (tmp_path / "o" / "00000.png").is_file()
+    r = runner.invoke(
+        app, [*args, "--prompts-file", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "f")]
+    )
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(ln) for ln in (tmp_path / "f" / "samples.jsonl").read_text().splitlines()]
+    assert [x["prompt"] for x in recs] == [long, "a dog", "a bird"]
 
 
 @pytest.mark.gpu

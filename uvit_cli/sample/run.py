@@ -186,6 +186,10 @@ def sample_to_dir(
         model, resolved, weights_note = resolve_model(ckpt, base, ema, device)
         if overrides:
             resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
+        if base is not None and base.name != resolved.name:
+            say(
+                f"note: the checkpoint's embedded preset '{resolved.name}' is used, not --preset '{base.name}'"
+            )
         s = SampleSettings.from_preset(resolved, **(settings or {}))
         plan = _plan(resolved, list(prompts), list(classes), n)
         check_guidance(resolved, s)
