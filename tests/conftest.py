@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-# Keep tests deterministic and light on the 2-core CI machine.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep tests deterministic and light on the 2-core CI machine (set before torch is imported).
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny ops: one thread is fastest on 2 cores
 
 
 @pytest.fixture(autouse=True)
