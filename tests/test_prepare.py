@@ -57,7 +57,7 @@ def make_coco(root: Path, seed: int = 0, n_train: int = 3, n_val: int = 2) -> Pa
     rng = np.random.default_rng(seed)
     (root / "annotations").mkdir(parents=True)
     sizes = [(37, 53), (64, 41), (50, 50), (33, 70), (71, 29)]
-    for split, n, ids in (("train", n_train, [391895, 9, 522418, 184613]), ("val", n_val, [42, 7])):
+    for split, n, ids in (("train", n_train, [391895, 9, 522418, 184613, 318219]), ("val", n_val, [42, 7])):
         (root / f"{split}2014").mkdir()
         images, anns = [], []
         for j, img_id in enumerate(ids[:n]):
@@ -332,20 +332,21 @@ def test_corrupt_images_skipped_and_listed(tmp_path, encoders):
 
 
 def test_resume_after_interruption_is_identical(tmp_path, encoders, monkeypatch):
-    coco = make_coco(tmp_path / "coco", n_train=4, n_val=1)
+    coco = make_coco(tmp_path / "coco", n_train=5, n_val=1)
+    # shards of 2, 2, 1 images; batches of up to 3 that must not cross shards
     args = ["--coco-root", str(coco), "--vae", encoders["vae"], "--clip", encoders["clip"], "--split", "train",
-            "--items-per-shard", "1", "--batch-size", "1", "--workers", "0", "--resolution", "32"]  # fmt: skip
+            "--items-per-shard", "2", "--batch-size", "3", "--workers", "0", "--resolution", "32"]  # fmt: skip
     ref = tmp_path / "ref"
     assert invoke("prepare", "coco", "--out", str(ref), *args).exit_code == 0
 
-    # interrupt after the second shard is written (as Ctrl-C would)
+    # interrupt after the first shard is written (as Ctrl-C would)
     run_mod = importlib.import_module("uvit_cli.prepare.run")  # the package re-exports a function named run
 
     real = run_mod._finish_shard
     calls = []
 
     def finish_then_die(*a, **k):
-        if len(calls) == 2:
+        if len(calls) == 1:
             raise KeyboardInterrupt
         calls.append(1)
         return real(*a, **k)
@@ -354,13 +355,13 @@ def test_resume_after_interruption_is_identical(tmp_path, encoders, monkeypatch)
     out = tmp_path / "out"
     r = invoke("prepare", "coco", "--out", str(out), *args)
     assert r.exit_code == 130
-    assert data.list_shards(out / "train") == [0, 1]
+    assert data.list_shards(out / "train") == [0]
     assert not data.read_manifest(out)["splits"]["train"]["complete"]
     with pytest.raises(data.DataError, match="incomplete"):
         data.FeatureDataset(out)
     # a hard kill mid-write leaves a temporary directory: it must be ignored and cleaned up
-    (out / "train" / ".tmp-shard-00002-999").mkdir()
-    (out / "train" / ".tmp-shard-00002-999" / "x.npy").write_bytes(b"partial")
+    (out / "train" / ".tmp-shard-00001-999").mkdir()
+    (out / "train" / ".tmp-shard-00001-999" / "x.npy").write_bytes(b"partial")
     mtime = (out / "train" / "shard-00000" / "x.npy").stat().st_mtime_ns
 
     monkeypatch.setattr(run_mod, "_finish_shard", real)
@@ -368,7 +369,7 @@ def test_resume_after_interruption_is_identical(tmp_path, encoders, monkeypatch)
     monkeypatch.setattr(run_mod, "_finish_shard", lambda buf, *a: written.append(buf.index) or real(buf, *a))
     r = invoke("prepare", "coco", "--out", str(out), *args)
     assert r.exit_code == 0, r.output
-    assert written == [2, 3]  # finished shards are not recomputed
+    assert written == [1, 2]  # finished shards are not recomputed
     assert (out / "train" / "shard-00000" / "x.npy").stat().st_mtime_ns == mtime
     assert shard_hashes(out) == shard_hashes(ref)
     assert data.read_manifest(out)["splits"] == data.read_manifest(ref)["splits"]
@@ -429,3 +430,22 @@ def test_folder_captions_text_set(tmp_path, encoders):
     clip = load_text_encoder(encoders["clip"])
     k = ds.caption_index(0)
     torch.testing.assert_close(ds[0]["context"], clip.encode([ds.captions(0)[k]])[0], atol=2e-3, rtol=2**-10)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_identical(tmp_path, encoders):
+    """Two gloo ranks write byte-identical shards and the same manifest as one process."""
+    import os
+    import subprocess
+    import sys
+
+    coco = make_coco(tmp_path / "coco", n_train=4, n_val=2)
+    args = ["prepare", "coco", "--coco-root", str(coco), "--vae", encoders["vae_small"], "--clip", encoders["clip"],
+            "--resolution", "32", "--items-per-shard", "2", "--workers", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "uvit_cli", *args, "--out", str(one)], env=env, check=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    subprocess.run([*torchrun, "uvit_cli", *args, "--out", str(two)], env=env, check=True)
+    assert shard_hashes(one) == shard_hashes(two)
+    assert data.read_manifest(one)["splits"] == data.read_manifest(two)["splits"]

@@ -86,15 +86,14 @@ ProgressFn = Callable[[Progress], None]
 class _Decode(Dataset):
     """Source index -> (index, uint8 HWC image or None, error text)."""
 
-    def __init__(self, sources: list[Source], indices: list[int], crop: str, resolution: int) -> None:
-        self.sources, self.indices, self.resolution = sources, indices, resolution
+    def __init__(self, sources: list[Source], crop: str, resolution: int) -> None:
+        self.sources, self.resolution = sources, resolution
         self.crop = CROPS[crop]
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.sources)
 
-    def __getitem__(self, n: int) -> tuple[int, np.ndarray | None, str]:
-        i = self.indices[n]
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
         try:
             return i, self.crop(load_rgb(self.sources[i].path), self.resolution), ""
         except Exception as e:  # corrupt, truncated, unsupported, missing: skip and report, never crash
@@ -145,7 +144,7 @@ def _check_out(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
                 "use another --out, or delete it to start over"
             )
         return old
-    if out.exists() and any(p.name not in (".", "..") for p in out.iterdir()):
+    if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} is not empty and holds no {data.MANIFEST}; choose an empty or new --out")
     return manifest
 
@@ -270,17 +269,23 @@ def _prepare_split(
     split_dir = out / job.name
     S, N = spec.items_per_shard, len(job.sources)
     bufs = {k: _ShardBuffer(k, k * S, min((k + 1) * S, N)) for k in pending}
-    indices = [i for k in pending for i in range(k * S, min((k + 1) * S, N))]
     owner = {i: k for k in pending for i in range(k * S, min((k + 1) * S, N))}
+    # Batches never cross a shard and start at its first item: the encoder sees the same batches
+    # whatever the number of ranks or where a resumed run starts (conv kernels depend on batch size).
+    batches = [
+        list(range(lo, min(lo + spec.batch_size, bufs[k].hi)))
+        for k in pending
+        for lo in range(bufs[k].lo, bufs[k].hi, spec.batch_size)
+    ]
     loader = DataLoader(
-        _Decode(job.sources, indices, spec.crop, spec.resolution),
-        batch_size=spec.batch_size,
+        _Decode(job.sources, spec.crop, spec.resolution),
+        batch_sampler=batches,
         num_workers=spec.num_workers,
         collate_fn=_as_list,
         prefetch_factor=4 if spec.num_workers > 0 else None,
         persistent_workers=False,
     )
-    state = Progress(job.name, 0, len(indices), shards_reused=reused)
+    state = Progress(job.name, 0, len(owner), shards_reused=reused)
     if progress:
         progress(state)
     for batch in loader:
