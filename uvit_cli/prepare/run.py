@@ -329,7 +329,23 @@ def run(
 ) -> PrepareResult:
     """Prepare every split of `jobs` into `out` (see the module docstring); call on every torchrun rank."""
     out = Path(out)
+    owns_group = not dist.is_initialized()
     distributed = dist.init_from_env()
+    try:
+        return _run(out, spec, jobs, progress, device, distributed)
+    finally:
+        if distributed and owns_group:
+            dist.destroy()
+
+
+def _run(
+    out: Path,
+    spec: PrepareSpec,
+    jobs: list[SplitJob],
+    progress: ProgressFn | None,
+    device: torch.device | None,
+    distributed: bool,
+) -> PrepareResult:
     device = device or dist.device()
     rank, world = dist.rank(), dist.world_size()
     enc = _Encoders(spec, device)
