@@ -1,4 +1,5 @@
-"""`uvit fid SAMPLES REF.npz` (default: compare) and `uvit fid ref IMAGES --out REF.npz`."""
+"""`uvit fid SAMPLES REF.npz` (default: compare), `uvit fid --ckpt PATH --n N REF.npz` (generate: FID straight
+from a checkpoint) and `uvit fid ref IMAGES --out REF.npz`."""
 
 from __future__ import annotations
 
@@ -10,15 +11,28 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from uvit_cli.cli.common import console, handle_errors, out
+from uvit_cli.cli.common import SetOption, console, fail, handle_errors, out
+
+# Options that only generating from a checkpoint takes: their presence routes `uvit fid ...` to `generate`.
+_GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
+
+
+def _wants_generate(args: list[str]) -> bool:
+    for a in args:
+        if a == "--":
+            return False
+        if a.split("=", 1)[0] in _GENERATE_OPTS or (a.startswith("-n") and a[2:].isdigit()):
+            return True
+    return False
 
 
 class _DefaultToCompare(TyperGroup):
-    """A group whose first argument, unless it names a subcommand, starts the default `compare` command."""
+    """A group whose first argument, unless it names a subcommand, starts the default command: `generate`
+    when a checkpoint option (--ckpt, --preset, --n) is given, else `compare`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = ["compare", *args]
+            args = ["generate" if _wants_generate(args) else "compare", *args]
         return super().parse_args(ctx, args)
 
 
@@ -34,6 +48,7 @@ fid_app = typer.Typer(
     help=(
         "FID with clean-fid's protocols and a local Inception (never downloads).\n\n"
         "uvit fid SAMPLES REF.npz  compares a folder or .npz of images with reference mu/sigma;\n\n"
+        "uvit fid --ckpt PATH --n N REF.npz  generates from a checkpoint and measures on the fly (no PNGs);\n\n"
         "uvit fid ref IMAGES --out REF.npz  makes reference statistics."
     ),
 )
@@ -58,12 +73,12 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per I
 WorkersOpt = Annotated[
     int | None,
     typer.Option(
-        "--workers", min=0, help="Decoding workers [default: 0 on CPU, up to 8 on GPU].", show_default=False
+        "--workers", min=0, help="Decoding workers (default: 0 on CPU, up to 8 on GPU).", show_default=False
     ),
 ]
 DeviceOpt = Annotated[
     str | None,
-    typer.Option("--device", help="cpu, cuda, cuda:1 [default: cuda if available].", show_default=False),
+    typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).", show_default=False),
 ]
 
 
@@ -110,7 +125,7 @@ def compare(
         Path | None,
         typer.Option(
             "--json",
-            help="Where to write the protocol stamp [default: SAMPLES.fid-MODE.json].",
+            help="Where to write the protocol stamp (default: SAMPLES.fid-MODE.json).",
             show_default=False,
         ),
     ] = None,
@@ -187,6 +202,246 @@ def make_ref(
         soft_wrap=True,
         markup=False,
     )
+
+
+class Weights(str, Enum):
+    ema = "ema"
+    model = "model"
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+def _generate_bar() -> tuple[Any, Any]:
+    """A rich bar with images/s (rank 0 only under torchrun) and the `progress(done, total)` callback."""
+    import os
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:7.2f} img/s" if speed else "    -- img/s")
+
+    bar = Progress(
+        TextColumn("generating + features"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=int(os.environ.get("RANK", "0")) != 0,
+    )
+    task = bar.add_task("fid", total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+def _default_generated_stamp(stamp: dict[str, Any]) -> Path:
+    """Beside the checkpoint, named by what changes the number: <ckpt>.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json."""
+    g = stamp["samples"]["generator"]
+    ck = Path(g["checkpoint"])
+    tag = f"{stamp['mode']}-n{g['n']}-{g['solver']}{g['steps']}-cfg{g['cfg_scale']:g}-seed{g['seed']}"
+    return ck.with_name(f"{ck.stem}.fid-{tag}.json")
+
+
+@fid_app.command("generate")
+@handle_errors
+def generate(
+    ref: Annotated[
+        Path, typer.Argument(help="Reference .npz with mu and sigma (U-ViT fid_stats, ADM batch).")
+    ],
+    ckpt: Annotated[
+        str | None,
+        typer.Option(
+            "--ckpt",
+            help="Our .safetensors / run dir, or the paper's nnet_ema.pth (+ --preset).",
+            show_default=False,
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="Preset name or .toml: for an official .pth, or alone for the latest run in runs/NAME.",
+            show_default=False,
+        ),
+    ] = None,
+    n: Annotated[
+        int | None,
+        typer.Option(
+            "--n",
+            "-n",
+            min=2,
+            help="Images to generate (default: the preset's sample.n_samples: 30,000 COCO, 50,000 others).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Image i: noise, label / caption from (seed, i).")
+    ] = 0,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=1, help="Solver steps (default: the preset's).", show_default=False),
+    ] = None,
+    cfg_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--cfg-scale",
+            min=0.0,
+            help="Guidance s: eps_c + s (eps_c - eps_u) (default: the preset's).",
+            show_default=False,
+        ),
+    ] = None,
+    solver: Annotated[
+        str | None, typer.Option("--solver", help="Solver (default: the preset's).", show_default=False)
+    ] = None,
+    guidance_interval: Annotated[
+        tuple[float, float] | None,
+        typer.Option(
+            "--guidance-interval", help="Guide only for solver times t in [LO, HI].", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Images per batch per GPU (default: the preset's); does not change the result.",
+            show_default=False,
+        ),
+    ] = None,
+    model_weights: Annotated[
+        Weights, typer.Option("--model-weights", help="EMA or online weights of our checkpoints.")
+    ] = Weights.ema,
+    vae: Annotated[
+        str | None,
+        typer.Option("--vae", help="Autoencoder weights: file, directory or hub id.", show_default=False),
+    ] = None,
+    clip: Annotated[
+        str | None,
+        typer.Option(
+            "--clip",
+            help="CLIP text encoder for the CFG null context CLIP('') (default: the shards' empty_context).",
+            show_default=False,
+        ),
+    ] = None,
+    contexts_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--contexts-from",
+            help="Prepared shards with a val split: text models' captions (default: the preset's data.path).",
+            show_default=False,
+        ),
+    ] = None,
+    mode: ModeOpt = Mode.clean,
+    inception_weights: WeightsOpt = None,
+    device: DeviceOpt = None,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            "--precision", help="Network autocast (default: bf16 on CUDA, fp32 on CPU).", show_default=False
+        ),
+    ] = None,
+    no_compile: Annotated[
+        bool, typer.Option("--no-compile", help="Do not torch.compile the network.")
+    ] = False,
+    set_: SetOption = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Where to write the protocol stamp (default: beside the checkpoint, "
+            "CKPT.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json).",
+            show_default=False,
+        ),
+    ] = None,
+    no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,
+) -> None:
+    """FID of N images generated from a checkpoint, streamed into the statistics (no PNGs written).
+
+    Conditions as the paper: uniform labels for class models, val-split captions for text models. Image i depends only on (seed, i): batch size and GPU count do not change the number.
+    """
+    import os
+
+    import torch
+
+    from uvit_cli.fid import write_stamp
+    from uvit_cli.fid.generated import fid_from_checkpoint
+
+    settings = dict(
+        solver=solver,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        guidance_interval=guidance_interval,
+        batch_size=batch_size,
+        precision=precision.value if precision else None,
+        compile=torch.cuda.is_available() and not no_compile,  # pays off on GPUs only
+    )
+
+    def log(msg: str) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            console.print(msg, soft_wrap=True, markup=False)
+
+    bar, update = _generate_bar()
+    with bar:
+        result = fid_from_checkpoint(
+            ref,
+            ckpt=ckpt,
+            preset=preset,
+            n=n,
+            seed=seed,
+            settings=settings,
+            overrides=list(set_ or []),
+            ema=model_weights == Weights.ema,
+            vae=vae,
+            clip=clip,
+            contexts_from=contexts_from,
+            mode=mode.value,
+            inception_weights=inception_weights,
+            device=device,
+            progress=update,
+            log=log,
+        )
+    if not result.is_main:
+        return
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+    s = result.stamp
+    g = s["samples"]["generator"]
+    inc = (s["inception"]["sha256"] or "custom")[:12]
+    gi = f" interval {g['guidance_interval']}" if g["guidance_interval"] else ""
+    rate = result.num_images / max(s["seconds"], 1e-9)
+    line = (
+        f"FID {result.fid:.4f}  mode {s['mode']}  images {s['num_images']}  inception {inc}  "
+        f"ref {s['reference']['sha256'][:12]}  {g['preset']} {g['solver']} {g['steps']} steps cfg "
+        f"{g['cfg_scale']:g}{gi} seed {g['seed']}  ckpt {g['checkpoint_sha256'][:12]}  {rate:.2f} img/s"
+    )
+    if not no_json:
+        path = json_path or _default_generated_stamp(s)
+        try:
+            write_stamp(path, s)
+        except OSError as e:
+            raise fail(
+                f"cannot write the stamp {path} ({e.strerror or e}); pass --json FILE or --no-json"
+            ) from None
+        line += f"  stamp {path}"
+    out.print(line, soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,285 @@
+"""FID straight from a checkpoint: generate with the paper's conditions, stream images into the statistics.
+
+No PNGs are written. Conditions follow the official eval scripts (spec §4.2-4.3, §5.4, §6):
+  class models  labels uniform over the real classes, drawn from (seed, index) (ImageNet's `sample_label`)
+  text models   contexts of the prepared **val** split, one caption per image chosen from (seed, index)
+                (eval_t2i_discrete.py: shuffled val features, one random caption each); CFG's null is CLIP('')
+  unconditional nothing
+Every choice depends only on (seed, image index), so the result does not depend on the batch size or on the
+number of torchrun ranks: rank r generates indices r::world and the feature sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from uvit_cli.config import Preset
+from uvit_cli.errors import CheckpointError, DataError
+from uvit_cli.fid import FidResult, fid_from_generator, load_ref_stats
+
+__all__ = ["fid_from_checkpoint", "paper_num_images", "val_context_conditions"]
+
+# progress(images done over all ranks (estimated from this rank's share), total)
+Progress = Callable[[int, int], None]
+
+
+def paper_num_images(preset: Preset) -> int:
+    """The sample count of the paper's final FID: the preset's sample.n_samples (30k COCO, 50k otherwise)."""
+    return preset.sample.n_samples
+
+
+def _val_split_missing(root: Path, preset: Preset, have: str) -> DataError:
+    how = (
+        f"`uvit prepare coco --coco-root DIR --split val --out {root}`"
+        if preset.data.kind == "coco"
+        else f"`uvit prepare ... --out {root}` with a val split"
+    )
+    return DataError(
+        f"{root}: no prepared 'val' split to take FID contexts from (prepared: {have}); make it with {how}, "
+        "or point --contexts-from at shards that have one"
+    )
+
+
+def val_context_conditions(
+    root: str | os.PathLike[str], seed: int, preset: Preset
+) -> tuple[Callable[[Sequence[int]], dict[str, Any]], Any, dict[str, Any]]:
+    """(conditions, empty context (L, D), info) for a text model from the val split of prepared shards.
+
+    Image i takes val image perm[i % N] (perm: a permutation of the N val images seeded by `seed`; every
+    image is used once before any repeats, as the official shuffled loader) and, of that image's captions,
+    the one `choose(seed, i // N, item)` picks. The null condition is the set's empty_context.npy (CLIP('')
+    from the same encoder as the captions).
+    """
+    import numpy as np
+    import torch
+
+    from uvit_cli.data import MANIFEST, FeatureDataset, read_manifest
+
+    root = Path(root)
+    if not (root / MANIFEST).is_file():
+        raise _val_split_missing(root, preset, "nothing: no manifest.json there")
+    manifest = read_manifest(root)
+    splits = manifest.get("splits", {})
+    if "val" not in splits:
+        raise _val_split_missing(root, preset, ", ".join(splits) or "none")
+    if manifest.get("conditioning") != "text":
+        raise DataError(
+            f"{root}: a {manifest.get('conditioning')}-conditional set, but preset '{preset.name}' needs "
+            "captions; pass --contexts-from with prepared text shards (e.g. COCO)"
+        )
+    want = (preset.model.num_clip_token, preset.model.clip_dim)
+    got = tuple(manifest.get("context_shape") or ())
+    if got != want:
+        raise DataError(
+            f"{root}: contexts of shape {got}, but preset '{preset.name}' takes {want} "
+            "(prepared with another text encoder?); pass --contexts-from with matching shards"
+        )
+    ds = FeatureDataset(root, "val", seed=seed)
+    n_val = ds.num_images
+    # a stream of its own ([seed, tag]), apart from the per-image noise ([seed, i]) and labels ([seed, i, 1])
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x7A1, 2])).permutation(n_val)
+
+    def conditions(indices: Sequence[int]) -> dict[str, Any]:
+        rows = []
+        for i in indices:
+            item = int(perm[int(i) % n_val]) * ds.views  # view 0 of that val image
+            rows.append(ds[(item, int(i) // n_val)]["context"])  # (L, D), caption choose(seed, epoch, item)
+        return {"context": torch.stack(rows)}  # (B, L, D)
+
+    info = {
+        "path": str(root),
+        "split": "val",
+        "val_images": n_val,
+        "fingerprint": manifest.get("fingerprint"),
+        "caption": "val image perm_seed[i % N], caption choose(seed, i // N, image)",
+        "null": "empty_context.npy of the shards",
+    }
+    return conditions, ds.empty_context, info
+
+
+def _resolve(
+    ckpt: str | os.PathLike[str] | None,
+    preset: str | os.PathLike[str] | None,
+    overrides: Sequence[str],
+    ema: bool,
+    device: Any,
+    say: Callable[[str], None],
+) -> tuple[Any, Preset, Path, str]:
+    """(model, its preset, the weights file, a line saying which weights), as `uvit sample` resolves them."""
+    from uvit_cli.checkpoint import find_checkpoint
+    from uvit_cli.config import apply_overrides, load_preset, preset_from_dict
+    from uvit_cli.sample.run import RUNS_DIR, resolve_model
+
+    base = load_preset(preset, list(overrides)) if preset is not None else None
+    try:
+        model, resolved, note = resolve_model(ckpt, base, ema, device)
+    except CheckpointError as e:
+        if "does not fit the model" in str(e) and base is not None:
+            raise CheckpointError(
+                f"{e}; pass the --preset this checkpoint was trained with (or --set model.KEY=VALUE)"
+            ) from None
+        raise
+    file = find_checkpoint(ckpt if ckpt is not None else RUNS_DIR / resolved.name, ema=ema)
+    if overrides:
+        resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
+    if base is not None and base.name != resolved.name:
+        say(f"note: the checkpoint's embedded preset '{resolved.name}' is used, not --preset '{base.name}'")
+    return model, resolved, file, note
+
+
+def fid_from_checkpoint(
+    ref: str | os.PathLike[str],
+    *,
+    ckpt: str | os.PathLike[str] | None = None,
+    preset: str | os.PathLike[str] | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    settings: dict[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    ema: bool = True,
+    vae: str | None = None,
+    clip: str | None = None,
+    contexts_from: str | os.PathLike[str] | None = None,
+    mode: str = "clean",
+    inception_weights: str | os.PathLike[str] | None = None,
+    device: Any = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+    features: Any = None,
+    feature_dim: int = 2048,
+) -> FidResult:
+    """FID of `n` images generated from a checkpoint against `ref` (mu/sigma), streamed, no files written.
+
+    ckpt/preset as `uvit sample` (our .safetensors or run dir; the paper's .pth with a preset; or the latest
+    run of the preset); `settings` are SampleSettings overrides (solver, steps, cfg_scale, guidance_interval,
+    batch_size, precision, compile, ...), None = the preset's. n defaults to the preset's sample.n_samples.
+    `contexts_from`: prepared shards with a val split (text models; default the preset's data.path).
+    `clip`: if given, CFG's null context is CLIP('') of this encoder instead of the shards' empty_context.
+    `features`/`feature_dim` replace the Inception (tests). Under torchrun rank r generates indices r::world.
+    """
+    import torch
+
+    from uvit_cli import dist
+    from uvit_cli.data import sha256_file
+    from uvit_cli.fid.features import check_mode
+    from uvit_cli.sample.generate import (
+        SampleSettings,
+        check_guidance,
+        generate,
+        null_condition,
+        random_class_conditions,
+        valid_classes,
+    )
+
+    t0 = time.perf_counter()
+    say = log or (lambda _msg: None)
+    # Cheap checks first: a bad reference, mode or missing Inception must not wait for the model to load.
+    check_mode(mode)
+    load_ref_stats(ref, None if features is not None else 2048)
+    if features is None:
+        from uvit_cli.inception import resolve_weights
+
+        resolve_weights(inception_weights, mode)
+    if n is not None and n < 2:
+        raise DataError(f"--n {n}: FID needs at least 2 images (the paper uses 50,000; 30,000 for MS-COCO)")
+
+    started_dist = not dist.is_initialized() and dist.init_from_env()
+    try:
+        device = torch.device(device) if device is not None else dist.device()
+        model, resolved, file, note = _resolve(ckpt, preset, overrides, ema, device, say)
+        s = SampleSettings.from_preset(resolved, **(settings or {}))
+        check_guidance(resolved, s)
+        total = n if n is not None else paper_num_images(resolved)
+
+        # Conditions as the paper's FID runs (module docstring); the null condition for CFG.
+        conditions: Any = None
+        uncond: Any = None
+        cond_info: dict[str, Any] = {"kind": resolved.model.conditioning}
+        if resolved.model.conditioning == "class":
+            k = len(valid_classes(resolved))
+            conditions = random_class_conditions(seed, k)
+            uncond = null_condition(resolved)
+            cond_info["labels"] = f"uniform over 0..{k - 1} from (seed, index)"
+        elif resolved.model.conditioning == "text":
+            root = Path(contexts_from) if contexts_from is not None else Path(resolved.data.path)
+            conditions, empty, ctx_info = val_context_conditions(root, seed, resolved)
+            if clip is not None:
+                from uvit_cli.encoders import load_text_encoder
+
+                encoder = load_text_encoder(clip, device=device)
+                empty = encoder.encode([""])
+                ctx_info["null"] = f"CLIP('') of {clip}"
+                del encoder
+            uncond = null_condition(resolved, empty)
+            cond_info["contexts"] = ctx_info
+
+        autoencoder = None
+        if resolved.data.space == "latent":
+            from uvit_cli.encoders import load_autoencoder
+            from uvit_cli.sample.run import _vae_spec
+
+            assert resolved.autoencoder is not None
+            autoencoder = load_autoencoder(
+                _vae_spec(vae, resolved), scale_factor=resolved.autoencoder.scale_factor, device=device
+            )
+        say(note)
+
+        world = dist.world_size()
+        mine = list(range(total))[dist.rank() :: world]
+        done = 0
+
+        def advance(k: int) -> None:
+            nonlocal done
+            done += k
+            if progress is not None:
+                progress(min(done * world, total), total)
+
+        def batches() -> Iterator[Any]:
+            for _, images in generate(
+                model,
+                resolved,
+                mine,
+                conditions,
+                uncond,
+                seed=seed,
+                autoencoder=autoencoder,
+                settings=s,
+                device=device,
+                progress=advance,
+            ):
+                yield images  # uint8 (B, H, W, 3)
+
+        generator = {
+            "checkpoint": str(file),
+            "checkpoint_sha256": sha256_file(file),
+            "weights": note,
+            "ema": ema,
+            "preset": resolved.name,
+            "n": total,
+            "seed": seed,
+            **s.to_dict(),  # solver, steps, cfg_scale, guidance_interval, precision
+            "conditions": cond_info,
+            "autoencoder": None if autoencoder is None else (vae or os.environ.get("UVIT_VAE") or "default"),
+        }
+        if progress is not None:
+            progress(0, total)
+        result = fid_from_generator(
+            batches(),
+            ref,
+            mode=mode,
+            inception_weights=inception_weights,
+            device=device,
+            total=len(mine),
+            generator=generator,
+            features=features,
+            feature_dim=feature_dim,
+        )
+        result.stamp["seconds"] = round(time.perf_counter() - t0, 2)  # model loading and sampling included
+        return result
+    finally:
+        if started_dist:
+            dist.destroy()
