@@ -163,8 +163,7 @@ def test_ckpt_fid_equals_fid_of_the_pngs_uvit_sample_writes(env, tmp_path):
         args += ["--class", str(label)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    # `uvit fid` refuses the samples.jsonl beside the PNGs (".jsonl" is not a known sidecar): reported
-    (tmp_path / "png" / "samples.jsonl").unlink()
+    assert (tmp_path / "png" / "samples.jsonl").exists()  # a sidecar `uvit fid` must skip
     from_pngs = compute_fid(tmp_path / "png", env["ref"], batch_size=4, **FEATS)
     assert from_pngs.num_images == got.num_images == 8
     assert got.fid_raw == pytest.approx(from_pngs.fid_raw, rel=1e-6, abs=1e-9)
@@ -395,7 +394,6 @@ def test_cli_ckpt_equals_cli_on_pngs_with_random_inception(env, tmp_path):
     args = ["sample", *ck, "--n", "1", "--no-compile", "--out", str(tmp_path / "png")]
     r = runner.invoke(app, [*args, *[a for lab in labels for a in ("--class", str(lab))]])
     assert r.exit_code == 0, r.output
-    (tmp_path / "png" / "samples.jsonl").unlink()  # not a known sidecar for `uvit fid` (reported)
     r = runner.invoke(
         app,
         ["fid", str(tmp_path / "png"), str(tmp_path / "ref.npz"), *inc, "--json", str(tmp_path / "p.json")],

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uvit_cli.config import Preset, preset_from_toml
-from uvit_cli.errors import CheckpointError
+from uvit_cli.errors import CheckpointError, CheckpointMismatch
 
 if TYPE_CHECKING:
     import torch
@@ -234,7 +234,7 @@ def check_state_dict(
             parts.append(f"unexpected {_short(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch {_short(shapes, 3)}")
-        raise CheckpointError(f"{what} does not fit the model: " + "; ".join(parts))
+        raise CheckpointMismatch(f"{what} does not fit the model: " + "; ".join(parts))
 
 
 @dataclass

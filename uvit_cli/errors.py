@@ -21,6 +21,10 @@ class CheckpointError(UvitError):
     exit_code = 2
 
 
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint whose keys or shapes do not fit the model built from the preset."""
+
+
 class WeightsNotFoundError(UvitError):
     """Pretrained weights (VAE, CLIP, Inception) that could not be found locally."""
 

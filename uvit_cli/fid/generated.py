@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from uvit_cli.config import Preset
-from uvit_cli.errors import CheckpointError, DataError
+from uvit_cli.errors import CheckpointMismatch, DataError
 from uvit_cli.fid import FidResult, fid_from_generator, load_ref_stats
 
 __all__ = ["fid_from_checkpoint", "paper_num_images", "val_context_conditions"]
@@ -117,12 +117,12 @@ def _resolve(
     base = load_preset(preset, list(overrides)) if preset is not None else None
     try:
         model, resolved, note = resolve_model(ckpt, base, ema, device)
-    except CheckpointError as e:
-        if "does not fit the model" in str(e) and base is not None:
-            raise CheckpointError(
-                f"{e}; pass the --preset this checkpoint was trained with (or --set model.KEY=VALUE)"
-            ) from None
-        raise
+    except CheckpointMismatch as e:
+        if base is None:
+            raise
+        raise CheckpointMismatch(
+            f"{e}; pass the --preset this checkpoint was trained with (or --set model.KEY=VALUE)"
+        ) from None
     file = find_checkpoint(ckpt if ckpt is not None else RUNS_DIR / resolved.name, ema=ema)
     if overrides:
         resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
@@ -220,11 +220,11 @@ def fid_from_checkpoint(
         autoencoder = None
         if resolved.data.space == "latent":
             from uvit_cli.encoders import load_autoencoder
-            from uvit_cli.sample.run import _vae_spec
+            from uvit_cli.sample.run import vae_spec
 
             assert resolved.autoencoder is not None
             autoencoder = load_autoencoder(
-                _vae_spec(vae, resolved), scale_factor=resolved.autoencoder.scale_factor, device=device
+                vae_spec(vae, resolved), scale_factor=resolved.autoencoder.scale_factor, device=device
             )
         say(note)
 

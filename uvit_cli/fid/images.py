@@ -14,7 +14,7 @@ from uvit_cli.errors import DataError
 
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 # Files a sample folder legitimately holds beside its images (stamps, prompts, logs): skipped, not errors.
-SIDECAR_EXTENSIONS = {".json", ".toml", ".txt", ".yaml", ".yml", ".log", ".md", ".csv"}
+SIDECAR_EXTENSIONS = {".json", ".jsonl", ".toml", ".txt", ".yaml", ".yml", ".log", ".md", ".csv"}  # .jsonl: uvit sample
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -334,12 +334,12 @@ def _encoders(
 
         assert preset.autoencoder is not None
         autoencoder = load_autoencoder(
-            _vae_spec(vae, preset), scale_factor=preset.autoencoder.scale_factor, device=device
+            vae_spec(vae, preset), scale_factor=preset.autoencoder.scale_factor, device=device
         )
     return conditions, uncond, autoencoder
 
 
-def _vae_spec(vae: str | None, preset: Preset) -> str | None:
+def vae_spec(vae: str | None, preset: Preset) -> str | None:
     """A directory given with --vae (or $UVIT_VAE) that holds the preset's own file (e.g. the huge models'
     autoencoder_kl_ema.pth) resolves to that file; anything else goes to the encoders' resolution as is."""
     assert preset.autoencoder is not None
