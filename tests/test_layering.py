@@ -68,3 +68,10 @@ def test_nothing_imports_cli():
             continue
         bad = {m for m in _imports(p) if m == "uvit_cli.cli" or m.startswith("uvit_cli.cli.")}
         assert not bad, f"{p.relative_to(PKG)} imports {bad}"
+
+
+def test_config_solver_names_match_the_solvers():
+    from uvit_cli import solvers
+    from uvit_cli.config import SOLVER_NAMES
+
+    assert set(SOLVER_NAMES) == set(solvers.SOLVERS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -105,10 +105,12 @@ class TrainConfig(_Strict):
     num_workers: int = Field(4, ge=0)
 
 
+SolverName = Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"]
+SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # = uvit_cli.solvers.SOLVERS, without importing torch
+
+
 class SampleConfig(_Strict):
-    solver: Literal[
-        "dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"
-    ] = "dpm_solver_pp"
+    solver: SolverName = "dpm_solver_pp"
     steps: int = Field(50, gt=0)
     cfg_scale: float = Field(0.0, ge=0, description="official convention: eps_c + s * (eps_c - eps_u)")
     guidance_interval: tuple[float, float] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -23,6 +24,43 @@ SetOption = Annotated[
         "--set", help="Override a preset value, e.g. --set train.lr=1e-4 (repeatable).", show_default=False
     ),
 ]
+
+
+def is_rank0() -> bool:
+    """Under torchrun only rank 0 draws bars and prints (read from the environment: no torch import)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def image_progress(*, note: bool = False, transient: bool = False) -> Any:
+    """The rich progress bar of image work (prepare, sample, fid): count, images/s, ETA; rank 0 only.
+
+    Each task shows its description; with `note=True` it also takes a `note` field shown after the ETA.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:7.2f} img/s" if speed else "    -- img/s")
+
+    columns: list[Any] = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeRemainingColumn(),
+    ]
+    if note:
+        columns.append(TextColumn("{task.fields[note]}"))
+    return Progress(*columns, console=console, transient=transient, disable=not is_rank0())
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -11,7 +11,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from uvit_cli.cli.common import SetOption, console, fail, handle_errors, out
+from uvit_cli.cli.common import SetOption, console, fail, handle_errors, image_progress, is_rank0, out
 
 # Options that only generating from a checkpoint takes: their presence routes `uvit fid ...` to `generate`.
 _GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
@@ -82,18 +82,9 @@ DeviceOpt = Annotated[
 ]
 
 
-def _progress_bar(description: str) -> tuple[Any, Any]:
-    """A rich bar on stderr and the callback that advances it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn(description),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+def _progress_bar(description: str, transient: bool = True) -> tuple[Any, Any]:
+    """A rich bar on stderr and the `progress(done, total)` callback that advances it."""
+    bar = image_progress(transient=transient)
     task = bar.add_task(description, total=None)
 
     def update(done: int, total: int | None) -> None:
@@ -213,43 +204,6 @@ class Precision(str, Enum):
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
-
-
-def _generate_bar() -> tuple[Any, Any]:
-    """A rich bar with images/s (rank 0 only under torchrun) and the `progress(done, total)` callback."""
-    import os
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:7.2f} img/s" if speed else "    -- img/s")
-
-    bar = Progress(
-        TextColumn("generating + features"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=int(os.environ.get("RANK", "0")) != 0,
-    )
-    task = bar.add_task("fid", total=None)
-
-    def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-
-    return bar, update
 
 
 def _default_generated_stamp(stamp: dict[str, Any]) -> Path:
@@ -377,7 +331,6 @@ def generate(
 
     Conditions as the paper: uniform labels for class models, val-split captions for text models. Image i depends only on (seed, i): batch size and GPU count do not change the number.
     """
-    import os
 
     import torch
 
@@ -395,10 +348,10 @@ def generate(
     )
 
     def log(msg: str) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_rank0():
             console.print(msg, soft_wrap=True, markup=False)
 
-    bar, update = _generate_bar()
+    bar, update = _progress_bar("generating + features")
     with bar:
         result = fid_from_checkpoint(
             ref,

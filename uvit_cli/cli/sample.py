@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from uvit_cli.cli.common import SetOption, console, handle_errors, out
+from uvit_cli.cli.common import SetOption, console, handle_errors, image_progress, is_rank0, out
 
 if TYPE_CHECKING:
-    from rich.progress import Task
+    pass
 
-SOLVERS = ("dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode")
+from uvit_cli.config import SOLVER_NAMES as SOLVERS
 
 
 class Weights(str, Enum):
@@ -26,33 +25,6 @@ class Precision(str, Enum):
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
-
-
-def _progress_bar() -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task: Task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:6.2f} img/s" if speed else "   -- img/s")
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=int(os.environ.get("RANK", "0")) != 0,  # torchrun: rank 0 draws (its own share)
-    )
 
 
 def register(app: typer.Typer) -> None:
@@ -184,7 +156,7 @@ def register(app: typer.Typer) -> None:
             compile=on_cuda and not no_compile,  # compiling pays off on GPUs; on a CPU it only costs time
             cuda_graphs=cuda_graphs,
         )
-        bar = _progress_bar()
+        bar = image_progress()
         task = None
 
         def progress(p: SampleProgress) -> None:
@@ -196,7 +168,7 @@ def register(app: typer.Typer) -> None:
             bar.update(task, completed=p.done)
 
         def log(msg: str) -> None:
-            if int(os.environ.get("RANK", "0")) == 0:
+            if is_rank0():
                 console.print(msg, soft_wrap=True, markup=False)
 
         try:
