@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from uvit_cli.cli.common import SetOption, console, handle_errors, image_progress, is_rank0, out
-
-if TYPE_CHECKING:
-    pass
-
 from uvit_cli.config import SOLVER_NAMES as SOLVERS
 
 
