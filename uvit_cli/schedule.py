@@ -12,6 +12,7 @@ Time grids for the solvers are pure functions at the bottom.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Literal, Protocol
 
@@ -86,11 +87,12 @@ class NoiseSchedule(Protocol):
     def timestep_input(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
-class _VPMixin:
+class _VPMixin(abc.ABC):
     """alpha, sigma and lambda from log(alpha_t); the same float formulas as DPM-Solver's NoiseScheduleVP."""
 
+    @abc.abstractmethod
     def marginal_log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """log alpha_t: what a concrete schedule defines."""
 
     def marginal_alpha(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_t = exp(log alpha_t)."""
