@@ -1,4 +1,4 @@
-"""`uvit prepare coco|imagenet|folder`: data sets into feature shards (see docs/data.md)."""
+"""`uvit prepare coco|imagenet|cifar10|celeba|folder`: data sets into feature shards (see docs/data.md)."""
 
 from __future__ import annotations
 
@@ -183,7 +183,14 @@ def coco(
 def imagenet(
     root: Annotated[Path, typer.Option("--root", help="ImageNet directory holding train/<synset>/*.JPEG.")],
     out_dir: OutOpt,
-    resolution: Annotated[int, typer.Option("--resolution", help="256 or 512.")] = 256,
+    resolution: Annotated[
+        int | None,
+        typer.Option("--resolution", help="256 or 512 (latent), 64 (pixel) [default: 256 / 64]."),
+    ] = None,
+    space: Annotated[
+        Space,
+        typer.Option("--space", help="latent: moments of image and mirror image; pixel: uint8 (ImageNet64)."),
+    ] = Space.latent,
     vae: VaeOpt = None,
     batch_size: BatchOpt = 64,
     items_per_shard: ShardOpt = 1000,
@@ -191,7 +198,7 @@ def imagenet(
     precision: PrecisionOpt = Precision.fp32,
     workers: WorkersOpt = None,
 ) -> None:
-    """ImageNet train as U-ViT: ADM centre crop, moments of each image and its mirror image, labels."""
+    """ImageNet train as U-ViT: ADM centre crop, labels; moments of each image and its mirror image, or pixels."""
     from uvit_cli.prepare import prepare_imagenet
 
     _run(
@@ -199,11 +206,53 @@ def imagenet(
         root=root,
         out=out_dir,
         resolution=resolution,
+        space=space.value,
         vae=vae,
         batch_size=batch_size,
         items_per_shard=items_per_shard,
         dtype=dtype.value,
         precision=precision.value,
+        num_workers=workers,
+    )
+
+
+@app.command("cifar10")
+@handle_errors
+def cifar10(
+    root: Annotated[
+        Path, typer.Option("--root", help="Holds cifar-10-batches-py/ (cifar-10-python.tar.gz extracted).")
+    ],
+    out_dir: OutOpt,
+    items_per_shard: ShardOpt = 1000,
+    workers: WorkersOpt = None,
+) -> None:
+    """CIFAR-10 as U-ViT: uint8 32x32 pixels with labels; train (50,000) and test (10,000) splits."""
+    from uvit_cli.prepare import prepare_cifar10
+
+    _run(prepare_cifar10, root=root, out=out_dir, items_per_shard=items_per_shard, num_workers=workers)
+
+
+@app.command("celeba")
+@handle_errors
+def celeba(
+    root: Annotated[
+        Path,
+        typer.Option("--root", help="Holds img_align_celeba/*.jpg and optionally list_eval_partition.txt."),
+    ],
+    out_dir: OutOpt,
+    resolution: Annotated[int, typer.Option("--resolution", help="Side after the 128x128 face crop.")] = 64,
+    items_per_shard: ShardOpt = 1000,
+    workers: WorkersOpt = None,
+) -> None:
+    """CelebA as U-ViT: 128x128 face crop, Resize(64), uint8 pixels; the official splits if listed."""
+    from uvit_cli.prepare import prepare_celeba
+
+    _run(
+        prepare_celeba,
+        root=root,
+        out=out_dir,
+        resolution=resolution,
+        items_per_shard=items_per_shard,
         num_workers=workers,
     )
 

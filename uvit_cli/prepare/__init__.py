@@ -1,7 +1,10 @@
-"""`uvit prepare`: COCO 2014, ImageNet and image folders into feature shards (`uvit_cli.data`).
+"""`uvit prepare`: COCO 2014, ImageNet, CIFAR-10, CelebA and image folders into feature shards (`uvit_cli.data`).
 
     prepare_coco("coco/", "feats/coco256")                      # moments + every caption's CLIP features
     prepare_imagenet("imagenet/", "feats/in256", resolution=256)  # moments of image and flip + label
+    prepare_imagenet("imagenet/", "feats/imagenet64", space="pixel")  # uint8 64x64 pixels + label
+    prepare_cifar10("cifar10/", "feats/cifar10")                # uint8 32x32 pixels + label; train, test
+    prepare_celeba("celeba/", "feats/celeba64")                 # uint8 64x64 pixels
     prepare_folder("my_images/", "feats/mine", space="pixel", resolution=64)
 
 Each call runs on every `torchrun` rank (each writes its own shards) and reports progress through
@@ -11,6 +14,8 @@ Each call runs on every `torchrun` rank (each writes its own shards) and reports
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 from uvit_cli.errors import DataError
@@ -21,6 +26,8 @@ __all__ = [
     "PrepareSpec",
     "Progress",
     "ProgressFn",
+    "prepare_celeba",
+    "prepare_cifar10",
     "prepare_coco",
     "prepare_folder",
     "prepare_imagenet",
@@ -75,7 +82,8 @@ def prepare_imagenet(
     root: Path_,
     out: Path_,
     *,
-    resolution: int = 256,
+    resolution: int | None = None,
+    space: Literal["latent", "pixel"] = "latent",
     vae: str | None = None,
     batch_size: int = 64,
     items_per_shard: int = 1000,
@@ -84,18 +92,24 @@ def prepare_imagenet(
     num_workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
-    """ImageNet train as U-ViT (spec §5.3): ADM centre crop, moments of the image and its flip, class label."""
+    """ImageNet train as U-ViT (spec §5.3, §5.4): ADM centre crop and class label, then either the moments
+    of the image and its flip (latent: 256 or 512) or the uint8 pixels (pixel: 64; flipped at train time)."""
     from uvit_cli.prepare.sources import imagenet_sources
 
-    if resolution not in (256, 512):
+    pixel = space == "pixel"
+    if resolution is None:
+        resolution = 64 if pixel else 256
+    if pixel and resolution != 64:
+        raise DataError(f"--resolution {resolution}: U-ViT's ImageNet pixels are 64 (--space pixel)")
+    if not pixel and resolution not in (256, 512):
         raise DataError(f"--resolution {resolution}: U-ViT's ImageNet latents are 256 or 512")
     sources, classes = imagenet_sources(root)
     spec = PrepareSpec(
-        kind="imagenet",
-        space="latent",
+        kind="imagenet64" if pixel else "imagenet",
+        space=space,
         resolution=resolution,
         crop="adm",
-        flip=True,
+        flip=not pixel,  # the official ImageNet64 set flips at random while training instead
         conditioning="class",
         classes=classes,
         vae=vae,
@@ -106,6 +120,64 @@ def prepare_imagenet(
         num_workers=_default_workers() if num_workers is None else num_workers,
     )
     return run(out, spec, [SplitJob("train", sources)], progress)
+
+
+def prepare_cifar10(
+    root: Path_,
+    out: Path_,
+    *,
+    items_per_shard: int = 1000,
+    num_workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> PrepareResult:
+    """CIFAR-10 python pickles (spec §5.4): uint8 32x32 pixels and labels; train (data_batch_1..5), test."""
+    from uvit_cli.prepare.pixel_sets import cifar10_classes, cifar10_sources
+
+    classes = cifar10_classes(root)
+    with tempfile.TemporaryDirectory(prefix="uvit-cifar10-") as staging:
+        jobs = [SplitJob(s, cifar10_sources(root, s, Path(staging), progress)) for s in ("train", "test")]
+        spec = PrepareSpec(
+            kind="cifar10",
+            space="pixel",
+            resolution=32,
+            crop="none",
+            flip=False,  # flipped at train time (data.random_flip)
+            conditioning="class",  # kept for class-conditional runs; unconditional models ignore y
+            classes=classes,
+            items_per_shard=items_per_shard,
+            batch_size=256,
+            num_workers=_default_workers() if num_workers is None else num_workers,
+        )
+        return run(out, spec, jobs, progress)
+
+
+def prepare_celeba(
+    root: Path_,
+    out: Path_,
+    *,
+    resolution: int = 64,
+    items_per_shard: int = 1000,
+    num_workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> PrepareResult:
+    """CelebA img_align_celeba (spec §5.4): 128x128 face crop, torchvision Resize(64), uint8 pixels, no labels."""
+    from uvit_cli.prepare.pixel_sets import celeba_sources
+
+    if not 0 < resolution <= 128:
+        raise DataError(f"--resolution {resolution}: the CelebA face crop is 128x128 (U-ViT: 64)")
+    splits = celeba_sources(root)
+    spec = PrepareSpec(
+        kind="celeba",
+        space="pixel",
+        resolution=resolution,
+        crop="celeba",
+        flip=False,  # flipped at train time (data.random_flip)
+        conditioning="none",
+        items_per_shard=items_per_shard,
+        batch_size=256,
+        num_workers=_default_workers() if num_workers is None else num_workers,
+    )
+    return run(out, spec, [SplitJob(name, sources) for name, sources in splits.items()], progress)
 
 
 def prepare_folder(

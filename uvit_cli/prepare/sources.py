@@ -1,7 +1,8 @@
 """What `uvit prepare` reads: source listings (COCO 2014, ImageNet, image folders) and image preprocessing.
 
-Preprocessing follows the official scripts exactly (spec §5.1, §5.3); both return uint8 HWC arrays and
-the float conversion `x / 127.5 - 1` happens on the encoder's device.
+Preprocessing follows the official scripts exactly (spec §5.1, §5.3, §5.4; the CIFAR-10 and CelebA
+listings are in `pixel_sets`); every crop returns a uint8 HWC array and the float conversion
+`x / 127.5 - 1` happens on the encoder's device (latent sets) or when the shards are read (pixel sets).
 """
 
 from __future__ import annotations
@@ -61,11 +62,41 @@ def center_crop_adm(img: Image.Image, resolution: int) -> np.ndarray:
     return arr[top : top + resolution, left : left + resolution]
 
 
-CROPS = {"lanczos": center_crop_lanczos, "adm": center_crop_adm}
+# The official CelebA Crop(x1=57, x2=185, y1=25, y2=153) calls F.crop(img, top=57, left=25, 128, 128):
+# the 128x128 face box of the 178x218 aligned images, as a PIL box (left, top, right, bottom).
+CELEBA_SIZE = (178, 218)
+CELEBA_BOX = (25, 57, 153, 185)
+
+
+def celeba_crop(img: Image.Image, resolution: int) -> np.ndarray:
+    """CelebA (spec §5.4): the 128x128 face box, then torchvision's Resize(res) on a PIL image.
+
+    For PIL input torchvision 0.29 calls `img.resize((w, h), BILINEAR)`: PIL's bilinear filter, whose
+    support widens with the scale factor (PIL always antialiases), and leaves an image already at size alone.
+    """
+    if img.size != CELEBA_SIZE:
+        raise ValueError(f"{img.size[0]}x{img.size[1]} image; img_align_celeba images are 178x218")
+    img = img.crop(CELEBA_BOX)
+    if img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.BILINEAR)
+    return np.asarray(img)
+
+
+def no_crop(img: Image.Image, resolution: int) -> np.ndarray:
+    """Images that are already res x res (CIFAR-10): stored unchanged."""
+    if img.size != (resolution, resolution):
+        raise ValueError(f"{img.size[0]}x{img.size[1]} image, expected {resolution}x{resolution}")
+    return np.asarray(img)
+
+
+CROPS = {"lanczos": center_crop_lanczos, "adm": center_crop_adm, "celeba": celeba_crop, "none": no_crop}
 CROP_DESCRIPTIONS = {
     "lanczos": "RGB; centre square crop (offset (dim-side)//2); PIL LANCZOS resize; x/127.5-1 (U-ViT COCO)",
     "adm": "RGB; BOX halving while short side >= 2*res; BICUBIC short side to res (rounded); centre crop;"
     " x/127.5-1 (ADM / U-ViT ImageNet)",
+    "celeba": "RGB 178x218; crop 128x128 at top 57, left 25; torchvision Resize(res) on PIL (BILINEAR,"
+    " PIL's antialiasing); x/127.5-1 (U-ViT CelebA)",
+    "none": "RGB; no crop or resize (images are already res x res, e.g. CIFAR-10 rows as 3x32x32); x/127.5-1",
 }
 
 
