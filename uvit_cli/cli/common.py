@@ -6,11 +6,13 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from enum import Enum
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
+from uvit_cli.config import SOLVER_NAMES
 from uvit_cli.errors import UvitError
 
 console = Console(stderr=True, highlight=False)
@@ -83,3 +85,72 @@ def handle_errors(fn: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Options shared by several commands, defined once (same flag, same meaning everywhere).
+
+
+class Weights(str, Enum):
+    ema = "ema"
+    model = "model"
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+def _opt(*names: str, **kw: Any) -> Any:
+    return typer.Option(*names, show_default=False, **kw)
+
+
+DeviceOpt = Annotated[str | None, _opt("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
+VaeOpt = Annotated[
+    str | None,
+    _opt("--vae", help="Autoencoder weights: file, directory or hub id (default: $UVIT_VAE, HF cache)."),
+]
+ClipOpt = Annotated[
+    str | None,
+    _opt("--clip", help="CLIP text encoder: file, directory or hub id (default: $UVIT_CLIP, HF cache)."),
+]
+# Sampling (uvit sample, uvit fid --ckpt): the same flags for the same settings.
+CkptOpt = Annotated[
+    str | None, _opt("--ckpt", help="Our .safetensors / run dir, or the paper's nnet_ema.pth (+ --preset).")
+]
+PresetOpt = Annotated[
+    str | None, _opt("--preset", help="Preset name or .toml: for an official .pth, or to find runs/NAME.")
+]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, help="Image i draws from a generator seeded by (seed, i).")
+]
+StepsOpt = Annotated[int | None, _opt("--steps", min=1, help="Solver steps (default: the preset's).")]
+CfgScaleOpt = Annotated[
+    float | None,
+    _opt(
+        "--cfg-scale",
+        min=0.0,
+        help="Guidance s: eps_c + s (eps_c - eps_u); 0 = none (default: the preset's).",
+    ),
+]
+SolverOpt = Annotated[
+    str | None, _opt("--solver", help=f"One of {', '.join(SOLVER_NAMES)} (default: the preset's).")
+]
+GuidanceIntervalOpt = Annotated[
+    tuple[float, float] | None,
+    _opt("--guidance-interval", help="Guide only for solver times t in [LO, HI] (t in (0, 1])."),
+]
+SampleBatchOpt = Annotated[
+    int | None,
+    _opt(
+        "--batch-size", min=1, help="Images per batch per GPU (default: the preset's); results do not change."
+    ),
+]
+ModelWeightsOpt = Annotated[
+    Weights, typer.Option("--model-weights", help="EMA or online weights of our checkpoints.")
+]
+PrecisionOpt = Annotated[
+    Precision | None, _opt("--precision", help="Network autocast (default: bf16 on CUDA, fp32 on CPU).")
+]
+NoCompileOpt = Annotated[bool, typer.Option("--no-compile", help="Do not torch.compile the network.")]

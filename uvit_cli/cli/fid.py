@@ -11,7 +11,29 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from uvit_cli.cli.common import SetOption, console, fail, handle_errors, image_progress, is_rank0, out
+from uvit_cli.cli.common import (
+    CfgScaleOpt,
+    CkptOpt,
+    DeviceOpt,
+    GuidanceIntervalOpt,
+    ModelWeightsOpt,
+    NoCompileOpt,
+    PrecisionOpt,
+    PresetOpt,
+    SampleBatchOpt,
+    SeedOpt,
+    SetOption,
+    SolverOpt,
+    StepsOpt,
+    VaeOpt,
+    Weights,
+    console,
+    fail,
+    handle_errors,
+    image_progress,
+    is_rank0,
+    out,
+)
 
 # Options that only generating from a checkpoint takes: their presence routes `uvit fid ...` to `generate`.
 _GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
@@ -60,7 +82,7 @@ ModeOpt = Annotated[
         help="clean (clean-fid), legacy_pytorch (pytorch-fid: U-ViT's paper numbers), legacy_tensorflow (TF/ADM).",
     ),
 ]
-WeightsOpt = Annotated[
+InceptionWeightsOpt = Annotated[
     Path | None,
     typer.Option(
         "--inception-weights",
@@ -75,10 +97,6 @@ WorkersOpt = Annotated[
     typer.Option(
         "--workers", min=0, help="Decoding workers (default: 0 on CPU, up to 8 on GPU).", show_default=False
     ),
-]
-DeviceOpt = Annotated[
-    str | None,
-    typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).", show_default=False),
 ]
 
 
@@ -108,7 +126,7 @@ def compare(
         Path, typer.Argument(help="Reference .npz with mu and sigma (U-ViT fid_stats, ADM batch).")
     ],
     mode: ModeOpt = Mode.clean,
-    inception_weights: WeightsOpt = None,
+    inception_weights: InceptionWeightsOpt = None,
     batch_size: BatchOpt = 50,
     workers: WorkersOpt = None,
     device: DeviceOpt = None,
@@ -158,7 +176,7 @@ def make_ref(
     ],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the statistics (.npz).")],
     mode: ModeOpt = Mode.clean,
-    inception_weights: WeightsOpt = None,
+    inception_weights: InceptionWeightsOpt = None,
     batch_size: BatchOpt = 50,
     workers: WorkersOpt = None,
     device: DeviceOpt = None,
@@ -195,17 +213,6 @@ def make_ref(
     )
 
 
-class Weights(str, Enum):
-    ema = "ema"
-    model = "model"
-
-
-class Precision(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
 def _default_generated_stamp(stamp: dict[str, Any]) -> Path:
     """Beside the checkpoint, named by what changes the number: <ckpt>.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json."""
     g = stamp["samples"]["generator"]
@@ -220,22 +227,8 @@ def generate(
     ref: Annotated[
         Path, typer.Argument(help="Reference .npz with mu and sigma (U-ViT fid_stats, ADM batch).")
     ],
-    ckpt: Annotated[
-        str | None,
-        typer.Option(
-            "--ckpt",
-            help="Our .safetensors / run dir, or the paper's nnet_ema.pth (+ --preset).",
-            show_default=False,
-        ),
-    ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(
-            "--preset",
-            help="Preset name or .toml: for an official .pth, or alone for the latest run in runs/NAME.",
-            show_default=False,
-        ),
-    ] = None,
+    ckpt: CkptOpt = None,
+    preset: PresetOpt = None,
     n: Annotated[
         int | None,
         typer.Option(
@@ -246,47 +239,14 @@ def generate(
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[
-        int, typer.Option("--seed", min=0, help="Image i: noise, label / caption from (seed, i).")
-    ] = 0,
-    steps: Annotated[
-        int | None,
-        typer.Option("--steps", min=1, help="Solver steps (default: the preset's).", show_default=False),
-    ] = None,
-    cfg_scale: Annotated[
-        float | None,
-        typer.Option(
-            "--cfg-scale",
-            min=0.0,
-            help="Guidance s: eps_c + s (eps_c - eps_u) (default: the preset's).",
-            show_default=False,
-        ),
-    ] = None,
-    solver: Annotated[
-        str | None, typer.Option("--solver", help="Solver (default: the preset's).", show_default=False)
-    ] = None,
-    guidance_interval: Annotated[
-        tuple[float, float] | None,
-        typer.Option(
-            "--guidance-interval", help="Guide only for solver times t in [LO, HI].", show_default=False
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            min=1,
-            help="Images per batch per GPU (default: the preset's); does not change the result.",
-            show_default=False,
-        ),
-    ] = None,
-    model_weights: Annotated[
-        Weights, typer.Option("--model-weights", help="EMA or online weights of our checkpoints.")
-    ] = Weights.ema,
-    vae: Annotated[
-        str | None,
-        typer.Option("--vae", help="Autoencoder weights: file, directory or hub id.", show_default=False),
-    ] = None,
+    seed: SeedOpt = 0,
+    steps: StepsOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    solver: SolverOpt = None,
+    guidance_interval: GuidanceIntervalOpt = None,
+    batch_size: SampleBatchOpt = None,
+    model_weights: ModelWeightsOpt = Weights.ema,
+    vae: VaeOpt = None,
     clip: Annotated[
         str | None,
         typer.Option(
@@ -304,17 +264,10 @@ def generate(
         ),
     ] = None,
     mode: ModeOpt = Mode.clean,
-    inception_weights: WeightsOpt = None,
+    inception_weights: InceptionWeightsOpt = None,
     device: DeviceOpt = None,
-    precision: Annotated[
-        Precision | None,
-        typer.Option(
-            "--precision", help="Network autocast (default: bf16 on CUDA, fp32 on CPU).", show_default=False
-        ),
-    ] = None,
-    no_compile: Annotated[
-        bool, typer.Option("--no-compile", help="Do not torch.compile the network.")
-    ] = False,
+    precision: PrecisionOpt = None,
+    no_compile: NoCompileOpt = False,
     set_: SetOption = None,
     json_path: Annotated[
         Path | None,

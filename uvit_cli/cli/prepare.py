@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import time
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from uvit_cli.cli.common import console, handle_errors, out
-
-if TYPE_CHECKING:
-    from rich.progress import Task
+from uvit_cli.cli.common import ClipOpt, VaeOpt, handle_errors, image_progress, is_rank0, out
 
 app = typer.Typer(
     help="Turn a data set into feature shards for training (docs/data.md).", no_args_is_help=True
@@ -58,18 +54,6 @@ class Precision(str, Enum):
 
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory of shards (created; resumable).")]
-VaeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--vae", help="Autoencoder weights: file, directory or hub id (default: $UVIT_VAE, HF cache)."
-    ),
-]
-ClipOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--clip", help="CLIP text encoder: file, directory or hub id (default: $UVIT_CLIP, HF cache)."
-    ),
-]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder call (per GPU).")]
 ShardOpt = Annotated[int, typer.Option("--items-per-shard", min=1, help="Images per shard.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Storage of moments and contexts.")]
@@ -82,40 +66,11 @@ WorkersOpt = Annotated[
 ]
 
 
-def _progress_bar() -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task: Task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:6.1f} img/s" if speed else "   -- img/s")
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[note]}"),
-        console=console,
-        transient=False,
-        disable=int(os.environ.get("RANK", "0")) != 0,  # torchrun: one bar, drawn by rank 0
-    )
-
-
 def _run(fn: Any, **kwargs: Any) -> None:
     """Call a prepare workflow with a progress bar, then print a one-screen summary."""
     t0 = time.perf_counter()
     tasks: dict[str, Any] = {}
-    with _progress_bar() as bar:
+    with image_progress(note=True) as bar:
 
         def progress(p: Any) -> None:
             if p.split not in tasks:
@@ -126,7 +81,7 @@ def _run(fn: Any, **kwargs: Any) -> None:
             bar.update(tasks[p.split], completed=p.done, total=p.total, note=note)
 
         result = fn(progress=progress, **kwargs)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_rank0():
         return
     m = result.manifest
     for split, entry in m["splits"].items():

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from uvit_cli.cli.common import SetOption, console, handle_errors, image_progress, is_rank0, out
-from uvit_cli.config import SOLVER_NAMES as SOLVERS
-
-
-class Weights(str, Enum):
-    ema = "ema"
-    model = "model"
-
-
-class Precision(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
+from uvit_cli.cli.common import (
+    CfgScaleOpt,
+    CkptOpt,
+    ClipOpt,
+    GuidanceIntervalOpt,
+    ModelWeightsOpt,
+    NoCompileOpt,
+    PrecisionOpt,
+    PresetOpt,
+    SampleBatchOpt,
+    SeedOpt,
+    SetOption,
+    SolverOpt,
+    StepsOpt,
+    VaeOpt,
+    Weights,
+    console,
+    handle_errors,
+    image_progress,
+    is_rank0,
+    out,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -47,38 +55,12 @@ def register(app: typer.Typer) -> None:
         out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path(
             "samples"
         ),
-        seed: Annotated[
-            int, typer.Option("--seed", min=0, help="Image i uses a generator from (seed, i).")
-        ] = 0,
-        steps: Annotated[
-            int | None, typer.Option("--steps", min=1, help="Solver steps (default: the preset's).")
-        ] = None,
-        cfg_scale: Annotated[
-            float | None,
-            typer.Option(
-                "--cfg-scale",
-                min=0.0,
-                help="Guidance s: eps_c + s (eps_c - eps_u); 0 = none (default: the preset's).",
-            ),
-        ] = None,
-        solver: Annotated[
-            str | None,
-            typer.Option(
-                "--solver", help=f"One of {', '.join(SOLVERS)} (default: the preset's).", show_default=False
-            ),
-        ] = None,
-        guidance_interval: Annotated[
-            tuple[float, float] | None,
-            typer.Option(
-                "--guidance-interval",
-                help="Guide only for solver times t in [LO, HI] (t in (0, 1]).",
-                show_default=False,
-            ),
-        ] = None,
-        batch_size: Annotated[
-            int | None,
-            typer.Option("--batch-size", min=1, help="Images per batch per GPU (default: the preset's)."),
-        ] = None,
+        seed: SeedOpt = 0,
+        steps: StepsOpt = None,
+        cfg_scale: CfgScaleOpt = None,
+        solver: SolverOpt = None,
+        guidance_interval: GuidanceIntervalOpt = None,
+        batch_size: SampleBatchOpt = None,
         decode_batch_size: Annotated[
             int, typer.Option("--decode-batch-size", min=1, help="Latents per VAE call.")
         ] = 50,
@@ -86,44 +68,13 @@ def register(app: typer.Typer) -> None:
         npz: Annotated[
             bool, typer.Option("--npz", help="Also write samples.npz (arr_0 uint8 NHWC, ADM evaluator).")
         ] = False,
-        ckpt: Annotated[
-            str | None,
-            typer.Option(
-                "--ckpt",
-                help="Our .safetensors / run dir, or the paper's nnet_ema.pth (+ --preset).",
-                show_default=False,
-            ),
-        ] = None,
-        preset: Annotated[
-            str | None,
-            typer.Option(
-                "--preset",
-                help="Preset name or .toml: for an official .pth, or to find runs/NAME.",
-                show_default=False,
-            ),
-        ] = None,
-        vae: Annotated[
-            str | None,
-            typer.Option("--vae", help="Autoencoder weights: file, directory or hub id.", show_default=False),
-        ] = None,
-        clip: Annotated[
-            str | None,
-            typer.Option("--clip", help="CLIP text encoder: file, directory or hub id.", show_default=False),
-        ] = None,
-        model_weights: Annotated[
-            Weights, typer.Option("--model-weights", help="EMA or online weights of our checkpoints.")
-        ] = Weights.ema,
-        precision: Annotated[
-            Precision | None,
-            typer.Option(
-                "--precision",
-                help="Network autocast (default: bf16 on CUDA, fp32 on CPU).",
-                show_default=False,
-            ),
-        ] = None,
-        no_compile: Annotated[
-            bool, typer.Option("--no-compile", help="Do not torch.compile the network.")
-        ] = False,
+        ckpt: CkptOpt = None,
+        preset: PresetOpt = None,
+        vae: VaeOpt = None,
+        clip: ClipOpt = None,
+        model_weights: ModelWeightsOpt = Weights.ema,
+        precision: PrecisionOpt = None,
+        no_compile: NoCompileOpt = False,
         cuda_graphs: Annotated[
             bool,
             typer.Option(
