@@ -131,10 +131,10 @@ def prepare_cifar10(
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """CIFAR-10 python pickles (spec §5.4): uint8 32x32 pixels and labels; train (data_batch_1..5), test."""
-    from uvit_cli.prepare.pixel_sets import cifar10_classes, cifar10_sources
+    from uvit_cli.prepare.pixel_sets import cifar10_classes, cifar10_sources, staging_parent
 
     classes = cifar10_classes(root)
-    with tempfile.TemporaryDirectory(prefix="uvit-cifar10-") as staging:
+    with tempfile.TemporaryDirectory(prefix="uvit-cifar10-", dir=staging_parent()) as staging:
         jobs = [SplitJob(s, cifar10_sources(root, s, Path(staging), progress)) for s in ("train", "test")]
         spec = PrepareSpec(
             kind="cifar10",

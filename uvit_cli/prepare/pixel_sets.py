@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,19 @@ def cifar10_classes(root: str | os.PathLike[str]) -> list[str]:
     if not isinstance(names, list) or len(names) != 10:
         raise DataError(f"{meta}: expected label_names, a list of 10 class names")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def staging_parent() -> str | None:
+    """Where to unpack CIFAR-10: tmpfs (/dev/shm) when it has room, else the temp dir ($TMPDIR wins).
+
+    60,000 small files: on a disk, deleting them afterwards took minutes (measured on ext4 mounted with
+    `discard`); in memory it takes a second, and they need ~250 MB of it.
+    """
+    shm = "/dev/shm"
+    if "TMPDIR" not in os.environ and os.path.isdir(shm) and os.access(shm, os.W_OK):
+        if shutil.disk_usage(shm).free > 1 << 30:
+            return shm
+    return None
 
 
 def cifar10_sources(
