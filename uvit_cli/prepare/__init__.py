@@ -14,8 +14,6 @@ Each call runs on every `torchrun` rank (each writes its own shards) and reports
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 from uvit_cli.errors import DataError
@@ -131,24 +129,23 @@ def prepare_cifar10(
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """CIFAR-10 python pickles (spec §5.4): uint8 32x32 pixels and labels; train (data_batch_1..5), test."""
-    from uvit_cli.prepare.pixel_sets import cifar10_classes, cifar10_sources, staging_parent
+    from uvit_cli.prepare.pixel_sets import cifar10_classes, cifar10_sources
 
     classes = cifar10_classes(root)
-    with tempfile.TemporaryDirectory(prefix="uvit-cifar10-", dir=staging_parent()) as staging:
-        jobs = [SplitJob(s, cifar10_sources(root, s, Path(staging), progress)) for s in ("train", "test")]
-        spec = PrepareSpec(
-            kind="cifar10",
-            space="pixel",
-            resolution=32,
-            crop="none",
-            flip=False,  # flipped at train time (data.random_flip)
-            conditioning="class",  # kept for class-conditional runs; unconditional models ignore y
-            classes=classes,
-            items_per_shard=items_per_shard,
-            batch_size=256,
-            num_workers=_default_workers() if num_workers is None else num_workers,
-        )
-        return run(out, spec, jobs, progress)
+    jobs = [SplitJob(s, cifar10_sources(root, s)) for s in ("train", "test")]
+    spec = PrepareSpec(
+        kind="cifar10",
+        space="pixel",
+        resolution=32,
+        crop="none",
+        flip=False,  # flipped at train time (data.random_flip)
+        conditioning="class",  # kept for class-conditional runs; unconditional models ignore y
+        classes=classes,
+        items_per_shard=items_per_shard,
+        batch_size=256,
+        num_workers=_default_workers() if num_workers is None else num_workers,
+    )
+    return run(out, spec, jobs, progress)
 
 
 def prepare_celeba(

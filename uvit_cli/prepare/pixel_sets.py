@@ -6,23 +6,20 @@
     <root>/img_align_celeba/          img_align_celeba.zip extracted: 000001.jpg .. 202599.jpg, 178x218
     <root>/list_eval_partition.txt    optional: "000001.jpg 0" per line (0 train, 1 val, 2 test)
 
-The prepare engine (`run`) decodes image files in DataLoader workers, so CIFAR-10 rows are first written
-as lossless PNG files into a staging directory; CelebA's JPEGs are read where they are.
+CIFAR-10 rows go to the prepare engine as in-memory images (`Source.pixels`); CelebA's JPEGs are decoded
+in its DataLoader workers where they are.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from uvit_cli.errors import DataError
-from uvit_cli.prepare.run import Progress, ProgressFn
 from uvit_cli.prepare.sources import Source
 
 CIFAR10_DIR = "cifar-10-batches-py"
@@ -96,38 +93,15 @@ def cifar10_classes(root: str | os.PathLike[str]) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def staging_parent() -> str | None:
-    """Where to unpack CIFAR-10: tmpfs (/dev/shm) when it has room, else the temp dir ($TMPDIR wins).
-
-    60,000 small files: on a disk, deleting them afterwards took minutes (measured on ext4 mounted with
-    `discard`); in memory it takes a second, and they need ~250 MB of it.
-    """
-    shm = "/dev/shm"
-    if "TMPDIR" not in os.environ and os.path.isdir(shm) and os.access(shm, os.W_OK):
-        if shutil.disk_usage(shm).free > 1 << 30:
-            return shm
-    return None
-
-
-def cifar10_sources(
-    root: str | os.PathLike[str], split: str, staging: Path, progress: ProgressFn | None = None
-) -> list[Source]:
+def cifar10_sources(root: str | os.PathLike[str], split: str) -> list[Source]:
     """The split's images in batch order (train: data_batch_1..5 = 50,000; test: test_batch = 10,000),
-    written as PNG files under `staging`; keys are `<batch>/<row>`."""
+    decoded in memory (~150 MB for train); keys are `<batch>/<row>`."""
     batches = cifar10_dir(root)
-    loaded = [(name, *read_cifar10_batch(batches / name)) for name in CIFAR10_BATCHES[split]]
-    total = sum(len(x) for _, x, _ in loaded)
-    state = Progress(f"{split} (unpacking)", 0, total)
     sources = []
-    (staging / split).mkdir(parents=True, exist_ok=True)
-    for name, images, labels in loaded:
+    for name in CIFAR10_BATCHES[split]:
+        images, labels = read_cifar10_batch(batches / name)
         for j, (img, label) in enumerate(zip(images, labels, strict=True)):
-            path = staging / split / f"{name}-{j:05d}.png"
-            Image.fromarray(img).save(path, compress_level=1)  # lossless
-            sources.append(Source(f"{name}/{j}", str(path), label=int(label)))
-            state.done += 1
-            if progress and (state.done % 2000 == 0 or state.done == total):
-                progress(state)
+            sources.append(Source(f"{name}/{j}", f"{batches / name}#{j}", label=int(label), pixels=img))
     return sources
 
 

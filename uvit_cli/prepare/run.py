@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from uvit_cli import data, dist
@@ -95,7 +96,9 @@ class _Decode(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
         try:
-            return i, self.crop(load_rgb(self.sources[i].path), self.resolution), ""
+            src = self.sources[i]
+            image = Image.fromarray(src.pixels) if src.pixels is not None else load_rgb(src.path)
+            return i, self.crop(image, self.resolution), ""
         except Exception as e:  # corrupt, truncated, unsupported, missing: skip and report, never crash
             return i, None, f"{type(e).__name__}: {str(e)[:200]}"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,17 @@ FOLDER_EXTENSIONS = (*IMAGENET_EXTENSIONS, "webp", "bmp", "tif", "tiff")
 
 @dataclass
 class Source:
-    """One input image: a stable key (image id or relative path), its file, and its condition."""
+    """One input image: a stable key (image id or relative path), its file, and its condition.
+
+    `pixels` (uint8 HWC) holds an image that comes decoded already (CIFAR-10's pickles); `path` then
+    names where it came from.
+    """
 
     key: str
     path: str
     label: int | None = None
     captions: list[str] | None = None
+    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------------------------------
