@@ -464,3 +464,28 @@ def test_cuda_fast_path_matches_fp32(env):
         diff = np.abs(run(**kw).astype(int) - ref)
         assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 12, (kw, diff.mean())
     env["cls_model"].to("cpu")
+
+
+def test_toy_text_preset_samples_through_the_cli(tmp_path):
+    """`uvit sample` builds the preset's toy text encoder (shapes quickstart): no CLIP weights needed, and the
+    context it feeds equals `toy_text_encoder().encode` of the prompt."""
+    from uvit_cli.shapes.text import toy_text_encoder
+
+    p = load_preset("shapes_uvit_tiny", ["model.embed_dim=32", "model.depth=2", "model.num_heads=2"])
+    torch.manual_seed(0)
+    model = UViT(**p.model.model_dump()).eval()
+    ckpt = tmp_path / "ema.safetensors"
+    save_weights(ckpt, model.state_dict(), p, step=1, weights="ema")
+    out = tmp_path / "toy"
+    args = ["sample", "--ckpt", str(ckpt), "--prompt", "a red circle at the top left", "--n", "2",
+            "--steps", "3", "--cfg-scale", "1.0", "--no-compile", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    got = np.stack([np.asarray(Image.open(out / f"{i:05d}.png")) for i in range(2)])
+
+    enc = toy_text_encoder()
+    settings = SampleSettings.from_preset(p, steps=3, cfg_scale=1.0)
+    ctx = enc.encode(["a red circle at the top left"])
+    batches = list(generate(model, p, [0, 1], context_conditions(ctx, {0: 0, 1: 0}),
+                            null_condition(p, enc.encode([""])), settings=settings))  # fmt: skip
+    assert np.array_equal(got, batches[0][1])

@@ -314,10 +314,7 @@ def _encoders(
         conditions = class_conditions({i: plan[i]["class"] for i in mine})
         uncond = null_condition(preset)
     elif cond == "text":
-        from uvit_cli.encoders import load_text_encoder
-
-        assert preset.text_encoder is not None
-        encoder = load_text_encoder(clip, device=device)
+        encoder = text_encoder(preset, clip, device)
         prompts = list(dict.fromkeys(plan[i]["prompt"] for i in mine))  # unique, in order
         for p, cut in zip(prompts, encoder.tokenizer(prompts).truncated, strict=True):
             if cut:
@@ -337,6 +334,18 @@ def _encoders(
             vae_spec(vae, preset), scale_factor=preset.autoencoder.scale_factor, device=device
         )
     return conditions, uncond, autoencoder
+
+
+def text_encoder(preset: Preset, clip: str | None, device: Any) -> Any:
+    """The preset's text encoder: CLIP (resolved from --clip / $UVIT_CLIP / HF cache) or the toy stand-in."""
+    assert preset.text_encoder is not None
+    if preset.text_encoder.kind == "toy":  # the shapes quickstart: seeded, frozen, no weights file
+        from uvit_cli.shapes.text import toy_text_encoder
+
+        return toy_text_encoder().to(device)
+    from uvit_cli.encoders import load_text_encoder
+
+    return load_text_encoder(clip, device=device)
 
 
 def vae_spec(vae: str | None, preset: Preset) -> str | None:
