@@ -9,12 +9,26 @@ from __future__ import annotations
 import importlib
 
 import typer
+from typer.core import TyperGroup
 
 from uvit_cli import __version__
 from uvit_cli.cli import presets
 
+# Each workflow's command lives in uvit_cli/cli/<name>.py and exposes `register(app)`.
+_COMMANDS = ("prepare", "train", "sample", "fid", "bench", "quickstart")
+
+
+class _PipelineOrder(TyperGroup):
+    """`uvit --help` lists the commands in pipeline order, not commands-then-groups."""
+
+    def list_commands(self, ctx: object) -> list[str]:
+        order = [*_COMMANDS, "presets"]
+        return sorted(super().list_commands(ctx), key=lambda n: order.index(n) if n in order else len(order))
+
+
 app = typer.Typer(
     name="uvit",
+    cls=_PipelineOrder,
     help="U-ViT diffusion toolkit: prepare data, train, sample, measure FID, benchmark.",
     no_args_is_help=True,
     add_completion=False,
@@ -22,8 +36,6 @@ app = typer.Typer(
 )
 app.add_typer(presets.app, name="presets")
 
-# Each workflow's command lives in uvit_cli/cli/<name>.py and exposes `register(app)`.
-_COMMANDS = ("prepare", "train", "sample", "fid", "bench", "quickstart")
 for _name in _COMMANDS:
     try:
         _mod = importlib.import_module(f"uvit_cli.cli.{_name}")
