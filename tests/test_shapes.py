@@ -46,7 +46,7 @@ def test_captions_name_the_attributes():
     assert render.parse_prompt("something else") == (None, None)
 
 
-@pytest.mark.parametrize("resolution", [16, 32])
+@pytest.mark.parametrize("resolution", [8, 16, 32])
 def test_analysis_reads_the_renderers_own_images(resolution):
     scenes = render.sample_scenes(600, seed=1)
     images = render.render_many(scenes, resolution)
@@ -101,7 +101,7 @@ def test_toy_encoder_is_seeded_frozen_and_separates_words():
 
 def test_prepare_writes_shards_that_the_trainer_reads(tmp_path):
     out = tmp_path / "shapes"
-    r = prepare_shapes(out, n=130, n_val=20, resolution=16, items_per_shard=64)
+    r = prepare_shapes(out, n=130, n_val=20, resolution=8, items_per_shard=64)
     assert r.written == {"train": 3, "val": 1}
     m = read_manifest(out)
     assert m["kind"] == "shapes" and m["space"] == "pixel" and m["conditioning"] == "text"
@@ -110,11 +110,11 @@ def test_prepare_writes_shards_that_the_trainer_reads(tmp_path):
     ds = FeatureDataset(out)
     assert len(ds) == 130 and len(FeatureDataset(out, "val")) == 20
     item = ds[5]
-    assert item["x"].shape == (3, 16, 16) and item["x"].min() >= -1 and item["x"].max() <= 1
+    assert item["x"].shape == (3, 8, 8) and item["x"].min() >= -1 and item["x"].max() <= 1
     assert item["context"].shape == (text.CONTEXT_LENGTH, text.WIDTH)
     scene = render.sample_scenes(130)[5]
     assert ds.captions(5) == scene.captions()
-    expect = torch.from_numpy(render.render(scene, 16).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    expect = torch.from_numpy(render.render(scene, 8).copy()).permute(2, 0, 1).float() / 127.5 - 1
     torch.testing.assert_close(item["x"], expect)
     enc = text.toy_text_encoder()
     k = ds.caption_index(5)
@@ -127,7 +127,7 @@ def test_prepare_writes_shards_that_the_trainer_reads(tmp_path):
     check_data_fits(load_preset("shapes_uvit_tiny", [f"data.path={out}"]), ds)
 
     # rerun: reused; other settings into the same folder: refused
-    again = prepare_shapes(out, n=130, n_val=20, resolution=16, items_per_shard=64)
+    again = prepare_shapes(out, n=130, n_val=20, resolution=8, items_per_shard=64)
     assert again.written == {} and again.reused == {"train": 3, "val": 1}
     with pytest.raises(DataError, match="other settings"):
         prepare_shapes(out, n=130, n_val=20, resolution=32, items_per_shard=64)
