@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uvit_cli import dist
 from uvit_cli.errors import DataError
 from uvit_cli.fid.stats import FeatureStats, frechet_distance, load_ref_stats, read_meta, save_stats
 
@@ -85,17 +86,6 @@ def _setup(mode: str, inception_weights: Any, device: Any, features: Any, featur
     return _Setup(
         inception_features(model, mode), device, 2048, {"path": str(path), "sha256": file_sha256(path)}
     )
-
-
-def _maybe_init_distributed() -> None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1) if nobody has yet."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _default_workers(device: Any) -> int:
@@ -226,7 +216,7 @@ def compute_fid(
     # Fail on a bad reference or bad images before loading the Inception (and before hours of work).
     load_ref_stats(ref, None if features is not None else 2048)
     _check_source(samples)
-    _maybe_init_distributed()
+    dist.init_from_env()  # join torchrun's process group, if any
     s = _setup(mode, inception_weights, device, features, feature_dim)
     stats, sizes, kind = _images_stats(samples, s, mode, batch_size, workers, progress)
     return _fid_against(stats, ref, s, mode, sizes, t0, {"path": str(samples), "kind": kind})
@@ -278,7 +268,7 @@ def make_ref_stats(
 
     t0 = time.time()
     _check_source(images)
-    _maybe_init_distributed()
+    dist.init_from_env()  # join torchrun's process group, if any
     s = _setup(mode, inception_weights, device, features, feature_dim)
     stats, sizes, kind = _images_stats(images, s, mode, batch_size, workers, progress)
     mu, sigma = stats.mu_sigma()
