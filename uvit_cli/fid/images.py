@@ -14,7 +14,8 @@ from uvit_cli.errors import DataError
 
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 # Files a sample folder legitimately holds beside its images (stamps, prompts, logs): skipped, not errors.
-SIDECAR_EXTENSIONS = {".json", ".jsonl", ".toml", ".txt", ".yaml", ".yml", ".log", ".md", ".csv"}  # .jsonl: uvit sample
+# (.jsonl: the samples.jsonl that `uvit sample` writes beside its PNGs)
+SIDECAR_EXTENSIONS = {".json", ".jsonl", ".toml", ".txt", ".yaml", ".yml", ".log", ".md", ".csv"}
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
