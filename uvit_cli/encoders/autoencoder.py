@@ -21,6 +21,12 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
+def _swish(x: torch.Tensor) -> torch.Tensor:
+    # ldm's `x * sigmoid(x)`, not F.silu: the fused kernel rounds differently (~1e-6), and this order makes
+    # the CPU fp32 output bit-identical to U-ViT's libs/autoencoder.py (tests/test_autoencoder.py).
+    return x * torch.sigmoid(x)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, groups: int) -> None:
         super().__init__()
@@ -32,14 +38,14 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        h = self.conv2(F.silu(self.norm2(h)))  # (B, out, H, W); dropout is 0 at inference
+        h = self.conv1(_swish(self.norm1(x)))  # (B, out, H, W)
+        h = self.conv2(_swish(self.norm2(h)))  # (B, out, H, W); dropout is 0 at inference
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return skip + h
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions; 1x1 convs as in ldm, computed with SDPA."""
+    """Single-head self-attention over the H*W positions; 1x1 convs and the explicit softmax as in ldm."""
 
     def __init__(self, ch: int, groups: int) -> None:
         super().__init__()
@@ -47,15 +53,14 @@ class AttnBlock(nn.Module):
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        # ldm's bmm/softmax order rather than SDPA (which differs by ~1e-6): bit-identical to U-ViT on the
+        # CPU. The (HW, HW) weights are 4 MiB per image at 256 px (64 MiB at 512), small next to the convs.
         y = self.norm(x)
-
-        def tokens(conv: nn.Conv2d) -> torch.Tensor:
-            return conv(y).reshape(b, 1, c, h * w).transpose(2, 3)  # (B, 1, HW, C)
-
-        # SDPA's default scale is C^-0.5, the same as ldm's `w_ * (int(c) ** (-0.5))`.
-        a = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))  # (B, 1, HW, C)
-        a = a.transpose(2, 3).reshape(b, c, h, w)  # (B, C, H, W)
+        q, k, v = self.q(y), self.k(y), self.v(y)  # (B, C, H, W) each
+        b, c, h, w = q.shape
+        w_ = torch.bmm(q.reshape(b, c, h * w).permute(0, 2, 1), k.reshape(b, c, h * w))  # (B, HW, HW)
+        w_ = torch.softmax(w_ * (int(c) ** (-0.5)), dim=2)  # row i: weights of query position i
+        a = torch.bmm(v.reshape(b, c, h * w), w_.permute(0, 2, 1)).reshape(b, c, h, w)  # (B, C, H, W)
         return x + self.proj_out(a)
 
 
@@ -134,7 +139,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)  # (B, ch*mult, H/2^i, W/2^i)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/f, W/f)
+        return self.conv_out(_swish(self.norm_out(h)))  # (B, 2z, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -166,7 +171,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))  # (B, ch*mult[-1], h, w)
         for level in reversed(self.up):
             h = level(h)  # (B, ch*mult[i], 2h, 2w) after each upsample
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+        return self.conv_out(_swish(self.norm_out(h)))  # (B, 3, H, W)
 
 
 class AutoencoderKL(nn.Module):
@@ -223,7 +228,8 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, embed_dim, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
-        return self.decoder(self.post_quant_conv(z / self.scale_factor))
+        # (1 / s) * z, not z / s: the official expression, so the result is bit-identical.
+        return self.decoder(self.post_quant_conv((1.0 / self.scale_factor) * z))
 
 
 # --- loading helpers (shared with clip.py) -----------------------------------------------------------------
