@@ -22,15 +22,9 @@ from uvit_cli.config import preset_from_dict
 from uvit_cli.errors import ConfigError, DataError
 from uvit_cli.model import UViT
 from uvit_cli.train import read_metrics, train
-from uvit_cli.train.objective import (
-    Objective,
-    build_optimizer,
-    ema_update,
-    eps_mse,
-    step_seed,
-    warmup_factor,
-)
+from uvit_cli.train.objective import Objective, eps_mse, step_seed
 from uvit_cli.train.rundir import check_data_fits
+from uvit_cli.train.step import build_optimizer, ema_update, warmup_factor
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -129,32 +129,15 @@ def bench_train(
     progress: Progress | None = None,
 ) -> list[Measurement]:
     """Images/s of full training steps (noising, forward, backward, optimiser, EMA) for each recipe."""
-    from uvit_cli.train.objective import Objective
-
     device = device or _default_device()
     batch = batch or preset.train.batch_size
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
-    m, tc = preset.model, preset.train
+    m = preset.model
     latent = preset.data.space == "latent"
     g = torch.Generator().manual_seed(0)
     # Stored moments (mean | logvar) for latent data sets, pixels in [-1, 1] otherwise.
     x = torch.randn(batch, m.in_chans * (2 if latent else 1), m.img_size, m.img_size, generator=g).to(device)
     cond, null = _conditions(preset, batch, device, g)
-    objective = Objective(
-        kind=preset.schedule.kind,
-        z_shape=(m.in_chans, m.img_size, m.img_size),
-        num_steps=preset.schedule.num_steps,
-        beta_min=preset.schedule.beta_min,
-        beta_max=preset.schedule.beta_max,
-        p_uncond=tc.p_uncond,
-        conditioning=m.conditioning,
-        latent=latent,
-        scale_factor=preset.autoencoder.scale_factor if preset.autoencoder else 1.0,
-        random_flip=preset.data.random_flip,
-        device=device,
-    )
-    null_class = m.num_classes - 1 if m.conditioning == "class" else None
-    empty_context = null["context"][0] if m.conditioning == "text" else None
     flops = 3 * _forward_flops(preset, batch)
 
     results = []
@@ -162,7 +145,7 @@ def bench_train(
         if progress:
             progress(f"train / {recipe.name}")
         r = for_device(recipe, device)
-        step = _train_step(r, preset, objective, x, cond, null_class, empty_context, batch, device)
+        step = _train_step(r, preset, {"x": x, **cond}, null, device)
         reset_peak_memory(device)
         sec = time_steps(step, steps, warmup, device)
         results.append(
@@ -176,45 +159,43 @@ def bench_train(
 def _train_step(
     r: Recipe,
     preset: Preset,
-    objective: Any,
-    x: torch.Tensor,
-    cond: dict[str, torch.Tensor],
-    null_class: int | None,
-    empty_context: torch.Tensor | None,
-    batch: int,
+    batch: dict[str, torch.Tensor],
+    null: dict[str, torch.Tensor],
     device: torch.device,
 ) -> Callable[[], None]:
-    """One full training step of recipe `r` as a closure over a fresh model, optimiser and EMA."""
-    from uvit_cli.train.objective import DiffusionLoss, build_optimizer, ema_update
+    """One full training step of recipe `r` (`uvit train`'s `train_step`) over a fresh model, optimiser, EMA."""
+    from uvit_cli.train.objective import DiffusionLoss, Objective
+    from uvit_cli.train.step import StepState, build_optimizer, ema_update, train_step
 
-    tc = preset.train
+    tc, m = preset.train, preset.model
     model = _network(preset, device, r.official_attention).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
+    # No warm-up: every timed step runs at the preset's lr.
     opt, sched = build_optimizer(
         params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, warmup_steps=0, fused=r.fused_adamw
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=r.amp == "fp16")
-    loss_fn: Any = torch.compile(DiffusionLoss(model)) if r.compile else DiffusionLoss(model)
+    loss_module = DiffusionLoss(model)
+    state = StepState(
+        objective=Objective.for_preset(preset, device),
+        loss_fn=torch.compile(loss_module) if r.compile else loss_module,
+        opt=opt,
+        sched=sched,
+        scaler=torch.amp.GradScaler(device.type, enabled=r.amp == "fp16"),
+        params=params,
+        ema_params=ema_params,
+        ema_rate=tc.ema_rate,
+        amp_dtype=r.amp_dtype,
+        null_class=m.num_classes - 1 if m.conditioning == "class" else None,
+        empty_context=null["context"][0] if m.conditioning == "text" else None,
+        ema_fn=official_ema_update if r.name == OFFICIAL.name else ema_update,
+        loss_sum=torch.zeros((), device=device),
+    )
     gen = torch.Generator(device).manual_seed(0)
-    amp = r.amp_dtype
+    n = len(batch["x"])
 
     def step() -> None:
-        d = objective.draw(gen, batch)
-        x0 = objective.clean_data(x, d)
-        c = objective.condition(cond, d, null_class, empty_context)
-        sqrt_ab, sqrt_1m_ab, timesteps = objective.coefficients(d.timesteps)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            per_sample = loss_fn(x0, d.eps, sqrt_ab, sqrt_1m_ab, timesteps, **c)
-        scaler.scale(per_sample.mean()).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        if r.name == OFFICIAL.name:
-            official_ema_update(ema, model, tc.ema_rate)
-        else:
-            ema_update(ema_params, params, tc.ema_rate)
+        train_step(state, [(batch, state.objective.draw(gen, n))], n_micro=1, share=n)
 
     return step
 

@@ -83,9 +83,8 @@ def apply_attention(model: nn.Module, official: bool) -> nn.Module:
     return model
 
 
-def official_ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
-    """The official EMA: a Python loop over named parameters, mul_ then add_ (utils.ema)."""
+def official_ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], rate: float) -> None:
+    """The official EMA (utils.ema): a Python loop over the parameters, mul_ then add_, one kernel pair each."""
     with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, p_ema in ema.named_parameters():
-            p_ema.mul_(rate).add_(params[name].detach().float(), alpha=1 - rate)
+        for p_ema, p in zip(ema_params, params, strict=True):
+            p_ema.mul_(rate).add_((1 - rate) * p.detach().float())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import random
@@ -19,15 +18,9 @@ from uvit_cli import checkpoint as ck
 from uvit_cli import dist
 from uvit_cli.config import Preset
 from uvit_cli.errors import CheckpointError, ConfigError, TrainingDiverged
-from uvit_cli.train.objective import (
-    DiffusionLoss,
-    Objective,
-    build_optimizer,
-    ema_update,
-    step_seed,
-    warmup_factor,
-)
+from uvit_cli.train.objective import DiffusionLoss, Objective, step_seed
 from uvit_cli.train.rundir import MetricsLog, check_data_fits, claim_run_dir
+from uvit_cli.train.step import StepState, build_optimizer, train_step, warmup_factor
 
 
 @dataclass
@@ -236,19 +229,22 @@ def train(
 
             ddp = DistributedDataParallel(loss_module, device_ids=[device] if cuda else None)
             loss_module = ddp
-        loss_fn = torch.compile(loss_module) if use_compile else loss_module
-        objective = Objective(
-            kind=preset.schedule.kind,
-            z_shape=(preset.model.in_chans, preset.model.img_size, preset.model.img_size),
-            num_steps=preset.schedule.num_steps,
-            beta_min=preset.schedule.beta_min,
-            beta_max=preset.schedule.beta_max,
-            p_uncond=tc.p_uncond,
-            conditioning=preset.model.conditioning,
-            latent=preset.data.space == "latent",
-            scale_factor=preset.autoencoder.scale_factor if preset.autoencoder else 1.0,
-            random_flip=preset.data.random_flip,
-            device=device,
+        objective = Objective.for_preset(preset, device)
+        state = StepState(
+            objective=objective,
+            loss_fn=torch.compile(loss_module) if use_compile else loss_module,
+            opt=opt,
+            sched=sched,
+            scaler=scaler,
+            params=params,
+            ema_params=ema_params,
+            ema_rate=tc.ema_rate,
+            grad_clip=tc.grad_clip,
+            amp_dtype=amp_dtype,
+            ddp=ddp,
+            null_class=null_class,
+            empty_context=empty_context,
+            loss_sum=torch.zeros((), device=device),  # on device: no host sync until the next log
         )
         grid = None
         if main:
@@ -302,39 +298,15 @@ def train(
         model.train()
         batches = _micro_batches(loader, sampler, ds, epoch, batch_in_epoch)
         gen = torch.Generator(device)
-        loss_sum = torch.zeros((), device=device)  # on device: no host sync until the next flush
         steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
         lr_used = sched.get_last_lr()[0]
-        autocast = torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        )
         while step < end_step:
             # One global batch: the step's random numbers for all of it, this rank's rows per micro-batch.
             gen.manual_seed(step_seed(tc.seed, step))
             draws = objective.draw(gen, global_batch)
-            for m in range(accum):
-                batch = _to_device(next(batches), device)
-                lo = rank * per_rank + m * micro
-                d = draws.rows(lo, lo + micro)
-                x0 = objective.clean_data(batch["x"], d)
-                cond = objective.condition(batch, d, null_class, empty_context)
-                sqrt_ab, sqrt_1m_ab, timesteps = objective.coefficients(d.timesteps)
-                no_sync = ddp.no_sync() if ddp is not None and m < accum - 1 else contextlib.nullcontext()
-                with no_sync:
-                    with autocast:
-                        per_sample = loss_fn(x0, d.eps, sqrt_ab, sqrt_1m_ab, timesteps, **cond)  # (micro,)
-                    # Sum / share: DDP's mean over ranks then makes it the global-batch mean.
-                    scaler.scale(per_sample.sum() / per_rank).backward()
-                loss_sum += per_sample.detach().sum()
-            if tc.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            lr_used = opt.param_groups[0]["lr"]
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            ema_update(ema_params, params, tc.ema_rate)
+            rows = (rank * per_rank + m * micro for m in range(accum))
+            micro_batches = ((_to_device(next(batches), device), draws.rows(lo, lo + micro)) for lo in rows)
+            lr_used = train_step(state, micro_batches, n_micro=accum, share=per_rank)
             step += 1
             steps_since += 1
             batch_in_epoch += 1
@@ -345,8 +317,8 @@ def train(
             saving = step % tc.save_interval == 0 or step == end_step
             if step % tc.log_interval == 0 or saving:
                 if world > 1:
-                    torch.distributed.all_reduce(loss_sum)
-                loss = loss_sum.item() / (steps_since * global_batch)
+                    torch.distributed.all_reduce(state.loss_sum)
+                loss = state.loss_sum.item() / (steps_since * global_batch)
                 now = time.perf_counter()
                 ips = steps_since * global_batch / max(now - t_last, 1e-9)
                 if not math.isfinite(loss):
@@ -368,7 +340,7 @@ def train(
                 if metrics is not None:
                     metrics.write(record)
                 emit("log", step, eta_s=(end_step - step) * global_batch / ips, **record)
-                loss_sum.zero_()
+                state.loss_sum.zero_()
                 steps_since, t_last, last_loss = 0, now, loss
             if saving:
                 last_ckpt = save() or last_ckpt

@@ -1,4 +1,6 @@
-"""U-ViT's training objective (spec §3.3-3.5): noise prediction, condition dropout, latents, warm-up, EMA.
+"""U-ViT's training objective (spec §3.3-3.4): noise prediction, condition dropout, latents, flips.
+
+The optimiser, warm-up, EMA and the step that uses them are in `uvit_cli.train.step`.
 
 Randomness: every random number of a training step comes from ONE generator seeded by (seed, step) and is
 drawn for the whole global batch in a fixed order (timesteps, noise, latent noise, condition drop, flip);
@@ -11,11 +13,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from uvit_cli.schedule import DiscreteSchedule, stable_diffusion_betas
+
+if TYPE_CHECKING:
+    from uvit_cli.config import Preset
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -77,6 +83,24 @@ class Objective:
             ab = DiscreteSchedule(stable_diffusion_betas(num_steps)).alphas_cumprod  # (N+1,) float64
             self.sqrt_ab = ab.sqrt().float().to(self.device)  # (N+1,)
             self.sqrt_1m_ab = (1.0 - ab).sqrt().float().to(self.device)  # (N+1,)
+
+    @classmethod
+    def for_preset(cls, preset: Preset, device: torch.device | str = "cpu") -> Objective:
+        """The objective a preset trains with (its schedule, condition dropout, latent scale, flips)."""
+        m = preset.model
+        return cls(
+            kind=preset.schedule.kind,
+            z_shape=(m.in_chans, m.img_size, m.img_size),
+            num_steps=preset.schedule.num_steps,
+            beta_min=preset.schedule.beta_min,
+            beta_max=preset.schedule.beta_max,
+            p_uncond=preset.train.p_uncond,
+            conditioning=m.conditioning,
+            latent=preset.data.space == "latent",
+            scale_factor=preset.autoencoder.scale_factor if preset.autoencoder else 1.0,
+            random_flip=preset.data.random_flip,
+            device=device,
+        )
 
     def draw(self, generator: torch.Generator, batch: int) -> StepDraws:
         """All random numbers of one step for `batch` (global) samples, in the fixed order."""
@@ -159,43 +183,3 @@ class DiffusionLoss(nn.Module):
 
     def forward(self, x0, eps, sqrt_ab, sqrt_1m_ab, timesteps, **cond):  # type: ignore[no-untyped-def]
         return eps_mse(self.net, x0, eps, sqrt_ab, sqrt_1m_ab, timesteps, **cond)
-
-
-# --------------------------------------------------------------------------------------------------
-# Optimisation (spec §3.5)
-
-
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """LambdaLR factor min(step / warmup, 1): the first optimizer step runs at lr 0, as the official code."""
-    return min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
-
-
-def build_optimizer(
-    params: Sequence[nn.Parameter],
-    *,
-    lr: float,
-    betas: Sequence[float],
-    weight_decay: float,
-    warmup_steps: int,
-    fused: bool = False,
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW on every parameter (decay on all, as official), eps 1e-8, with the linear warm-up."""
-    opt = torch.optim.AdamW(
-        params,
-        lr=lr,
-        betas=(float(betas[0]), float(betas[1])),
-        weight_decay=weight_decay,
-        eps=1e-8,
-        fused=True if fused else None,
-    )
-
-    def factor(step: int) -> float:
-        return warmup_factor(step, warmup_steps)
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-@torch.no_grad()
-def ema_update(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor], rate: float) -> None:
-    """p_ema <- rate * p_ema + (1 - rate) * p, in place (spec §3.5; fp32, no warm-up or bias correction)."""
-    torch._foreach_lerp_(list(ema_params), [p.detach().float() for p in params], 1.0 - rate)

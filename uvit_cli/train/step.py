@@ -1,0 +1,129 @@
+"""One optimiser step of U-ViT training (spec §3.5), shared by `uvit train` and `uvit bench`.
+
+Order, as the official `train_step`: loss, backward, (grad clip), optimizer.step at the scheduler's current
+lr (so the first step runs at lr 0), lr_scheduler.step, EMA update. The official code zeroes the gradients
+before the loss; we do it right after the optimizer step (set_to_none), which is the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from uvit_cli.train.objective import Objective, StepDraws
+
+EmaFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimiser, learning rate, EMA
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """LambdaLR factor min(step / warmup, 1): the first optimizer step runs at lr 0, as the official code."""
+    return min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+
+
+def build_optimizer(
+    params: Sequence[nn.Parameter],
+    *,
+    lr: float,
+    betas: Sequence[float],
+    weight_decay: float,
+    warmup_steps: int,
+    fused: bool = False,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW on every parameter (decay on all, as official), eps 1e-8, with the linear warm-up."""
+    opt = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(float(betas[0]), float(betas[1])),
+        weight_decay=weight_decay,
+        eps=1e-8,
+        fused=True if fused else None,
+    )
+
+    def factor(step: int) -> float:
+        return warmup_factor(step, warmup_steps)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def ema_update(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor], rate: float) -> None:
+    """p_ema <- rate * p_ema + (1 - rate) * p, in place (spec §3.5; fp32, no warm-up or bias correction)."""
+    torch._foreach_lerp_(list(ema_params), [p.detach().float() for p in params], 1.0 - rate)
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+
+
+@dataclass
+class StepState:
+    """What every step of one run uses: built once by the caller, then passed to `train_step`."""
+
+    objective: Objective
+    loss_fn: nn.Module  # DiffusionLoss(model), possibly wrapped by DDP and torch.compile
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    params: list[nn.Parameter]  # the online model's parameters, in `parameters()` order
+    ema_params: list[torch.Tensor]  # the EMA model's, in the same order (named parameters only, no buffers)
+    ema_rate: float
+    grad_clip: float = 0.0  # max grad norm; 0 disables clipping
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None runs fp32
+    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper inside loss_fn, for no_sync
+    null_class: int | None = None  # CFG null label (class presets)
+    empty_context: torch.Tensor | None = None  # CFG null context (text presets), (L, D)
+    ema_fn: EmaFn = ema_update  # bench's official recipe swaps in the per-parameter loop
+    # Sum of per-sample losses since the caller last read it: on the device, so no host sync per step.
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+
+def train_step(
+    s: StepState,
+    micro_batches: Iterable[tuple[dict[str, torch.Tensor], StepDraws]],
+    n_micro: int,
+    share: int,
+) -> float:
+    """One optimiser step over `n_micro` micro-batches (batch on the device, its rows of the step's draws).
+
+    `share` is this rank's number of samples in the step; returns the lr the step ran at.
+    """
+    device_type = s.params[0].device.type
+    autocast = torch.autocast(
+        device_type, dtype=s.amp_dtype or torch.float32, enabled=s.amp_dtype is not None
+    )
+
+    # ---- Forward and backward, micro-batch by micro-batch (gradients accumulate) --------------------
+    for m, (batch, d) in enumerate(micro_batches):
+        x0 = s.objective.clean_data(batch["x"], d)
+        cond = s.objective.condition(batch, d, s.null_class, s.empty_context)
+        sqrt_ab, sqrt_1m_ab, timesteps = s.objective.coefficients(d.timesteps)
+        # DDP all-reduces the gradients once, on the last micro-batch.
+        no_sync = s.ddp.no_sync() if s.ddp is not None and m < n_micro - 1 else contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                per_sample = s.loss_fn(x0, d.eps, sqrt_ab, sqrt_1m_ab, timesteps, **cond)  # (micro,)
+            # Sum / share: DDP's mean over ranks then makes it the global-batch mean.
+            s.scaler.scale(per_sample.sum() / share).backward()
+        s.loss_sum += per_sample.detach().sum()
+
+    # ---- Optimiser: clip, step at the scheduler's current lr, then advance the schedule --------------
+    if s.grad_clip > 0:
+        s.scaler.unscale_(s.opt)
+        torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip)
+    lr = s.opt.param_groups[0]["lr"]
+    s.scaler.step(s.opt)
+    s.scaler.update()
+    s.opt.zero_grad(set_to_none=True)
+    s.sched.step()
+
+    # ---- EMA of the weights --------------------------------------------------------------------------
+    s.ema_fn(s.ema_params, s.params, s.ema_rate)
+    return lr
