@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 from uvit_cli.encoders import CLIPTextEncoder, load_text_encoder
 from uvit_cli.errors import CheckpointError
 
-TOL = 1e-5  # issue 3: CLIP parity tolerance (measured 0 against transformers 5.24)
+TOL = (
+    1e-5  # issue 3: CLIP parity tolerance (measured ~2e-6 against transformers 5.24's SDPA; 0 against 4.23.1)
+)
 CAPTIONS = [
     "A green train is coming down the tracks.",
     "A group of skiers are preparing to ski down a mountain.",
@@ -143,3 +145,45 @@ def test_heads_default_without_config_and_mismatch_error(tmp_path):
     save_file(sd, str(d / "model.safetensors"))
     with pytest.raises(CheckpointError, match="final_layer_norm.bias"):
         load_text_encoder(str(d))
+
+
+def test_attention_is_the_transformers_4_23_formula_bit_for_bit():
+    clip = tiny_text_encoder(seed=4, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    attn = clip.encoder.layers[0].self_attn
+    x = torch.randn(3, 77, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # transformers 4.23.1 CLIPAttention (U-ViT's pin): (q * scale) k^T + a finfo.min upper mask, per head.
+        def heads(t):
+            return t.view(3, 77, 4, 16).transpose(1, 2).reshape(12, 77, 16)
+
+        q, k, v = heads(attn.q_proj(x) * 16**-0.5), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+        mask = torch.full((77, 77), torch.finfo(torch.float32).min).triu_(1)
+        w = (torch.bmm(q, k.transpose(1, 2)).view(3, 4, 77, 77) + mask).view(12, 77, 77).softmax(-1)
+        ref = attn.out_proj(torch.bmm(w, v).view(3, 4, 77, 16).transpose(1, 2).reshape(3, 77, 64))
+        assert torch.equal(attn(x), ref)  # SDPA (before the audit) differed by ~2e-6
+
+
+# Numbers produced by U-ViT's `libs/clip.py` FrozenCLIPEmbedder(device="cpu") under transformers 4.23.1 (the
+# repo's pin; slow CLIPTokenizer + ftfy 6.3.1) loading `tiny_text_encoder(seed=11, hidden_size=64,
+# num_attention_heads=4, intermediate_size=128)` saved by save_text_encoder(layout="text_model", fmt="bin"),
+# torch 2.14 CPU fp32. Our encoder gave bit-identical outputs in that run.
+OFFICIAL_TEXTS = ["a photo of a cat", "", "a man " * 60]
+OFFICIAL_E_0_3 = [-0.442225, -1.25486, -0.630736, -1.796611]
+OFFICIAL_E_1_76 = [0.236025, -0.26558, -1.310269, -0.238806]  # a pad row of the empty context
+OFFICIAL_E_2_76 = [0.890386, -0.782258, 0.248837, 0.422818]  # the EOS kept at 76 after truncation
+OFFICIAL_SUMS = [-66.43143975765997, -81.22454655839829, -28.573914852910093]
+OFFICIAL_ABS_SUMS = [3853.5420705828947, 3878.111439148488, 3984.6317059964786]
+
+
+def test_matches_numbers_from_the_official_clip_embedder():
+    clip = tiny_text_encoder(seed=11, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    e = clip.encode(OFFICIAL_TEXTS)
+    assert e.shape == (3, 77, 64)
+    assert e[0, 3, :4].tolist() == pytest.approx(OFFICIAL_E_0_3, abs=2e-6)
+    assert e[1, 76, :4].tolist() == pytest.approx(OFFICIAL_E_1_76, abs=2e-6)
+    assert e[2, 76, :4].tolist() == pytest.approx(OFFICIAL_E_2_76, abs=2e-6)
+    for i in range(3):
+        assert e[i].double().sum().item() == pytest.approx(OFFICIAL_SUMS[i], abs=1e-3)
+        assert e[i].double().abs().sum().item() == pytest.approx(OFFICIAL_ABS_SUMS[i], rel=1e-6)
+    # one caption at a time gives the same rows as the batch (no cross-row padding or masking)
+    assert torch.equal(torch.cat([clip.encode([t]) for t in OFFICIAL_TEXTS]), e)

@@ -117,3 +117,34 @@ def test_matches_reference_on_tricky_captions(tok, tmp_path):
     # The cleaning matters: without ftfy the fast tokenizer differs on entities, mojibake and full-width text.
     raw = ref(TRICKY, truncation=True, max_length=77, padding="max_length", return_tensors="pt")["input_ids"]
     assert sum(not torch.equal(a, b) for a, b in zip(got, raw, strict=True)) >= 3
+
+
+# Ids from U-ViT's tokenizer itself: transformers 4.23.1 slow CLIPTokenizer with ftfy 6.3.1, called as
+# libs/clip.py does (truncation, max_length 77, padding "max_length"), on the vocab.json/merges.txt that
+# write_tokenizer_files derives from the bundled .gz. Listed up to the final EOS; the rest is 49407 padding.
+# (In the audit run, 3,036 captions, 3,000 of them seeded random mixes of these pieces, gave identical ids.)
+OFFICIAL_IDS = {
+    "<b>Tom &amp; Jerry</b>": [49406, 283, 321, 285, 2435, 261, 6259, 282, 9164, 34308, 321, 285, 49407],
+    "a<|endoftext|>b <|ENDOFTEXT|>": [49406, 320, 49407, 321, 49407, 49407],  # lower-cased special too
+    "\uff46\uff55\uff4c\uff4c\uff0d\uff57\uff49\uff44\uff54\uff48 \ufb01 ligature": [
+        49406, 1476, 268, 23571, 3589, 19915, 4490, 49407,
+    ],
+    "\u00c3\u00a9t\u00c3\u00a9 don\u2019t": [49406, 3459, 39694, 847, 713, 49407],
+    "\u63a7\u5236\u0000char\u0007s": [49406, 162, 236, 100, 42748, 114, 540, 864, 49407],
+    "emoji \U0001f469\u200d\U0001f469\u200d\U0001f467 \U0001f1ef\U0001f1f5": [
+        49406, 16327, 26304, 26304, 964, 356, 26527, 49407,
+    ],
+    "&lt;3 &#39;q&#39; &quot;x&quot;": [49406, 283, 274, 262, 336, 262, 257, 343, 257, 49407],
+    "Mr. O'Neil's": [49406, 1982, 269, 334, 262, 8030, 568, 49407],
+    "": [49406, 49407],
+}  # fmt: skip
+
+
+def test_ids_from_the_official_tokenizer(tok):
+    texts = list(OFFICIAL_IDS)
+    got = tok(texts).input_ids
+    for text, row in zip(texts, got, strict=True):
+        want = OFFICIAL_IDS[text]
+        assert row.tolist() == want + [49407] * (77 - len(want)), text
+    long = tok(["x" * 500]).input_ids[0]  # official: BOS, 75 x "xxxxxxxx"-pieces (32035), EOS at 76
+    assert long[0] == 49406 and (long[1:76] == 32035).all() and long[76] == 49407

@@ -4,6 +4,7 @@ Module names equal the unprefixed Hugging Face `CLIPTextModel` keys (what transf
 loads key by key once an optional `text_model.` / `cond_stage_model.transformer.text_model.` prefix is removed.
 Forward: token + position embedding, pre-LN blocks with causal attention and quick_gelu, final layer norm.
 No padding mask and padding with 49407: that is what makes the pad rows equal U-ViT's (docs/encoders.md §3).
+The op order follows transformers 4.23.1 (U-ViT's pin), so CPU fp32 outputs are bit-identical to it.
 """
 
 from __future__ import annotations
@@ -44,11 +45,16 @@ class CLIPAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         h = self.num_heads
-        q = self.q_proj(x).view(b, n, h, d // h).transpose(1, 2)  # (B, heads, N, D/heads)
+        # transformers 4.23.1's order (U-ViT's pin): scale q, add a finfo.min causal mask, softmax, bmm. On the
+        # CPU this is bit-identical to it; SDPA(is_causal=True), which transformers 5 uses, differs by ~2e-6.
+        q = (
+            (self.q_proj(x) * (d // h) ** -0.5).view(b, n, h, d // h).transpose(1, 2)
+        )  # (B, heads, N, D/heads)
         k = self.k_proj(x).view(b, n, h, d // h).transpose(1, 2)
         v = self.v_proj(x).view(b, n, h, d // h).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, N, D/heads)
-        return self.out_proj(y.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
+        mask = torch.full((n, n), torch.finfo(x.dtype).min, device=x.device, dtype=x.dtype).triu_(1)  # (N, N)
+        w = torch.softmax(q @ k.transpose(-1, -2) + mask, dim=-1)  # (B, heads, N, N)
+        return self.out_proj((w @ v).transpose(1, 2).reshape(b, n, d))  # (B, N, D)
 
 
 class CLIPMLP(nn.Module):
