@@ -206,13 +206,142 @@ def test_ema_arithmetic():
     params = [torch.randn(4), torch.randn(2, 3)]
     ema = [p.clone() for p in params]
     expect = [p.double().clone() for p in params]
+    official = [p.clone() for p in params]
     for _ in range(5):
         for p in params:
             p.add_(torch.randn_like(p))
         ema_update(ema, params, rate)
         expect = [rate * e + (1 - rate) * p.double() for e, p in zip(expect, params)]
-    for e, x in zip(ema, expect):
+        for e, p in zip(official, params):  # baofff/U-ViT utils.ema, as written there
+            e.mul_(rate).add_((1 - rate) * p)
+    for e, x, o in zip(ema, expect, official):
         torch.testing.assert_close(e.double(), x, rtol=1e-6, atol=1e-6)
+        assert torch.equal(e, o)  # the official fp32 rounding, bit for bit
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole steps against the official training code
+
+
+class RecipeNet(torch.nn.Module):
+    """A 9-parameter stand-in for the network with fixed initial values, so the reference needs no RNG."""
+
+    def __init__(self, ema: bool = False) -> None:
+        super().__init__()
+        # The EMA copy starts elsewhere: the official ema_update(0) (our deepcopy) must overwrite it.
+        k = 0.0 if ema else 1.0
+        self.w = torch.nn.Parameter(k * torch.tensor([0.5, -0.3]))
+        self.b = torch.nn.Parameter(k * torch.tensor([0.1, 0.2]))
+        self.t_scale = torch.nn.Parameter(k * torch.tensor([0.4]))
+        self.emb = torch.nn.Parameter(k * torch.tensor([0.3, -0.2, 0.1, 0.0]))  # 3 classes + null class 3
+
+    def forward(self, x, timesteps, y):
+        t = timesteps.float()[:, None, None, None] / 1000
+        return (
+            x * self.w[None, :, None, None]
+            + self.b[None, :, None, None]
+            + self.t_scale * t
+            + self.emb[y][:, None, None, None]
+        )
+
+
+def recipe_inputs(kind: str, step: int):
+    """Step `step`'s x0 (4, 2, 2, 2), labels, CFG drop mask, timesteps and noise, all from closed forms."""
+    i = torch.arange(32, dtype=torch.float32).reshape(4, 2, 2, 2)
+    x0 = torch.sin(0.7 * i + step)
+    eps = torch.cos(1.3 * i - 0.5 * step)
+    y = torch.tensor([0, 1, 2, 1])
+    drop = torch.tensor([False, step % 2 == 0, False, step % 3 == 0])
+    if kind == "discrete":
+        timesteps = torch.tensor([1 + step, 250 + 7 * step, 640 - 5 * step, 1000 - step])  # in 1..1000
+    else:
+        timesteps = torch.tensor([0.001, 0.25, 0.64, 0.93]) + 0.01 * step  # in (0, 1)
+    return x0, y, drop, timesteps, eps
+
+
+RECIPE = dict(lr=0.1, betas=(0.9, 0.99), weight_decay=0.03, warmup_steps=3, ema_rate=0.9, steps=6)
+
+# Produced by running the official code (baofff/U-ViT utils.initialize_train_state / get_optimizer / customized
+# LambdaLR / TrainState.ema_update, the train_step of train_ldm_discrete.py (discrete: its Schedule and LSimple)
+# and of train_ldm.py (continuous: sde.LSimple, ScoreModel, VPSDE), with datasets.CFGDataset's null label 3)
+# on RecipeNet and recipe_inputs, with np.random.choice / torch.rand / torch.randn_like returning those draws.
+# CPU, fp32, torch 2.14. Order of each list: w, b, t_scale, emb.
+# fmt: off
+OFFICIAL_AFTER_6_STEPS = {
+    "discrete": {
+        "model": [
+            0.6587682366371155, 0.09086310863494873, -0.12017033994197845, -0.11542084813117981, 0.11739788949489594,
+            0.06987810879945755, -0.303880900144577, -0.2122882604598999, -0.2444995790719986,
+        ],
+        "ema": [
+            0.5430340766906738, -0.20839719474315643, 0.03484823554754257, 0.11958400905132294, 0.3237936794757843,
+            0.23614884912967682, -0.239638090133667, 0.01948908530175686, -0.06160900741815567,
+        ],
+        "loss": [
+            0.7565099000930786, 0.6576458811759949, 0.6177164316177368, 0.5209722518920898, 0.46271857619285583,
+            0.4310721755027771,
+        ],
+    },
+    "continuous": {
+        "model": [
+            0.7459241151809692, 0.09471601992845535, -0.1204821914434433, -0.11591480672359467, 0.1188337579369545,
+            0.06557025760412216, -0.294639527797699, -0.21718081831932068, -0.24494652450084686,
+        ],
+        "ema": [
+            0.5590188503265381, -0.20764000713825226, 0.035302188247442245, 0.11964823305606842, 0.3242605924606323,
+            0.23538273572921753, -0.23781073093414307, 0.01917237602174282, -0.06148819625377655,
+        ],
+        "loss": [
+            0.7705180644989014, 0.6383346915245056, 0.58177250623703, 0.5024394392967224, 0.4476962089538574,
+            0.393357515335083,
+        ],
+    },
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("kind", ["discrete", "continuous"])
+def test_train_step_matches_the_official_code(kind):
+    import copy
+
+    from uvit_cli.train.objective import DiffusionLoss, StepDraws
+    from uvit_cli.train.step import StepState, train_step
+
+    r = RECIPE
+    model, ema = RecipeNet(), RecipeNet(ema=True)
+    ema.load_state_dict(model.state_dict())  # the official ema_update(0)
+    params = list(model.parameters())
+    opt, sched = build_optimizer(
+        params, lr=r["lr"], betas=r["betas"], weight_decay=r["weight_decay"], warmup_steps=r["warmup_steps"]
+    )
+    state = StepState(
+        objective=Objective(kind=kind, z_shape=(2, 2, 2), p_uncond=0.5, conditioning="class"),
+        loss_fn=DiffusionLoss(model),
+        opt=opt,
+        sched=sched,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        params=params,
+        ema_params=list(ema.parameters()),
+        ema_rate=r["ema_rate"],
+        null_class=3,
+    )
+    first = copy.deepcopy(model.state_dict())
+    lrs, losses = [], []
+    for step in range(r["steps"]):
+        x0, y, drop, timesteps, eps = recipe_inputs(kind, step)
+        d = StepDraws(timesteps=timesteps, eps=eps, latent_eps=None, drop=drop, flip=None)
+        state.loss_sum.zero_()
+        lrs.append(train_step(state, [({"x": x0, "y": y}, d)], n_micro=1, share=4))
+        losses.append(state.loss_sum.item() / 4)
+        if step == 0:  # lr 0 on the first step: AdamW's decoupled decay is lr * wd, so nothing moves
+            assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())
+    assert lrs == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.1])
+    want = OFFICIAL_AFTER_6_STEPS[kind]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    flat_ema = torch.cat([p.detach().flatten() for p in ema.parameters()])
+    torch.testing.assert_close(flat, torch.tensor(want["model"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(flat_ema, torch.tensor(want["ema"]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(losses, want["loss"], rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
