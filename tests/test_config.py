@@ -58,6 +58,49 @@ def test_spec_hyperparameters():
     assert c10.train.betas == (0.99, 0.999) and c10.train.warmup_steps == 2500 and c10.sample.steps == 1000
 
 
+# The official configs (baofff/U-ViT configs/*.py @ce55170), one row per preset, transcribed value by value:
+# n_steps, batch_size, lr, betas, weight_decay, warmup_steps, dataset p_uncond (0 without cfg), sample_steps,
+# sample scale (0 without cfg), solver (algorithm; t2i/ldm_discrete scripts: DPM-Solver++), autoencoder
+# scale_factor (ImageNet scripts pass only the path: libs/autoencoder's default 0.18215), random flip (cifar10:
+# config; celeba: always; imagenet64: ImageDataset default True), then nnet: patch, embed_dim, depth, heads,
+# conv, use_checkpoint. No config sets ema_rate (scripts: 0.9999), grad_clip or mlp_time_embed=True.
+OFFICIAL_CONFIGS = {
+    "cifar10_uvit_s2": (500_000, 128, 2e-4, (0.99, 0.999), 0.03, 2500, 0.0, 1000, 0.0, "euler_maruyama", None, True, 2, 512, 12, 8, True, False),
+    "celeba64_uvit_s4": (500_000, 128, 2e-4, (0.99, 0.99), 0.03, 5000, 0.0, 1000, 0.0, "euler_maruyama", None, True, 4, 512, 12, 8, True, False),
+    "imagenet64_uvit_m4": (300_000, 1024, 3e-4, (0.99, 0.99), 0.03, 5000, 0.0, 50, 0.0, "dpm_solver", None, True, 4, 768, 16, 12, True, True),
+    "imagenet64_uvit_l4": (300_000, 1024, 3e-4, (0.99, 0.99), 0.03, 5000, 0.0, 50, 0.0, "dpm_solver", None, True, 4, 1024, 20, 16, True, True),
+    "imagenet256_uvit_l2": (300_000, 1024, 2e-4, (0.99, 0.99), 0.03, 5000, 0.15, 50, 0.4, "dpm_solver", 0.18215, False, 2, 1024, 20, 16, True, True),
+    "imagenet256_uvit_h2": (500_000, 1024, 2e-4, (0.99, 0.99), 0.03, 5000, 0.1, 50, 0.4, "dpm_solver_pp", 0.18215, False, 2, 1152, 28, 16, False, True),
+    "imagenet512_uvit_l4": (500_000, 1024, 2e-4, (0.99, 0.99), 0.03, 5000, 0.15, 50, 0.7, "dpm_solver", 0.18215, False, 4, 1024, 20, 16, True, True),
+    "imagenet512_uvit_h4": (500_000, 1024, 2e-4, (0.99, 0.99), 0.03, 5000, 0.1, 50, 0.7, "dpm_solver_pp", 0.18215, False, 4, 1152, 28, 16, False, True),
+    "coco_uvit_s2": (1_000_000, 256, 2e-4, (0.9, 0.9), 0.03, 5000, 0.1, 50, 1.0, "dpm_solver_pp", 0.23010, False, 2, 512, 12, 8, True, False),
+    "coco_uvit_s2_deep": (1_000_000, 256, 2e-4, (0.9, 0.9), 0.03, 5000, 0.1, 50, 1.0, "dpm_solver_pp", 0.23010, False, 2, 512, 16, 8, True, False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_CONFIGS))
+def test_preset_matches_the_official_config(name):
+    p = load_preset(name)
+    t, sm, m = p.train, p.sample, p.model
+    got = (
+        t.steps, t.batch_size, t.lr, t.betas, t.weight_decay, t.warmup_steps, t.p_uncond, sm.steps, sm.cfg_scale,
+        sm.solver, p.autoencoder.scale_factor if p.autoencoder else None, p.data.random_flip,
+        m.patch_size, m.embed_dim, m.depth, m.num_heads, m.conv, m.use_checkpoint,
+    )  # fmt: skip
+    assert got == OFFICIAL_CONFIGS[name]
+    assert (t.ema_rate, t.grad_clip, t.seed, m.mlp_ratio, m.qkv_bias, m.mlp_time_embed) == (
+        0.9999,
+        0.0,
+        1234,
+        4.0,
+        False,
+        False,
+    )
+    assert (t.log_interval, t.sample_interval, t.save_interval) == (10, 5000, 50_000)
+    assert p.schedule.kind == ("discrete" if sm.solver == "dpm_solver_pp" else "continuous")
+    assert m.num_classes == {"imagenet64": 1000, "imagenet": 1001}.get(p.data.kind, -1)
+
+
 def test_overrides_take_precedence_and_are_typed():
     p = load_preset(
         "coco_uvit_s2", ["train.lr=1e-4", "model.depth=16", "sample.solver=ddim", "train.betas=[0.9, 0.99]"]
