@@ -221,7 +221,7 @@ def train(
         end_step = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
         metrics = MetricsLog(run_dir, step) if main else None
 
-        # ---- Wrap for speed: DDP over ranks, then torch.compile --------------------------------------
+        # ---- The step's state: the loss wrapped by DDP (over ranks), then torch.compile -----------------
         loss_module: torch.nn.Module = DiffusionLoss(model)
         ddp = None
         if world > 1:
@@ -301,11 +301,14 @@ def train(
         steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
         lr_used = sched.get_last_lr()[0]
         while step < end_step:
-            # One global batch: the step's random numbers for all of it, this rank's rows per micro-batch.
+            # One global batch: the step's random numbers for all of it; each micro-batch of this rank
+            # takes the rows of its samples (lo = rank * per_rank + m * micro), loaded only when it runs.
             gen.manual_seed(step_seed(tc.seed, step))
             draws = objective.draw(gen, global_batch)
-            rows = (rank * per_rank + m * micro for m in range(accum))
-            micro_batches = ((_to_device(next(batches), device), draws.rows(lo, lo + micro)) for lo in rows)
+            micro_batches = (
+                (_to_device(next(batches), device), draws.rows(lo, lo + micro))
+                for lo in range(rank * per_rank, (rank + 1) * per_rank, micro)
+            )
             lr_used = train_step(state, micro_batches, n_micro=accum, share=per_rank)
             step += 1
             steps_since += 1
