@@ -282,6 +282,38 @@ def test_prepare_imagenet_matches_direct_computation(tmp_path, encoders):
     assert int(ds[5]["y"]) == 1
 
 
+def test_imagenet_listing_is_the_official_depth_first_order(tmp_path):
+    """U-ViT's `_list_image_files_recursively`: each directory's entries sorted by name, depth first; the
+    label is the index of the file name's prefix before "_" among the sorted prefixes (not the folder)."""
+    from uvit_cli.prepare.sources import imagenet_sources
+
+    train = tmp_path / "train"
+    names = [
+        "n01440764/n01440764_9.JPEG",
+        "n01440764/extra/n01440764_5.jpeg",  # a nested folder sorts among the files by its name
+        "n01440764/n01440764_10.png",
+        "n01440764-b/n01440764_7.gif",  # "n01440764" < "n01440764-b", though "-" < "/" in a path sort
+        "n01443537/n01443537_2.JPEG",
+        "n01443537/n00000001_1.jpg",  # labelled by its own prefix
+        "n01443537/._n01443537_3.JPEG",  # macOS metadata: hidden, skipped
+        "n01443537/notes.txt",  # not an image (the official function would crash on it)
+    ]
+    for name in names:
+        (train / name).parent.mkdir(parents=True, exist_ok=True)
+        (train / name).write_bytes(b"")
+    sources, classes = imagenet_sources(tmp_path)
+    assert [s.key for s in sources] == [
+        "n01440764/extra/n01440764_5.jpeg",
+        "n01440764/n01440764_10.png",
+        "n01440764/n01440764_9.JPEG",
+        "n01440764-b/n01440764_7.gif",
+        "n01443537/n00000001_1.jpg",
+        "n01443537/n01443537_2.JPEG",
+    ]
+    assert classes == ["n00000001", "n01440764", "n01443537"]
+    assert [s.label for s in sources] == [1, 1, 1, 1, 0, 2]
+
+
 def test_imagenet_rejects_other_resolutions(tmp_path, encoders):
     root = make_imagenet(tmp_path / "imagenet")
     r = invoke(

@@ -196,7 +196,8 @@ def test_celeba_partition_and_errors(tmp_path):
         "000001.jpg 0\n000002.jpg 0\n000003.jpg 1\n000004.jpg 2\n000005.jpg 0\n000006.jpg 2\n"
     )
     out = tmp_path / "o"
-    r = invoke("prepare", "celeba", "--root", str(root), "--out", str(out), "--workers", "0",
+    # --root one level up, as U-ViT's CelebA(root=...) (torchvision appends "celeba/")
+    r = invoke("prepare", "celeba", "--root", str(tmp_path), "--out", str(out), "--workers", "0",
                "--resolution", "32")  # fmt: skip
     assert r.exit_code == 0, r.output
     splits = data.read_manifest(out)["splits"]
@@ -209,7 +210,8 @@ def test_celeba_partition_and_errors(tmp_path):
     (root / "img_align_celeba" / "000006.jpg").unlink()
     r = invoke("prepare", "celeba", "--root", str(root), "--out", str(tmp_path / "p"), "--workers", "0")
     assert r.exit_code == 2 and "000006.jpg" in r.output and len(r.output.strip().splitlines()) == 1
-    r = invoke("prepare", "celeba", "--root", str(tmp_path), "--out", str(tmp_path / "p"))
+    (tmp_path / "empty").mkdir()
+    r = invoke("prepare", "celeba", "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "p"))
     assert r.exit_code == 2 and "img_align_celeba" in r.output and not (tmp_path / "p").exists()
 
 

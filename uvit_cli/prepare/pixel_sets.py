@@ -5,6 +5,7 @@
         test_batch, batches.meta      a row is the R, G, B planes of a 32x32 image, each row-major
     <root>/img_align_celeba/          img_align_celeba.zip extracted: 000001.jpg .. 202599.jpg, 178x218
     <root>/list_eval_partition.txt    optional: "000001.jpg 0" per line (0 train, 1 val, 2 test)
+    (or both under <root>/celeba/, where torchvision's CelebA(root) keeps them)
 
 CIFAR-10 rows go to the prepare engine as in-memory images (`Source.pixels`); CelebA's JPEGs are decoded
 in its DataLoader workers where they are.
@@ -112,6 +113,8 @@ def cifar10_sources(root: str | os.PathLike[str], split: str) -> list[Source]:
 def celeba_sources(root: str | os.PathLike[str]) -> dict[str, list[Source]]:
     """`img_align_celeba/*.jpg` sorted by name: all as train, or the splits of list_eval_partition.txt."""
     root = Path(root)
+    if not (root / "img_align_celeba").is_dir() and (root / "celeba" / "img_align_celeba").is_dir():
+        root = root / "celeba"  # the root U-ViT passes to torchvision's CelebA, which adds "celeba/"
     images = root / "img_align_celeba"
     if not images.is_dir():
         raise DataError(f"{images}: CelebA image folder not found (extract img_align_celeba.zip in {root})")

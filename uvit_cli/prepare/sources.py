@@ -134,14 +134,28 @@ def coco_sources(coco_root: str | os.PathLike[str], split: str) -> list[Source]:
 
 
 def list_images(root: Path, extensions: tuple[str, ...]) -> list[str]:
-    """Image files under root, recursively, as sorted posix paths relative to root."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for f in filenames:
-            if "." in f and f.rsplit(".", 1)[1].lower() in extensions and not f.startswith("."):
-                found.append(Path(dirpath, f).relative_to(root).as_posix())
-    return sorted(found)
+    """Image files under root, recursively, as posix paths relative to root, in the official order.
+
+    U-ViT's `_list_image_files_recursively` walks depth first through each directory's entries sorted by
+    name, files and sub-folders interleaved. That is not the order of the sorted full paths: "a/x.jpg"
+    comes before "a-b/y.jpg" here, after it in a path sort ("-" < "/"). Unlike the official function, hidden
+    entries (".DS_Store", "._x.jpg") and other files are skipped rather than crashing the listing.
+    """
+    found: list[str] = []
+
+    def walk(directory: Path, prefix: str) -> None:
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():  # follows symlinks, as os.listdir does
+                walk(Path(e.path), f"{prefix}{e.name}/")
+            elif "." in e.name and e.name.rsplit(".", 1)[1].lower() in extensions:
+                found.append(prefix + e.name)
+
+    walk(root, "")
+    return found
 
 
 def imagenet_sources(root: str | os.PathLike[str]) -> tuple[list[Source], list[str]]:
