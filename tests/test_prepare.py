@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -282,6 +284,20 @@ def test_prepare_imagenet_matches_direct_computation(tmp_path, encoders):
     assert int(ds[5]["y"]) == 1
 
 
+@pytest.mark.parametrize("res", [256, 64])
+def test_crops_on_odd_sizes_match_the_official_recipes(res):
+    """The crops against `coco_crop` / `adm_crop` above (U-ViT's center_crop and ADM's center_crop_arr) on
+    the sizes where off-by-one offsets, rounding and repeated BOX halving show (odd, extreme, tiny)."""
+    from uvit_cli.prepare.sources import center_crop_adm, center_crop_lanczos
+
+    rng = np.random.default_rng(3)
+    for h, w in [(257, 513), (1000, 300), (511, 511), (64, 4096), (4096, 64), (20, 30), (1, 1), (3, 700),
+                 (767, 1535), (255, 257)]:  # fmt: skip
+        img = Image.fromarray(_rgb(rng, h, w))
+        np.testing.assert_array_equal(center_crop_lanczos(img, res), coco_crop(np.asarray(img), res))
+        np.testing.assert_array_equal(center_crop_adm(img, res), adm_crop(img, res))
+
+
 def test_imagenet_listing_is_the_official_depth_first_order(tmp_path):
     """U-ViT's `_list_image_files_recursively`: each directory's entries sorted by name, depth first; the
     label is the index of the file name's prefix before "_" among the sorted prefixes (not the folder)."""
@@ -481,3 +497,119 @@ def test_torchrun_two_ranks_identical(tmp_path, encoders):
     subprocess.run([*torchrun, "uvit_cli", *args, "--out", str(two)], env=env, check=True)
     assert shard_hashes(one) == shard_hashes(two)
     assert data.read_manifest(one)["splits"] == data.read_manifest(two)["splits"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Importing features extracted by the official scripts
+
+
+def make_official_coco(root: Path, seed: int = 0, ctx_dim: int = 16) -> dict:
+    """coco256_features/ exactly as extract_mscoco_feature.py / extract_empty_feature.py write it: np.save of
+    float32 moments `<idx>.npy` and per caption `<idx>_<k>.npy`, plus empty_context.npy and run_vis/."""
+    rng = np.random.default_rng(seed)
+    want: dict = {"empty": rng.normal(size=(77, ctx_dim)).astype(np.float32)}
+    root.mkdir(parents=True)
+    np.save(root / "empty_context.npy", want["empty"])
+    (root / "run_vis").mkdir()
+    run_vis = np.empty(2, dtype=object)
+    run_vis[0], run_vis[1] = "A green train is coming down the tracks.", want["empty"]
+    np.save(root / "run_vis" / "0.npy", run_vis)  # (prompt, context): ignored by the import
+    for split, n_captions in (("train", [5, 7, 6, 5, 5]), ("val", [5, 6])):
+        (root / split).mkdir()
+        want[split] = []
+        for idx, n in enumerate(n_captions):
+            moments = rng.normal(size=(8, 4, 4)).astype(np.float32)
+            ctx = rng.normal(size=(n, 77, ctx_dim)).astype(np.float32)
+            np.save(root / split / f"{idx}.npy", moments)
+            for k in range(n):
+                np.save(root / split / f"{idx}_{k}.npy", ctx[k])
+            want[split].append((moments, ctx))
+    return want
+
+
+def official_imagenet_file(path: Path, moments: np.ndarray, label: int, numpy1: bool = False) -> None:
+    """np.save(path, (moment, lb)) as extract_imagenet_feature.py ran it (numpy < 1.24 made a (2,) object
+    array of the ragged tuple; numpy 2 refuses ragged input, so the same array is built explicitly).
+    numpy1: the bytes numpy 1.x wrote, pickle protocol 3 naming `numpy.core.multiarray` (numpy 2: protocol
+    4, `numpy._core`)."""
+    pair = np.empty(2, dtype=object)
+    pair[0], pair[1] = moments, np.int64(label)
+    if not numpy1:
+        np.save(path, pair)
+        return
+    body = pickle.dumps(pair, protocol=3).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in body  # GLOBAL opcode, newline-terminated names
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": (2,)})
+        f.write(body)
+
+
+def test_import_official_coco_features(tmp_path):
+    want = make_official_coco(tmp_path / "coco256_features")
+    out = tmp_path / "coco"
+    r = invoke("prepare", "official-features", str(tmp_path / "coco256_features"), "--out", str(out),
+               "--items-per-shard", "2", "--dtype", "float32")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "train: 5 items in 3 shards, 28 captions" in r.output and "val: 2 items in 1 shards" in r.output
+    ds = data.FeatureDataset(out, "train", seed=0)
+    assert ds.conditioning == "text" and ds.space == "latent" and ds.z_shape == (4, 4, 4) and len(ds) == 5
+    assert ds.manifest["context_shape"] == [77, 16] and ds.manifest["kind"] == "coco"
+    np.testing.assert_array_equal(ds.empty_context.numpy(), want["empty"])
+    for i, (moments, ctx) in enumerate(want["train"]):
+        np.testing.assert_array_equal(ds[i]["x"].numpy(), moments)
+        assert ds.num_captions(i) == len(ctx)
+        seen = {ds.caption_index(i, e) for e in range(60)}
+        assert seen == set(range(len(ctx)))  # every caption reachable, as random.randint(0, n - 1)
+        for e in range(3):
+            np.testing.assert_array_equal(ds[(i, e)]["context"].numpy(), ctx[ds.caption_index(i, e)])
+    val = data.FeatureDataset(out, "val")
+    np.testing.assert_array_equal(val[1]["x"].numpy(), want["val"][1][0])
+    # rerun: everything reused; a different source into the same --out is refused
+    r = invoke("prepare", "official-features", str(tmp_path / "coco256_features"), "--out", str(out),
+               "--items-per-shard", "2", "--dtype", "float32")  # fmt: skip
+    assert r.exit_code == 0 and data.FeatureDataset(out, "train")[4]["x"].shape == (8, 4, 4)
+    (tmp_path / "coco256_features" / "train" / "4_5.npy").write_bytes(
+        (tmp_path / "coco256_features" / "train" / "4_0.npy").read_bytes()
+    )
+    r = invoke("prepare", "official-features", str(tmp_path / "coco256_features"), "--out", str(out),
+               "--items-per-shard", "2", "--dtype", "float32")  # fmt: skip
+    assert r.exit_code == 2 and "other files" in r.output
+
+
+def test_import_official_imagenet_features_and_train(tmp_path):
+    from test_prepare_pixel import tiny
+
+    from uvit_cli.train import train
+
+    src = tmp_path / "imagenet256_features"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    images = [(rng.normal(size=(8, 4, 4)).astype(np.float32), int(lab)) for lab in (3, 999, 0)]
+    # extract_imagenet_feature.py's layout for one batch of 3: the 3 images, then their 3 mirror images
+    files = [(m, y) for m, y in images] + [(m[:, :, ::-1].copy(), y) for m, y in images]
+    for idx, (m, y) in enumerate(files):
+        official_imagenet_file(src / f"{idx}.npy", m, y, numpy1=idx % 2 == 0)
+    out = tmp_path / "in"
+    r = invoke("prepare", "official-features", str(src), "--out", str(out), "--dtype", "float32")
+    assert r.exit_code == 0, r.output
+    ds = data.FeatureDataset(out)
+    assert len(ds) == 6 and ds.views == 1 and ds.num_classes == 1000 and ds.null_class == 1000
+    for i, (m, y) in enumerate(files):
+        np.testing.assert_array_equal(ds[i]["x"].numpy(), m)
+        assert int(ds[i]["y"]) == y
+    preset = tiny("imagenet256_uvit_l2", out, img_size=4, patch_size=2)
+    assert train(preset, tmp_path / "run").step == 1  # num_classes 1001 = 1000 + the CFG null label
+
+    # A pickle that would run code under np.load(allow_pickle=True) is refused, not executed.
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = np.empty(2, dtype=object)
+    bad[0], bad[1] = Evil(), np.int64(0)
+    np.save(src / "2.npy", bad)
+    r = invoke("prepare", "official-features", str(src), "--out", str(tmp_path / "in2"))
+    assert r.exit_code == 2 and "refusing to load" in r.output and not (tmp_path / "pwned").exists()
+    (src / "2.npy").unlink()
+    r = invoke("prepare", "official-features", str(src), "--out", str(tmp_path / "in3"))
+    assert r.exit_code == 2 and "2.npy is missing" in r.output

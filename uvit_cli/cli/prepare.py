@@ -1,4 +1,5 @@
-"""`uvit prepare coco|imagenet|cifar10|celeba|folder`: data sets into feature shards (see docs/data.md)."""
+"""`uvit prepare coco|imagenet|cifar10|celeba|folder|official-features`: data sets into feature shards
+(see docs/data.md)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ class Labels(str, Enum):
 class Captions(str, Enum):
     auto = "auto"
     none = "none"
+
+
+class OfficialKind(str, Enum):
+    auto = "auto"
+    coco = "coco"
+    imagenet = "imagenet"
 
 
 class Dtype(str, Enum):
@@ -261,6 +268,34 @@ def folder(
         items_per_shard=items_per_shard,
         dtype=dtype.value,
         precision=precision.value,
+        num_workers=workers,
+    )
+
+
+@app.command("official-features")
+@handle_errors
+def official_features(
+    src: Annotated[
+        Path, typer.Argument(help="An official coco256_features/ or imagenet{256,512}_features/ directory.")
+    ],
+    out_dir: OutOpt,
+    kind: Annotated[
+        OfficialKind, typer.Option("--kind", help="What SRC holds (auto: from its layout).")
+    ] = OfficialKind.auto,
+    items_per_shard: ShardOpt = 1000,
+    dtype: DtypeOpt = Dtype.float16,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel file reads.")] = 8,
+) -> None:
+    """Features extracted by U-ViT's own scripts, copied into shards (no encoder runs)."""
+    from uvit_cli.prepare import import_official_features
+
+    _run(
+        import_official_features,
+        src=src,
+        out=out_dir,
+        kind=kind.value,
+        items_per_shard=items_per_shard,
+        dtype=dtype.value,
         num_workers=workers,
     )
 

@@ -6,6 +6,7 @@
     prepare_cifar10("cifar10/", "feats/cifar10")                # uint8 32x32 pixels + label; train, test
     prepare_celeba("celeba/", "feats/celeba64")                 # uint8 64x64 pixels
     prepare_folder("my_images/", "feats/mine", space="pixel", resolution=64)
+    import_official_features("assets/datasets/coco256_features", "feats/coco256")  # official extraction
 
 Each call runs on every `torchrun` rank (each writes its own shards) and reports progress through
 `progress(Progress)`; rerunning the same call resumes.
@@ -24,6 +25,7 @@ __all__ = [
     "PrepareSpec",
     "Progress",
     "ProgressFn",
+    "import_official_features",
     "prepare_celeba",
     "prepare_cifar10",
     "prepare_coco",
@@ -32,6 +34,14 @@ __all__ = [
 ]
 
 Path_ = str | os.PathLike[str]
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    if name == "import_official_features":
+        from uvit_cli.prepare.official import import_official_features
+
+        return import_official_features
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _default_workers() -> int:

@@ -1,0 +1,297 @@
+"""Import feature directories written by the official U-ViT extraction scripts into shards (spec §5.1-5.4).
+
+    coco256_features/                  scripts/extract_mscoco_feature.py + extract_empty_feature.py
+        empty_context.npy              CLIP("") (77, 768) float32
+        train/<idx>.npy                moments (8, 32, 32) float32 of the idx-th image (sorted COCO image ids)
+        train/<idx>_<k>.npy            CLIP features (77, 768) float32 of its k-th caption; val/ alike
+        run_vis/                       visualisation prompts (not imported)
+    imagenet256_features/<idx>.npy     scripts/extract_imagenet_feature.py: a pickled object array
+                                       (moments (8, 32, 32) float32, label int64); per batch of 256 images
+                                       the 256 originals, then their 256 mirror images
+
+The arrays are copied, not recomputed: no encoder runs. Every official file becomes one item (views = 1),
+so an ImageNet image and its mirror image are two items, as in the official `FeatureDataset`. The official
+directories store no keys or caption texts, so an item's key is its file index. ImageNet sets get
+`num_classes` 1000 (the official K; CFG's null label is 1000) and no class names.
+
+ImageNet files are pickles, which can run code when loaded with `np.load(allow_pickle=True)` (what the
+official reader does). They are read here with an unpickler that only builds numpy arrays and scalars.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from uvit_cli import data
+from uvit_cli.errors import DataError
+from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn, _check_out
+
+IMAGENET_CLASSES = 1000  # datasets.py ImageNet256Features / ImageNet512Features: self.K = 1000
+_ITEM = re.compile(r"^(\d+)\.npy$")
+_CAPTION = re.compile(r"^(\d+)_(\d+)\.npy$")
+
+# What a pickled numpy array (or numpy scalar) needs, under numpy 1 and numpy 2 module names.
+_NUMPY_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
+        if module.startswith("numpy.core.") and int(np.__version__.split(".")[0]) >= 2:
+            module = "numpy._core." + module[len("numpy.core.") :]  # numpy 1 names in files, numpy 2 here
+        return super().find_class(module, name)
+
+
+def load_official_npy(path: Path) -> Any:
+    """`np.load(path, allow_pickle=True)` for the official files, without running arbitrary pickled code."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            if not dtype.hasobject:
+                f.seek(0)
+                return np.load(f)
+            return _NumpyOnlyUnpickler(f).load()
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+        raise DataError(f"{path}: not an official U-ViT feature file ({type(e).__name__}: {e})") from None
+
+
+def _scan(directory: Path) -> tuple[list[int], dict[int, list[int]]]:
+    """Item indices and, per item, caption indices from the `<idx>.npy` / `<idx>_<k>.npy` names."""
+    items: list[int] = []
+    caps: dict[int, list[int]] = {}
+    with os.scandir(directory) as it:
+        for e in it:
+            if m := _ITEM.match(e.name):
+                items.append(int(m[1]))
+            elif m := _CAPTION.match(e.name):
+                caps.setdefault(int(m[1]), []).append(int(m[2]))
+    return sorted(items), caps
+
+
+def _check_contiguous(directory: Path, items: list[int], what: str) -> int:
+    """The official readers index files 0..n-1 (ImageNet: __len__ is hard-coded): refuse gaps."""
+    if not items:
+        raise DataError(f"{directory}: no <idx>.npy {what} files")
+    n = len(items)
+    if items[-1] != n - 1 or items[0] != 0:
+        have = set(items)
+        missing = next(i for i in range(items[-1] + 1) if i not in have)
+        raise DataError(f"{directory}: {what} files are not numbered 0..{n - 1} ({missing}.npy is missing)")
+    return n
+
+
+def _detect(src: Path) -> str:
+    if (src / "empty_context.npy").is_file() or (src / "train").is_dir() or (src / "val").is_dir():
+        return "coco"
+    with os.scandir(src) as it:
+        if any(_ITEM.match(e.name) for e in it):
+            return "imagenet"
+    raise DataError(
+        f"{src}: not an official U-ViT feature directory (expected coco256_features/ with empty_context.npy "
+        "and train/, val/, or imagenet256_features/ with <idx>.npy files)"
+    )
+
+
+def _moments(a: Any, path: Path) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 3 or a.shape[0] != 8 or a.dtype.kind != "f":
+        raise DataError(f"{path}: expected moments of shape (8, h, w), found {a.dtype} {a.shape}")
+    return a.astype(np.float32, copy=False)
+
+
+def import_official_features(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    kind: Literal["auto", "coco", "imagenet"] = "auto",
+    dtype: str = "float16",
+    items_per_shard: int = 1000,
+    num_workers: int = 8,
+    progress: ProgressFn | None = None,
+) -> PrepareResult:
+    """Copy an official `coco256_features/` or `imagenet{256,512}_features/` directory into shards at `out`.
+
+    Rerunning the same call resumes (finished shards are kept); an `--out` made otherwise is refused.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise DataError(f"{src}: directory not found")
+    kind = _detect(src) if kind == "auto" else kind
+    if kind == "coco":
+        splits = [s for s in ("train", "val") if (src / s).is_dir()]
+        if not splits:
+            raise DataError(f"{src}: no train/ or val/ folder of COCO features")
+        empty_path = src / "empty_context.npy"
+        if not empty_path.is_file():
+            raise DataError(
+                f"{empty_path} not found: the CFG null condition (run scripts/extract_empty_feature.py)"
+            )
+        empty = np.asarray(load_official_npy(empty_path), dtype=np.float32)
+        if empty.ndim != 2:
+            raise DataError(f"{empty_path}: expected (77, D) CLIP features, found shape {empty.shape}")
+        dirs = {s: src / s for s in splits}
+    else:
+        empty = None
+        dirs = {"train": src}
+
+    listings: dict[str, tuple[int, list[int]]] = {}  # split -> (items, captions per item)
+    for split, d in dirs.items():
+        items, caps = _scan(d)
+        n = _check_contiguous(d, items, "feature")
+        counts = []
+        if kind == "coco":
+            for i in range(n):
+                ks = sorted(caps.get(i, []))
+                if not ks or ks != list(range(len(ks))):
+                    raise DataError(f"{d}: captions of item {i} are not {i}_0.npy .. {i}_<k>.npy ({ks[:5]})")
+                counts.append(len(ks))
+        listings[split] = (n, counts)
+
+    first = load_official_npy(dirs[next(iter(dirs))] / "0.npy")
+    shape = list(_moments(first if kind == "coco" else first[0], src).shape)
+    settings = {
+        "format_version": data.FORMAT_VERSION,
+        "kind": kind,
+        "space": "latent",
+        "source": "official U-ViT feature files",
+        "resolution": 8 * shape[1],
+        "conditioning": "text" if kind == "coco" else "class",
+        "dtype": dtype,
+        "items_per_shard": items_per_shard,
+    }
+    what = "extract_mscoco_feature.py" if kind == "coco" else "extract_imagenet_feature.py"
+    manifest = data.new_manifest(
+        kind=kind,
+        space="latent",
+        conditioning=settings["conditioning"],
+        shape=shape,
+        views=1,
+        dtype=dtype,
+        items_per_shard=items_per_shard,
+        settings=settings,
+        num_classes=IMAGENET_CLASSES if kind == "imagenet" else None,
+        context_shape=None if empty is None else empty.shape,
+        preprocessing=f"imported from {src} (official U-ViT scripts/{what}); one item per file"
+        + (", mirror images included as items" if kind == "imagenet" else ""),
+    )
+    manifest = _check_out(out, manifest)
+    digests = {
+        s: hashlib.sha256(json.dumps([n, counts]).encode()).hexdigest()[:16]
+        for s, (n, counts) in listings.items()
+    }
+    for split in listings:
+        entry = manifest["splits"].get(split)
+        if entry is not None and entry.get("source_digest") != digests[split]:
+            raise DataError(f"{out}/{split} was imported from other files; use another --out, or delete it")
+
+    out.mkdir(parents=True, exist_ok=True)
+    if empty is not None:
+        data.save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
+    for split in listings:
+        (out / split).mkdir(exist_ok=True)
+        data.remove_temporaries(out / split)
+        if not manifest["splits"].get(split, {}).get("complete"):
+            manifest["splits"][split] = {"complete": False, "source_digest": digests[split]}
+    data.write_json_atomic(out / data.MANIFEST, manifest)
+
+    result = PrepareResult(out, manifest)
+    fp = manifest["fingerprint"]
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:  # file reads dominate; numpy releases the GIL
+        for split, (n, counts) in listings.items():
+            d, split_dir = dirs[split], out / split
+            n_shards = math.ceil(n / items_per_shard)
+            state = Progress(split, 0, n)
+            for k in range(n_shards):
+                lo, hi = k * items_per_shard, min((k + 1) * items_per_shard, n)
+                meta = data.read_shard_meta(split_dir, k)
+                if meta is not None:
+                    if meta.get("fingerprint") != fp:
+                        raise DataError(f"{split_dir / data.shard_name(k)} was made with other settings")
+                    state.shards_reused += 1
+                else:
+                    _write_shard(pool, kind, d, split_dir, k, lo, hi, counts, shape, empty, dtype, fp)
+                    state.shards_written += 1
+                state.done = hi
+                if progress:
+                    progress(state)
+            result.written[split], result.reused[split] = state.shards_written, state.shards_reused
+            metas = [data.read_shard_meta(split_dir, k) for k in range(n_shards)]
+            manifest["splits"][split] = data.split_summary(metas, digests[split])  # type: ignore[arg-type]
+            data.write_json_atomic(out / data.MANIFEST, manifest)
+    result.manifest = manifest
+    return result
+
+
+def _write_shard(
+    pool: ThreadPoolExecutor,
+    kind: str,
+    d: Path,
+    split_dir: Path,
+    k: int,
+    lo: int,
+    hi: int,
+    counts: list[int],
+    shape: list[int],
+    empty: np.ndarray | None,
+    dtype: str,
+    fp: str,
+) -> None:
+    def coco_item(i: int) -> tuple[np.ndarray, np.ndarray]:
+        x = _moments(load_official_npy(d / f"{i}.npy"), d / f"{i}.npy")
+        ctx = np.stack([np.asarray(load_official_npy(d / f"{i}_{j}.npy")) for j in range(counts[i])])
+        return x, ctx
+
+    def imagenet_item(i: int) -> tuple[np.ndarray, int]:
+        obj = load_official_npy(d / f"{i}.npy")
+        if not (isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == (2,)):
+            raise DataError(f"{d / f'{i}.npy'}: expected a pickled (moments, label) pair")
+        label = int(obj[1])
+        if not 0 <= label < IMAGENET_CLASSES:
+            raise DataError(f"{d / f'{i}.npy'}: label {label} outside 0..{IMAGENET_CLASSES - 1}")
+        return _moments(obj[0], d / f"{i}.npy"), label
+
+    rows = list(pool.map(coco_item if kind == "coco" else imagenet_item, range(lo, hi)))
+    xs = np.stack([r[0] for r in rows])  # (n, 8, h, w) float32
+    if list(xs.shape[1:]) != shape:
+        raise DataError(
+            f"{d}: items {lo}..{hi - 1} hold moments of shape {xs.shape[1:]}, item 0 {tuple(shape)}"
+        )
+    contexts = None
+    if kind == "coco":
+        assert empty is not None
+        contexts = [data.to_storage(np.asarray(r[1], np.float32), dtype) for r in rows]
+        bad = next(
+            (i for i, c in zip(range(lo, hi), contexts, strict=True) if c.shape[1:] != empty.shape), None
+        )
+        if bad is not None:
+            raise DataError(f"{d}: the contexts of item {bad} are not {empty.shape} like empty_context.npy")
+    shard = data.ShardData(
+        x=data.to_storage(xs[:, None], dtype),  # (n, 1, 8, h, w)
+        keys=[str(i) for i in range(lo, hi)],
+        sources=hi - lo,
+        y=np.array([r[1] for r in rows], np.int64) if kind == "imagenet" else None,
+        contexts=contexts,
+    )
+    data.write_shard(split_dir, k, shard, fp)
