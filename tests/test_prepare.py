@@ -229,6 +229,30 @@ def test_prepare_coco_fp16_default_and_single_split(tmp_path, encoders):
     assert set(data.read_manifest(out)["splits"]) == {"train", "val"}
 
 
+def test_coco_listing_follows_pycocotools(tmp_path):
+    """MSCOCODatabase: images by sorted id; captions = loadAnns(getAnnIds(id)), i.e. the image's annotations in
+    file order, each looked up by annotation id (an id used twice gives its last caption). Expected lists from
+    running the official class (with pycocotools' COCO index) on this file."""
+    from uvit_cli.prepare.sources import coco_sources
+
+    (tmp_path / "train2014").mkdir()
+    (tmp_path / "annotations").mkdir()
+    images = [{"id": i, "file_name": f"{i}.jpg"} for i in (5, 3, 9)]
+    anns = [
+        {"image_id": 5, "id": 1, "caption": "a"},
+        {"image_id": 3, "id": 2, "caption": "b"},
+        {"image_id": 5, "id": 3, "caption": "c"},
+        {"image_id": 9, "id": 1, "caption": "d"},  # reuses id 1
+        {"image_id": 3, "id": 4, "caption": "e"},
+        {"image_id": 3, "id": 2, "caption": "f"},  # reuses id 2
+    ]
+    (tmp_path / "annotations" / "captions_train2014.json").write_text(
+        json.dumps({"images": images, "annotations": anns})
+    )
+    got = [(s.key, s.captions) for s in coco_sources(tmp_path, "train")]
+    assert got == [("3", ["f", "e", "f"]), ("5", ["d", "c"]), ("9", ["d"])]
+
+
 def test_missing_coco_files_one_line(tmp_path, encoders):
     coco = make_coco(tmp_path / "coco")
     (coco / "annotations" / "captions_val2014.json").unlink()

@@ -125,9 +125,13 @@ def coco_sources(coco_root: str | os.PathLike[str], split: str) -> list[Source]:
     try:
         meta = json.loads(ann.read_text(encoding="utf-8"))
         files = {int(im["id"]): im["file_name"] for im in meta["images"]}
+        # pycocotools (U-ViT's MSCOCODatabase): getAnnIds lists an image's annotation ids in file order and
+        # loadAnns looks each id up in a dict, so an id used twice yields its last annotation both times.
+        by_id = {a["id"]: a for a in meta["annotations"] if "id" in a}
         caps: dict[int, list[str]] = {}
-        for a in meta["annotations"]:  # file order, as pycocotools' getAnnIds
-            caps.setdefault(int(a["image_id"]), []).append(str(a["caption"]))
+        for a in meta["annotations"]:  # grouped by this annotation's image, text from the id lookup
+            text = by_id[a["id"]]["caption"] if "id" in a else a["caption"]
+            caps.setdefault(int(a["image_id"]), []).append(str(text))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{ann}: not a COCO captions file ({type(e).__name__}: {e})") from None
     return [Source(str(i), str(images / files[i]), captions=caps.get(i, [])) for i in sorted(files)]
