@@ -18,6 +18,7 @@ import os
 from typing import Literal
 
 from uvit_cli.errors import DataError
+from uvit_cli.prepare.official import import_official_features
 from uvit_cli.prepare.run import PrepareResult, PrepareSpec, Progress, ProgressFn, SplitJob, run
 
 __all__ = [
@@ -34,14 +35,6 @@ __all__ = [
 ]
 
 Path_ = str | os.PathLike[str]
-
-
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
-    if name == "import_official_features":
-        from uvit_cli.prepare.official import import_official_features
-
-        return import_official_features
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _default_workers() -> int:
