@@ -243,7 +243,9 @@ class UViT(nn.Module):
         B, C, H, W = x.shape
         h = self.patch_embed(x)  # (B, L, D)
         timesteps = timesteps.expand(B) if timesteps.ndim == 0 else timesteps
-        t = self.time_embed(timestep_embedding(timesteps, self.embed_dim).to(h.dtype))  # (B, D)
+        # The sinusoid takes the parameters' dtype, not h's: under autocast h is bf16/fp16 but the official
+        # time token stays fp32 (torch.cat promotes the stream to fp32); a bf16 module gets a bf16 token.
+        t = self.time_embed(timestep_embedding(timesteps, self.embed_dim).to(self.pos_embed.dtype))  # (B, D)
         tokens = [t.unsqueeze(1)]  # [(B, 1, D)]
         if self.conditioning == "text":
             if context is None:
