@@ -322,6 +322,22 @@ def test_to_uint8_matches_save_image_rounding():
     assert to_uint8(v)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 100, 101]
 
 
+def test_pngs_equal_the_official_unpreprocess_and_save_image(tmp_path):
+    # The official eval scripts: dataset.unpreprocess (clamp(0.5 (v + 1), 0, 1)) then torchvision save_image
+    # per image (utils.sample2dir). Every uint8 level's edge, out-of-range values and random values.
+    save_image = pytest.importorskip("torchvision.utils").save_image
+    from uvit_cli.sample.outputs import png_name, write_png
+
+    edges = (torch.arange(256.0) + 0.5) / 255 * 2 - 1  # exactly where x * 255 + 0.5 crosses an integer
+    v = torch.cat([edges, edges - 1e-6, edges + 1e-6, torch.tensor([-3.0, -1.0, 1.0, 3.0])])
+    v = torch.cat([v, torch.randn(3 * 32 * 32 - v.numel(), generator=torch.Generator().manual_seed(0)) * 1.5])
+    images = v.reshape(1, 3, 32, 32)
+    write_png(tmp_path, 0, to_uint8(images)[0])
+    save_image((0.5 * (images[0] + 1.0)).clamp(0.0, 1.0), tmp_path / "official.png")
+    ours = np.asarray(Image.open(tmp_path / png_name(0)))
+    np.testing.assert_array_equal(ours, np.asarray(Image.open(tmp_path / "official.png")))
+
+
 # --------------------------------------------------------------------------------------------------
 # The CLI: official checkpoints, our checkpoints, outputs
 

@@ -158,3 +158,69 @@ def test_time_grids():
     assert torch.equal(time_grid("time_uniform", ns, 1.0, 1e-3, 10), g)
     with pytest.raises(ValueError):
         time_grid("nope", ns, 1.0, 1e-3, 10)
+
+
+# Produced by the official implementation (baofff/U-ViT at ce55170, CPU fp32): dpm_solver_pp.NoiseScheduleVP(
+# 'discrete', betas=torch.tensor(stable_diffusion_beta_schedule()).float()) as the eval scripts build it, and
+# dpm_solver_pytorch.NoiseScheduleVP('linear'). The t list includes both linear extrapolations (t < 1/N, t > 1).
+OFFICIAL_T = [0.0005, 0.001, 0.0123, 0.25, 0.5005, 0.7777, 1.0, 1.0005]
+OFFICIAL_DISCRETE_LAMBDA = [
+    3.884122848510742,
+    3.5346992015838623,
+    2.261870861053467,
+    0.3664288818836212,
+    -0.4796956777572632,
+    -1.5267235040664673,
+    -2.6820242404937744,
+    -2.685056209564209,
+]
+OFFICIAL_DISCRETE_ALPHA = [
+    0.9997885823249817,
+    0.9995748996734619,
+    0.9946195483207703,
+    0.8218467235565186,
+    0.5263079404830933,
+    0.212294340133667,
+    0.06826488673686981,
+    0.06805917620658875,
+]
+OFFICIAL_LAMBDAS = [-2.5, -1.0, 0.0, 1.5, 3.5]
+OFFICIAL_DISCRETE_INVERSE = [
+    0.9693475365638733,
+    0.6483263373374939,
+    0.3548901081085205,
+    0.05004877597093582,
+    0.0010714393574744463,
+]
+OFFICIAL_LINEAR_LAMBDA = [
+    4.927211284637451,
+    4.557593822479248,
+    2.9500625133514404,
+    0.04739493131637573,
+    -1.2302968502044678,
+    -3.0467236042022705,
+    -5.0249786376953125,
+    -5.029979228973389,
+]
+OFFICIAL_LINEAR_INVERSE = [
+    0.7043496966362,
+    0.45734575390815735,
+    0.2589602768421173,
+    0.06503486633300781,
+    0.005784895271062851,
+]
+
+
+@pytest.mark.parametrize("kind", ["discrete", "continuous"])
+def test_schedules_match_the_official_code(kind):
+    ns = make_schedule(kind)
+    t, lam = torch.tensor(OFFICIAL_T), torch.tensor(OFFICIAL_LAMBDAS)
+    if kind == "discrete":
+        want_lam, want_inv = OFFICIAL_DISCRETE_LAMBDA, OFFICIAL_DISCRETE_INVERSE
+        torch.testing.assert_close(
+            ns.marginal_alpha(t), torch.tensor(OFFICIAL_DISCRETE_ALPHA), rtol=1e-6, atol=0
+        )
+    else:
+        want_lam, want_inv = OFFICIAL_LINEAR_LAMBDA, OFFICIAL_LINEAR_INVERSE
+    torch.testing.assert_close(ns.marginal_lambda(t), torch.tensor(want_lam), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ns.inverse_lambda(lam), torch.tensor(want_inv), rtol=1e-6, atol=1e-9)

@@ -204,6 +204,276 @@ def test_dpm_solver_pp_zero_eps_is_exact_scaling():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Numbers from the real official code: baofff/U-ViT at ce55170 (dpm_solver_pp.py, dpm_solver_pytorch.py,
+# sde.py), run on CPU in fp32 with the exact calls of the eval scripts: eval_t2i_discrete.py / eval_ldm_discrete.py
+# (NoiseScheduleVP('discrete', float32 betas), model_fn = net(x, t_continuous * 1000), DPM_Solver(predict_x0=True,
+# thresholding=False).sample(x, steps, eps=1/1000, T=1.), CFG as two passes), eval.py / eval_ldm.py
+# (NoiseScheduleVP('linear'), model_wrapper(ScoreModel.noise_pred, time_input_type='0') with the x999 inside,
+# DPM_Solver.sample(x, steps, eps=1e-4, adaptive_step_size=False, fast_version=True)) and sde.euler_maruyama.
+# The network is `_official_toy` below; x_T = randn(2, 3) from Generator(0).
+
+OFFICIAL_X_T = [
+    1.5409960746765137,
+    -0.293428897857666,
+    -2.1787893772125244,
+    0.5684312582015991,
+    -1.0845223665237427,
+    -1.3985954523086548,
+]
+OFFICIAL_DPM_SOLVER_PP = {
+    1: [
+        5.221930980682373,
+        -0.7423735857009888,
+        -5.981334686279297,
+        2.8738787174224854,
+        -3.920743942260742,
+        -4.852469444274902,
+    ],
+    2: [
+        3.1654129028320312,
+        -0.8851379752159119,
+        -3.618459463119507,
+        1.3885498046875,
+        -1.6310536861419678,
+        -2.1348395347595215,
+    ],
+    3: [
+        3.479586124420166,
+        -0.8582169413566589,
+        -3.551244020462036,
+        1.3640456199645996,
+        -2.053154468536377,
+        -2.466648817062378,
+    ],
+    4: [
+        3.0413966178894043,
+        -0.8658958673477173,
+        -2.89745831489563,
+        0.8167153596878052,
+        -1.7152740955352783,
+        -2.01592755317688,
+    ],
+    5: [
+        3.323143482208252,
+        -0.8032581806182861,
+        -3.5107944011688232,
+        0.9051024913787842,
+        -1.9617191553115845,
+        -2.3899893760681152,
+    ],
+    6: [
+        3.1998157501220703,
+        -0.8620138764381409,
+        -3.2578582763671875,
+        0.8537302017211914,
+        -1.881056785583496,
+        -2.2564587593078613,
+    ],
+    10: [
+        3.299969434738159,
+        -0.8488729596138,
+        -3.4902119636535645,
+        0.8810237050056458,
+        -1.971702218055725,
+        -2.3925561904907227,
+    ],
+    25: [
+        3.3310232162475586,
+        -0.8580473065376282,
+        -3.545116662979126,
+        0.9018842577934265,
+        -2.0072216987609863,
+        -2.4369075298309326,
+    ],
+    50: [
+        3.3389453887939453,
+        -0.8611432909965515,
+        -3.5594799518585205,
+        0.9091905951499939,
+        -2.0169200897216797,
+        -2.4482998847961426,
+    ],
+}
+# steps=6 (orders 3, 2, 1): the network timesteps, intermediate points re-derived through inverse_lambda
+OFFICIAL_DPM_SOLVER_PP_TIMESTEPS_6 = [1000.0, 833.5, 667.0000610351562, 500.5000305175781, 334.0, 167.5]
+# steps=10, cfg scale 1.0, y = [2, 7], null class 10: eps_c + 1.0 (eps_c - eps_u) as two passes
+OFFICIAL_DPM_SOLVER_PP_CFG_10 = [
+    5.3385329246521,
+    1.7596379518508911,
+    -1.3659876585006714,
+    2.8266823291778564,
+    -1.0825283527374268,
+    -1.5251023769378662,
+]
+OFFICIAL_DPM_SOLVER = {  # continuous DPM-Solver-fast (the toy is far from a real eps, hence the magnitudes)
+    1: [
+        53.64952087402344,
+        -7.683795928955078,
+        -61.158935546875,
+        29.60082244873047,
+        -40.373443603515625,
+        -49.89344787597656,
+    ],
+    10: [
+        11.463810920715332,
+        -1.6638082265853882,
+        -19.41327476501465,
+        5.798847198486328,
+        -7.029011249542236,
+        -7.572194576263428,
+    ],
+    50: [
+        6.59947395324707,
+        -1.920141577720642,
+        -7.44003438949585,
+        3.2894036769866943,
+        -4.701595306396484,
+        -5.611791133880615,
+    ],
+}
+OFFICIAL_DPM_SOLVER_TIMESTEPS_5 = [
+    999.0,
+    799.8812255859375,
+    536.2057495117188,
+    193.8459014892578,
+    10.670317649841309,
+]
+OFFICIAL_EULER = {  # steps: (ODE, reverse SDE after torch.manual_seed(0)) of sde.euler_maruyama
+    1: (
+        [
+            1.5372973680496216,
+            -0.29261520504951477,
+            -2.1742351055145264,
+            0.5668697953224182,
+            -1.0817146301269531,
+            -1.395150065422058,
+        ],
+        [
+            1.5335062742233276,
+            -0.2917838990688324,
+            -2.1695504188537598,
+            0.5652742981910706,
+            -1.0788419246673584,
+            -1.3916208744049072,
+        ],
+    ),
+    2: (
+        [
+            5.055028438568115,
+            -0.7955792546272278,
+            -6.182597637176514,
+            2.506664514541626,
+            -3.7289748191833496,
+            -4.666828155517578,
+        ],
+        [
+            0.076808862388134,
+            0.3159552812576294,
+            1.8120408058166504,
+            1.3101093769073486,
+            -0.39564892649650574,
+            -0.22661124169826508,
+        ],
+    ),
+    10: (
+        [
+            6.910494327545166,
+            -1.8732633590698242,
+            -7.707607269287109,
+            3.2036139965057373,
+            -4.77792501449585,
+            -5.765077114105225,
+        ],
+        [
+            0.13284701108932495,
+            -1.2354826927185059,
+            -1.5149142742156982,
+            -0.747648298740387,
+            -0.9880404472351074,
+            1.0074074268341064,
+        ],
+    ),
+    50: (
+        [
+            6.657949924468994,
+            -1.9154620170593262,
+            -7.4835028648376465,
+            3.2616453170776367,
+            -4.712132930755615,
+            -5.635403156280518,
+        ],
+        [
+            0.09029994904994965,
+            1.9325472116470337,
+            0.905184268951416,
+            0.5950457453727722,
+            -1.7525416612625122,
+            -1.418466329574585,
+        ],
+    ),
+}
+
+
+def _official_toy(x, timesteps, y=None):
+    """A nonlinear, time-dependent stand-in network (the one the numbers above were produced with)."""
+    ts = timesteps.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    out = x * (0.3 + 0.6 * ts / 1000.0) + 0.2 * torch.sin(x + ts / 300.0)
+    if y is not None:
+        out = out + 0.3 * torch.cos(y.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) + ts / 500.0)
+    return out
+
+
+def _official_x_T():
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.tensor(OFFICIAL_X_T).reshape(2, 3))
+    return x
+
+
+def _close_to(got, want, rtol=1e-5):
+    want = torch.tensor(want).reshape(got.shape)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("steps", sorted(OFFICIAL_DPM_SOLVER_PP))
+def test_dpm_solver_pp_matches_the_official_code(steps):
+    seen = []
+
+    def eps_fn(x, timesteps):
+        seen.append(timesteps[0].item())
+        return _official_toy(x, timesteps)
+
+    _close_to(
+        sample_dpm_solver_pp(eps_fn, _official_x_T(), make_schedule("discrete"), steps),
+        OFFICIAL_DPM_SOLVER_PP[steps],
+    )
+    assert len(seen) == steps
+    if steps == 6:
+        np.testing.assert_allclose(seen, OFFICIAL_DPM_SOLVER_PP_TIMESTEPS_6, rtol=0, atol=1e-3)
+
+
+def test_guided_dpm_solver_pp_matches_the_official_code():
+    eps_fn = guided_eps_fn(_official_toy, 1.0, {"y": torch.tensor([2, 7])}, {"y": torch.tensor(10)})
+    _close_to(
+        sample_dpm_solver_pp(eps_fn, _official_x_T(), make_schedule("discrete"), 10),
+        OFFICIAL_DPM_SOLVER_PP_CFG_10,
+    )
+
+
+def test_continuous_solvers_match_the_official_code():
+    ns = make_schedule("continuous")
+    for steps, want in OFFICIAL_DPM_SOLVER.items():
+        _close_to(sample_dpm_solver(_official_toy, _official_x_T(), ns, steps), want)
+    seen = []
+    sample_dpm_solver(lambda x, ts: seen.append(ts[0].item()) or _official_toy(x, ts), _official_x_T(), ns, 5)
+    np.testing.assert_allclose(seen, OFFICIAL_DPM_SOLVER_TIMESTEPS_5, rtol=1e-6, atol=0)
+    for steps, (ode, sde) in OFFICIAL_EULER.items():
+        _close_to(sample_euler_ode(_official_toy, _official_x_T(), ns, steps), ode)
+        # generator=None draws from the global RNG in the official order: the same noise as sde.euler_maruyama
+        torch.manual_seed(0)
+        _close_to(sample_euler_maruyama(_official_toy, _official_x_T(), ns, steps), sde)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Gaussian closed form and convergence orders (float64 so the slopes are not masked by roundoff)
 
 ODE_CASES = [
