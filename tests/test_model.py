@@ -400,8 +400,8 @@ def test_no_graph_breaks_under_dynamo():
 
 
 # --------------------------------------------------------------------------------------------------
-# Numbers from the real official code: baofff/U-ViT at ce55170 (libs/uvit.py, libs/uvit_t2i.py and the
-# timm 0.3.2 trunc_normal_ of libs/timm.py), run on CPU in fp32 with torch.manual_seed(0) before building
+# Numbers from the real official code: baofff/U-ViT (ce55170 era; libs/uvit.py and libs/uvit_t2i.py as of
+# 0935d80, the timm 0.3.2 trunc_normal_/Mlp of libs/timm.py), run on CPU in fp32 (torch 2.14) with torch.manual_seed(0) before building
 # the model. The last three values of each tensor (flattened) and the output on a seeded input.
 
 OFFICIAL_SEED0 = {

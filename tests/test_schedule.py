@@ -160,7 +160,7 @@ def test_time_grids():
         time_grid("nope", ns, 1.0, 1e-3, 10)
 
 
-# Produced by the official implementation (baofff/U-ViT at ce55170, CPU fp32): dpm_solver_pp.NoiseScheduleVP(
+# Produced by the official implementation (baofff/U-ViT, ce55170 era; see tests/test_solvers.py; CPU fp32): dpm_solver_pp.NoiseScheduleVP(
 # 'discrete', betas=torch.tensor(stable_diffusion_beta_schedule()).float()) as the eval scripts build it, and
 # dpm_solver_pytorch.NoiseScheduleVP('linear'). The t list includes both linear extrapolations (t < 1/N, t > 1).
 OFFICIAL_T = [0.0005, 0.001, 0.0123, 0.25, 0.5005, 0.7777, 1.0, 1.0005]

@@ -204,8 +204,9 @@ def test_dpm_solver_pp_zero_eps_is_exact_scaling():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Numbers from the real official code: baofff/U-ViT at ce55170 (dpm_solver_pp.py, dpm_solver_pytorch.py,
-# sde.py), run on CPU in fp32 with the exact calls of the eval scripts: eval_t2i_discrete.py / eval_ldm_discrete.py
+# Numbers from the real official code: baofff/U-ViT (ce55170 era; dpm_solver_pytorch.py and the eval scripts
+# as of 2a8685f, sde.py as of 36978d9, dpm_solver_pp.py via the SeanNobel/U-ViT fork, logic identical to the
+# Gbone3176/uvit-base copy), run on CPU in fp32 (torch 2.14) with the exact calls of the eval scripts: eval_t2i_discrete.py / eval_ldm_discrete.py
 # (NoiseScheduleVP('discrete', float32 betas), model_fn = net(x, t_continuous * 1000), DPM_Solver(predict_x0=True,
 # thresholding=False).sample(x, steps, eps=1/1000, T=1.), CFG as two passes), eval.py / eval_ldm.py
 # (NoiseScheduleVP('linear'), model_wrapper(ScoreModel.noise_pred, time_input_type='0') with the x999 inside,
