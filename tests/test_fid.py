@@ -126,6 +126,9 @@ def test_stats_npz_round_trip(tmp_path):
     assert read_meta(p) == {"mode": "clean", "num_images": 3}
     with np.load(p) as f:
         assert f["mu"].dtype == np.float64 and f["sigma"].dtype == np.float64
+    with np.load(str(p)) as f:  # U-ViT tools/fid_score.py compute_statistics_of_path, verbatim (no pickle)
+        m, s = f["mu"][:], f["sigma"][:]  # noqa: F841
+    np.testing.assert_array_equal(m, mu.astype(np.float64))
 
 
 # ------------------------------------------------------------------------------------------ bad npz
@@ -154,6 +157,58 @@ def test_adm_batch_arr0_is_never_read(tmp_path):
     )
     mu, sigma = load_ref_stats(tmp_path / "adm.npz", dim=8)
     assert mu.sum() == 8 and sigma.trace() == 8
+
+
+def _adm_batch(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """ADM's reference-batch layout (`VIRTUAL_imagenet256_labeled.npz`): arr_0 uint8 NHWC + mu/sigma + mu_s/sigma_s.
+    arr_0's header claims 10,000 images of 256x256 but the data stops after 16 bytes: reading it would fail."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buf, {"descr": "|u1", "fortran_order": False, "shape": (10000, 256, 256, 3)}
+        )
+        z.writestr("arr_0.npy", buf.getvalue() + bytes(16))
+        for k, v in {"mu": mu, "sigma": sigma, "mu_s": mu[:4], "sigma_s": sigma[:4, :4]}.items():
+            buf = io.BytesIO()
+            np.save(buf, v)
+            z.writestr(f"{k}.npy", buf.getvalue())
+
+
+def test_paper_and_adm_reference_formats(tmp_path):
+    """U-ViT's assets/fid_stats/*.npz (just mu, sigma float64) and an ADM reference batch, as `uvit fid` reads
+    them; a foreign reference whose origin implies another protocol than --mode gets a warning."""
+    _images(tmp_path / "a", 5, seed=20)
+    kw = {"features": _standin(), "feature_dim": 16, "device": "cpu"}
+
+    def stats(mode):
+        with np.load(make_ref_stats(tmp_path / "a", tmp_path / f"{mode}.npz", mode=mode, **kw).path) as f:
+            return f["mu"], f["sigma"]
+
+    uvit = tmp_path / "fid_stats_cifar10_train_pytorch.npz"
+    mu, sigma = stats("legacy_pytorch")
+    np.savez(uvit, mu=mu, sigma=sigma)
+    adm = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    mu, sigma = stats("legacy_tensorflow")
+    _adm_batch(adm, mu.astype(np.float32), sigma)
+    with pytest.raises(ValueError):  # the bait works: touching arr_0 fails
+        with np.load(adm) as z:
+            z["arr_0"]
+    for ref, right in [(uvit, "legacy_pytorch"), (adm, "legacy_tensorflow")]:
+        assert load_ref_stats(ref, 16)[1].dtype == np.float64
+        ok = compute_fid(tmp_path / "a", ref, mode=right, **kw)
+        assert abs(ok.fid_raw) < 1e-6 and not [w for w in ok.warnings if "--mode" in w]
+        assert ok.stamp["reference"]["mode"] == right
+        wrong = compute_fid(tmp_path / "a", ref, mode="clean", **kw)
+        assert any(f"need --mode {right}" in w for w in wrong.warnings), wrong.warnings
+    ours = make_ref_stats(tmp_path / "a", tmp_path / "ours.npz", mode="legacy_pytorch", **kw).path
+    r = compute_fid(tmp_path / "a", ours, mode="clean", **kw)
+    assert any("made with --mode legacy_pytorch" in w for w in r.warnings)
+    np.savez(tmp_path / "other.npz", mu=mu, sigma=sigma)  # unknown origin: no guess, no warning
+    r = compute_fid(tmp_path / "a", tmp_path / "other.npz", **kw)
+    assert r.stamp["reference"]["mode"] is None and not [w for w in r.warnings if "--mode" in w]
 
 
 # ------------------------------------------------------------------------------------------ workflow (stand-in)

@@ -18,7 +18,14 @@ from typing import Any
 
 from uvit_cli import dist
 from uvit_cli.errors import DataError
-from uvit_cli.fid.stats import FeatureStats, frechet_distance, load_ref_stats, read_meta, save_stats
+from uvit_cli.fid.stats import (
+    FeatureStats,
+    frechet_distance,
+    load_ref_stats,
+    read_meta,
+    ref_protocol,
+    save_stats,
+)
 
 __all__ = [
     "FeatureStats",
@@ -174,8 +181,14 @@ def _fid_against(
     raw = frechet_distance(mu, sigma, mu_r, sigma_r)
     warns = _warnings(stats.n, sizes)
     ref_meta = read_meta(ref)
+    ref_mode, origin = ref_protocol(ref)
     if ref_meta.get("mode") and ref_meta["mode"] != mode:
         warns.append(f"the reference was made with --mode {ref_meta['mode']}, these samples with {mode}")
+    elif ref_mode is not None and ref_mode != mode:
+        warns.append(
+            f"the reference looks like {origin}: numbers comparable with it need --mode {ref_mode} "
+            f"(these samples used {mode})"
+        )
     stamp = {
         "metric": "fid",
         "fid": max(raw, 0.0),
@@ -183,7 +196,13 @@ def _fid_against(
         "mode": mode,
         "num_images": stats.n,
         "samples": source,
-        "reference": {"path": str(ref), "sha256": file_sha256(ref), "num_images": ref_meta.get("num_images")},
+        "reference": {
+            "path": str(ref),
+            "sha256": file_sha256(ref),
+            "num_images": ref_meta.get("num_images"),
+            "mode": ref_mode,  # recorded, or implied by a known origin (None: unknown)
+            "mode_from": origin,
+        },
         "inception": s.weights,
         "image_sizes": [f"{h}x{w}" for h, w in sorted(sizes)[:8]],
         "device": str(s.device),

@@ -118,3 +118,29 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             return json.loads(str(f["meta"])) if "meta" in f.files else {}
     except Exception:
         return {}
+
+
+def ref_protocol(path: str | os.PathLike) -> tuple[str | None, str]:
+    """(mode, where that comes from) of a reference npz: its `meta`, else what its origin implies, else None.
+
+    Foreign files carry no mode. Known origins: an ADM reference batch (it holds `arr_0`; made and read by
+    ADM's TF evaluator = legacy_tensorflow), clean-fid's stats (`<name>_<mode>_<split>_<res>.npz`), U-ViT's
+    `fid_stats_*.npz` (the paper measured its samples against them with pytorch-fid = legacy_pytorch).
+    """
+    meta = read_meta(path)
+    if meta.get("mode"):
+        return str(meta["mode"]), "recorded by `uvit fid ref`"
+    name = Path(path).name.lower()
+    for mode in ("legacy_tensorflow", "legacy_pytorch", "clean"):  # clean-fid's own naming
+        if f"_{mode}_" in name:
+            return mode, "clean-fid's file name"
+    try:
+        with np.load(path) as f:
+            adm = "arr_0" in f.files
+    except Exception:
+        adm = False
+    if adm or name.startswith("virtual_"):
+        return "legacy_tensorflow", "an ADM reference batch (ADM's evaluator runs the TF Inception graph)"
+    if name.startswith("fid_stats_"):
+        return "legacy_pytorch", "U-ViT's fid_stats (the paper's FIDs use pytorch-fid, tools/fid_score.py)"
+    return None, "unknown"
