@@ -38,10 +38,15 @@ def test_load_rule_strips_any_prefix(tmp_path):
 
 
 def test_pytorch_fid_weights_convert_exactly(tmp_path, monkeypatch):
-    """A pytorch-fid `.pth` (torchvision names, BN with gamma) gives clean-fid's legacy_pytorch features."""
+    """A pytorch-fid `.pth` (torchvision names, BN with gamma) gives clean-fid's legacy_pytorch features, and
+    `legacy_pytorch` on image files equals U-ViT's tools/fid_score.py pipeline (PIL -> ToTensor -> pytorch-fid
+    InceptionV3([3]), which resizes bilinearly to 299 and maps [0,1] to [-1,1]; clean-fid's `inception_pytorch`
+    is that module)."""
+    import torchvision.transforms as TF
     from cleanfid import inception_pytorch as ip
 
-    from uvit_cli.fid.features import inception_features
+    from uvit_cli.fid.features import cpu_resizer, inception_features
+    from uvit_cli.fid.images import read_image
 
     torch.manual_seed(2)
     ref = ip._inception_v3(num_classes=1008, aux_logits=False, weights=None)
@@ -65,10 +70,22 @@ def test_pytorch_fid_weights_convert_exactly(tmp_path, monkeypatch):
     clean_fid_net = ip.InceptionV3(output_blocks=[3], resize_input=False).eval()
 
     x = torch.rand(1, 3, 299, 299) * 255
+    ours_fn = inception_features(load_inception(path), "legacy_pytorch")
     with torch.no_grad():
         theirs = clean_fid_net(x / 255)[0].flatten(1)  # what clean-fid's legacy_pytorch extractor returns
-        ours = inception_features(load_inception(path), "legacy_pytorch")(x)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours_fn(x), theirs, rtol=1e-4, atol=1e-5)
+
+        # U-ViT's InceptionV3([3]).forward: F.interpolate(bilinear, align_corners=False) to 299, then 2x - 1
+        # (clean-fid's copy raises on resize_input=True, so the resize is written out here as U-ViT has it)
+        rng = np.random.default_rng(0)
+        for h, w in [(32, 32), (40, 56)]:  # CIFAR-size upsampling; non-square
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "s.png")
+            x01 = TF.ToTensor()(Image.open(tmp_path / "s.png").convert("RGB"))[None]
+            x01 = torch.nn.functional.interpolate(x01, size=(299, 299), mode="bilinear", align_corners=False)
+            uvit = clean_fid_net(x01)[0].flatten(1)
+            img = cpu_resizer("legacy_pytorch")(read_image(tmp_path / "s.png"))
+            ours = ours_fn(torch.from_numpy(np.asarray(img, np.float32).transpose(2, 0, 1).copy())[None])
+            torch.testing.assert_close(ours, uvit, rtol=1e-4, atol=1e-5)
 
 
 def test_tf_resize_is_identity_at_299_and_keeps_constants():
@@ -76,6 +93,34 @@ def test_tf_resize_is_identity_at_299_and_keeps_constants():
     torch.testing.assert_close(tf_bilinear_resize(x), x, rtol=0, atol=1e-2)  # grid rounding, fp32
     c = torch.full((1, 3, 64, 48), 77.0)
     torch.testing.assert_close(tf_bilinear_resize(c), torch.full((1, 3, 299, 299), 77.0))
+
+
+def _tf1_resize_bilinear(x: np.ndarray, size: int = 299) -> np.ndarray:
+    """TF1 `tf.image.resize_bilinear(align_corners=False)` (no half-pixel centres), float64, (H, W, C):
+    source coordinate = dst * in/out, neighbours floor and min(floor + 1, in - 1), linear weights."""
+
+    def axis(n: int):
+        src = np.arange(size) * (n / size)
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, n - 1), src - i0
+
+    (y0, y1, dy), (x0, x1, dx) = axis(x.shape[0]), axis(x.shape[1])
+    dx = dx[None, :, None]
+    top = x[y0][:, x0] * (1 - dx) + x[y0][:, x1] * dx
+    bottom = x[y1][:, x0] * (1 - dx) + x[y1][:, x1] * dx
+    return top * (1 - dy)[:, None, None] + bottom * dy[:, None, None]
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (64, 48), (256, 256), (512, 384)])
+def test_tf_resize_matches_tf1_resize_bilinear(hw):
+    """legacy_tensorflow's in-network resize (NVIDIA's affine_grid emulation) vs TF1's formula: the ADM/TTUR
+    graph resizes with it. Max diff measured 8e-3 (of 255; float32 grid coordinates); half-pixel resizing
+    (F.interpolate) would be off by tens."""
+    img = np.random.default_rng(hw[0]).integers(0, 256, (*hw, 3)).astype(np.float64)
+    ours = tf_bilinear_resize(torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32))[None])
+    np.testing.assert_allclose(
+        ours[0].numpy().transpose(1, 2, 0), _tf1_resize_bilinear(img), rtol=0, atol=2e-2
+    )
 
 
 def test_resolution_order_and_truncated_file(tmp_path, monkeypatch):
@@ -106,21 +151,52 @@ def _real_weights():
         return None
 
 
-@pytest.mark.skipif(_real_weights() is None, reason="real FID Inception weights not found (fid.md §4)")
-def test_golden_values_with_real_weights(tmp_path):
-    """fid.md §4: gradient image, clean mode."""
+def _gradient_png(path, side: int) -> None:
+    """R = x, G = y, B = (x + y) / 2, scaled to span 0..255 (fid.md §4's test image at side 256)."""
+    k = 256 // side
+    y, x = np.mgrid[0:side, 0:side] * k
+    Image.fromarray(np.stack([x, y, (x + y) // 2], -1).astype(np.uint8)).save(path)
+
+
+# Features of the gradient image from the reference pipelines, real TF FID weights (default_1.pt; for U-ViT its
+# tensors mapped onto pytorch-fid's names, block outputs checked equal). (sum, L2, argmax, f[:4]).
+GOLDEN = {
+    # fid.md §4 (clean-fid clean); re-measured with clean-fid 0.1.35's get_files_features: sum 397.547913
+    (256, "clean"): (397.547862, 17.993148, 271, [0.928187, 0.027890, 0.025177, 0.000025]),
+    # U-ViT tools/fid_score.py get_activations (PIL -> ToTensor -> pytorch-fid InceptionV3([3]))
+    (256, "legacy_pytorch"): (397.981214, 17.986491, 271, [0.929287, 0.027831, 0.025476, 0.000089]),
+    (32, "legacy_pytorch"): (398.920080, 18.066158, 271, [0.797868, 0.029089, 0.010515, 0.008132]),
+    # clean-fid 0.1.35 legacy_tensorflow (InceptionV3W resize_inside=True; NVIDIA's forward around the weights)
+    (256, "legacy_tensorflow"): (397.638758, 17.992449, 271, [0.929767, 0.027860, 0.024965, 0.000036]),
+    (32, "legacy_tensorflow"): (380.826860, 17.581230, 271, [0.809306, 0.028132, 0.018751, 0.000631]),
+    (32, "clean"): (393.611071, 17.957765, 271, [0.782188, 0.026155, 0.009400, 0.009577]),
+}
+
+
+@pytest.fixture(scope="module")
+def real_inception():
+    path = _real_weights()
+    if path is None:
+        pytest.skip("real FID Inception weights not found (fid.md §4)")
+    return load_inception(path)
+
+
+@pytest.mark.parametrize("side,mode", list(GOLDEN))
+def test_golden_values_with_real_weights(tmp_path, real_inception, side, mode):
+    """Our pipeline per mode vs numbers the reference implementations produced on the same PNG."""
     from uvit_cli.fid.features import cpu_resizer, inception_features
     from uvit_cli.fid.images import read_image
 
-    y, x = np.mgrid[0:256, 0:256]
-    Image.fromarray(np.stack([x, y, (x + y) // 2], -1).astype(np.uint8)).save(tmp_path / "g.png")
-    img = cpu_resizer("clean")(read_image(tmp_path / "g.png"))
-    assert img.mean() == pytest.approx(127.416679, abs=1e-4)
-    np.testing.assert_allclose(img[150, 150], [128.35619, 128.35619, 128.15019], atol=1e-4)
-    t = torch.from_numpy(img.transpose(2, 0, 1).copy())[None]
+    _gradient_png(tmp_path / "g.png", side)
+    img = cpu_resizer(mode)(read_image(tmp_path / "g.png"))
+    if (side, mode) == (256, "clean"):
+        assert img.mean() == pytest.approx(127.416679, abs=1e-4)
+        np.testing.assert_allclose(img[150, 150], [128.35619, 128.35619, 128.15019], atol=1e-4)
+    t = torch.from_numpy(np.asarray(img, np.float32).transpose(2, 0, 1).copy())[None]
     with torch.no_grad():
-        f = inception_features(load_inception(_real_weights()), "clean")(t)[0].double()
-    assert f.sum().item() == pytest.approx(397.547862, abs=1e-3)
-    assert f.norm().item() == pytest.approx(17.993148, abs=1e-4)
-    assert f.argmax().item() == 271
-    np.testing.assert_allclose(f[:4].numpy(), [0.928187, 0.027890, 0.025177, 0.000025], atol=2e-6)
+        f = inception_features(real_inception, mode)(t)[0].double()
+    total, l2, argmax, head = GOLDEN[side, mode]
+    assert f.sum().item() == pytest.approx(total, abs=1e-3)  # measured |ours - ref| <= 1.6e-4
+    assert f.norm().item() == pytest.approx(l2, abs=1e-4)
+    assert f.argmax().item() == argmax
+    np.testing.assert_allclose(f[:4].numpy(), head, atol=5e-6)
