@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from uvit_cli import checkpoint as ck
-from uvit_cli.config import preset_from_dict
+from uvit_cli.config import load_preset, preset_from_dict
 from uvit_cli.errors import CheckpointError
 from uvit_cli.model import UViT
 
@@ -51,11 +51,33 @@ def test_official_pth_loads_with_a_preset(tmp_path):
     torch.save(model.state_dict(), tmp_path / "nnet_ema.pth")
     sd, embedded, meta = ck.load_weights(tmp_path / "nnet_ema.pth")
     assert embedded is None and meta["weights"] == "ema"
-    with pytest.raises(CheckpointError, match="carries no preset"):
-        ck.load_model(tmp_path / "nnet_ema.pth")
+    with pytest.raises(CheckpointError, match="carries no preset and fits none"):
+        ck.load_model(tmp_path / "nnet_ema.pth")  # no packaged preset has this architecture
     loaded, _, info = ck.load_model(tmp_path / "nnet_ema.pth", preset=preset)
     assert info.format == "official" and info.step is None
     assert torch.equal(loaded.pos_embed, model.pos_embed)
+
+
+def test_official_pth_without_a_preset_is_recognised_by_its_shapes(tmp_path):
+    shapes = load_preset("shapes_uvit_tiny")
+    model = UViT(**shapes.model.model_dump())
+    torch.save(model.state_dict(), tmp_path / "nnet_ema.pth")
+    loaded, resolved, info = ck.load_model(tmp_path / "nnet_ema.pth")
+    assert resolved == shapes and info.format == "official"
+    assert torch.equal(loaded.pos_embed, model.pos_embed)
+
+
+@pytest.mark.parametrize(
+    "name", ["coco_uvit_s2", "coco_uvit_s2_deep", "imagenet256_uvit_l2", "imagenet512_uvit_l4"]
+)
+def test_each_paper_architecture_is_recognised_as_its_own_preset(name):
+    # Neighbours differ by one number (depth 12 vs 16; patch 2 at 32 vs patch 4 at 64): shapes only, on meta.
+    with torch.device("meta"):
+        sd = UViT(**load_preset(name).model.model_dump()).state_dict()
+    assert ck.recognise_preset(sd, name).name == name
+    del sd["norm.bias"]
+    with pytest.raises(CheckpointError, match="fits none"):
+        ck.recognise_preset(sd, name)
 
 
 def test_mismatch_names_the_keys_on_one_line(tmp_path):

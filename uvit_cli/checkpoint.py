@@ -10,7 +10,8 @@
 
 A step directory appears (rename) only when all its files are written, so a killed run never leaves a
 half checkpoint under a step name; `latest` is replaced atomically after that. Official `nnet.pth` /
-`nnet_ema.pth` files (plain state dicts) load too, given the preset they belong to.
+`nnet_ema.pth` files (plain state dicts) load too: with the preset they belong to, or recognised by their
+shapes among the packaged presets.
 """
 
 from __future__ import annotations
@@ -260,6 +261,42 @@ class CheckpointInfo:
         return self.as_dict()[key]
 
 
+def _shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def recognise_preset(sd: Mapping[str, torch.Tensor], source: str) -> Preset:
+    """The packaged preset whose model has exactly these keys and shapes (an official .pth has no preset).
+
+    The ten paper architectures differ in at least one shape, so at most one fits; the number of heads
+    changes no shape, but no two packaged presets differ in heads alone.
+    """
+    import torch
+
+    from uvit_cli.config import list_presets, load_preset
+    from uvit_cli.model import UViT
+
+    want = _shapes(sd)
+    fits = []
+    for name in list_presets():
+        preset = load_preset(name)
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            shapes = _shapes(UViT(**preset.model.model_dump()).state_dict())
+        if shapes == want:
+            fits.append(preset)
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        width = want.get("pos_embed", ("?", "?", "?"))[-1]
+        depth = 2 * sum(1 for k in want if k.startswith("in_blocks.") and k.endswith(".norm1.weight"))
+        raise CheckpointError(
+            f"{source}: carries no preset and fits none of the packaged ones (width {width}, depth {depth}); "
+            "pass the preset it belongs to with --preset NAME or a .toml"
+        )
+    names = ", ".join(p.name for p in fits)
+    raise CheckpointError(f"{source}: carries no preset and fits several ({names}); pass one with --preset")
+
+
 def load_model(
     path: str | os.PathLike[str],
     preset: Preset | None = None,
@@ -273,10 +310,7 @@ def load_model(
     sd, embedded, meta = load_weights(file)
     preset = preset if preset is not None else embedded
     if preset is None:
-        raise CheckpointError(
-            f"{file}: carries no preset (official checkpoint?); pass the preset it belongs to, e.g. "
-            "imagenet256_uvit_h2"
-        )
+        preset = recognise_preset(sd, str(file))
     model = UViT(**preset.model.model_dump())
     check_state_dict(model.state_dict(), sd, str(file))
     model.load_state_dict(sd, strict=True)

@@ -81,12 +81,14 @@ def resolve_model(
             raise _no_checkpoint(preset, run_dir) from None
     else:
         file = find_checkpoint(ckpt, ema=ema)
-    # Our safetensors carry their preset; an official .pth needs --preset (load_model says so otherwise).
+    # Our safetensors carry their preset; an official .pth takes --preset, else load_model recognises it.
     model, resolved, info = load_model(
         file, preset=None if file.suffix == ".safetensors" else preset, ema=ema, device=device
     )
     step = f", step {info.step}" if info.step is not None else ""
     where = f"{info.path}{step} ({info.format}, sha256 {info.sha256[:12]})"
+    if info.format == "official" and preset is None:
+        where += f"; preset {resolved.name}, recognised from its shapes"
     if info.format == "official" and "ema" not in file.stem and file.stem != "nnet":
         # the README's released files (e.g. imagenet256_uvit_huge.pth) do not say which weights they hold
         return model, resolved, f"released weights: {where}"
