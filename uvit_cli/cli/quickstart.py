@@ -21,7 +21,9 @@ def prepare_shapes_command(
         typer.Option("--val", min=0, help="Held-out images [default: n / 10].", show_default=False),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the scenes.")] = 0,
-    resolution: Annotated[int, typer.Option("--resolution", help="Image side in pixels (the preset: 8).")] = 8,
+    resolution: Annotated[
+        int, typer.Option("--resolution", help="Image side in pixels (the preset: 8).")
+    ] = 8,
 ) -> None:
     """Captioned shapes ("a red circle at the top left"): pixels + toy-CLIP contexts, no downloads."""
     from uvit_cli.shapes.prepare import prepare_shapes
