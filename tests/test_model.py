@@ -286,6 +286,9 @@ def test_forward_matches_official(cfg, mode):
     with torch.no_grad():
         c = ours(x, t.float(), **kw)
     assert torch.equal(a, c)
+    if "context" in kw:  # the official t2i call passes the context third, positionally
+        with torch.no_grad():
+            assert torch.equal(ours(x, t, kw["context"]), a)
 
 
 def test_timestep_embedding_cos_first_and_odd_dim():

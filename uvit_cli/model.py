@@ -248,6 +248,10 @@ class UViT(nn.Module):
         t = self.time_embed(timestep_embedding(timesteps, self.embed_dim).to(self.pos_embed.dtype))  # (B, D)
         tokens = [t.unsqueeze(1)]  # [(B, 1, D)]
         if self.conditioning == "text":
+            if (
+                context is None and y is not None
+            ):  # the official uvit_t2i call: forward(x, timesteps, context)
+                context = y
             if context is None:
                 raise ValueError("this U-ViT is text-conditional: pass context (B, num_clip_token, clip_dim)")
             tokens.append(self.context_embed(context))  # (B, num_clip_token, D)
