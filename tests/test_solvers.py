@@ -452,6 +452,19 @@ def test_dpm_solver_pp_matches_the_official_code(steps):
         np.testing.assert_allclose(seen, OFFICIAL_DPM_SOLVER_PP_TIMESTEPS_6, rtol=0, atol=1e-3)
 
 
+def test_the_issue_call_form_without_a_schedule_is_the_official_call():
+    """`sample_dpm_solver_pp(eps_fn, x_T, steps)`: no schedule means the official discrete SD one (N = 1000)."""
+    want = OFFICIAL_DPM_SOLVER_PP[10]
+    _close_to(sample_dpm_solver_pp(_official_toy, _official_x_T(), 10), want)
+    _close_to(sample_dpm_solver_pp(_official_toy, _official_x_T(), steps=10), want)
+    _close_to(sample_dpm_solver_pp(_official_toy, _official_x_T(), 10, make_schedule("discrete")), want)
+    # the continuous solvers default to the VP-SDE the continuous scripts use
+    steps, want_c = next(iter(OFFICIAL_DPM_SOLVER.items()))
+    _close_to(sample_dpm_solver(_official_toy, _official_x_T(), steps), want_c)
+    with pytest.raises(TypeError, match="steps"):
+        sample_dpm_solver_pp(_official_toy, _official_x_T(), make_schedule("discrete"), 2.5)
+
+
 def test_guided_dpm_solver_pp_matches_the_official_code():
     eps_fn = guided_eps_fn(_official_toy, 1.0, {"y": torch.tensor([2, 7])}, {"y": torch.tensor(10)})
     _close_to(

@@ -1,10 +1,12 @@
-"""Diffusion samplers as pure functions `sample_<method>(eps_fn, x_T, schedule, ...) -> x`, plus guidance.
+"""Diffusion samplers as pure functions `sample_<method>(eps_fn, x_T, schedule, steps, ...) -> x`, plus guidance.
 
 Contract (shared by every solver):
 * `eps_fn(x, timesteps) -> eps` is the (guided) noise prediction; `timesteps = schedule.timestep_input(t)` is
   what the network sees, a float tensor of shape (B,) (t * N for the discrete schedule, t * 999 for the
   continuous VP-SDE). Solvers convert eps to a data prediction themselves where they need one.
 * `schedule` is a `uvit_cli.schedule.NoiseSchedule`; solver time runs from `schedule.T` down to `t_end`.
+* `schedule` may be left out, and then `steps` can come third: `sample_dpm_solver_pp(eps_fn, x_T, 50)` is the
+  official discrete call (SD schedule, N = 1000); the continuous solvers default to the VP-SDE.
 * Arithmetic: the schedule quantities are float32 like the official code (float64 when x_T is float64,
   which the tests use to measure convergence orders); pass float32 x_T and run the network under autocast
   inside `eps_fn` if you want mixed precision.
@@ -20,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from uvit_cli.schedule import NoiseSchedule, time_grid
+from uvit_cli.schedule import NoiseSchedule, make_schedule, time_grid
 
 __all__ = [
     "SOLVERS",
@@ -84,6 +86,22 @@ def _setup(
     t_end = schedule.eps if t_end is None else float(t_end)
     ones = torch.ones(x_T.shape[0], dtype=_work_dtype(x_T), device=x_T.device)  # (B,)
     return t_start, t_end, ones
+
+
+def _schedule_steps(
+    schedule: NoiseSchedule | int | None, steps: int | NoiseSchedule, kind: str
+) -> tuple[NoiseSchedule, int]:
+    """(schedule, steps) from either call form; no schedule = the one the official scripts pair with the solver.
+
+    `sample_x(eps_fn, x_T, schedule, steps)` is the k-diffusion-style form; `sample_x(eps_fn, x_T, steps)` (or
+    `steps=` alone) is the form the core issue names, e.g. `sample_dpm_solver_pp(eps_fn, x_T, 50)` is exactly
+    the official discrete call (SD schedule, N = 1000).
+    """
+    if isinstance(schedule, int) and not isinstance(schedule, bool):  # steps in the third slot
+        schedule, steps = (steps if not isinstance(steps, int) else None), schedule
+    if not isinstance(steps, int):  # (eps_fn, x_T, steps, schedule) with the schedule fourth
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    return (make_schedule(kind) if schedule is None else schedule), steps
 
 
 def fast_orders(steps: int, order: int = 3) -> list[int]:
@@ -155,7 +173,7 @@ def _dpmpp_singlestep(
 def sample_dpm_solver_pp(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
     order: int = 3,
     skip_type: str = "time_uniform",
@@ -169,6 +187,7 @@ def sample_dpm_solver_pp(
     steps + 1 times; a step of order o spans o grid intervals and evaluates at the skipped grid points.
     No final denoising step. `method='multistep'` runs `sample_dpm_solver_pp_2m` (order <= 2).
     """
+    schedule, steps = _schedule_steps(schedule, steps, "discrete")
     if method == "multistep":
         if order > 2:
             raise ValueError("multistep DPM-Solver++ is implemented for order <= 2 (2M); use method='fast'")
@@ -192,7 +211,7 @@ def sample_dpm_solver_pp(
 def sample_dpm_solver_pp_2m(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
     skip_type: str = "time_uniform",
     t_start: float | None = None,
@@ -205,6 +224,7 @@ def sample_dpm_solver_pp_2m(
     The first step is first order (no history); with `lower_order_final` and steps < 10 the last one is too,
     as in the DPM-Solver reference code. `order=1` gives DDIM in DPM-Solver++ form.
     """
+    schedule, steps = _schedule_steps(schedule, steps, "discrete")
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     t_start, t_end, ones = _setup(x_T, schedule, t_start, t_end)
@@ -232,7 +252,7 @@ def sample_dpm_solver_pp_2m(
 def sample_ddim(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
     eta: float = 0.0,
     generator: Generators = None,
@@ -241,6 +261,7 @@ def sample_ddim(
     t_end: float | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 the DDPM-like posterior (eq. 16)."""
+    schedule, steps = _schedule_steps(schedule, steps, "discrete")
     t_start, t_end, ones = _setup(x_T, schedule, t_start, t_end)
     grid = time_grid(skip_type, schedule, t_start, t_end, steps, x_T.device).to(ones.dtype)
     sigmas, alphas = schedule.marginal_std(grid), schedule.marginal_alpha(grid)
@@ -304,7 +325,7 @@ def _dpm_singlestep(
 def sample_dpm_solver(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
     order: int = 3,
     skip_type: str = "logSNR",
@@ -316,6 +337,7 @@ def sample_dpm_solver(
     K = len(fast_orders(steps)) = steps // 3 + 1 intervals on a uniform-logSNR grid of K + 1 points; each
     interval gets one step of its order, intermediate points at r = 1/3, 2/3 (order 3) or 1/2 (order 2).
     """
+    schedule, steps = _schedule_steps(schedule, steps, "continuous")
     t_start, t_end, ones = _setup(x_T, schedule, t_start, t_end)
     orders = fast_orders(steps, order)
     grid = time_grid(skip_type, schedule, t_start, t_end, len(orders), x_T.device).to(ones.dtype)
@@ -367,12 +389,13 @@ def _euler(
 def sample_euler_maruyama(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | int | None = None,
     steps: int = 1000,
     generator: Generators = None,
     t_end: float = 1e-3,
 ) -> torch.Tensor:
     """Euler–Maruyama on the reverse VP-SDE (Song et al. 2021 eq. 6), U-ViT's `euler_maruyama_sde` (spec §4.4)."""
+    schedule, steps = _schedule_steps(schedule, steps, "continuous")
     return _euler(eps_fn, x_T, schedule, steps, t_end, 1.0, generator)
 
 
@@ -380,11 +403,12 @@ def sample_euler_maruyama(
 def sample_euler_ode(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
     t_end: float = 1e-3,
 ) -> torch.Tensor:
     """Euler on the probability-flow ODE (Song et al. 2021 eq. 13), U-ViT's `euler_maruyama_ode` (spec §4.4)."""
+    schedule, steps = _schedule_steps(schedule, steps, "continuous")
     return _euler(eps_fn, x_T, schedule, steps, t_end, 0.0, None)
 
 
