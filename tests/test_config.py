@@ -38,8 +38,9 @@ def test_every_packaged_preset_validates(name):
 def test_preset_builds_model_of_spec_size(name):
     p = load_preset(name)
     with torch.device("meta"):
-        model = UViT(**p.model.model_dump())
+        model = UViT(**p.model)  # the [model] table unpacks straight into the constructor
     assert model.num_params() == PAPER_PRESETS[name]
+    assert dict(**p.model) == p.model.model_dump()
 
 
 def test_spec_hyperparameters():

@@ -59,6 +59,15 @@ class ModelConfig(_Strict):
             )
         return self
 
+    # The mapping protocol, so `UViT(**preset.model)` builds the model as the design promises.
+    def keys(self) -> list[str]:
+        return list(type(self).model_fields)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
     @property
     def conditioning(self) -> Literal["none", "class", "text"]:
         if self.clip_dim is not None:
