@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -34,6 +33,9 @@ from uvit_cli.cli.common import (
     is_rank0,
     out,
 )
+
+if TYPE_CHECKING:  # typer vendors click now: no run-time import of a package we do not depend on
+    import click
 
 # Options that only generating from a checkpoint takes: their presence routes `uvit fid ...` to `generate`.
 _GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
