@@ -75,3 +75,59 @@ def test_config_solver_names_match_the_solvers():
     from uvit_cli.config import SOLVER_NAMES
 
     assert set(SOLVER_NAMES) == set(solvers.SOLVERS)
+
+
+# Import name -> the distribution pyproject.toml declares for it. A run-time import of anything else breaks a
+# fresh install (typer 0.29 stopped installing click, and `import click` then crashed every command).
+RUNTIME_DEPS = {
+    "torch": "torch",
+    "typer": "typer",
+    "pydantic": "pydantic",
+    "einops": "einops",
+    "PIL": "pillow",
+    "numpy": "numpy",
+    "scipy": "scipy",
+    "cleanfid": "clean-fid",
+    "safetensors": "safetensors",
+    "tomli": "tomli",
+    "rich": "rich",
+    "ftfy": "ftfy",
+    "regex": "regex",
+}
+OPTIONAL = {"huggingface_hub"}  # hub downloads, only when installed (guarded by an ImportError handler)
+
+
+def _runtime_import_roots(path: Path) -> set[str]:
+    """Top-level import roots of a module, leaving out `if TYPE_CHECKING:` blocks."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    roots = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            roots.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_runtime_imports_are_declared_dependencies():
+    import re
+    import sys
+
+    text = (PKG.parent / "pyproject.toml").read_text()
+    deps_block = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    declared = {
+        re.split(r"[<>=;\s\[]", d.strip().strip('",'))[0].lower() for d in re.findall(r'"[^"]+"', deps_block)
+    }
+    for dist in RUNTIME_DEPS.values():
+        assert dist in declared, f"{dist} is not in pyproject's dependencies"
+    for p in PKG.rglob("*.py"):
+        for root in _runtime_import_roots(p):
+            if root in sys.stdlib_module_names or root == "uvit_cli" or root in OPTIONAL:
+                continue
+            assert root in RUNTIME_DEPS, f"{p.relative_to(PKG)} imports {root!r}, not a declared dependency"
