@@ -33,3 +33,93 @@ def test_errors_are_one_line_exit_2():
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), r.output
         assert "Traceback" not in r.output
+
+
+def _one_error_line(r, code=2):
+    assert r.exit_code == code, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
+def test_fid_module_needs_no_click_install():
+    # typer >= 0.2x vendors click and no longer installs it: a run-time `import click` broke every command.
+    import ast
+    from pathlib import Path
+
+    import uvit_cli.cli
+
+    for f in Path(uvit_cli.cli.__file__).parent.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        for node in tree.body:  # module-level imports only (TYPE_CHECKING blocks are fine)
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n == "click" or n.startswith("click.") for n in names), f"{f.name} imports click"
+
+
+def test_train_mistakes_fail_before_torch_loads():
+    # A wrong preset or --set key must fail in a second, not after importing torch (~5-15 s).
+    code = (
+        "import sys; from typer.testing import CliRunner; from uvit_cli.cli import app\n"
+        "for args in (['train', 'shapes_uvit_tin'], ['train', 'shapes_uvit_tiny', '--set', 'trian.lr=1']):\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code == 2 and r.output.startswith('error:'), r.output\n"
+        "assert 'torch' not in sys.modules, 'torch imported before the preset was checked'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sample_without_model_or_with_missing_ckpt_is_one_line(tmp_path):
+    line = _one_error_line(runner.invoke(app, ["sample", "--prompt", "x"]))
+    assert "--ckpt" in line and "quickstart/run" in line
+    missing = tmp_path / "nope" / "run"
+    line = _one_error_line(runner.invoke(app, ["sample", "--ckpt", str(missing), "--prompt", "x"]))
+    assert str(missing) in line and "no such file" in line
+
+
+def test_error_text_in_brackets_is_not_eaten_as_markup():
+    import typer
+
+    from uvit_cli.cli.common import fail, handle_errors
+    from uvit_cli.errors import ConfigError
+
+    tiny = typer.Typer()
+
+    @tiny.command()
+    @handle_errors
+    def boom() -> None:
+        raise ConfigError("train.betas: expected [beta1, beta2], got [default]")
+
+    r = runner.invoke(tiny, [])
+    line = _one_error_line(r)
+    assert "[beta1, beta2]" in line and "[default]" in line
+    assert fail("x").exit_code == 1
+
+
+def test_help_shows_the_defaults_written_in_brackets():
+    r = runner.invoke(app, ["quickstart", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    assert "default: 10000" in r.output and "default: all" in r.output
+
+
+def test_train_interrupt_says_what_was_kept(tmp_path, monkeypatch):
+    import uvit_cli.train
+
+    run = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(uvit_cli.train, "train", interrupted)
+    args = ["train", "shapes_uvit_tiny", "--run-dir", str(run)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 130, r.output
+    assert "interrupted" in r.output and "no checkpoint was saved yet" in r.output
+    (run / "ckpts" / "00000030").mkdir(parents=True)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 130, r.output
+    assert "resume from step 30" in r.output and "Traceback" not in r.output

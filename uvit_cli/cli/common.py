@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from uvit_cli.config import SOLVER_NAMES
 from uvit_cli.errors import UvitError
@@ -67,7 +68,7 @@ def image_progress(*, note: bool = False, transient: bool = False) -> Any:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one red line and return the Exit to raise."""
-    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # "[...]" in a message stays text
     return typer.Exit(code)
 
 

@@ -69,7 +69,7 @@ PrecisionOpt = Annotated[
 ]
 WorkersOpt = Annotated[
     int | None,
-    typer.Option("--workers", min=0, help="Image-decoding processes per GPU [default: min(8, CPUs)]."),
+    typer.Option("--workers", min=0, help="Image-decoding processes per GPU (default: min(8, CPUs))."),
 ]
 
 
@@ -147,7 +147,7 @@ def imagenet(
     out_dir: OutOpt,
     resolution: Annotated[
         int | None,
-        typer.Option("--resolution", help="256 or 512 (latent), 64 (pixel) [default: 256 / 64]."),
+        typer.Option("--resolution", help="256 or 512 (latent), 64 (pixel) (default: 256 / 64)."),
     ] = None,
     space: Annotated[
         Space,

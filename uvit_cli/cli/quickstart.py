@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from uvit_cli.cli.common import SetOption, console, handle_errors, out
 
@@ -18,7 +19,7 @@ def prepare_shapes_command(
     n: Annotated[int, typer.Option("--n", min=1, help="Training images.")] = 10000,
     n_val: Annotated[
         int | None,
-        typer.Option("--val", min=0, help="Held-out images [default: n / 10].", show_default=False),
+        typer.Option("--val", min=0, help="Held-out images (default: n / 10).", show_default=False),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the scenes.")] = 0,
     resolution: Annotated[
@@ -65,17 +66,17 @@ def quickstart_command(
     ] = None,
     images: Annotated[
         int | None,
-        typer.Option("--images", min=64, help="Training images [default: 10000].", show_default=False),
+        typer.Option("--images", min=64, help="Training images (default: 10000).", show_default=False),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, training and sampling.")] = 0,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", min=1, help="CPU threads for torch [default: all].", show_default=False),
+        typer.Option("--threads", min=1, help="CPU threads for torch (default: all).", show_default=False),
     ] = None,
     overrides: SetOption = None,
 ) -> None:
     """Prepare the shapes set, train a tiny text-to-image U-ViT, sample a grid and score it: all on a CPU."""
-    from uvit_cli.quickstart import quickstart
+    from uvit_cli.quickstart import MAX_CHUNK_S, quickstart
 
     last_train = [0.0]
 
@@ -86,25 +87,61 @@ def quickstart_command(
                 return
             last_train[0] = now
         if e.stage != "done":
-            console.print(f"[bold]{e.stage}[/bold] {e.message}", highlight=False)
+            left = e.metrics.get("left_s") if steps is None else None
+            eta = f"  ({max(left, 0) // 60:.0f}:{max(left, 0) % 60:02.0f} left)" if left is not None else ""
+            console.print(f"[bold]{e.stage}[/bold] {escape(e.message)}{eta}", highlight=False, soft_wrap=True)
 
-    result = quickstart(
-        out_dir,
-        minutes=minutes,
-        steps=steps,
-        images=images,
-        seed=seed,
-        threads=threads,
-        overrides=overrides,
-        on_event=show,
-    )
+    try:
+        result = quickstart(
+            out_dir,
+            minutes=minutes,
+            steps=steps,
+            images=images,
+            seed=seed,
+            threads=threads,
+            overrides=overrides,
+            on_event=show,
+        )
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]interrupted[/yellow]: training checkpoints every ~{MAX_CHUNK_S:.0f} s in {out_dir / 'run'}; "
+            "rerun the same command to continue from the last one",
+            soft_wrap=True,
+            markup=True,
+        )
+        raise SystemExit(130) from None
     s = result.seconds
     out.print(
-        f"trained {result.steps} steps; prepare {s['prepare']:.0f} s, train {s['train']:.0f} s, sample {s['sample']:.0f} s, total {s['total']:.0f} s"
+        f"trained {result.steps} steps; prepare {s['prepare']:.0f} s, train {s['train']:.0f} s, "
+        f"sample {s['sample']:.0f} s, total {s['total']:.0f} s",
+        soft_wrap=True,
     )
-    out.print(f"samples:   {result.fidelity}")
-    out.print(f"reference: {result.reference} (held-out real images through the same analysis)")
-    out.print(f"grid: {result.grid}   scores: {result.out / 'fidelity.json'}")
+    out.print(f"samples:   {result.fidelity}", soft_wrap=True)
+    out.print(
+        f"reference: {result.reference} (held-out real images through the same analysis)", soft_wrap=True
+    )
+    out.print(f"grid: {result.grid}   scores: {result.out / 'fidelity.json'}", soft_wrap=True)
+    if steps is None and result.steps < SHORT_RUN_STEPS:
+        # Honest about a busy or slow machine: the documented scores need ~3,000 steps, not 5 minutes.
+        console.print(
+            f"[yellow]note:[/yellow] only {result.steps} steps fitted in {minutes:g} min here (a quiet 2-core machine "
+            f"trains ~3,200 in 5 min); colour passes 95% after ~1,600 steps and shape 80% after ~3,200. "
+            f"Rerun `uvit quickstart{_same_out(out_dir)}` to continue training the same run.",
+            soft_wrap=True,
+        )
+    prompt = "a blue square at the top right"
+    out.print(
+        f'next: uvit sample --ckpt {out_dir / "run"} --prompt "{prompt}" --out {out_dir / "more"} --grid',
+        soft_wrap=True,
+        markup=False,
+    )
+
+
+SHORT_RUN_STEPS = 1600  # below this a 5-minute run is far from the documented scores (docs/quickstart.md)
+
+
+def _same_out(out_dir: Path) -> str:
+    return "" if out_dir == Path("quickstart") else f" --out {out_dir}"
 
 
 def register(app: typer.Typer) -> None:

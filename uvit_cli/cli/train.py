@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from uvit_cli.cli.common import SetOption, console, handle_errors
 
@@ -50,11 +52,13 @@ def train(
 
     Multi-GPU: torchrun --nproc_per_node N -m uvit_cli train PRESET (train.batch_size is the global batch).
     """
-    from uvit_cli import dist
     from uvit_cli.config import load_preset
+
+    p = load_preset(preset, set_ or [])  # a wrong name or --set key fails in a second, before torch loads
+
+    from uvit_cli import dist
     from uvit_cli.train import train as run_training
 
-    p = load_preset(preset, set_ or [])
     show = dist.is_main()
     progress, task = None, None
     if show:
@@ -75,7 +79,7 @@ def train(
         nonlocal task
         assert progress is not None
         if e.kind == "start":
-            console.print(f"[dim]{e.message}[/dim]")
+            console.print(f"[dim]{escape(e.message)}[/dim]")
             task = progress.add_task(
                 "train", total=e.total_steps, completed=e.step, loss="-", ips="-", lr="-", eta="-"
             )
@@ -91,12 +95,12 @@ def train(
                 eta=_duration(m["eta_s"]),
             )
         elif e.kind == "warning":
-            progress.console.print(f"[yellow]warning:[/yellow] {e.message}", soft_wrap=True)
+            progress.console.print(f"[yellow]warning:[/yellow] {escape(e.message)}", soft_wrap=True)
         elif e.kind in ("checkpoint", "samples"):
-            progress.console.print(f"[dim]step {e.step}: {e.message}[/dim]", soft_wrap=True)
+            progress.console.print(f"[dim]step {e.step}: {escape(e.message)}[/dim]", soft_wrap=True)
         elif e.kind == "done":
             progress.stop()
-            console.print(e.message, soft_wrap=True)
+            console.print(escape(e.message), soft_wrap=True)
 
     try:
         run_training(
@@ -108,9 +112,36 @@ def train(
             max_steps=max_steps,
             on_event=on_event if show else None,
         )
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.stop()
+        if show:
+            _interrupted(
+                p, run_dir, None if task is None or progress is None else progress.tasks[0].completed
+            )
+        sys.exit(130)
     finally:
         if progress is not None:
             progress.stop()
+
+
+def _interrupted(preset: Any, run_dir: Path | None, step: float | None) -> None:
+    """Say honestly what a Ctrl-C kept: the newest checkpoint (what a rerun resumes from), or nothing."""
+    from uvit_cli.checkpoint import list_checkpoints
+
+    run = run_dir if run_dir is not None else Path("runs") / preset.name
+    saved = list_checkpoints(run)
+    at = f" (last logged step {int(step)})" if step else ""
+    if saved:
+        kept = f"rerun the same command to resume from step {saved[-1][0]} ({saved[-1][1]})"
+        if step and int(step) > saved[-1][0]:
+            kept += f"; the {int(step) - saved[-1][0]}+ steps since are lost"
+    else:
+        kept = (
+            f"no checkpoint was saved yet (train.save_interval = {preset.train.save_interval}), "
+            "so a rerun starts over; --max-steps N ends a run with a checkpoint"
+        )
+    console.print(f"[yellow]interrupted[/yellow]{at}: {escape(kept)}", soft_wrap=True)
 
 
 def _duration(seconds: float) -> str:
