@@ -286,7 +286,8 @@ def _sample_run(
 ) -> Callable[[], None]:
     """Sampling (and decoding) of one batch with recipe `r`, as a closure over a fresh network."""
     from uvit_cli import solvers
-    from uvit_cli.sample.generate import SampleSettings, decode_latents, generate, to_uint8
+    from uvit_cli.sample.generate import SampleSettings, decode_latents, generate, sample_latents, to_uint8
+    from uvit_cli.sample.generate import _network as _sample_network
 
     m = preset.model
     model = _network(preset, device, r.official_attention).eval()
@@ -304,6 +305,14 @@ def _sample_run(
 
         def conditions(idx: Any) -> dict[str, torch.Tensor]:
             return {k: v[: len(idx)] for k, v in cond.items()}
+
+        if vae is None and preset.data.space == "latent":  # --no-decode: the solver only (generate decodes)
+            net = _sample_network(model, settings, device)
+
+            def solve() -> None:
+                sample_latents(model, preset, range(batch), conditions, null, settings=settings, network=net)
+
+            return solve
 
         def run() -> None:
             for _ in generate(
