@@ -330,11 +330,17 @@ def generate(
     check_guidance(preset, settings)
     net = _network(model, settings, device)
     indices = [int(i) for i in indices]
-    for start in range(0, len(indices), settings.batch_size):
-        batch = indices[start : start + settings.batch_size]
+    bs = settings.batch_size
+    # A compiled network is specialised to the batch shape (dynamic=False): a last partial batch would compile
+    # (and with CUDA graphs record) it all again. Pad it with copies of its last index instead and drop them;
+    # rows do not interact and each has its own generator, so the kept rows are the same images.
+    pad = (settings.compile or settings.cuda_graphs) and len(indices) > bs
+    for start in range(0, len(indices), bs):
+        batch = indices[start : start + bs]
+        run = batch + [batch[-1]] * (bs - len(batch)) if pad else batch
         x = sample_latents(
-            model, preset, batch, conditions, uncond, seed=seed, settings=settings, device=device, network=net
-        )
+            model, preset, run, conditions, uncond, seed=seed, settings=settings, device=device, network=net
+        )[: len(batch)]
         images = to_uint8(
             decode_latents(
                 autoencoder if preset.data.space == "latent" else None,
