@@ -16,8 +16,8 @@ from rich.markup import escape
 from uvit_cli.config import SOLVER_NAMES
 from uvit_cli.errors import UvitError
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line in logs too
+out = Console(highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

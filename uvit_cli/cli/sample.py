@@ -158,7 +158,7 @@ def register(app: typer.Typer) -> None:
             return
         st = result.settings
         gi = f", guidance interval {st['guidance_interval']}" if st["guidance_interval"] else ""
-        rate = f", {result.written / result.seconds:.2f} img/s" if result.written else ""
+        rate = f", {result.written / result.seconds:.2f} img/s overall" if result.written else ""
         out.print(
             f"{result.total} images in {result.out} ({result.written} new, {result.skipped} already there) "
             f"in {result.seconds:.1f} s{rate}; {st['solver']} {st['steps']} steps, cfg {st['cfg_scale']:g}{gi}, "
