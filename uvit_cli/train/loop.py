@@ -87,6 +87,21 @@ def _micro_batches(loader: Any, sampler: Any, ds: Any, epoch: int, start_batch: 
         epoch, start_batch = epoch + 1, 0
 
 
+def _recipe(
+    preset: Preset, device: torch.device, compile: bool | None
+) -> tuple[torch.dtype | None, bool, bool]:
+    """(autocast dtype, torch.compile, fused AdamW): the preset's fast recipe on CUDA, fp32 eager elsewhere.
+
+    The one place the device decides; tests patch it to run the CUDA recipe on the CPU
+    (tests/test_cuda_paths_on_cpu.py), since CPU autocast and compile are not what a CPU run wants.
+    """
+    if device.type != "cuda":
+        return None, False, False
+    tc = preset.train
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
+    return amp_dtype, tc.compile if compile is None else compile, True
+
+
 def train(
     preset: Preset,
     run_dir: str | Path | None = None,
@@ -120,8 +135,7 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision) if cuda else None
-    use_compile = cuda and (tc.compile if compile is None else compile)
+    amp_dtype, use_compile, fused = _recipe(preset, device, compile)
 
     try:
         # ---- Batch geometry ----------------------------------------------------------------------
@@ -177,7 +191,7 @@ def train(
             betas=tc.betas,
             weight_decay=tc.weight_decay,
             warmup_steps=tc.warmup_steps,
-            fused=cuda,
+            fused=fused,
         )
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
