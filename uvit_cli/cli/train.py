@@ -81,7 +81,13 @@ def train(
         if e.kind == "start":
             console.print(f"[dim]{escape(e.message)}[/dim]")
             task = progress.add_task(
-                "train", total=e.total_steps, completed=e.step, loss="-", ips="-", lr="-", eta="-"
+                "train",
+                total=e.metrics.get("end_step", e.total_steps),
+                completed=e.step,
+                loss="-",
+                ips="-",
+                lr="-",
+                eta="-",
             )
             progress.start()
         elif e.kind == "log" and task is not None:
