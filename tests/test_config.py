@@ -146,3 +146,22 @@ def test_bad_file(tmp_path):
 def test_toml_round_trip():
     p = load_preset("imagenet256_uvit_h2")
     assert config.preset_from_toml(p.to_toml()) == p
+
+
+def test_presets_are_found_after_a_regular_install(tmp_path, monkeypatch):
+    """Non-editable installs carry the presets as data files in <prefix>/share/uvit/presets (pyproject)."""
+    import sys
+
+    import uvit_cli.config as config
+
+    assert config.presets_dir().name == "presets" and "coco_uvit_s2_deep" in config.list_presets()  # checkout
+    site = tmp_path / "site-packages" / "uvit_cli"
+    site.mkdir(parents=True)
+    shared = tmp_path / "prefix" / "share" / "uvit" / "presets"
+    shared.mkdir(parents=True)
+    (shared / "only_here.toml").write_text((config.presets_dir() / "coco_uvit_s2.toml").read_text())
+    monkeypatch.delenv(config.PRESETS_ENV, raising=False)
+    monkeypatch.setattr(config, "__file__", str(site / "config.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    assert config.presets_dir() == shared and config.list_presets() == ["only_here"]
+    assert config.load_preset("only_here").model.embed_dim == 512

@@ -167,9 +167,14 @@ class Preset(_Strict):
 
 
 def presets_dir() -> Path:
-    """The directory of packaged presets: $UVIT_PRESETS, else `presets/` beside the package."""
+    """The packaged presets: $UVIT_PRESETS, else `presets/` of the checkout (editable install), else
+    <prefix>/share/uvit/presets (where a regular `pip install` puts them)."""
     env = os.environ.get(PRESETS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "presets"
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parent.parent / "presets"
+    installed = Path(sys.prefix) / "share" / "uvit" / "presets"
+    return installed if not checkout.is_dir() and installed.is_dir() else checkout
 
 
 def list_presets() -> list[str]:
