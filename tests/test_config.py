@@ -165,3 +165,21 @@ def test_presets_are_found_after_a_regular_install(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
     assert config.presets_dir() == shared and config.list_presets() == ["only_here"]
     assert config.load_preset("only_here").model.embed_dim == 512
+
+
+def test_errors_suggest_the_close_name_and_blame_the_set_that_caused_them():
+    with pytest.raises(
+        ConfigError, match=r"unknown preset 'coco_uvit_s2_dep' \(did you mean 'coco_uvit_s2_deep'\?\)"
+    ):
+        load_preset("coco_uvit_s2_dep")
+    with pytest.raises(ConfigError) as e:
+        load_preset("coco_uvit_s2", ["train.lrr=1"])
+    assert str(e.value) == "--set train.lrr=1: train.lrr: unknown key (did you mean 'lr'?)"
+    with pytest.raises(
+        ConfigError, match=r"^--set trian.lr=1: trian: unknown key \(did you mean 'train'\?\)$"
+    ):
+        load_preset("coco_uvit_s2", ["trian.lr=1"])
+    with pytest.raises(ConfigError, match=r"^--set model.depth=x: model.depth: "):
+        load_preset("coco_uvit_s2", ["model.depth=x"])
+    with pytest.raises(ConfigError, match=r"unknown key$"):  # nothing close: no suggestion
+        load_preset("coco_uvit_s2", ["sample.zzzzzz=1"])

@@ -6,8 +6,10 @@ once, here: explicit `--set key=value` > preset file > field default.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -191,8 +193,12 @@ def resolve_preset_path(name_or_path: str | os.PathLike[str]) -> Path:
         return candidate
     if p.suffix == ".toml":
         raise ConfigError(f"{p}: preset file not found")
-    known = ", ".join(list_presets()) or "none"
-    raise ConfigError(f"unknown preset '{name_or_path}' (known: {known}; or pass a path to a .toml file)")
+    names = list_presets()
+    hint = _did_you_mean(str(name_or_path), names)
+    known = ", ".join(names) or "none"
+    raise ConfigError(
+        f"unknown preset '{name_or_path}'{hint} (known: {known}; or pass a path to a .toml file)"
+    )
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -223,21 +229,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at `loc[:-1]` of a preset (its table's fields), for suggestions."""
+    cls: Any = Preset
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        cls = field.annotation if field is not None else None
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def _format_validation_error(source: str, err: ValidationError, overrides: Sequence[str] = ()) -> str:
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(str(first["loc"][-1]), _known_keys(first["loc"]))
+    for item in overrides:  # blame the --set that put the bad value there, not the file
+        path = ".".join(parse_override(item)[0])
+        if loc == path or loc.startswith(path + ".") or path.startswith(loc + "."):
+            source = f"--set {item}"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
 
 
-def preset_from_dict(data: dict[str, Any], source: str = "preset") -> Preset:
+def preset_from_dict(data: dict[str, Any], source: str = "preset", overrides: Sequence[str] = ()) -> Preset:
     try:
         return Preset.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err)) from None
+        raise ConfigError(_format_validation_error(source, err, overrides)) from None
 
 
 def load_preset(name_or_path: str | os.PathLike[str], overrides: list[str] | None = None) -> Preset:
@@ -251,7 +275,7 @@ def load_preset(name_or_path: str | os.PathLike[str], overrides: list[str] | Non
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     data.setdefault("name", path.stem)
     apply_overrides(data, overrides or [])
-    return preset_from_dict(data, str(path))
+    return preset_from_dict(data, str(path), overrides or [])
 
 
 def preset_from_toml(text: str, source: str = "embedded preset") -> Preset:
