@@ -7,6 +7,7 @@ FID Inception architecture with seeded random weights saved as a real state-dict
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,8 +144,17 @@ def test_bad_reference_files(tmp_path):
     with pytest.raises(DataError, match="do not fit"):
         load_ref_stats(tmp_path / "shape.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match="is not an .npz of statistics"):
         load_ref_stats(tmp_path / "junk.npz")
+    (tmp_path / "fidelity.json").write_text('{"colour": 1.0}')  # a sidecar passed by mistake
+    with pytest.raises(DataError, match="fidelity.json is not an .npz"):
+        load_ref_stats(tmp_path / "fidelity.json")
+    np.save(tmp_path / "mu.npy", np.zeros(3))
+    with pytest.raises(DataError, match="mu.npy is not an .npz"):
+        load_ref_stats(tmp_path / "mu.npy")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "small.npz").read_bytes()[:40])  # a zip cut short
+    with pytest.raises(DataError, match="cannot read reference statistics"):
+        load_ref_stats(tmp_path / "cut.npz")
     with pytest.raises(DataError, match="not found"):
         load_ref_stats(tmp_path / "missing.npz")
 
@@ -346,3 +356,16 @@ def test_cli_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     r = runner.invoke(app, ["fid", "--help"])
     assert r.exit_code == 0 and "ref" in r.output and "compare" in r.output
+
+
+def test_a_uvit_sample_folder_skips_its_grid_and_npz(tmp_path):
+    from uvit_cli.fid.images import list_images
+
+    d = tmp_path / "samples"
+    _images(d, 2, seed=12, size=8)
+    (d / "grid.png").write_bytes((d / sorted(os.listdir(d))[0]).read_bytes())
+    np.savez(d / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match="samples.npz"):  # not a uvit sample folder: the npz is a stray
+        list_images(d)
+    (d / "samples.jsonl").write_text("")
+    assert [p.name for p in list_images(d)] == sorted(p.name for p in d.glob("*.png") if p.name != "grid.png")

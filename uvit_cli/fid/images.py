@@ -16,6 +16,8 @@ IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".t
 # Files a sample folder legitimately holds beside its images (stamps, prompts, logs): skipped, not errors.
 # (.jsonl: the samples.jsonl that `uvit sample` writes beside its PNGs)
 SIDECAR_EXTENSIONS = {".json", ".jsonl", ".toml", ".txt", ".yaml", ".yml", ".log", ".md", ".csv"}
+# What `uvit sample --grid --npz` writes beside its PNGs: not samples, skipped in a folder that holds samples.jsonl.
+SAMPLE_FOLDER_EXTRAS = {"grid.png", "samples.npz"}
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -30,6 +32,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     images, strays = [], []
     for p in paths:
         if any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        if p.name in SAMPLE_FOLDER_EXTRAS and (p.parent / "samples.jsonl").is_file():
             continue
         ext = p.suffix.lower()
         if ext in IMAGE_EXTENSIONS:

@@ -75,6 +75,12 @@ def load_ref_stats(path: str | os.PathLike, dim: int | None = 2048) -> tuple[np.
     p = Path(path)
     if not p.is_file():
         raise DataError(f"reference statistics not found: {p}")
+    with open(p, "rb") as fh:
+        is_zip = fh.read(4) == b"PK\x03\x04"  # every .npz is a zip archive
+    if not is_zip:
+        raise DataError(
+            f"{p} is not an .npz of statistics (mu, sigma); make one with `uvit fid ref IMAGES --out`"
+        )
     try:
         with np.load(p) as f:  # lazy: only the members we index are decompressed
             keys = set(f.files)
