@@ -440,6 +440,8 @@ def test_bad_input_is_one_line(env, tmp_path, monkeypatch):
         runner.invoke(app, ["sample", "--preset", str(d / "tiny_t2i.toml"), "--prompt", "x"])
     )
     assert "uvit train tiny_t2i" in line and "nnet_ema.pth" in line and "baofff/U-ViT" in line
+    line = _one_line_error(runner.invoke(app, ["sample", "--preset", "shapes_uvit_tiny", "--prompt", "x"]))
+    assert "uvit quickstart" in line and "--ckpt quickstart/run" in line and "nnet_ema.pth" not in line
 
 
 def test_long_prompt_is_truncated_with_a_warning(env, tmp_path):

@@ -51,6 +51,11 @@ class SampleResult:
 
 
 def _no_checkpoint(preset: Preset, run_dir: Path) -> CheckpointError:
+    if preset.data.kind == "shapes":  # the quickstart's toy: no paper checkpoint exists for it
+        return CheckpointError(
+            f"no checkpoint in {run_dir}: run `uvit quickstart` and sample its run with `--ckpt quickstart/run`, "
+            f"or train one with `uvit train {preset.name} --max-steps 3000`"
+        )
     return CheckpointError(
         f"no checkpoint in {run_dir}: train one with `uvit train {preset.name}`, or download the paper's "
         f"(baofff/U-ViT README, {OFFICIAL_CKPTS}) and pass it with `--ckpt nnet_ema.pth --preset {preset.name}`"
