@@ -484,6 +484,52 @@ def test_exact_resume_after_a_killed_process(shards, tmp_path):
         assert torch.equal(st["exp_avg_sq"], sb["optimizer"]["state"][pid]["exp_avg_sq"])
 
 
+INTERRUPTER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from uvit_cli.config import load_preset
+    from uvit_cli.train import train
+
+    at, sig = int(sys.argv[3]), getattr(signal, sys.argv[4])
+
+    def on_event(e):
+        print(e.kind, e.step, flush=True)
+        if e.kind == "log" and e.step == at:
+            os.kill(os.getpid(), sig)  # as Ctrl-C or a scheduler's SIGTERM would
+
+    try:
+        train(load_preset(sys.argv[1]), sys.argv[2], on_event=on_event)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_saves_at_the_step_boundary_and_resumes_exactly(shards, tmp_path, sig):
+    preset = tiny_preset(shards, steps=8, save_interval=100)  # no regular checkpoint before the end
+    straight = tmp_path / "straight"
+    train(preset, straight)
+    run, toml = tmp_path / "run", tmp_path / "tiny.toml"
+    toml.write_text(preset.to_toml())
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTER, str(toml), str(run), "3", sig],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "interrupted 4" in proc.stdout  # the step in flight finished, then it saved and stopped
+    assert (run / "ckpts" / "latest").read_text().strip() == "00000004"
+    events = []
+    train(preset, run, on_event=events.append)
+    assert "resuming from 00000004" in events[0].message
+    assert _losses(run) == _losses(straight)
+    a, b = _weights(straight, 8, "ema.safetensors"), _weights(run, 8, "ema.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_accumulation_matches_the_full_batch(shards, tmp_path):
     preset = tiny_preset(shards, steps=2, save_interval=2)
     train(preset, tmp_path / "full")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from uvit_cli.train.step import StepState, build_optimizer, train_step, warmup_f
 
 @dataclass
 class TrainEvent:
-    """What the loop reports (rank 0 only): kind is start | log | checkpoint | samples | warning | done."""
+    """What the loop reports (rank 0 only): start | log | checkpoint | samples | warning | interrupted | done."""
 
     kind: str
     step: int
@@ -87,6 +89,34 @@ def _micro_batches(loader: Any, sampler: Any, ds: Any, epoch: int, start_batch: 
         epoch, start_batch = epoch + 1, 0
 
 
+class _StopRequest:
+    """SIGINT / SIGTERM during training: finish the step, save a checkpoint, then stop (a second one stops now).
+
+    Only the main thread can install signal handlers; elsewhere (a library call from a worker thread) the
+    signals keep their usual behaviour.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # asked twice: give up on the clean stop
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 def _recipe(
     preset: Preset, device: torch.device, compile: bool | None
 ) -> tuple[torch.dtype | None, bool, bool]:
@@ -122,6 +152,7 @@ def train(
 
     # ---- Processes, device, precision ------------------------------------------------------------
     created_group = not dist.is_initialized() and dist.init_from_env()
+    stop = _StopRequest()
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
     device = dist.device()
@@ -314,6 +345,8 @@ def train(
         gen = torch.Generator(device)
         steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
         lr_used = sched.get_last_lr()[0]
+        stop.install()  # restored in `finally`, however the loop ends
+        stop_flag = torch.zeros((), device=device)  # > 0 on any rank that was asked to stop
         while step < end_step:
             # One global batch: the step's random numbers for all of it; each micro-batch of this rank
             # takes the rows of its samples (lo = rank * per_rank + m * micro), loaded only when it runs.
@@ -331,7 +364,15 @@ def train(
                 epoch, batch_in_epoch = epoch + 1, 0
 
             # ---- Log (the only host sync), checkpoint, samples -----------------------------------
-            saving = step % tc.save_interval == 0 or step == end_step
+            # A stop request (Ctrl-C, SIGTERM) saves at this step boundary. One process stops at once; ranks
+            # agree at the next log step (one all-reduce that is already a sync point), so they save together.
+            stopping = stop.signal is not None and world == 1
+            saving = step % tc.save_interval == 0 or step == end_step or stopping
+            if world > 1 and step % tc.log_interval == 0:
+                stop_flag.fill_(1.0 if stop.signal is not None else 0.0)
+                torch.distributed.all_reduce(stop_flag, op=torch.distributed.ReduceOp.MAX)
+                stopping = bool(stop_flag.item() > 0)
+                saving = saving or stopping
             if step % tc.log_interval == 0 or saving:
                 if world > 1:
                     torch.distributed.all_reduce(state.loss_sum)
@@ -367,12 +408,18 @@ def train(
                     emit("samples", step, f"sample grid {path}")
                 elif grid.disabled:
                     emit("warning", step, grid.disabled)
+            if stopping:
+                stop.restore()
+                emit("interrupted", step, f"stopped at step {step}; checkpoint {last_ckpt}", loss=last_loss)
+                raise KeyboardInterrupt
             if saving or step % tc.sample_interval == 0:
                 dist.barrier()
                 t_last = time.perf_counter()  # keep checkpoint and sampling time out of img/s
 
+        stop.restore()
         emit("done", step, f"finished at step {step}; checkpoint {last_ckpt}", loss=last_loss)
         return TrainResult(run_dir, step, last_ckpt if isinstance(last_ckpt, Path) else None, last_loss)
     finally:
+        stop.restore()
         if created_group:
             dist.destroy()
