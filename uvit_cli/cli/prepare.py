@@ -76,6 +76,15 @@ WorkersOpt = Annotated[
 def _run(fn: Any, **kwargs: Any) -> None:
     """Call a prepare workflow with a progress bar, then print a one-screen summary."""
     t0 = time.perf_counter()
+    if kwargs.get("precision") == "bf16" and is_rank0():
+        import torch
+
+        if not torch.cuda.is_available():  # measured: bf16 convolutions ~140x slower than fp32 on a CPU
+            out.print(
+                "[yellow]warning:[/yellow] --precision bf16 without a GPU: CPU bf16 convolutions are far "
+                "slower than fp32 (use the default fp32 here)",
+                soft_wrap=True,
+            )
     tasks: dict[str, Any] = {}
     with image_progress(note=True) as bar:
 
