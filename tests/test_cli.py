@@ -115,7 +115,9 @@ def test_train_interrupt_says_what_was_kept(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(uvit_cli.train, "train", interrupted)
-    args = ["train", "shapes_uvit_tiny", "--run-dir", str(run)]
+    (tmp_path / "feats" / "manifest.json").parent.mkdir()
+    (tmp_path / "feats" / "manifest.json").write_text("{}")  # past the CLI's prepared-data check
+    args = ["train", "shapes_uvit_tiny", "--run-dir", str(run), "--set", f"data.path={tmp_path / 'feats'}"]
     r = runner.invoke(app, args)
     assert r.exit_code == 130, r.output
     assert "interrupted" in r.output and "no checkpoint was saved yet" in r.output
@@ -123,3 +125,17 @@ def test_train_interrupt_says_what_was_kept(tmp_path, monkeypatch):
     r = runner.invoke(app, args)
     assert r.exit_code == 130, r.output
     assert "resume from step 30" in r.output and "Traceback" not in r.output
+
+
+def test_train_without_prepared_data_names_the_prepare_command(tmp_path):
+    missing = tmp_path / "never_prepared"
+    r = CliRunner().invoke(
+        app, ["train", "shapes_uvit_tiny", "--set", f"data.path={missing}"], terminal_width=400
+    )
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and f"uvit prepare shapes --out {missing}" in lines[0], r.output
+    r = CliRunner().invoke(
+        app, ["train", "imagenet256_uvit_h2", "--set", f"data.path={missing}"], terminal_width=400
+    )
+    assert "uvit prepare imagenet --root IMAGENET --resolution 256" in r.output

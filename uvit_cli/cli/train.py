@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from uvit_cli.cli.common import SetOption, console, handle_errors
+from uvit_cli.cli.common import SetOption, console, fail, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -55,6 +55,12 @@ def train(
     from uvit_cli.config import load_preset
 
     p = load_preset(preset, set_ or [])  # a wrong name or --set key fails in a second, before torch loads
+    manifest = Path(p.data.path) / "manifest.json"
+    if not manifest.is_file():  # likewise data that was never prepared
+        raise fail(
+            f"{manifest} not found: prepare the data first (`{_prepare_command(p)}`, or --set data.path=DIR)",
+            code=2,
+        )
 
     from uvit_cli import dist
     from uvit_cli.train import train as run_training
@@ -129,6 +135,22 @@ def train(
     finally:
         if progress is not None:
             progress.stop()
+
+
+def _prepare_command(p: Any) -> str:
+    """The `uvit prepare` line that makes the shards a preset trains on (docs/data.md)."""
+    d, out = p.data, p.data.path
+    if d.kind == "imagenet":
+        return f"uvit prepare imagenet --root IMAGENET --resolution {d.resolution} --out {out}"
+    if d.kind == "imagenet64":
+        return f"uvit prepare imagenet --root IMAGENET --space pixel --resolution 64 --out {out}"
+    if d.kind == "coco":
+        return f"uvit prepare coco --coco-root COCO --out {out}"
+    if d.kind == "folder":
+        return f"uvit prepare folder IMAGES --out {out}"
+    if d.kind in ("cifar10", "celeba"):
+        return f"uvit prepare {d.kind} --root DATA --out {out}"
+    return f"uvit prepare {d.kind} --out {out}"
 
 
 def _interrupted(preset: Any, run_dir: Path | None, step: float | None) -> None:
