@@ -66,6 +66,11 @@ def image_progress(*, note: bool = False, transient: bool = False) -> Any:
     return Progress(*columns, console=console, transient=transient, disable=not is_rank0())
 
 
+def warn(message: str) -> None:
+    """Print one yellow warning line (the message's own "[...]" stays text)."""
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one red line and return the Exit to raise."""
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # "[...]" in a message stays text

@@ -32,6 +32,7 @@ from uvit_cli.cli.common import (
     image_progress,
     is_rank0,
     out,
+    warn,
 )
 
 if TYPE_CHECKING:  # typer vendors click now: no run-time import of a package we do not depend on
@@ -160,7 +161,7 @@ def compare(
     if not result.is_main:
         return
     for w in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+        warn(w)
     s = result.stamp
     inc = (s["inception"]["sha256"] or "custom")[:12]
     line = f"FID {result.fid:.4f}  mode {s['mode']}  images {s['num_images']}  inception {inc}  ref {s['reference']['sha256'][:12]}"
@@ -204,7 +205,7 @@ def make_ref(
     if not result.is_main:
         return
     for w in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+        warn(w)
     if json_path is not None:
         write_stamp(json_path, result.stamp)
     inc = (result.stamp["inception"]["sha256"] or "custom")[:12]
@@ -329,7 +330,7 @@ def generate(
     if not result.is_main:
         return
     for w in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+        warn(w)
     s = result.stamp
     g = s["samples"]["generator"]
     inc = (s["inception"]["sha256"] or "custom")[:12]

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from uvit_cli.cli.common import ClipOpt, VaeOpt, handle_errors, image_progress, is_rank0, out
+from uvit_cli.cli.common import ClipOpt, VaeOpt, handle_errors, image_progress, is_rank0, out, warn
 
 app = typer.Typer(
     help="Turn a data set into feature shards for training (docs/data.md).", no_args_is_help=True
@@ -80,10 +80,9 @@ def _run(fn: Any, **kwargs: Any) -> None:
         import torch
 
         if not torch.cuda.is_available():  # measured: bf16 convolutions ~140x slower than fp32 on a CPU
-            out.print(
-                "[yellow]warning:[/yellow] --precision bf16 without a GPU: CPU bf16 convolutions are far "
-                "slower than fp32 (use the default fp32 here)",
-                soft_wrap=True,
+            warn(
+                "--precision bf16 without a GPU: CPU bf16 convolutions are far slower than fp32 "
+                "(use the default fp32 here)"
             )
     tasks: dict[str, Any] = {}
     with image_progress(note=True) as bar:

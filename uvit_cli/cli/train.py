@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from uvit_cli.cli.common import SetOption, console, fail, handle_errors
+from uvit_cli.cli.common import SetOption, console, fail, handle_errors, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -55,7 +55,7 @@ def train(
     from uvit_cli.config import load_preset
 
     p = load_preset(preset, set_ or [])  # a wrong name or --set key fails in a second, before torch loads
-    manifest = Path(p.data.path) / "manifest.json"
+    manifest = Path(p.data.path) / "manifest.json"  # data.MANIFEST; importing data.py would load torch
     if not manifest.is_file():  # likewise data that was never prepared
         raise fail(
             f"{manifest} not found: prepare the data first (`{_prepare_command(p)}`, or --set data.path=DIR)",
@@ -107,7 +107,7 @@ def train(
                 eta=_duration(m["eta_s"]),
             )
         elif e.kind == "warning":
-            progress.console.print(f"[yellow]warning:[/yellow] {escape(e.message)}", soft_wrap=True)
+            warn(e.message)
         elif e.kind in ("checkpoint", "samples"):
             progress.console.print(f"[dim]step {e.step}: {escape(e.message)}[/dim]", soft_wrap=True)
         elif e.kind == "done":
