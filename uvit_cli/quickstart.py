@@ -12,7 +12,6 @@ analysis of `uvit_cli.shapes.analyze`. Reports through `on_event`; prints nothin
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from uvit_cli.errors import ConfigError
+from uvit_cli.fileio import atomic_path, write_json_atomic
 
 PRESET = "shapes_uvit_tiny"
 # One prompt per (colour, shape), positions cycled: chance is 25% for colour and 33% for shape.
@@ -139,7 +139,8 @@ def _grid(images: Any, prompts: list[str], per_row: int, path: Path, scale: int 
         for c in range(per_row):
             img = Image.fromarray(images[r * per_row + c]).resize((cell, cell), Image.Resampling.NEAREST)
             canvas.paste(img, (label_w + pad + c * (cell + pad), y))
-    canvas.save(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path
 
 
@@ -235,6 +236,6 @@ def quickstart(
     )
     seconds["total"] = time.perf_counter() - t_start
     result = QuickstartResult(out, grid, score, reference, step, seconds)
-    (out / "fidelity.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    write_json_atomic(out / "fidelity.json", result.to_dict())
     emit(QuickstartEvent("done", f"samples: {score}", result.to_dict()))
     return result

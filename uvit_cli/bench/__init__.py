@@ -40,6 +40,7 @@ from uvit_cli.bench.recipes import (
 )
 from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError
+from uvit_cli.fileio import write_text_atomic
 from uvit_cli.model import UViT
 
 TASKS = ("train", "sample", "prepare", "fid")
@@ -496,5 +497,5 @@ def run_bench(
 def write_json(report: BenchReport, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.to_json() + "\n")
+    write_text_atomic(path, report.to_json() + "\n")
     return path

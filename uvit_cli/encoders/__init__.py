@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from uvit_cli.encoders.autoencoder import AutoencoderKL
     from uvit_cli.encoders.clip import CLIPTextConfig, CLIPTextEncoder
     from uvit_cli.encoders.tokenizer import CLIPTokenizer, TokenBatch
-    from uvit_cli.encoders.weights import ResolvedWeights, resolve_weights, sha256_file
+    from uvit_cli.encoders.weights import ResolvedWeights, resolve_weights
 
 __all__ = [
     "AutoencoderKL",
@@ -36,7 +36,6 @@ __all__ = [
     "load_text_encoder",
     "load_tokenizer",
     "resolve_weights",
-    "sha256_file",
 ]
 
 _LAZY = {
@@ -47,7 +46,6 @@ _LAZY = {
     "TokenBatch": "tokenizer",
     "ResolvedWeights": "weights",
     "resolve_weights": "weights",
-    "sha256_file": "weights",
 }
 
 
@@ -96,7 +94,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _finish(module: torch.nn.Module, weights: Path, device: str | torch.device) -> None:
-    from uvit_cli.encoders.weights import sha256_file
+    from uvit_cli.fileio import sha256_file
 
     module.eval().requires_grad_(False).to(device)
     module.weights_path = str(weights)

@@ -9,7 +9,6 @@ network. Only then, and only if `huggingface_hub` is installed, downloads are al
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -71,15 +70,6 @@ class ResolvedWeights:
     path: Path
     source: str
     looked: list[str] = field(default_factory=list)
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hf_hub_cache() -> Path:

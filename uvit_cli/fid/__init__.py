@@ -8,7 +8,6 @@ Entry points (each returns a result with a protocol stamp; none prints):
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from uvit_cli.fid.stats import (
     ref_protocol,
     save_stats,
 )
+from uvit_cli.fileio import write_json_atomic
 
 __all__ = [
     "FeatureStats",
@@ -86,12 +86,13 @@ def _setup(mode: str, inception_weights: Any, device: Any, features: Any, featur
         return _Setup(
             features, device, feature_dim, {"path": None, "sha256": None, "note": "custom features"}
         )
-    from uvit_cli.inception import file_sha256, load_inception, resolve_weights
+    from uvit_cli.fileio import sha256_file
+    from uvit_cli.inception import load_inception, resolve_weights
 
     path = resolve_weights(inception_weights, mode)
     model = load_inception(path).to(device)
     return _Setup(
-        inception_features(model, mode), device, 2048, {"path": str(path), "sha256": file_sha256(path)}
+        inception_features(model, mode), device, 2048, {"path": str(path), "sha256": sha256_file(path)}
     )
 
 
@@ -171,7 +172,7 @@ def _fid_against(
     stats: FeatureStats, ref: str | os.PathLike, s: _Setup, mode: str, sizes: set, t0: float, source: dict
 ) -> FidResult:
     from uvit_cli.fid.features import rank_world
-    from uvit_cli.inception import file_sha256
+    from uvit_cli.fileio import sha256_file
 
     rank, world = rank_world()
     if stats.n == 0:
@@ -198,7 +199,7 @@ def _fid_against(
         "samples": source,
         "reference": {
             "path": str(ref),
-            "sha256": file_sha256(ref),
+            "sha256": sha256_file(ref),
             "num_images": ref_meta.get("num_images"),
             "mode": ref_mode,  # recorded, or implied by a known origin (None: unknown)
             "mode_from": origin,
@@ -314,5 +315,5 @@ def write_stamp(path: str | os.PathLike, stamp: dict[str, Any]) -> Path:
     """The protocol stamp as indented JSON."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(stamp, indent=2) + "\n")
+    write_json_atomic(p, stamp, indent=2)
     return p

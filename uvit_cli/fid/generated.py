@@ -164,8 +164,8 @@ def fid_from_checkpoint(
     import torch
 
     from uvit_cli import dist
-    from uvit_cli.data import sha256_file
     from uvit_cli.fid.features import check_mode
+    from uvit_cli.fileio import sha256_file
     from uvit_cli.sample.generate import (
         SampleSettings,
         check_guidance,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from uvit_cli.errors import DataError
+from uvit_cli.fileio import atomic_open
 
 
 @dataclass
@@ -111,9 +112,13 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta:
     p.parent.mkdir(parents=True, exist_ok=True)
     if p.suffix != ".npz":
         p = p.with_name(p.name + ".npz")  # np.savez would append it anyway; report the real name
-    np.savez(
-        p, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), meta=np.array(json.dumps(meta))
-    )
+    with atomic_open(p, "wb") as f:  # a full disk leaves no truncated npz under the final name
+        np.savez(
+            f,
+            mu=np.asarray(mu, np.float64),
+            sigma=np.asarray(sigma, np.float64),
+            meta=np.array(json.dumps(meta)),
+        )
     return p
 
 

@@ -34,30 +34,13 @@ import numpy as np
 
 from uvit_cli import data
 from uvit_cli.errors import DataError
+from uvit_cli.fileio import save_npy_atomic, write_json_atomic
 from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn, _check_out
+from uvit_cli.safe_pickle import load_numpy_pickle
 
 IMAGENET_CLASSES = 1000  # datasets.py ImageNet256Features / ImageNet512Features: self.K = 1000
 _ITEM = re.compile(r"^(\d+)\.npy$")
 _CAPTION = re.compile(r"^(\d+)_(\d+)\.npy$")
-
-# What a pickled numpy array (or numpy scalar) needs, under numpy 1 and numpy 2 module names.
-_NUMPY_GLOBALS = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-}
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _NUMPY_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
-        if module.startswith("numpy.core.") and int(np.__version__.split(".")[0]) >= 2:
-            module = "numpy._core." + module[len("numpy.core.") :]  # numpy 1 names in files, numpy 2 here
-        return super().find_class(module, name)
 
 
 def load_official_npy(path: Path) -> Any:
@@ -72,7 +55,7 @@ def load_official_npy(path: Path) -> Any:
             if not dtype.hasobject:
                 f.seek(0)
                 return np.load(f)
-            return _NumpyOnlyUnpickler(f).load()
+            return load_numpy_pickle(f)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as e:
         raise DataError(f"{path}: not an official U-ViT feature file ({type(e).__name__}: {e})") from None
 
@@ -208,13 +191,13 @@ def import_official_features(
 
     out.mkdir(parents=True, exist_ok=True)
     if empty is not None:
-        data.save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
+        save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
     for split in listings:
         (out / split).mkdir(exist_ok=True)
         data.remove_temporaries(out / split)
         if not manifest["splits"].get(split, {}).get("complete"):
             manifest["splits"][split] = {"complete": False, "source_digest": digests[split]}
-    data.write_json_atomic(out / data.MANIFEST, manifest)
+    write_json_atomic(out / data.MANIFEST, manifest)
 
     result = PrepareResult(out, manifest)
     fp = manifest["fingerprint"]
@@ -239,7 +222,7 @@ def import_official_features(
             result.written[split], result.reused[split] = state.shards_written, state.shards_reused
             metas = [data.read_shard_meta(split_dir, k) for k in range(n_shards)]
             manifest["splits"][split] = data.split_summary(metas, digests[split])  # type: ignore[arg-type]
-            data.write_json_atomic(out / data.MANIFEST, manifest)
+            write_json_atomic(out / data.MANIFEST, manifest)
     result.manifest = manifest
     return result
 

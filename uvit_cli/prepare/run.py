@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from uvit_cli import data, dist
 from uvit_cli.errors import DataError
+from uvit_cli.fileio import save_npy_atomic, write_json_atomic
 from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source, load_rgb
 
 
@@ -386,7 +387,7 @@ def _run(
         out.mkdir(parents=True, exist_ok=True)
         if enc.clip is not None:
             empty = enc.texts([""])[0]  # (77, D) float32, kept in float32: it is one array
-            data.save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
+            save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
             manifest["context_shape"] = list(empty.shape)
             manifest["context_dtype"] = spec.dtype
         for job in jobs:
@@ -394,7 +395,7 @@ def _run(
             data.remove_temporaries(out / job.name)
             if not manifest["splits"].get(job.name, {}).get("complete"):
                 manifest["splits"][job.name] = {"complete": False, "source_digest": digests[job.name]}
-        data.write_json_atomic(out / data.MANIFEST, manifest)
+        write_json_atomic(out / data.MANIFEST, manifest)
     dist.barrier()
 
     result = PrepareResult(out, manifest)
@@ -416,7 +417,7 @@ def _run(
             if missing:
                 raise DataError(f"{split_dir}: shards {missing[:5]} missing after the run; rerun the command")
             manifest["splits"][job.name] = data.split_summary(metas, digests[job.name])  # type: ignore[arg-type]
-        data.write_json_atomic(out / data.MANIFEST, manifest)
+        write_json_atomic(out / data.MANIFEST, manifest)
     dist.barrier()
     if distributed:
         result.manifest = data.read_manifest(out)

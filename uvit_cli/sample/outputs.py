@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from uvit_cli.errors import UvitError
+from uvit_cli.fileio import atomic_open, atomic_path
 
 INDEX_DIGITS = 5
 JSONL = "samples.jsonl"
@@ -43,9 +44,8 @@ def done_indices(out: Path, indices: Iterable[int]) -> set[int]:
 def write_png(out: Path, index: int, image: np.ndarray) -> None:
     """uint8 (H, W, 3) -> out/<index>.png via a temporary file and an atomic rename (safe to interrupt)."""
     final = out / png_name(index)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def read_png(out: Path, index: int) -> np.ndarray:
@@ -55,11 +55,9 @@ def read_png(out: Path, index: int) -> np.ndarray:
 def write_jsonl(out: Path, records: Sequence[dict[str, Any]]) -> Path:
     """One JSON object per image (index order); replaced atomically."""
     path = out / JSONL
-    tmp = path.with_name(f".{JSONL}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -92,9 +90,8 @@ def write_grid(out: Path, indices: Sequence[int], path: Path, padding: int = 2) 
         r, c = divmod(k, cols)
         y, x = padding + r * (h + padding), padding + c * (w + padding)
         grid[y : y + h, x : x + w] = first if k == 0 else read_png(out, i)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
     return path
 
 
@@ -103,13 +100,15 @@ def write_npz(out: Path, indices: Sequence[int], path: Path) -> Path:
     evaluator reads it; streamed image by image into the zip, so 50k images need no 10 GB array."""
     first = read_png(out, indices[0])
     shape = (len(indices), *first.shape)
-    tmp = path.with_name(f".{path.name}.tmp")
     header = {
         "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
         "fortran_order": False,
         "shape": shape,
     }
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with (
+        atomic_path(path) as tmp,
+        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
             for k, i in enumerate(indices):
@@ -117,5 +116,4 @@ def write_npz(out: Path, indices: Sequence[int], path: Path) -> Path:
                 if img.shape != first.shape:
                     raise UvitError(f"{out / png_name(i)}: size {img.shape} differs from {first.shape}")
                 f.write(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
-    os.replace(tmp, path)
     return path

@@ -14,6 +14,7 @@ import numpy as np
 
 from uvit_cli import data
 from uvit_cli.errors import DataError
+from uvit_cli.fileio import save_npy_atomic, write_json_atomic
 from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
 from uvit_cli.shapes import render, text
 
@@ -92,7 +93,7 @@ def prepare_shapes(
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         empty = encoder.encode([""])[0].numpy()  # (L, D) float32: the CFG null condition
-    data.save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
+    save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
     result = PrepareResult(out, manifest)
     cache: dict[str, np.ndarray] = {}  # a few hundred distinct captions: encode each once
     for split, count in splits.items():
@@ -124,5 +125,5 @@ def prepare_shapes(
                 progress(state)
         manifest["splits"][split] = data.split_summary(metas, source_digest=manifest["fingerprint"])
         result.written[split] = len(metas)
-    data.write_json_atomic(out / data.MANIFEST, manifest)
+    write_json_atomic(out / data.MANIFEST, manifest)
     return result

@@ -11,6 +11,7 @@ import torch
 
 from uvit_cli.config import Preset
 from uvit_cli.errors import UvitError
+from uvit_cli.fileio import atomic_path
 
 
 class GridSampler:
@@ -104,7 +105,6 @@ def save_grid(images: torch.Tensor, path: Path, padding: int = 2) -> Path:
         y0, x0 = padding + r * (h + padding), padding + q * (w + padding)
         canvas[y0 : y0 + h, x0 : x0 + w] = img.transpose(1, 2, 0)[..., :3] if c >= 3 else img[0][..., None]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
     return path

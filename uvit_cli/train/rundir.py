@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from uvit_cli.checkpoint import METRICS_FILE, PRESET_FILE, write_text_atomic
+from uvit_cli.checkpoint import METRICS_FILE, PRESET_FILE
 from uvit_cli.config import Preset, preset_from_toml
 from uvit_cli.errors import ConfigError, DataError
+from uvit_cli.fileio import write_text_atomic
 
 # What may change between two invocations on the same run dir without --force: run length, logging and
 # checkpoint cadence, loader threads, compilation, where the shards live, and how samples are drawn.
