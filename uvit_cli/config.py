@@ -26,7 +26,8 @@ PRESETS_ENV = "UVIT_PRESETS"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: `lr = inf` or `nan` (TOML has both) is never a setting anyone means.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -34,17 +35,17 @@ class ModelConfig(_Strict):
 
     img_size: int = Field(gt=0)
     patch_size: int = Field(gt=0)
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    in_chans: int = Field(3, gt=0)
+    embed_dim: int = Field(768, gt=0)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
     qkv_bias: bool = False
     qk_scale: float | None = None
     mlp_time_embed: bool = False
     num_classes: int = -1
-    clip_dim: int | None = None
-    num_clip_token: int = 77
+    clip_dim: int | None = Field(None, gt=0)
+    num_clip_token: int = Field(77, gt=0)
     use_checkpoint: bool = False
     conv: bool = True
     skip: bool = True
@@ -268,9 +269,11 @@ def load_preset(name_or_path: str | os.PathLike[str], overrides: list[str] | Non
     """Load and validate a preset; `overrides` are `key.path=value` strings applied on top."""
     path = resolve_preset_path(name_or_path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a TOML text file (it is not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     data.setdefault("name", path.stem)

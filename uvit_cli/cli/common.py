@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -77,6 +78,28 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# What to do about an operating-system error, by errno; the rest get the system's own words.
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space and rerun the same command (finished work is kept)",
+    errno.EDQUOT: "the disk quota is exceeded: free space and rerun the same command (finished work is kept)",
+    errno.ENAMETOOLONG: "a name is longer than 255 bytes or the path longer than the system allows: use a shorter one",
+    errno.ENOTDIR: "a part of this path is a file, not a directory: choose another path",
+    errno.EISDIR: "this is a directory, but a file is needed here",
+    errno.EEXIST: "a file exists under this name where a directory is needed: choose another path",
+    errno.EACCES: "permission denied: choose a path you can write to",
+    errno.EPERM: "operation not permitted: choose a path you can write to",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.ENOENT: "no such file or directory",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: the path(s), what happened, what to do."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = _OS_ADVICE.get(e.errno or -1) or e.strerror or str(e) or type(e).__name__
+    return f"{where}: {what}" if where else f"{what} ({e.strerror or type(e).__name__})"
+
+
 def handle_errors(fn: F) -> F:
     """Turn library errors into one line on stderr and a non-zero exit code: no tracebacks for users."""
 
@@ -86,6 +109,8 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except UvitError as e:
             raise fail(str(e), e.exit_code) from None
+        except OSError as e:
+            raise fail(describe_os_error(e), 1) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
             sys.exit(130)

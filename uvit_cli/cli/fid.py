@@ -27,6 +27,7 @@ from uvit_cli.cli.common import (
     VaeOpt,
     Weights,
     console,
+    describe_os_error,
     fail,
     handle_errors,
     image_progress,
@@ -119,6 +120,23 @@ def _default_stamp_path(samples: Path, mode: str) -> Path:
     return base.parent / f"{base.name}.fid-{mode}.json"
 
 
+def _print_result(line: str, stamp: dict[str, Any], path: Path | None) -> None:
+    """Print the FID line, with the stamp file it was recorded in; a stamp that cannot be written never
+    hides the number: the line is printed first, then the one-line error."""
+    from uvit_cli.fid import write_stamp
+
+    error = None
+    if path is not None:
+        try:
+            write_stamp(path, stamp)
+            line += f"  stamp {path}"
+        except OSError as e:
+            error = f"cannot write the stamp {path}: {describe_os_error(e).split(': ', 1)[-1]}; pass --json FILE or --no-json"
+    out.print(line, soft_wrap=True, markup=False)
+    if error is not None:
+        raise fail(error)
+
+
 @fid_app.command("compare")
 @handle_errors
 def compare(
@@ -144,7 +162,7 @@ def compare(
     no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,
 ) -> None:
     """FID of SAMPLES against REF (the default command: `uvit fid SAMPLES REF` runs it)."""
-    from uvit_cli.fid import compute_fid, write_stamp
+    from uvit_cli.fid import compute_fid
 
     bar, update = _progress_bar("features")
     with bar:
@@ -165,10 +183,7 @@ def compare(
     s = result.stamp
     inc = (s["inception"]["sha256"] or "custom")[:12]
     line = f"FID {result.fid:.4f}  mode {s['mode']}  images {s['num_images']}  inception {inc}  ref {s['reference']['sha256'][:12]}"
-    if not no_json:
-        path = write_stamp(json_path or _default_stamp_path(samples, mode.value), s)
-        line += f"  stamp {path}"
-    out.print(line, soft_wrap=True, markup=False)
+    _print_result(line, s, None if no_json else json_path or _default_stamp_path(samples, mode.value))
 
 
 @fid_app.command("ref")
@@ -290,7 +305,6 @@ def generate(
 
     import torch
 
-    from uvit_cli.fid import write_stamp
     from uvit_cli.fid.generated import fid_from_checkpoint
 
     settings = dict(
@@ -341,16 +355,7 @@ def generate(
         f"ref {s['reference']['sha256'][:12]}  {g['preset']} {g['solver']} {g['steps']} steps cfg "
         f"{g['cfg_scale']:g}{gi} seed {g['seed']}  ckpt {g['checkpoint_sha256'][:12]}  {rate:.2f} img/s"
     )
-    if not no_json:
-        path = json_path or _default_generated_stamp(s)
-        try:
-            write_stamp(path, s)
-        except OSError as e:
-            raise fail(
-                f"cannot write the stamp {path} ({e.strerror or e}); pass --json FILE or --no-json"
-            ) from None
-        line += f"  stamp {path}"
-    out.print(line, soft_wrap=True, markup=False)
+    _print_result(line, s, None if no_json else json_path or _default_generated_stamp(s))
 
 
 def register(app: typer.Typer) -> None:

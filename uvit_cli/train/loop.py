@@ -20,6 +20,7 @@ from uvit_cli import checkpoint as ck
 from uvit_cli import dist
 from uvit_cli.config import Preset
 from uvit_cli.errors import CheckpointError, ConfigError, TrainingDiverged
+from uvit_cli.train.lock import RunDirLock, RunDirLocked
 from uvit_cli.train.objective import DiffusionLoss, Objective, step_seed
 from uvit_cli.train.rundir import MetricsLog, check_data_fits, claim_run_dir
 from uvit_cli.train.step import StepState, build_optimizer, train_step, warmup_factor
@@ -167,6 +168,7 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     amp_dtype, use_compile, fused = _recipe(preset, device, compile)
+    lock: RunDirLock | None = None
 
     try:
         # ---- Batch geometry ----------------------------------------------------------------------
@@ -204,8 +206,22 @@ def train(
         null_class = ds.null_class if preset.model.conditioning == "class" else None
         empty_context = ds.empty_context.to(device) if preset.model.conditioning == "text" else None
 
-        # ---- Run directory (rank 0 writes; every rank checks, so a refusal stops them all) -------
-        claim_run_dir(run_dir, preset, force, write=main)
+        # ---- Run directory: rank 0 locks it (one process per run dir) and writes; every rank checks ----
+        busy = None
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunDirLock(run_dir, warn=lambda m: emit("warning", 0, m))
+            try:
+                lock.acquire()
+            except RunDirLocked as e:
+                busy = e
+        if world > 1:
+            busy = next((b for b in dist.all_gather_object(busy) if b is not None), None)
+        if busy is not None:
+            raise RunDirLocked(str(busy))
+        changed = claim_run_dir(run_dir, preset, force, write=main)
+        for note in changed:
+            emit("warning", 0, note)
         dist.barrier()
 
         # ---- Model, EMA, optimiser --------------------------------------------------------------------
@@ -384,8 +400,9 @@ def train(
                         f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
                     )
                     raise TrainingDiverged(
-                        f"loss became {loss} by step {step}; stopped, {where} "
-                        "(lower train.lr or set train.grad_clip, then rerun to resume)"
+                        f"loss became {loss} by step {step}; stopped, {where}. Rerun the same command "
+                        f"with a lower learning rate (e.g. --set train.lr={tc.lr / 2:g}) or gradient "
+                        "clipping (--set train.grad_clip=1.0) to resume from that checkpoint"
                     )
                 record = {
                     "step": step,
@@ -421,5 +438,7 @@ def train(
         return TrainResult(run_dir, step, last_ckpt if isinstance(last_ckpt, Path) else None, last_loss)
     finally:
         stop.restore()
+        if lock is not None:
+            lock.release()
         if created_group:
             dist.destroy()

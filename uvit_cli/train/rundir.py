@@ -41,32 +41,39 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def preset_differences(old: Preset, new: Preset) -> list[str]:
-    """`key: old -> new` for every setting that differs and is not in MUTABLE."""
+# What a rerun may change to recover a run that diverged (the advice of the divergence stop): allowed
+# without --force, reported as a warning, and the old preset file is kept beside the new one.
+RECOVERY = {"train.lr", "train.grad_clip"}
+
+
+def preset_differences(old: Preset, new: Preset, skip: set[str] = MUTABLE | RECOVERY) -> list[str]:
+    """`key: old -> new` for every setting that differs and is not in `skip` (a key or its table)."""
     a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in MUTABLE or key.split(".")[0] in MUTABLE:
+        if key in skip or key.split(".")[0] in skip:
             continue
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
 
 
-def claim_run_dir(run_dir: Path, preset: Preset, force: bool, write: bool = True) -> Preset | None:
-    """Create the run dir or check it belongs to `preset`; write the resolved preset. Returns the old one.
+def claim_run_dir(run_dir: Path, preset: Preset, force: bool, write: bool = True) -> list[str]:
+    """Create the run dir or check it belongs to `preset`; write the resolved preset. Returns warnings.
 
-    A run dir made by a different preset is refused unless `force`; then the old preset file is kept as
-    `preset.<unix time>.toml` and the new one replaces it. Only the writer (`write`, rank 0) touches files.
+    A run dir made by a different preset is refused unless `force`; a change of a RECOVERY setting only
+    warns. Either way the old preset file is kept as `preset.<unix time>.toml` and the new one replaces it.
+    Only the writer (`write`, rank 0) touches files.
     """
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / PRESET_FILE
-    old: Preset | None = None
+    notes: list[str] = []
     if path.exists():
+        old: Preset | None = None
         try:
-            old = preset_from_toml(path.read_text(), source=str(path))
-        except (OSError, ConfigError) as e:
+            old = preset_from_toml(path.read_text(encoding="utf-8"), source=str(path))
+        except (OSError, UnicodeDecodeError, ConfigError) as e:
             if not force:
                 raise ConfigError(f"{path}: unreadable ({e}); pass --force to replace it") from None
         if old is not None:
@@ -77,11 +84,15 @@ def claim_run_dir(run_dir: Path, preset: Preset, force: bool, write: bool = True
                     f"{run_dir} was created by a different preset ({'; '.join(diffs[:3])}{more}); "
                     "use another --run-dir, or --force to continue it with the new settings"
                 )
-            if diffs and write:
-                os.replace(path, run_dir / f"preset.{int(time.time())}.toml")
+            recovery = preset_differences(old, preset, skip=set())
+            recovery = [d for d in recovery if d.split(":")[0] in RECOVERY]
+            if (diffs or recovery) and write:
+                kept = run_dir / f"preset.{int(time.time())}.toml"
+                os.replace(path, kept)
+                notes += [f"{d} from here on (the old preset is kept as {kept.name})" for d in recovery]
     if write:
         write_text_atomic(path, preset.to_toml())
-    return old
+    return notes
 
 
 class MetricsLog:
