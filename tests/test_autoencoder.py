@@ -69,7 +69,9 @@ def test_attention_is_the_ldm_formula_bit_for_bit():
 # Gbone3176/uvit-base; ddconfig ch 32, ch_mult [1,1,2,2], num_res_blocks 1, attn_resolutions []) loading
 # `tiny_autoencoder(seed=5)` saved with save_autoencoder(..., "uvit"), scale_factor 0.23010, torch 2.14 CPU
 # fp32: encode_moments(_images()), then torch.manual_seed(3) + sample(), then decode. Our module gave
-# bit-identical tensors in that run; the tolerance only allows for other CPUs' kernels.
+# bit-identical tensors in that run. The tolerances allow for other CPUs' kernels: `.ci/cpu-variation`
+# measured at most 3.9e-6 on elements, 1.5e-5 / 4.5e-4 on the sums, 2.8e-7 relative on the |sums|
+# (AVX-512, AVX2 and plain kernels); each tolerance is at least 10x that.
 OFFICIAL_M_0_12 = [-1.120188, 1.39122, 0.396711, -0.924012, 1.112767, 0.277781, -0.090262, -0.944196]
 OFFICIAL_M_SUM, OFFICIAL_M_ABS_SUM = 11.867988960817456, 126.82054861821234
 OFFICIAL_Z_1_30 = [-0.445525, 0.534338, -0.179969, -0.196978]
@@ -85,13 +87,13 @@ def test_matches_numbers_from_the_official_autoencoder(tmp_path):
         z = vae.sample(m, generator=torch.Generator().manual_seed(3))  # = manual_seed(3) + randn_like
         d = vae.decode(z)
     assert m.shape == (2, 8, 4, 4) and d.shape == (2, 3, 32, 32)
-    assert m[0, :, 1, 2].tolist() == pytest.approx(OFFICIAL_M_0_12, abs=2e-6)
-    assert m.double().sum().item() == pytest.approx(OFFICIAL_M_SUM, abs=1e-4)
-    assert m.double().abs().sum().item() == pytest.approx(OFFICIAL_M_ABS_SUM, rel=1e-6)
-    assert z[1, :, 3, 0].tolist() == pytest.approx(OFFICIAL_Z_1_30, abs=2e-6)
-    assert d[1, :, 17, 5].tolist() == pytest.approx(OFFICIAL_D_1_17_5, abs=2e-6)
-    assert d.double().sum().item() == pytest.approx(OFFICIAL_D_SUM, abs=1e-3)
-    assert d.double().abs().sum().item() == pytest.approx(OFFICIAL_D_ABS_SUM, rel=1e-6)
+    assert m[0, :, 1, 2].tolist() == pytest.approx(OFFICIAL_M_0_12, abs=5e-5)
+    assert m.double().sum().item() == pytest.approx(OFFICIAL_M_SUM, abs=3e-4)
+    assert m.double().abs().sum().item() == pytest.approx(OFFICIAL_M_ABS_SUM, rel=5e-6)
+    assert z[1, :, 3, 0].tolist() == pytest.approx(OFFICIAL_Z_1_30, abs=5e-5)
+    assert d[1, :, 17, 5].tolist() == pytest.approx(OFFICIAL_D_1_17_5, abs=5e-5)
+    assert d.double().sum().item() == pytest.approx(OFFICIAL_D_SUM, abs=1e-2)
+    assert d.double().abs().sum().item() == pytest.approx(OFFICIAL_D_ABS_SUM, rel=5e-6)
 
 
 # --- parity with diffusers on files diffusers itself wrote -------------------------------------------------

@@ -202,7 +202,9 @@ def test_batch_size_and_rank_slices_do_not_change_the_result(env, monkeypatch):
     five = fid_from_checkpoint(env["ref"], settings={"batch_size": 5}, **_cls_kw(env, n=7))
     np.testing.assert_array_equal(images[0], images[1])  # the same 7 images, bit for bit
     assert len(np.unique(images[0].reshape(7, -1), axis=0)) == 7
-    assert one.fid_raw == pytest.approx(five.fid_raw, rel=1e-6)  # float32 features: batch-shape rounding
+    # float32 features of other batch shapes round differently: measured up to 2.6e-7 here (AVX-512, AVX2, plain
+    # kernels) and 1.35e-6 on another AVX-512 machine; the tolerance is 15x that
+    assert one.fid_raw == pytest.approx(five.fid_raw, rel=2e-5)
     # torchrun without processes: rank r of 3 generates indices r::3; the summed stats are the whole run's
     for r in range(3):
         monkeypatch.setattr(dist, "rank", lambda r=r: r)
@@ -214,7 +216,7 @@ def test_batch_size_and_rank_slices_do_not_change_the_result(env, monkeypatch):
     assert [s.n for s in shards] == [3, 2, 2]
     merged = shards[0] + shards[1] + shards[2]
     for a, b in zip(merged.mu_sigma(), whole.mu_sigma(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # batch-shape rounding: <= 4.9e-7 measured
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +257,7 @@ def test_text_checkpoint_fid_runs_and_ignores_batching(env, monkeypatch):
     a = fid_from_checkpoint(env["ref"], settings={"batch_size": 4}, **kw)  # contexts from data.path
     b = fid_from_checkpoint(env["ref"], settings={"batch_size": 6}, contexts_from=d / "shards", **kw)
     np.testing.assert_array_equal(images[0], images[1])
-    assert a.fid_raw == pytest.approx(b.fid_raw, rel=1e-6) and a.num_images == 6 and seen[0].n == 6
+    assert a.fid_raw == pytest.approx(b.fid_raw, rel=2e-5) and a.num_images == 6 and seen[0].n == 6
     g = a.stamp["samples"]["generator"]
     assert g["conditions"]["kind"] == "text" and g["conditions"]["contexts"]["path"] == str(d / "shards")
     assert g["cfg_scale"] == 1.0  # the preset's guidance, with the shards' CLIP('') as null
@@ -400,7 +402,7 @@ def test_cli_ckpt_equals_cli_on_pngs_with_random_inception(env, tmp_path):
     )
     assert r.exit_code == 0, r.output
     g, p = (json.loads((tmp_path / f).read_text()) for f in ("g.json", "p.json"))
-    assert g["fid_raw"] == pytest.approx(p["fid_raw"], rel=1e-5) and g["fid"] > 0
+    assert g["fid_raw"] == pytest.approx(p["fid_raw"], rel=2e-5) and g["fid"] > 0
     assert g["inception"]["sha256"] == p["inception"]["sha256"] == _sha(weights)
 
 
@@ -449,7 +451,7 @@ def test_two_torchrun_processes_match_one(env, tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
     one = fid_from_checkpoint(env["ref"], settings={"batch_size": 2}, **_cls_kw(env, n=7))
     assert two["world_size"] == 2 and two["num_images"] == 7
-    assert two["fid_raw"] == pytest.approx(one.fid_raw, rel=1e-6)
+    assert two["fid_raw"] == pytest.approx(one.fid_raw, rel=2e-5)
 
 
 def test_n_below_two_is_refused(env):

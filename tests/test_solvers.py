@@ -430,7 +430,8 @@ def _official_x_T():
     return x
 
 
-def _close_to(got, want, rtol=1e-5):
+def _close_to(got, want, rtol=2e-5):
+    # `.ci/cpu-variation` measured at most 7e-7 relative to the largest value (AVX-512, AVX2, plain kernels)
     want = torch.tensor(want).reshape(got.shape)
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 

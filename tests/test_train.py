@@ -300,8 +300,8 @@ OFFICIAL_AFTER_6_STEPS = {
 # fmt: on
 
 
-@pytest.mark.parametrize("kind", ["discrete", "continuous"])
-def test_train_step_matches_the_official_code(kind):
+def run_official_recipe(kind: str, check_first_step: bool = False):
+    """Six train steps of RECIPE on RecipeNet; returns (model, ema, losses, lrs)."""
     import copy
 
     from uvit_cli.train.objective import DiffusionLoss, StepDraws
@@ -333,15 +333,23 @@ def test_train_step_matches_the_official_code(kind):
         state.loss_sum.zero_()
         lrs.append(train_step(state, [({"x": x0, "y": y}, d)], n_micro=1, share=4))
         losses.append(state.loss_sum.item() / 4)
-        if step == 0:  # lr 0 on the first step: AdamW's decoupled decay is lr * wd, so nothing moves
+        # lr 0 on step 1: AdamW's decoupled decay is lr * wd, nothing moves
+        if check_first_step and step == 0:
             assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())
+    return model, ema, losses, lrs
+
+
+@pytest.mark.parametrize("kind", ["discrete", "continuous"])
+def test_train_step_matches_the_official_code(kind):
+    model, ema, losses, lrs = run_official_recipe(kind, check_first_step=True)
     assert lrs == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.1])
     want = OFFICIAL_AFTER_6_STEPS[kind]
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     flat_ema = torch.cat([p.detach().flatten() for p in ema.parameters()])
-    torch.testing.assert_close(flat, torch.tensor(want["model"]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(flat_ema, torch.tensor(want["ema"]), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(losses, want["loss"], rtol=0, atol=1e-6)
+    # `.ci/cpu-variation` measured at most 1.8e-7 (weights) and 6e-8 (losses) across CPU kernels
+    torch.testing.assert_close(flat, torch.tensor(want["model"]), rtol=0, atol=5e-6)
+    torch.testing.assert_close(flat_ema, torch.tensor(want["ema"]), rtol=0, atol=5e-6)
+    np.testing.assert_allclose(losses, want["loss"], rtol=0, atol=2e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,7 +480,9 @@ def test_exact_resume_after_a_killed_process(shards, tmp_path):
 
     events = []
     train(preset, killed, on_event=events.append)
-    assert "resuming from 00000003" in events[0].message
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert any("took over a stale lock" in m and "that process is gone" in m for m in warnings), warnings
+    assert "resuming from 00000003" in next(e.message for e in events if e.kind == "start")
     assert _losses(killed) == _losses(straight)  # identical floats, steps 1..6 once each
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = _weights(straight, 2 * k, name), _weights(killed, 2 * k, name)
@@ -576,15 +586,17 @@ def test_cli_errors_are_one_line(shards, tmp_path):
 
     res = _cli([str(toml), "--run-dir", str(tmp_path / "r2")])
     assert res.exit_code == 0, res.output
-    res = _cli([str(toml), "--run-dir", str(tmp_path / "r2"), "--set", "train.lr=1e-2"])
-    assert res.exit_code == 2 and "created by a different preset (train.lr: 0.002 -> 0.01)" in _error_line(
-        res
+    res = _cli([str(toml), "--run-dir", str(tmp_path / "r2"), "--set", "train.weight_decay=0.5"])
+    assert res.exit_code == 2 and "created by a different preset (train.weight_decay: 0.03 -> 0.5)" in (
+        _error_line(res)
     )
     res = _cli(
         [
             str(toml),
             "--run-dir",
             str(tmp_path / "r2"),
+            "--set",
+            "train.weight_decay=0.5",
             "--set",
             "train.lr=1e-2",
             "--set",
