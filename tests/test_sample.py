@@ -170,12 +170,15 @@ def test_images_do_not_depend_on_batch_size(env, tmp_path):
     p, m = env["t2i"], env["t2i_model"]
     ctx = _contexts(env, ["a red cube", "a blue ball", ""])
     cond, unc = context_conditions(ctx, [0, 0, 1, 1]), null_condition(p, ctx[2:])
-    # the network + solver output is bitwise the same for batch sizes 1 and 3 (per-image noise)
+    # the network + solver output is the same for batch sizes 1 and 3 (per-image noise): bitwise with
+    # AVX-512 kernels; with AVX2 or plain ones the GEMM blocking depends on the batch size (1.3e-5 of 63)
     z1 = torch.cat([sample_latents(m, p, [i], cond, unc, seed=7) for i in range(4)])
     z3 = torch.cat([sample_latents(m, p, b, cond, unc, seed=7) for b in ([0, 1, 2], [3])])
-    assert torch.equal(z1, z3) and (z1[0] - z1[1]).abs().max() > 0.1
+    torch.testing.assert_close(z1, z3, rtol=0, atol=1e-3)
+    assert (z1[0] - z1[1]).abs().max() > 0.1
 
-    # images: bitwise equal when the VAE decodes image by image (--decode-batch-size 1) ...
+    # images: equal when the VAE decodes image by image (--decode-batch-size 1): bitwise where the
+    # latents are; the latents' last-bit differences above could move a pixel across a rounding step ...
     vae = env["vae"]
     vae.scale_factor = p.autoencoder.scale_factor
 
@@ -186,7 +189,7 @@ def test_images_do_not_depend_on_batch_size(env, tmp_path):
         )
 
     a, b = images(batch_size=1), images(batch_size=2, decode_batch_size=1)
-    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - b).max() <= 1 and (a != b).mean() < 1e-3
     assert not np.array_equal(a[0], a[1]) and a[0].std() > 1
     # ... and within one 8-bit level when batched decoding picks other conv kernels (float rounding)
     diff = np.abs(images(batch_size=3).astype(int) - a.astype(int))  # one batch of 3

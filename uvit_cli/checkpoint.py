@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from uvit_cli.config import Preset, preset_from_toml
 from uvit_cli.errors import CheckpointError, CheckpointMismatch
 from uvit_cli.fileio import atomic_open, atomic_path, fsync_dir, sha256_file, write_text_atomic
+from uvit_cli.safe_pickle import torch_load_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +108,7 @@ def load_weights(
             preset = preset_from_toml(meta["preset"], source=f"{path} (embedded preset)")
         return sd, preset, meta
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_tensors(path)
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot read as a state dict ({_first_line(e)}); expected our .safetensors or an "
@@ -304,11 +305,10 @@ def save_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    import torch
 
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_tensors(path)
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable training state ({_first_line(e)})") from None
     if not isinstance(state, dict) or "step" not in state:

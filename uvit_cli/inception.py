@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uvit_cli.errors import CheckpointError, WeightsNotFoundError
+from uvit_cli.safe_pickle import torch_load_tensors
 
 FEATURE_DIM = 2048
 NVIDIA_URL = (
@@ -315,7 +317,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         with warnings.catch_warnings():  # torch >= 2.9 calls torch.jit.load deprecated; it still works
             warnings.simplefilter("ignore", FutureWarning)
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = torch_load_tensors(path)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -328,6 +330,8 @@ def load_inception(path: str | os.PathLike) -> FIDInception:
     path = Path(path)
     try:
         sd = _read_state_dict(path)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"Inception weights {path}: {e}") from None
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(

@@ -1,14 +1,18 @@
-"""Reading pickles from data files without running their code.
+"""Reading pickles from data and weight files without running their code.
 
 `pickle.load` calls whatever a file names (`os.system`, `builtins.eval`, ...). The pickles this project
-reads (CIFAR-10 batches, the official ImageNet feature files) hold only dicts, lists, strings, numbers and
-numpy arrays, so this unpickler resolves exactly the numpy globals an array or scalar needs and refuses
-every other global with `pickle.UnpicklingError`. Stdlib and numpy only.
+reads as data (CIFAR-10 batches, the official ImageNet feature files) hold only dicts, lists, strings,
+numbers and numpy arrays, so `load_numpy_pickle` resolves exactly the numpy globals an array or scalar
+needs and refuses every other global with `pickle.UnpicklingError`. Torch files (.pth/.pt/.bin/.ckpt) go
+through `torch_load_tensors`: torch's weights-only unpickler, with a refusal that names the offending
+global and does not suggest turning the protection off.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 from typing import IO, Any
 
 import numpy as np
@@ -21,6 +25,9 @@ _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how protocol 2 (Python 3) stores bytes, e.g. an array's buffer
 }
 
 
@@ -38,3 +45,20 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 def load_numpy_pickle(f: IO[bytes], *, encoding: str = "ASCII") -> Any:
     """`pickle.load(f)` restricted to containers, scalars and numpy arrays (see the module docstring)."""
     return NumpyOnlyUnpickler(f, encoding=encoding).load()
+
+
+def torch_load_tensors(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU. A file that names any other global (code to run on
+    load) raises `pickle.UnpicklingError` with a one-line reason; torch's own message advises
+    `weights_only=False`, which would run that code."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise pickle.UnpicklingError(
+            f"holds Python objects other than tensors{what}; refused, because loading them could run code "
+            "from the file"
+        ) from None

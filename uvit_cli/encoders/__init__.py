@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uvit_cli.errors import CheckpointError
+from uvit_cli.safe_pickle import torch_load_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -71,13 +72,13 @@ def load_state_dict_file(
             with safe_open(str(path), framework="pt", device="cpu") as f:  # reads only the kept tensors
                 return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = torch_load_tensors(path, mmap=True)
         except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch_load_tensors(path)
     except Exception as e:
         raise CheckpointError(
             f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            " (pickles with non-tensor objects are refused: convert the file to .safetensors)"
+            " (use the .safetensors file, or a plain state dict of tensors)"
         ) from None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(sd).__name__})")

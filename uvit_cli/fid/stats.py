@@ -83,7 +83,7 @@ def load_ref_stats(path: str | os.PathLike, dim: int | None = 2048) -> tuple[np.
             f"{p} is not an .npz of statistics (mu, sigma); make one with `uvit fid ref IMAGES --out`"
         )
     try:
-        with np.load(p) as f:  # lazy: only the members we index are decompressed
+        with np.load(p, allow_pickle=False) as f:  # lazy: only the members we index are decompressed
             keys = set(f.files)
             if not {"mu", "sigma"} <= keys:
                 raise DataError(
@@ -125,7 +125,7 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta:
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The `meta` JSON that `save_stats` wrote, or {} for foreign files."""
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             return json.loads(str(f["meta"])) if "meta" in f.files else {}
     except Exception:
         return {}
@@ -146,7 +146,7 @@ def ref_protocol(path: str | os.PathLike) -> tuple[str | None, str]:
         if f"_{mode}_" in name:
             return mode, "clean-fid's file name"
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             adm = "arr_0" in f.files
     except Exception:
         adm = False

@@ -14,7 +14,6 @@ in its DataLoader workers where they are.
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from uvit_cli.errors import DataError
 from uvit_cli.prepare.sources import Source
+from uvit_cli.safe_pickle import load_numpy_pickle
 
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -53,7 +53,7 @@ def _unpickle(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             # The files are Python 2 pickles: latin1 is how numpy arrays in them load (as torchvision does).
-            return pickle.load(f, encoding="latin1")
+            return load_numpy_pickle(f, encoding="latin1")
     except FileNotFoundError:
         raise DataError(f"{path}: CIFAR-10 batch not found (extract all of cifar-10-python.tar.gz)") from None
     except Exception as e:  # truncated download, another file under that name
