@@ -89,8 +89,10 @@ def test_pytorch_fid_weights_convert_exactly(tmp_path, monkeypatch):
 
 
 def test_tf_resize_is_identity_at_299_and_keeps_constants():
-    x = torch.rand(2, 3, 299, 299) * 255
-    torch.testing.assert_close(tf_bilinear_resize(x), x, rtol=0, atol=1e-2)  # grid rounding, fp32
+    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 255
+    # grid_sample's fp32 source coordinate is off by up to ~4e-5 px, times a neighbour step of up to 255 per
+    # axis: <= ~0.02 (0.0103 seen with plain ATen kernels); a shift of half a pixel would be ~40 on average
+    torch.testing.assert_close(tf_bilinear_resize(x), x, rtol=0, atol=5e-2)
     c = torch.full((1, 3, 64, 48), 77.0)
     torch.testing.assert_close(tf_bilinear_resize(c), torch.full((1, 3, 299, 299), 77.0))
 

@@ -389,6 +389,52 @@ def test_our_checkpoint_from_the_default_run_dir(env, tmp_path, monkeypatch):
     )
     # the embedded preset's pixel images, 8 px, no VAE needed
     assert np.asarray(Image.open(tmp_path / "ema" / "00000.png")).shape == (8, 8, 3)
+    # the folder belongs to its weights: the other choice is refused, not counted as "0 new"
+    line = _one_line_error(runner.invoke(app, [*base, "--out", "ema", "--model-weights", "model"]))
+    assert "different checkpoint_sha256, weights" in line and "another --out" in line
+
+
+def test_a_folder_made_with_another_checkpoint_is_refused(env, tmp_path):
+    d = env["dir"]
+    kw = dict(preset=d / "tiny_class.toml", classes=[2], n=2, seed=1)
+    sample_to_dir(out=tmp_path / "s", ckpt=d / "cls" / "nnet_ema.pth", **kw)
+    before = (tmp_path / "s" / "samples.jsonl").read_bytes()
+    (tmp_path / "b").mkdir()
+    other = {k: v + 0.01 for k, v in env["cls_model"].state_dict().items()}
+    torch.save(other, tmp_path / "b" / "nnet_ema.pth")
+    with pytest.raises(UvitError, match="different checkpoint_sha256"):
+        sample_to_dir(out=tmp_path / "s", ckpt=tmp_path / "b" / "nnet_ema.pth", **kw)
+    assert (tmp_path / "s" / "samples.jsonl").read_bytes() == before  # old images keep their labels
+    rec = json.loads(before.splitlines()[0])
+    assert len(rec["checkpoint_sha256"]) == 64 and rec["weights"] == "ema"
+
+
+def test_a_truncated_png_is_made_again(env, tmp_path):
+    d = env["dir"]
+    kw = dict(preset=d / "tiny_class.toml", ckpt=d / "cls" / "nnet_ema.pth", classes=[2, 5], n=2, seed=1)
+    sample_to_dir(out=tmp_path / "s", **kw)
+    want = _pngs(tmp_path / "s")
+    png = tmp_path / "s" / "00001.png"
+    png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])  # cut short outside our atomic writer
+    (tmp_path / "s" / "00002.png").write_bytes(b"")
+    r = sample_to_dir(out=tmp_path / "s", grid=True, **kw)
+    assert (r.skipped, r.written) == (2, 2)
+    got = _pngs(tmp_path / "s")
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "s" / "grid.png").is_file()
+
+
+def test_files_that_are_not_utf8_are_one_line(env, tmp_path):
+    d = env["dir"]
+    (tmp_path / "prompts.txt").write_bytes(b"a red cube\n\xff\xfe caf\xe9\n")
+    args = ["sample", "--ckpt", str(d / "nnet_ema.pth"), "--preset", str(d / "tiny_t2i.toml"), "--out",
+            str(tmp_path / "o"), "--vae", str(d / "autoencoder_kl.pth"), "--clip", str(d / "clip")]  # fmt: skip
+    line = _one_line_error(runner.invoke(app, [*args, "--prompts-file", str(tmp_path / "prompts.txt")]))
+    assert "not UTF-8" in line and "prompts.txt" in line
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "samples.jsonl").write_bytes(b'{"index": 0, "file": "\xff"}\n')
+    line = _one_line_error(runner.invoke(app, [*args, "--prompt", "x", "--n", "1"]))
+    assert "samples.jsonl:1: not a samples.jsonl record" in line
 
 
 # --------------------------------------------------------------------------------------------------

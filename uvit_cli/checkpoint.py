@@ -47,6 +47,14 @@ _STEP_RE = re.compile(r"^\d{8,}$")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
+RUNS_DIR = Path("runs")
+
+
+def default_run_dir(preset: Preset) -> Path:
+    """Where `uvit train` writes a preset's run, and where `uvit sample --preset` looks: runs/<name>."""
+    return RUNS_DIR / preset.name
+
+
 def step_dir_name(step: int) -> str:
     return f"{step:08d}"
 

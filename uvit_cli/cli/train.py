@@ -155,9 +155,9 @@ def _prepare_command(p: Any) -> str:
 
 def _interrupted(preset: Any, run_dir: Path | None, step: float | None) -> None:
     """Say honestly what a Ctrl-C kept: the newest checkpoint (what a rerun resumes from), or nothing."""
-    from uvit_cli.checkpoint import list_checkpoints
+    from uvit_cli.checkpoint import default_run_dir, list_checkpoints
 
-    run = run_dir if run_dir is not None else Path("runs") / preset.name
+    run = run_dir if run_dir is not None else default_run_dir(preset)
     saved = list_checkpoints(run)
     at = f" (last logged step {int(step)})" if step else ""
     if saved:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from uvit_cli.config import Preset
-from uvit_cli.errors import CheckpointMismatch, DataError
+from uvit_cli.errors import DataError
 from uvit_cli.fid import FidResult, fid_from_generator, load_ref_stats
 
 __all__ = ["fid_from_checkpoint", "paper_num_images", "val_context_conditions"]
@@ -101,36 +101,6 @@ def val_context_conditions(
     return conditions, ds.empty_context, info
 
 
-def _resolve(
-    ckpt: str | os.PathLike[str] | None,
-    preset: str | os.PathLike[str] | None,
-    overrides: Sequence[str],
-    ema: bool,
-    device: Any,
-    say: Callable[[str], None],
-) -> tuple[Any, Preset, Path, str]:
-    """(model, its preset, the weights file, a line saying which weights), as `uvit sample` resolves them."""
-    from uvit_cli.checkpoint import find_checkpoint
-    from uvit_cli.config import apply_overrides, load_preset, preset_from_dict
-    from uvit_cli.sample.run import RUNS_DIR, resolve_model
-
-    base = load_preset(preset, list(overrides)) if preset is not None else None
-    try:
-        model, resolved, note = resolve_model(ckpt, base, ema, device)
-    except CheckpointMismatch as e:
-        if base is None:
-            raise
-        raise CheckpointMismatch(
-            f"{e}; pass the --preset this checkpoint was trained with (or --set model.KEY=VALUE)"
-        ) from None
-    file = find_checkpoint(ckpt if ckpt is not None else RUNS_DIR / resolved.name, ema=ema)
-    if overrides:
-        resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
-    if base is not None and base.name != resolved.name:
-        say(f"note: the checkpoint's embedded preset '{resolved.name}' is used, not --preset '{base.name}'")
-    return model, resolved, file, note
-
-
 def fid_from_checkpoint(
     ref: str | os.PathLike[str],
     *,
@@ -165,7 +135,6 @@ def fid_from_checkpoint(
 
     from uvit_cli import dist
     from uvit_cli.fid.features import check_mode
-    from uvit_cli.fileio import sha256_file
     from uvit_cli.sample.generate import (
         SampleSettings,
         check_guidance,
@@ -174,6 +143,7 @@ def fid_from_checkpoint(
         random_class_conditions,
         valid_classes,
     )
+    from uvit_cli.sample.run import resolve_model
 
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
@@ -190,7 +160,8 @@ def fid_from_checkpoint(
     started_dist = not dist.is_initialized() and dist.init_from_env()
     try:
         device = torch.device(device) if device is not None else dist.device()
-        model, resolved, file, note = _resolve(ckpt, preset, overrides, ema, device, say)
+        loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say)
+        model, resolved, file, note = loaded.model, loaded.preset, loaded.info.path, loaded.note
         s = SampleSettings.from_preset(resolved, **(settings or {}))
         check_guidance(resolved, s)
         total = n if n is not None else paper_num_images(resolved)
@@ -255,7 +226,7 @@ def fid_from_checkpoint(
 
         generator = {
             "checkpoint": str(file),
-            "checkpoint_sha256": sha256_file(file),
+            "checkpoint_sha256": loaded.info.sha256,
             "weights": note,
             "ema": ema,
             "preset": resolved.name,

@@ -49,11 +49,11 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8, as clean-fid reads it (`PIL.Image.open(...).convert('RGB')`)."""
-    from PIL import Image
+    """(H, W, 3) uint8: for 8-bit files exactly clean-fid's `PIL.Image.open(...).convert('RGB')`; higher bit
+    depths scaled, not clipped (`uvit_cli.imageio`)."""
+    from uvit_cli.imageio import read_rgb
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return read_rgb(path)
 
 
 class ImageFiles:

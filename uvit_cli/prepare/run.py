@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from uvit_cli import data, dist
 from uvit_cli.errors import DataError
 from uvit_cli.fileio import save_npy_atomic, write_json_atomic
-from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source, load_rgb
+from uvit_cli.imageio import open_rgb
+from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source
 
 
 @dataclass
@@ -98,7 +99,7 @@ class _Decode(Dataset):
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
         try:
             src = self.sources[i]
-            image = Image.fromarray(src.pixels) if src.pixels is not None else load_rgb(src.path)
+            image = Image.fromarray(src.pixels) if src.pixels is not None else open_rgb(src.path)
             return i, self.crop(image, self.resolution), ""
         except Exception as e:  # corrupt, truncated, unsupported, missing: skip and report, never crash
             return i, None, f"{type(e).__name__}: {str(e)[:200]}"

@@ -40,13 +40,6 @@ class Source:
 # Preprocessing
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode fully (truncated files raise here, not later) and convert grey/CMYK/RGBA/palette to RGB."""
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
-
-
 def center_crop_lanczos(img: Image.Image, resolution: int) -> np.ndarray:
     """COCO (spec §5.1): numpy centre crop to the short side, offset (dim - side) // 2, then LANCZOS."""
     arr = np.asarray(img)

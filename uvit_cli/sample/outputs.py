@@ -15,6 +15,7 @@ from PIL import Image
 
 from uvit_cli.errors import UvitError
 from uvit_cli.fileio import atomic_open, atomic_path
+from uvit_cli.imageio import read_rgb
 
 INDEX_DIGITS = 5
 JSONL = "samples.jsonl"
@@ -36,9 +37,26 @@ def check_writable(out: Path) -> None:
         raise UvitError(f"--out {out}: not writable ({e.strerror or e})") from None
 
 
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
 def done_indices(out: Path, indices: Iterable[int]) -> set[int]:
-    """Indices whose PNG is already there (written atomically, so a present file is a complete one)."""
-    return {i for i in indices if (out / png_name(i)).is_file()}
+    """Indices whose PNG is there and complete. Ours are written atomically; a file cut short some other
+    way (a copy, a sync, a disk error) lacks the closing IEND chunk and is made again."""
+    return {i for i in indices if _complete_png(out / png_name(i))}
+
+
+def _complete_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 8 + len(_PNG_END):
+                return False
+            f.seek(-len(_PNG_END), os.SEEK_END)
+            return head == b"\x89PNG\r\n\x1a\n" and f.read() == _PNG_END
+    except OSError:
+        return False
 
 
 def write_png(out: Path, index: int, image: np.ndarray) -> None:
@@ -49,7 +67,7 @@ def write_png(out: Path, index: int, image: np.ndarray) -> None:
 
 
 def read_png(out: Path, index: int) -> np.ndarray:
-    return np.asarray(Image.open(out / png_name(index)).convert("RGB"))
+    return read_rgb(out / png_name(index))
 
 
 def write_jsonl(out: Path, records: Sequence[dict[str, Any]]) -> Path:
@@ -67,13 +85,13 @@ def read_jsonl(out: Path) -> dict[int, dict[str, Any]]:
     if not path.is_file():
         return {}
     records: dict[int, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
                 try:
-                    r = json.loads(line)
+                    r = json.loads(raw.decode("utf-8"))
                     records[int(r["index"])] = r
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
                     raise UvitError(f"{path}:{n}: not a samples.jsonl record; use another --out") from None
     return records
 

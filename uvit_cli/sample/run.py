@@ -12,14 +12,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvit_cli.config import Preset, apply_overrides, load_preset, preset_from_dict
-from uvit_cli.errors import CheckpointError, ConfigError, DataError, UvitError
+from uvit_cli.errors import CheckpointError, CheckpointMismatch, ConfigError, DataError, UvitError
 from uvit_cli.sample import outputs
 from uvit_cli.sample.generate import SampleSettings, check_guidance, image_seed, valid_classes
 
-RUNS_DIR = Path("runs")  # a preset's default run directory is runs/<preset.name> (uvit train)
+if TYPE_CHECKING:
+    from uvit_cli.checkpoint import CheckpointInfo
+
 GRID_MAX_IMAGES = 256
 OFFICIAL_CKPTS = "https://github.com/baofff/U-ViT#pretrained-models"
 
@@ -62,14 +64,50 @@ def _no_checkpoint(preset: Preset, run_dir: Path) -> CheckpointError:
     )
 
 
+@dataclass
+class ResolvedModel:
+    """A model ready to sample: the network (eval mode), the preset it samples with, where its weights
+    came from (`info`: path, step, ema/model, sha256, format) and that said in one line (`note`)."""
+
+    model: Any
+    preset: Preset
+    info: CheckpointInfo
+    note: str
+
+
 def resolve_model(
     ckpt: str | os.PathLike[str] | None,
-    preset: Preset | None,
-    ema: bool,
-    device: Any,
-) -> tuple[Any, Preset, str]:
-    """(model in eval mode, its preset, a line saying which weights) from --ckpt / --preset."""
-    from uvit_cli.checkpoint import find_checkpoint, load_model
+    preset: str | os.PathLike[str] | None,
+    *,
+    overrides: Sequence[str] = (),
+    ema: bool = True,
+    device: Any = None,
+    say: Callable[[str], None] = lambda _msg: None,
+) -> ResolvedModel:
+    """The model `--ckpt` / `--preset` / `--set` name, as `uvit sample` and `uvit fid` load it.
+
+    `--set` applies to `--preset` before an official .pth is built from it (e.g. model.depth=16), and to the
+    preset embedded in our checkpoints after loading (there only sampling keys can matter)."""
+    base = load_preset(preset, list(overrides)) if preset is not None else None
+    try:
+        model, resolved, info, note = _load(ckpt, base, ema, device)
+    except CheckpointMismatch as e:
+        if base is None:
+            raise
+        raise CheckpointMismatch(
+            f"{e}; pass the --preset this checkpoint was trained with (or --set model.KEY=VALUE)"
+        ) from None
+    if overrides:
+        resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
+    if base is not None and base.name != resolved.name:
+        say(f"note: the checkpoint's embedded preset '{resolved.name}' is used, not --preset '{base.name}'")
+    return ResolvedModel(model, resolved, info, note)
+
+
+def _load(
+    ckpt: str | os.PathLike[str] | None, preset: Preset | None, ema: bool, device: Any
+) -> tuple[Any, Preset, CheckpointInfo, str]:
+    from uvit_cli.checkpoint import default_run_dir, find_checkpoint, load_model
 
     if ckpt is None:
         if preset is None:
@@ -77,7 +115,7 @@ def resolve_model(
                 "say which model: --ckpt FILE (ours, or the paper's nnet_ema.pth with --preset NAME) or "
                 "--preset NAME (its latest run in runs/NAME)"
             )
-        run_dir = RUNS_DIR / preset.name
+        run_dir = default_run_dir(preset)
         if not run_dir.is_dir():
             raise _no_checkpoint(preset, run_dir)
         try:
@@ -96,12 +134,12 @@ def resolve_model(
         where += f"; preset {resolved.name}, recognised from its shapes"
     if info.format == "official" and "ema" not in file.stem and file.stem != "nnet":
         # the README's released files (e.g. imagenet256_uvit_huge.pth) do not say which weights they hold
-        return model, resolved, f"released weights: {where}"
+        return model, resolved, info, f"released weights: {where}"
     kind = "EMA" if info.weights == "ema" else "online (non-EMA)"
     note = f"{kind} weights: {where}"
     if ema != (info.weights == "ema"):
         note += f" [asked for {'EMA' if ema else 'non-EMA'} weights; this file holds {info.weights}]"
-    return model, resolved, note
+    return model, resolved, info, note
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,6 +183,11 @@ def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise DataError(f"--prompts-file {path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"--prompts-file {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "save it as UTF-8, one prompt per line"
+        ) from None
     prompts = [ln.strip() for ln in lines if ln.strip()]
     if not prompts:
         raise DataError(f"--prompts-file {path}: no prompts in it")
@@ -187,16 +230,8 @@ def sample_to_dir(
     started_dist = not dist.is_initialized() and dist.init_from_env()
     try:
         device = torch.device(device) if device is not None else dist.device()
-        # --set applies to --preset before an official .pth is built from it (e.g. model.depth=16), and to
-        # the preset embedded in our checkpoints after loading (there only sampling keys can matter).
-        base = load_preset(preset, list(overrides)) if preset is not None else None
-        model, resolved, weights_note = resolve_model(ckpt, base, ema, device)
-        if overrides:
-            resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
-        if base is not None and base.name != resolved.name:
-            say(
-                f"note: the checkpoint's embedded preset '{resolved.name}' is used, not --preset '{base.name}'"
-            )
+        loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say)
+        model, resolved, weights_note = loaded.model, loaded.preset, loaded.note
         s = SampleSettings.from_preset(resolved, **(settings or {}))
         plan = _plan(resolved, list(prompts), list(classes), n)
         check_guidance(resolved, s)
@@ -212,6 +247,8 @@ def sample_to_dir(
                 "noise_seed": image_seed(seed, i),
                 "preset": resolved.name,
                 "checkpoint": weights_note,
+                "checkpoint_sha256": loaded.info.sha256,
+                "weights": loaded.info.weights,
                 "settings": s.to_dict(),
             }
             for i, cond in enumerate(plan)
@@ -288,7 +325,7 @@ def sample_to_dir(
 def _check_same_run(out_dir: Path, records: list[dict[str, Any]]) -> None:
     """Resuming into a folder made with other settings would mix images: refuse, naming the difference."""
     old = outputs.read_jsonl(out_dir)
-    keys = ("prompt", "class", "seed", "preset", "settings")
+    keys = ("prompt", "class", "seed", "preset", "checkpoint_sha256", "weights", "settings")
     for r in records:
         prev = old.get(r["index"])
         if prev is None:

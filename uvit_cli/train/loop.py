@@ -45,10 +45,6 @@ class TrainResult:
     loss: float | None
 
 
-def default_run_dir(preset: Preset) -> Path:
-    return Path("runs") / preset.name
-
-
 # --------------------------------------------------------------------------------------------------
 # RNG states of a process (stored per rank in state.pt; tensors and plain values only)
 
@@ -149,7 +145,7 @@ def train(
     `compile` overrides `train.compile` (CUDA only); `max_steps` stops after that many steps of this call.
     """
     tc = preset.train
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(preset)
+    run_dir = Path(run_dir) if run_dir is not None else ck.default_run_dir(preset)
 
     # ---- Processes, device, precision ------------------------------------------------------------
     created_group = not dist.is_initialized() and dist.init_from_env()
