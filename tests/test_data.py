@@ -176,7 +176,7 @@ def test_shard_written_atomically(tmp_path, monkeypatch):
 
 def test_verify_detects_modification(tmp_path):
     data.write_arrays(tmp_path, _pixels(5), items_per_shard=2)
-    assert data.verify(tmp_path) == 6
+    assert data.verify(tmp_path) == {"train": 6}
     arr = np.load(tmp_path / "train" / "shard-00001" / "x.npy")
     arr[0, 0, 0, 0, 0] ^= 1
     np.save(tmp_path / "train" / "shard-00001" / "x.npy", arr)

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from uvit_cli import data
 from uvit_cli.cli import app
 from uvit_cli.encoders import load_autoencoder, load_text_encoder
+from uvit_cli.errors import DataError
 from uvit_cli.fileio import sha256_file
 
 runner = CliRunner()
@@ -196,7 +197,7 @@ def test_prepare_coco_matches_direct_computation(tmp_path, encoders):
     assert m["context_shape"] == [77, 32] and m["splits"]["val"]["items"] == 1
     assert "LANCZOS" in m["preprocessing"]
     np.testing.assert_allclose(np.load(out / "empty_context.npy"), clip.encode([""])[0].numpy(), atol=1e-6)
-    assert data.verify(out, "train") > 0
+    assert data.verify(out, "train")["train"] > 0
 
     ds = data.FeatureDataset(out, "train")
     assert len(ds) == 3 and ds.space == "latent" and ds.conditioning == "text" and ds.shape == (8, 32, 32)
@@ -430,7 +431,7 @@ def test_resume_after_interruption_is_identical(tmp_path, encoders, monkeypatch)
     assert r.exit_code == 130
     assert data.list_shards(out / "train") == [0]
     assert not data.read_manifest(out)["splits"]["train"]["complete"]
-    with pytest.raises(data.DataError, match="incomplete"):
+    with pytest.raises(DataError, match="incomplete"):
         data.FeatureDataset(out)
     # a hard kill mid-write leaves a temporary directory: it must be ignored and cleaned up
     (out / "train" / ".tmp-shard-00001-999").mkdir()
@@ -598,7 +599,7 @@ def test_import_official_coco_features(tmp_path):
     )
     r = invoke("prepare", "official-features", str(tmp_path / "coco256_features"), "--out", str(out),
                "--items-per-shard", "2", "--dtype", "float32")  # fmt: skip
-    assert r.exit_code == 2 and "other files" in r.output
+    assert r.exit_code == 2 and "sources" in r.output and "changed" in r.output
 
 
 def test_import_official_imagenet_features_and_train(tmp_path):

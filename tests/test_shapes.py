@@ -128,7 +128,7 @@ def test_prepare_writes_shards_that_the_trainer_reads(tmp_path):
 
     # rerun: reused; other settings into the same folder: refused
     again = prepare_shapes(out, n=130, n_val=20, resolution=8, items_per_shard=64)
-    assert again.written == {} and again.reused == {"train": 3, "val": 1}
+    assert again.written == {"train": 0, "val": 0} and again.reused == {"train": 3, "val": 1}
     with pytest.raises(DataError, match="other settings"):
         prepare_shapes(out, n=130, n_val=20, resolution=32, items_per_shard=64)
 

@@ -1,5 +1,5 @@
-"""`uvit prepare coco|imagenet|cifar10|celeba|folder|official-features`: data sets into feature shards
-(see docs/data.md)."""
+"""`uvit prepare coco|imagenet|cifar10|celeba|folder|official-features`: data sets into feature shards;
+`uvit prepare verify DIR`: the full hash check of a prepared folder (see docs/data.md)."""
 
 from __future__ import annotations
 
@@ -306,6 +306,36 @@ def official_features(
         dtype=dtype.value,
         num_workers=workers,
     )
+
+
+@app.command("verify")
+@handle_errors
+def verify(
+    directory: Annotated[
+        Path, typer.Argument(help="A folder written by uvit prepare (holds manifest.json).")
+    ],
+    split: Annotated[
+        str | None, typer.Option("--split", help="Check only this split (default: all).", show_default=False)
+    ] = None,
+) -> None:
+    """Recompute the sha256 of every shard file against the manifest (finds flipped bytes; slow on big sets)."""
+    from rich.progress import Progress
+
+    from uvit_cli.data import verify as verify_set
+
+    t0 = time.perf_counter()
+    with Progress(console=out, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"{name} shards", total=total)
+            bar.update(tasks[name], completed=done)
+
+        checked = verify_set(directory, split, progress)
+    for name, files in checked.items():
+        out.print(f"{name}: {files} files match the manifest")
+    out.print(f"{directory}: intact ({time.perf_counter() - t0:.1f} s)")
 
 
 def register(root: typer.Typer) -> None:

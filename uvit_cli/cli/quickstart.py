@@ -36,9 +36,8 @@ def prepare_shapes_command(
             f"{split}: {entry['items']} images, {entry['captions']} captions in {len(entry['shards'])} shards"
         )
     reused = sum(result.reused.values())
-    out.print(
-        f"wrote {result.out} in {time.perf_counter() - t0:.1f} s" + (" (already complete)" if reused else "")
-    )
+    note = f" ({reused} finished shards verified and kept)" if reused else ""
+    out.print(f"wrote {result.out} in {time.perf_counter() - t0:.1f} s{note}")
 
 
 def register_prepare_shapes(prepare_app: typer.Typer) -> None:

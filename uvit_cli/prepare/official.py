@@ -34,8 +34,7 @@ import numpy as np
 
 from uvit_cli import data
 from uvit_cli.errors import DataError
-from uvit_cli.fileio import save_npy_atomic, write_json_atomic
-from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn, _check_out
+from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
 from uvit_cli.safe_pickle import load_numpy_pickle
 
 IMAGENET_CLASSES = 1000  # datasets.py ImageNet256Features / ImageNet512Features: self.K = 1000
@@ -179,68 +178,51 @@ def import_official_features(
         preprocessing=f"imported from {src} (official U-ViT scripts/{what}); one item per file"
         + (", mirror images included as items" if kind == "imagenet" else ""),
     )
-    manifest = _check_out(out, manifest)
-    digests = {
-        s: hashlib.sha256(json.dumps([n, counts]).encode()).hexdigest()[:16]
+    writer = data.ShardSetWriter(out, manifest)
+    n_shards = {s: math.ceil(n / items_per_shard) for s, (n, _) in listings.items()}
+    splits = {
+        s: (hashlib.sha256(json.dumps([n, counts]).encode()).hexdigest()[:16], n_shards[s])
         for s, (n, counts) in listings.items()
     }
-    for split in listings:
-        entry = manifest["splits"].get(split)
-        if entry is not None and entry.get("source_digest") != digests[split]:
-            raise DataError(f"{out}/{split} was imported from other files; use another --out, or delete it")
+    writer.check_splits(splits)
+    writer.begin(splits, empty)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if empty is not None:
-        save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
-    for split in listings:
-        (out / split).mkdir(exist_ok=True)
-        data.remove_temporaries(out / split)
-        if not manifest["splits"].get(split, {}).get("complete"):
-            manifest["splits"][split] = {"complete": False, "source_digest": digests[split]}
-    write_json_atomic(out / data.MANIFEST, manifest)
-
-    result = PrepareResult(out, manifest)
-    fp = manifest["fingerprint"]
+    result = PrepareResult(out, writer.manifest)
     with ThreadPoolExecutor(max(1, num_workers)) as pool:  # file reads dominate; numpy releases the GIL
         for split, (n, counts) in listings.items():
-            d, split_dir = dirs[split], out / split
-            n_shards = math.ceil(n / items_per_shard)
             state = Progress(split, 0, n)
-            for k in range(n_shards):
+            todo = set(writer.todo(split, n_shards[split]))
+            for k in range(n_shards[split]):
                 lo, hi = k * items_per_shard, min((k + 1) * items_per_shard, n)
-                meta = data.read_shard_meta(split_dir, k)
-                if meta is not None:
-                    if meta.get("fingerprint") != fp:
-                        raise DataError(f"{split_dir / data.shard_name(k)} was made with other settings")
-                    state.shards_reused += 1
-                else:
-                    _write_shard(pool, kind, d, split_dir, k, lo, hi, counts, shape, empty, dtype, fp)
+                if k in todo:
+                    writer.write(
+                        split, k, _read_shard(pool, kind, dirs[split], lo, hi, counts, shape, empty, dtype)
+                    )
                     state.shards_written += 1
+                else:
+                    state.shards_reused += 1
                 state.done = hi
                 if progress:
                     progress(state)
             result.written[split], result.reused[split] = state.shards_written, state.shards_reused
-            metas = [data.read_shard_meta(split_dir, k) for k in range(n_shards)]
-            manifest["splits"][split] = data.split_summary(metas, digests[split])  # type: ignore[arg-type]
-            write_json_atomic(out / data.MANIFEST, manifest)
-    result.manifest = manifest
+            writer.finish(split, n_shards[split])
+    result.manifest = writer.manifest
     return result
 
 
-def _write_shard(
+def _read_shard(
     pool: ThreadPoolExecutor,
     kind: str,
     d: Path,
-    split_dir: Path,
-    k: int,
     lo: int,
     hi: int,
     counts: list[int],
     shape: list[int],
     empty: np.ndarray | None,
     dtype: str,
-    fp: str,
-) -> None:
+) -> data.ShardData:
+    """Items lo..hi-1 of an official directory as one shard's contents."""
+
     def coco_item(i: int) -> tuple[np.ndarray, np.ndarray]:
         x = _moments(load_official_npy(d / f"{i}.npy"), d / f"{i}.npy")
         ctx = np.stack([np.asarray(load_official_npy(d / f"{i}_{j}.npy")) for j in range(counts[i])])
@@ -270,11 +252,10 @@ def _write_shard(
         )
         if bad is not None:
             raise DataError(f"{d}: the contexts of item {bad} are not {empty.shape} like empty_context.npy")
-    shard = data.ShardData(
+    return data.ShardData(
         x=data.to_storage(xs[:, None], dtype),  # (n, 1, 8, h, w)
         keys=[str(i) for i in range(lo, hi)],
         sources=hi - lo,
         y=np.array([r[1] for r in rows], np.int64) if kind == "imagenet" else None,
         contexts=contexts,
     )
-    data.write_shard(split_dir, k, shard, fp)

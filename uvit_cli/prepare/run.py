@@ -1,9 +1,9 @@
 """The prepare engine: decode in DataLoader workers, encode in batches, write shards, assemble the manifest.
 
-Resumable by construction: shard k covers sources [k*S, (k+1)*S), finished shards (a directory with a
-meta.json carrying the same settings fingerprint) are skipped, and rank r of W writes the shards k with
-k % W == r. Rank 0 writes the manifest: first as "incomplete" (it holds the settings a rerun is checked
-against), then complete once every shard of the split exists.
+Resumable by construction (`data.ShardSetWriter`): shard k covers sources [k*S, (k+1)*S), a finished
+shard whose files still hash to what was recorded is kept, anything missing or damaged is made again,
+and rank r of W writes the shards k with k % W == r. Rank 0 writes the manifest: first as "incomplete"
+(it holds the settings a rerun is checked against), then complete once every shard of the split exists.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from uvit_cli import data, dist
 from uvit_cli.errors import DataError
-from uvit_cli.fileio import save_npy_atomic, write_json_atomic
 from uvit_cli.imageio import open_rgb
 from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source
 
@@ -57,6 +56,14 @@ class PrepareSpec:
     batch_size: int = 64
     num_workers: int = 4
     text_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8:
+            raise DataError(f"--resolution {self.resolution}: an image side of at least 8 pixels")
+        if self.space == "latent" and self.resolution % 8:
+            raise DataError(
+                f"--resolution {self.resolution} is not a multiple of 8 (the autoencoder downsamples by 8)"
+            )
 
 
 @dataclass
@@ -136,38 +143,6 @@ def source_digest(sources: list[Source]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
-def _check_out(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest to continue from: refuse a directory holding anything made with other settings."""
-    path = out / data.MANIFEST
-    if path.exists():
-        old = data.read_manifest(out)
-        if old.get("fingerprint") != manifest["fingerprint"]:
-            a, b = old.get("settings", {}), manifest["settings"]
-            diff = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
-            raise DataError(
-                f"{out} holds shards made with other settings (differs in: {', '.join(diff)}); "
-                "use another --out, or delete it to start over"
-            )
-        return old
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} is not empty and holds no {data.MANIFEST}; choose an empty or new --out")
-    return manifest
-
-
-def _check_split(out: Path, manifest: dict[str, Any], job: SplitJob, digest: str, n_shards: int) -> None:
-    entry = manifest["splits"].get(job.name)
-    if entry is not None and entry.get("source_digest") != digest:
-        raise DataError(
-            f"{out}/{job.name}: the source images or captions changed since these shards were made "
-            "(different listing); use another --out, or delete it to start over"
-        )
-    split_dir = out / job.name
-    for k in data.list_shards(split_dir):
-        meta = data.read_shard_meta(split_dir, k)
-        if meta is not None and (meta.get("fingerprint") != manifest["fingerprint"] or k >= n_shards):
-            raise DataError(f"{split_dir / data.shard_name(k)} was made with other settings; delete {out}")
-
-
 # --------------------------------------------------------------------------------------------------
 # Encoding
 
@@ -233,7 +208,7 @@ class _ShardBuffer:
 
 
 def _finish_shard(
-    buf: _ShardBuffer, sources: list[Source], spec: PrepareSpec, split_dir: Path, fp: str
+    buf: _ShardBuffer, sources: list[Source], spec: PrepareSpec, writer: data.ShardSetWriter, split: str
 ) -> dict[str, Any]:
     order = sorted(buf.rows)
     store = (lambda a: a) if spec.space == "pixel" else (lambda a: data.to_storage(a, spec.dtype))
@@ -257,21 +232,19 @@ def _finish_shard(
             for i, r in sorted(buf.skipped.items())
         ],
     )
-    return data.write_shard(split_dir, buf.index, shard, fp)
+    return writer.write(split, buf.index, shard)
 
 
 def _prepare_split(
-    out: Path,
+    writer: data.ShardSetWriter,
     job: SplitJob,
     spec: PrepareSpec,
     enc: _Encoders,
-    fp: str,
     pending: list[int],
     progress: ProgressFn | None,
     reused: int,
 ) -> int:
     """Write this rank's pending shards of one split; returns how many were written."""
-    split_dir = out / job.name
     S, N = spec.items_per_shard, len(job.sources)
     bufs = {k: _ShardBuffer(k, k * S, min((k + 1) * S, N)) for k in pending}
     owner = {i: k for k in pending for i in range(k * S, min((k + 1) * S, N))}
@@ -316,12 +289,14 @@ def _prepare_split(
         state.done += len(batch)
         for k in sorted({owner[i] for i, _, _ in batch}):
             if k in bufs and bufs[k].full:
-                _finish_shard(bufs.pop(k), job.sources, spec, split_dir, fp)
+                _finish_shard(bufs.pop(k), job.sources, spec, writer, job.name)
                 state.shards_written += 1
         if progress:
             progress(state)
     if bufs:  # cannot happen unless the loader dropped items
-        raise DataError(f"{split_dir}: shards {sorted(bufs)} incomplete after the run; rerun the command")
+        raise DataError(
+            f"{writer.out / job.name}: shards {sorted(bufs)} incomplete after the run; rerun the command"
+        )
     return state.shards_written
 
 
@@ -358,7 +333,8 @@ def _run(
     clip_sha = enc.clip.weights_sha256 if enc.clip is not None else None
     settings = _settings(spec, vae_sha, clip_sha)
     views = 2 if spec.flip else 1
-    shape = [3, spec.resolution, spec.resolution] if spec.space == "pixel" else [8, *_latent_hw(spec)]
+    side = spec.resolution if spec.space == "pixel" else spec.resolution // 8
+    shape = [3 if spec.space == "pixel" else 8, side, side]
     manifest = data.new_manifest(
         kind=spec.kind,
         space=spec.space,
@@ -374,60 +350,33 @@ def _run(
         encoders=enc.ids(),
         preprocessing=CROP_DESCRIPTIONS[spec.crop] + ("; plus the horizontal flip" if spec.flip else ""),
     )
-    manifest = _check_out(out, manifest)
-    digests = {job.name: source_digest(job.sources) for job in jobs}
-    n_shards = {job.name: math.ceil(len(job.sources) / spec.items_per_shard) for job in jobs}
+    writer = data.ShardSetWriter(out, manifest)
     for job in jobs:
         if not job.sources:
             raise DataError(f"the {job.name} split has no images")
-        _check_split(out, manifest, job, digests[job.name], n_shards[job.name])
+    n = {job.name: math.ceil(len(job.sources) / spec.items_per_shard) for job in jobs}
+    splits = {job.name: (source_digest(job.sources), n[job.name]) for job in jobs}
+    writer.check_splits(splits)
 
     dist.barrier()  # every rank has checked --out before rank 0 writes to it
-
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if enc.clip is not None:
-            empty = enc.texts([""])[0]  # (77, D) float32, kept in float32: it is one array
-            save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
-            manifest["context_shape"] = list(empty.shape)
-            manifest["context_dtype"] = spec.dtype
-        for job in jobs:
-            (out / job.name).mkdir(exist_ok=True)
-            data.remove_temporaries(out / job.name)
-            if not manifest["splits"].get(job.name, {}).get("complete"):
-                manifest["splits"][job.name] = {"complete": False, "source_digest": digests[job.name]}
-        write_json_atomic(out / data.MANIFEST, manifest)
+        empty = enc.texts([""])[0] if enc.clip is not None else None  # (77, D) float32: CLIP("")
+        writer.begin(splits, empty)
     dist.barrier()
 
-    result = PrepareResult(out, manifest)
+    result = PrepareResult(out, writer.manifest)
     for job in jobs:
-        split_dir = out / job.name
-        mine = [k for k in range(n_shards[job.name]) if k % world == rank]
-        pending = [k for k in mine if data.read_shard_meta(split_dir, k) is None]
+        mine = [k for k in range(n[job.name]) if k % world == rank]
+        pending = writer.todo(job.name, mine)
         result.reused[job.name] = len(mine) - len(pending)
         result.written[job.name] = _prepare_split(
-            out, job, spec, enc, manifest["fingerprint"], pending, progress, result.reused[job.name]
+            writer, job, spec, enc, pending, progress, result.reused[job.name]
         )
     dist.barrier()
-
     if rank == 0:
         for job in jobs:
-            split_dir = out / job.name
-            metas = [data.read_shard_meta(split_dir, k) for k in range(n_shards[job.name])]
-            missing = [k for k, m in enumerate(metas) if m is None]
-            if missing:
-                raise DataError(f"{split_dir}: shards {missing[:5]} missing after the run; rerun the command")
-            manifest["splits"][job.name] = data.split_summary(metas, digests[job.name])  # type: ignore[arg-type]
-        write_json_atomic(out / data.MANIFEST, manifest)
+            writer.finish(job.name, n[job.name])
     dist.barrier()
     if distributed:
         result.manifest = data.read_manifest(out)
     return result
-
-
-def _latent_hw(spec: PrepareSpec) -> list[int]:
-    if spec.resolution % 8:
-        raise DataError(
-            f"--resolution {spec.resolution} is not a multiple of 8 (the autoencoder downsamples by 8)"
-        )
-    return [spec.resolution // 8] * 2

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from uvit_cli import data
 from uvit_cli.errors import DataError
-from uvit_cli.fileio import save_npy_atomic, write_json_atomic
 from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
 from uvit_cli.shapes import render, text
+
+if TYPE_CHECKING:
+    from uvit_cli.encoders.clip import CLIPTextEncoder
 
 DEFAULT_IMAGES = 10000
 
@@ -33,7 +36,8 @@ def prepare_shapes(
     dtype: str = "float16",
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
-    """Write `n` training and `n_val` (default n // 10) held-out scenes to `out`; rerunning reuses a finished set."""
+    """Write `n` training and `n_val` (default n // 10) held-out scenes to `out`. Rerunning the same call
+    resumes an interrupted one and re-makes damaged shards; a finished set is verified and kept."""
     import torch
 
     out = Path(out)
@@ -76,54 +80,50 @@ def prepare_shapes(
         },
         preprocessing="procedural: Pillow drawing at 4x, box-filter downsampling (uvit_cli.shapes.render)",
     )
-    manifest["context_dtype"] = dtype
-    splits = {"train": n, "val": n_val} if n_val else {"train": n}
-    if (out / data.MANIFEST).exists():
-        old = data.read_manifest(out)
-        if old.get("fingerprint") != manifest["fingerprint"]:
-            raise DataError(f"{out} holds a set made with other settings; use another --out or delete it")
-        if all(old["splits"].get(s, {}).get("complete") for s in splits):
-            for s, count in splits.items():
-                if progress:
-                    progress(Progress(s, count, count, shards_reused=len(old["splits"][s]["shards"])))
-            return PrepareResult(out, old, reused={s: len(old["splits"][s]["shards"]) for s in splits})
-    elif out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} is not empty and holds no {data.MANIFEST}; choose an empty or new --out")
-
-    out.mkdir(parents=True, exist_ok=True)
+    counts = {"train": n, "val": n_val} if n_val else {"train": n}
+    n_shards = {s: -(-c // items_per_shard) for s, c in counts.items()}
+    writer = data.ShardSetWriter(out, manifest)
+    splits = {s: (manifest["fingerprint"], k) for s, k in n_shards.items()}
+    writer.check_splits(splits)
     with torch.no_grad():
         empty = encoder.encode([""])[0].numpy()  # (L, D) float32: the CFG null condition
-    save_npy_atomic(out / data.EMPTY_CONTEXT, empty)
-    result = PrepareResult(out, manifest)
-    cache: dict[str, np.ndarray] = {}  # a few hundred distinct captions: encode each once
-    for split, count in splits.items():
-        split_dir = out / split
-        split_dir.mkdir(exist_ok=True)
-        data.remove_temporaries(split_dir)
+    writer.begin(splits, empty)
+
+    result = PrepareResult(out, writer.manifest)
+    for split, count in counts.items():
         scenes = render.sample_scenes(count, seed, split)
-        state = Progress(split, 0, count)
-        metas = []
-        for k, lo in enumerate(range(0, count, items_per_shard)):
-            part = scenes[lo : lo + items_per_shard]
+        todo = writer.todo(split, n_shards[split])
+        state = Progress(split, 0, count, shards_reused=n_shards[split] - len(todo))
+        if todo:
+            features = _encode_all(encoder, sorted({c for s in scenes for c in s.captions()}))
+        for k in todo:
+            part = scenes[k * items_per_shard : (k + 1) * items_per_shard]
             captions = [s.captions() for s in part]
-            new = sorted({c for cs in captions for c in cs} - cache.keys())
-            if new:
-                with torch.no_grad():
-                    feats = encoder.encode(new).numpy()  # (m, L, D)
-                cache.update(zip(new, feats, strict=True))
             shard = data.ShardData(
                 x=render.render_many(part, resolution)[:, None],  # (n, 1, 3, R, R) uint8
-                keys=[f"{split}-{lo + i:07d}" for i in range(len(part))],
+                keys=[f"{split}-{k * items_per_shard + i:07d}" for i in range(len(part))],
                 sources=len(part),
-                contexts=[data.to_storage(np.stack([cache[c] for c in cs]), dtype) for cs in captions],
+                contexts=[data.to_storage(np.stack([features[c] for c in cs]), dtype) for cs in captions],
                 captions=captions,
             )
-            metas.append(data.write_shard(split_dir, k, shard, manifest["fingerprint"]))
+            writer.write(split, k, shard)
             state.done += len(part)
             state.shards_written += 1
             if progress:
                 progress(state)
-        manifest["splits"][split] = data.split_summary(metas, source_digest=manifest["fingerprint"])
-        result.written[split] = len(metas)
-    write_json_atomic(out / data.MANIFEST, manifest)
+        if progress and not todo:
+            progress(Progress(split, count, count, shards_reused=n_shards[split]))
+        writer.finish(split, n_shards[split])
+        result.written[split], result.reused[split] = len(todo), n_shards[split] - len(todo)
+    result.manifest = writer.manifest
     return result
+
+
+def _encode_all(encoder: CLIPTextEncoder, captions: list[str], batch: int = 256) -> dict[str, np.ndarray]:
+    """Features of every distinct caption, in fixed batches of the sorted list: a resumed run computes
+    exactly what an uninterrupted one did."""
+    import torch
+
+    with torch.no_grad():
+        parts = [encoder.encode(captions[i : i + batch]).numpy() for i in range(0, len(captions), batch)]
+    return dict(zip(captions, np.concatenate(parts), strict=True))

@@ -1,0 +1,65 @@
+"""Prepared data: the shard format, its one writer, its checks, and what training reads.
+
+format.py    the on-disk layout (manifest, shard directories), one shard's write and read
+writer.py    ShardSetWriter: how every producer writes and resumes a shard set; write_arrays
+check.py     the cheap start-up check (presence, sizes) and the full sha256 verification
+dataset.py   FeatureDataset: a prepared split, memory-mapped shard by shard
+sampler.py   ResumableSampler (the seeded, resumable training order) and collate
+seeds.py     deterministic picks from (seed, epoch, index)
+"""
+
+from uvit_cli.data.check import check_files, npy_header, verify
+from uvit_cli.data.dataset import FeatureDataset
+from uvit_cli.data.format import (
+    EMPTY_CONTEXT,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_META,
+    ManifestDamaged,
+    ShardData,
+    fingerprint,
+    list_shards,
+    new_manifest,
+    read_manifest,
+    read_shard_meta,
+    remove_temporaries,
+    shard_name,
+    split_entry,
+    split_summary,
+    to_storage,
+    write_shard,
+)
+from uvit_cli.data.sampler import ResumableSampler, collate
+from uvit_cli.data.seeds import choose
+from uvit_cli.data.writer import ShardSetWriter, write_arrays
+
+__all__ = [
+    "EMPTY_CONTEXT",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "SHARD_META",
+    "FeatureDataset",
+    "ManifestDamaged",
+    "ResumableSampler",
+    "ShardData",
+    "ShardSetWriter",
+    "check_files",
+    "choose",
+    "collate",
+    "fingerprint",
+    "list_shards",
+    "new_manifest",
+    "npy_header",
+    "read_manifest",
+    "read_shard_meta",
+    "remove_temporaries",
+    "shard_name",
+    "split_entry",
+    "split_summary",
+    "to_storage",
+    "verify",
+    "write_arrays",
+    "write_shard",
+]

@@ -1,0 +1,66 @@
+"""The training order: a seeded global permutation per epoch, cut into global batches, resumable mid-epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from uvit_cli.data.seeds import M64, splitmix64
+from uvit_cli.errors import DataError
+
+
+class ResumableSampler(Sampler):
+    """This rank's share of a seeded global permutation, cut into global batches.
+
+    Global batch b of epoch e is `perm_e[b * B:(b + 1) * B]` (B = global batch size) whatever the number of
+    ranks; rank r gets its contiguous 1/world slice. The tail that does not fill a global batch is dropped.
+    `start_batch` skips batches already trained on, so a resumed run sees exactly the same data.
+    With `with_epoch`, yields `(index, epoch)` pairs (see FeatureDataset).
+    """
+
+    def __init__(
+        self,
+        length: int,
+        global_batch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        with_epoch: bool = False,
+    ) -> None:
+        if global_batch % world_size:
+            raise DataError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        if length < global_batch:
+            raise DataError(f"the data set has {length} items, fewer than one batch of {global_batch}")
+        self.length, self.global_batch, self.seed = length, global_batch, seed
+        self.rank, self.world_size, self.with_epoch = rank, world_size, with_epoch
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.length // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(splitmix64((self.seed & M64) ^ splitmix64(epoch)) >> 1)
+        return torch.randperm(self.length, generator=g)
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * (self.global_batch // self.world_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        perm = self.permutation(self.epoch)
+        per_rank = self.global_batch // self.world_size
+        for b in range(self.start_batch, self.batches_per_epoch):
+            lo = b * self.global_batch + self.rank * per_rank
+            for i in perm[lo : lo + per_rank].tolist():
+                yield (i, self.epoch) if self.with_epoch else i
+
+
+def collate(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack a list of `ds[i]` dicts (the default collate does the same; this one has no surprises)."""
+    return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
