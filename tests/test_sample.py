@@ -556,3 +556,39 @@ def test_toy_text_preset_samples_through_the_cli(tmp_path):
     batches = list(generate(model, p, [0, 1], context_conditions(ctx, {0: 0, 1: 0}),
                             null_condition(p, enc.encode([""])), settings=settings))  # fmt: skip
     assert np.array_equal(got, batches[0][1])
+
+
+def test_the_presets_pretrained_values_are_read_after_flag_and_env(env, tmp_path, monkeypatch):
+    for var in ("UVIT_VAE", "UVIT_CLIP"):
+        monkeypatch.delenv(var, raising=False)
+    d = env["dir"]
+    base = (d / "tiny_t2i.toml").read_text()
+
+    def preset_with(vae: str, clip: str) -> Path:
+        p = tmp_path / f"p{len(list(tmp_path.glob('p*.toml')))}.toml"
+        text = base.replace("scale_factor = 0.5", f'scale_factor = 0.5\npretrained = "{vae}"')
+        p.write_text(text.replace('kind = "clip"', f'kind = "clip"\npretrained = "{clip}"'))
+        return p
+
+    flags = _run(env, tmp_path / "flags")
+    # no flag, no variable: the preset's values (a file and a directory) are what sample loads
+    _run(
+        env,
+        tmp_path / "preset",
+        preset=preset_with(d / "autoencoder_kl.pth", d / "clip"),
+        vae=None,
+        clip=None,
+    )
+    a, b = _pngs(tmp_path / "flags"), _pngs(tmp_path / "preset")
+    assert sorted(a) == sorted(b) and len(a) == flags.written
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+    missing = preset_with(tmp_path / "no_vae.pth", tmp_path / "no_clip")
+    with pytest.raises(UvitError, match="the preset's pretrained"):  # a given path never falls back
+        _run(env, tmp_path / "x", preset=missing, vae=None, clip=None)
+    _run(env, tmp_path / "flag_wins", preset=missing)  # the flags beat the preset
+    monkeypatch.setenv("UVIT_VAE", str(d / "autoencoder_kl.pth"))
+    monkeypatch.setenv("UVIT_CLIP", str(d / "clip"))
+    _run(env, tmp_path / "env_wins", preset=missing, vae=None, clip=None)  # so does the variable
+    assert _pngs(tmp_path / "env_wins").keys() == a.keys()

@@ -141,3 +141,47 @@ def test_refs_main_snapshot_wins(vae_dir, tmp_path):
     assert "/0123abcd/" in str(resolve_weights(None, "vae").path)  # refs/main, not the newest folder
     (repo / "refs" / "main").unlink()
     assert "/ffff0000/" in str(resolve_weights(None, "vae").path)
+
+
+def test_one_rule_flag_then_env_then_preset_then_cache(vae_dir, tmp_path, monkeypatch):
+    _fake_cache(tmp_path, "stabilityai/sd-vae-ft-ema", vae_dir)
+    preset_file = save_autoencoder(
+        tiny_autoencoder(seed=5), tmp_path / "preset" / "autoencoder_kl.pth", "uvit"
+    )
+    env_file = save_autoencoder(tiny_autoencoder(seed=6), tmp_path / "env" / "autoencoder_kl.pth", "uvit")
+    flag_file = save_autoencoder(tiny_autoencoder(seed=7), tmp_path / "flag" / "autoencoder_kl.pth", "uvit")
+
+    assert resolve_weights(None, "vae").source == "cache"
+    r = resolve_weights(None, "vae", preset=str(preset_file))
+    assert (r.path, r.source) == (preset_file, "preset")
+    assert resolve_weights(None, "vae", preset=str(preset_file.parent)).path == preset_file  # a directory
+    monkeypatch.setenv("UVIT_VAE", str(env_file))
+    assert resolve_weights(None, "vae", preset=str(preset_file)).path == env_file
+    assert resolve_weights(str(flag_file), "vae", preset=str(preset_file)).path == flag_file
+
+
+def test_a_bare_file_name_in_the_preset_picks_the_file_of_the_directory_used(tmp_path, monkeypatch):
+    d = tmp_path / "assets"
+    save_autoencoder(tiny_autoencoder(), d / "autoencoder_kl.pth", "uvit")
+    save_autoencoder(tiny_autoencoder(seed=1), d / "autoencoder_kl_ema.pth", "uvit")
+    monkeypatch.setenv("UVIT_VAE", str(d))
+    assert resolve_weights(None, "vae").path.name == "autoencoder_kl.pth"
+    assert resolve_weights(None, "vae", preset="autoencoder_kl_ema.pth").path.name == "autoencoder_kl_ema.pth"
+    assert (
+        resolve_weights(str(d), "vae", preset="autoencoder_kl_ema.pth").path.name == "autoencoder_kl_ema.pth"
+    )
+    monkeypatch.delenv("UVIT_VAE")
+    _fake_cache(tmp_path, "stabilityai/sd-vae-ft-ema", d)  # the cache too
+    r = resolve_weights(None, "vae", preset="autoencoder_kl_ema.pth")
+    assert r.source == "cache" and r.path.name == "autoencoder_kl_ema.pth"
+    monkeypatch.chdir(d)  # a bare name that exists in the working directory is that file
+    r = resolve_weights(None, "vae", preset="autoencoder_kl.pth")
+    assert r.source == "preset" and r.path.name == "autoencoder_kl.pth"
+
+
+def test_a_preset_path_that_is_missing_does_not_fall_back(vae_dir, tmp_path):
+    _fake_cache(tmp_path, "stabilityai/sd-vae-ft-ema", vae_dir)
+    with pytest.raises(WeightsNotFoundError, match="the preset's pretrained"):
+        resolve_weights(None, "vae", preset=str(tmp_path / "typo.pth"))
+    with pytest.raises(WeightsNotFoundError, match="org/missing"):
+        resolve_weights(None, "clip", preset="org/missing")

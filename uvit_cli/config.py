@@ -131,13 +131,20 @@ class SampleConfig(_Strict):
 
 
 class AutoencoderConfig(_Strict):
-    pretrained: str = Field("autoencoder_kl.pth", description="file name of the SD KL-f8 weights")
+    pretrained: str = Field(
+        "autoencoder_kl.pth",
+        description="SD KL-f8 weights: a file name (taken from the --vae / $UVIT_VAE directory or the cache), "
+        "a path, a directory or a hub id; see docs/encoders.md",
+    )
     scale_factor: float = Field(0.18215, gt=0)
 
 
 class TextEncoderConfig(_Strict):
     kind: Literal["clip", "toy"] = "clip"
-    pretrained: str = "openai/clip-vit-large-patch14"
+    pretrained: str = Field(
+        "openai/clip-vit-large-patch14",
+        description="CLIP weights after --clip / $UVIT_CLIP: a path, a directory or a hub id",
+    )
 
 
 class Preset(_Strict):

@@ -140,11 +140,17 @@ def _opt(*names: str, **kw: Any) -> Any:
 DeviceOpt = Annotated[str | None, _opt("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
 VaeOpt = Annotated[
     str | None,
-    _opt("--vae", help="Autoencoder weights: file, directory or hub id (default: $UVIT_VAE, HF cache)."),
+    _opt(
+        "--vae",
+        help="Autoencoder weights: file, directory or hub id (default: $UVIT_VAE, the preset's pretrained, HF cache).",
+    ),
 ]
 ClipOpt = Annotated[
     str | None,
-    _opt("--clip", help="CLIP text encoder: file, directory or hub id (default: $UVIT_CLIP, HF cache)."),
+    _opt(
+        "--clip",
+        help="CLIP text encoder: file, directory or hub id (default: $UVIT_CLIP, the preset's pretrained, HF cache).",
+    ),
 ]
 # Sampling (uvit sample, uvit fid --ckpt): the same flags for the same settings.
 CkptOpt = Annotated[

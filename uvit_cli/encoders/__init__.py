@@ -3,7 +3,7 @@
 Torch-only reimplementations that load the published weight files (docs/encoders.md). Importing this package
 is cheap; the submodules load on first use.
 
-    vae = load_autoencoder(None, scale_factor=0.23010)        # flag > $UVIT_VAE > HF cache > download
+    vae = load_autoencoder(None, scale_factor=0.23010)        # flag > $UVIT_VAE > preset > HF cache
     clip = load_text_encoder("openai/clip-vit-large-patch14")  # .encode(texts) -> (B, 77, 768)
 """
 
@@ -103,9 +103,14 @@ def _finish(module: torch.nn.Module, weights: Path, device: str | torch.device) 
 
 
 def load_autoencoder(
-    spec: str | Path | None, scale_factor: float = 0.18215, device: str | torch.device = "cpu"
+    spec: str | Path | None,
+    scale_factor: float = 0.18215,
+    device: str | torch.device = "cpu",
+    *,
+    preset: str | None = None,
 ) -> AutoencoderKL:
-    """Resolve (see `resolve_weights`) and load a KL-f8 autoencoder: eval, no grad, `.weights_sha256` set.
+    """Resolve (`resolve_weights`: `spec` > $UVIT_VAE > `preset`, the preset's `[autoencoder] pretrained` >
+    HF cache) and load a KL-f8 autoencoder: eval, no grad, `.weights_path` / `.weights_sha256` set.
 
     Accepts U-ViT's `autoencoder_kl(_ema).pth`, SD `.ckpt`/`.safetensors` files (whole pipeline or VAE only)
     and diffusers `AutoencoderKL` files. `scale_factor` is U-ViT's: 0.18215 (ImageNet) or 0.23010 (COCO).
@@ -113,7 +118,7 @@ def load_autoencoder(
     from uvit_cli.encoders.autoencoder import build_autoencoder
     from uvit_cli.encoders.weights import resolve_weights
 
-    path = resolve_weights(None if spec is None else str(spec), "vae").path
+    path = resolve_weights(None if spec is None else str(spec), "vae", preset=preset).path
     groups = _read_json(path.parent / "config.json").get("norm_num_groups", 32)
     sd = load_state_dict_file(
         path, keep=lambda k: not k.startswith(("cond_stage_model.", "model.", "model_ema."))
@@ -135,15 +140,18 @@ def load_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
     return CLIPTokenizer()
 
 
-def load_text_encoder(spec: str | Path | None, device: str | torch.device = "cpu") -> CLIPTextEncoder:
-    """Resolve and load the CLIP text encoder (HF CLIPModel/CLIPTextModel or SD ckpt); eval, no grad.
+def load_text_encoder(
+    spec: str | Path | None, device: str | torch.device = "cpu", *, preset: str | None = None
+) -> CLIPTextEncoder:
+    """Resolve (`spec` > $UVIT_CLIP > `preset`, the preset's `[text_encoder] pretrained` > HF cache) and load
+    the CLIP text encoder (HF CLIPModel/CLIPTextModel or SD ckpt); eval, no grad.
 
     Sizes come from a `config.json` beside the weights when present, else from the tensor shapes.
     """
     from uvit_cli.encoders.clip import build_text_encoder
     from uvit_cli.encoders.weights import resolve_weights
 
-    path = resolve_weights(None if spec is None else str(spec), "clip").path
+    path = resolve_weights(None if spec is None else str(spec), "clip", preset=preset).path
     drop = (
         "vision_model.",
         "visual_projection",

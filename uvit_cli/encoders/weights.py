@@ -1,10 +1,15 @@
-"""Find pretrained encoder weights without surprises: flag > environment variable > Hugging Face cache > download.
+"""Find pretrained encoder weights without surprises, by one rule for every command (docs/encoders.md):
 
-Order (docs/encoders.md): an explicit spec (file, directory or hub id `org/name`), then `UVIT_VAE` / `UVIT_CLIP`,
-then the Hugging Face cache layout (`$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`), read without
-network. Only then, and only if `huggingface_hub` is installed, downloads are allowed (`HF_HUB_OFFLINE` /
-`UVIT_OFFLINE` unset) and huggingface.co answers, a hub download, logged as a warning. Otherwise a
-`WeightsNotFoundError` lists every place looked at and how to fix it.
+    flag (--vae / --clip)  >  $UVIT_VAE / $UVIT_CLIP  >  the preset's `pretrained`  >  the Hugging Face cache
+
+The first of these that is given decides; each is a file, a directory (or an SD pipeline folder with `vae/`,
+`text_encoder/`) or a hub id `org/name` looked up in the cache layout (`$HF_HUB_CACHE`, `$HF_HOME/hub`,
+`~/.cache/huggingface/hub`) without network. A preset value that is a bare file name (U-ViT's
+`autoencoder_kl.pth`, `autoencoder_kl_ema.pth`) names which file to take from whatever directory is used
+(and is used itself only if it exists in the working directory). Only after the cache, and only if
+`huggingface_hub` is installed, downloads are allowed (`HF_HUB_OFFLINE` / `UVIT_OFFLINE` unset) and
+huggingface.co answers, a hub download, logged as a warning. Otherwise a `WeightsNotFoundError` lists every
+place looked at and how to fix it. A given path that does not exist is an error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -83,10 +88,11 @@ def hf_hub_cache() -> Path:
     return base / "huggingface" / "hub"
 
 
-def weights_in_dir(directory: Path, kind: WeightKind) -> Path | None:
-    """The preferred weights file in a directory or in its pipeline sub-folder (`vae/`, `text_encoder/`)."""
+def weights_in_dir(directory: Path, kind: WeightKind, prefer: str | None = None) -> Path | None:
+    """The preferred weights file (`prefer` first) in a directory or its pipeline sub-folder (`vae/`, ...)."""
+    names = (prefer, *(f for f in kind.files if f != prefer)) if prefer else kind.files
     for d in (directory, *(directory / s for s in kind.subfolders)):
-        for name in kind.files:
+        for name in names:
             if (d / name).is_file():
                 return d / name
     return None
@@ -103,30 +109,34 @@ def cached_snapshots(repo_id: str, cache: Path | None = None) -> list[Path]:
     return [s for s in snaps if s.is_dir()]
 
 
-def _from_spec(spec: str, kind: WeightKind, looked: list[str], origin: str) -> Path | None:
+def _from_spec(
+    spec: str, kind: WeightKind, looked: list[str], origin: str, prefer: str | None
+) -> Path | None:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
-        found = weights_in_dir(path, kind)
+        found = weights_in_dir(path, kind, prefer)
         looked.append(f"{origin} directory {path} (no {' / '.join(kind.files)})")
         return found
     if _HUB_ID.match(spec):
-        return _from_cache(spec, kind, looked, origin=f"{origin} hub id")
+        return _from_cache(spec, kind, looked, f"{origin} hub id", prefer)
     looked.append(f"{origin} {spec} (no such file or directory)")
     return None
 
 
-def _from_cache(repo_id: str, kind: WeightKind, looked: list[str], origin: str) -> Path | None:
+def _from_cache(
+    repo_id: str, kind: WeightKind, looked: list[str], origin: str, prefer: str | None
+) -> Path | None:
     cache = hf_hub_cache()
     for snap in cached_snapshots(repo_id, cache):
-        if found := weights_in_dir(snap, kind):
+        if found := weights_in_dir(snap, kind, prefer):
             return found
     looked.append(f"{origin} {repo_id} in the Hugging Face cache {cache}")
     return None
 
 
-def _download(repo_id: str, kind: WeightKind, looked: list[str]) -> Path | None:
+def _download(repo_id: str, kind: WeightKind, looked: list[str], prefer: str | None) -> Path | None:
     """Last resort, never silent: only with huggingface_hub installed, downloads allowed and a network."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("UVIT_OFFLINE", "0") not in (
         "",
@@ -156,28 +166,47 @@ def _download(repo_id: str, kind: WeightKind, looked: list[str]) -> Path | None:
     except Exception as e:  # any hub/network failure becomes "not found", listed below
         looked.append(f"download of {repo_id} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         return None
-    return weights_in_dir(Path(snap), kind)
+    return weights_in_dir(Path(snap), kind, prefer)
+
+
+def _is_file_name(value: str) -> bool:
+    """A bare weights file name (no folder part, a weights suffix): a preference, not a location."""
+    return (
+        "/" not in value
+        and "\\" not in value
+        and value.endswith((".pth", ".pt", ".ckpt", ".bin", ".safetensors"))
+    )
 
 
 def resolve_weights(
-    spec: str | os.PathLike | None, kind: str, allow_download: bool = True
+    spec: str | os.PathLike | None,
+    kind: str,
+    allow_download: bool = True,
+    *,
+    preset: str | None = None,
 ) -> ResolvedWeights:
-    """Find the weights file for `kind` ("vae" or "clip"); raise WeightsNotFoundError listing where it looked.
+    """Find the weights file for `kind` ("vae" or "clip") by the module's rule: `spec` (a command's flag),
+    then the environment variable, then `preset` (the preset's `pretrained`), then the default hub repos.
 
-    An explicit spec wins over the environment variable, which wins over the default hub repos; a spec or
-    variable that names a missing file or directory is an error (no silent fallback to something else).
+    The first one given decides: one that names a missing file or directory is an error (no silent fallback
+    to something else), listing every place looked at.
     """
     k = KINDS[kind]
     looked: list[str] = []
+    prefer = preset if preset and _is_file_name(preset) else None
     env = os.environ.get(k.env_var) or None
     if spec is not None and str(spec) != "":
         chosen, origin, source = str(spec), "argument", "argument"
     elif env is not None:
         chosen, origin, source = env, f"${k.env_var}", "env"
+    elif preset and (not prefer or Path(preset).is_file()):
+        chosen, origin, source = preset, "the preset's pretrained", "preset"
     else:
         chosen, origin, source = None, "default", "cache"
+        if prefer:
+            looked.append(f"the preset's pretrained {preset} (not in the working directory)")
     if chosen is not None:
-        if found := _from_spec(chosen, k, looked, origin):
+        if found := _from_spec(chosen, k, looked, origin, prefer):
             return ResolvedWeights(found, source, looked)
         if not (_HUB_ID.match(chosen) and not Path(chosen).expanduser().exists()):
             raise _not_found(k, looked)
@@ -185,12 +214,12 @@ def resolve_weights(
     else:
         hub_ids = list(k.default_repos)
         for repo_id in hub_ids:
-            if found := _from_cache(repo_id, k, looked, origin):
+            if found := _from_cache(repo_id, k, looked, origin, prefer):
                 return ResolvedWeights(found, "cache", looked)
     for repo_id in hub_ids:
         if not allow_download:
             looked.append(f"no download of {repo_id} (downloads disabled)")
-        elif found := _download(repo_id, k, looked):
+        elif found := _download(repo_id, k, looked, prefer):
             return ResolvedWeights(found, "download", looked)
     raise _not_found(k, looked)
 
@@ -198,6 +227,6 @@ def resolve_weights(
 def _not_found(k: WeightKind, looked: list[str]) -> WeightsNotFoundError:
     return WeightsNotFoundError(
         f"{k.name} weights not found; looked at: {'; '.join(looked)}. Fix: pass {k.flag} FILE|DIR|ORG/NAME, "
-        f"set {k.env_var}, or put the files in the Hugging Face cache "
+        f"set {k.env_var}, set the preset's pretrained, or put the files in the Hugging Face cache "
         f"(e.g. `huggingface-cli download {k.default_repos[0]}`); see docs/encoders.md"
     )

@@ -191,11 +191,13 @@ def fid_from_checkpoint(
         autoencoder = None
         if resolved.data.space == "latent":
             from uvit_cli.encoders import load_autoencoder
-            from uvit_cli.sample.run import vae_spec
 
             assert resolved.autoencoder is not None
             autoencoder = load_autoencoder(
-                vae_spec(vae, resolved), scale_factor=resolved.autoencoder.scale_factor, device=device
+                vae,
+                scale_factor=resolved.autoencoder.scale_factor,
+                device=device,
+                preset=resolved.autoencoder.pretrained,
             )
         say(note)
 
@@ -234,7 +236,9 @@ def fid_from_checkpoint(
             "seed": seed,
             **s.to_dict(),  # solver, steps, cfg_scale, guidance_interval, precision
             "conditions": cond_info,
-            "autoencoder": None if autoencoder is None else (vae or os.environ.get("UVIT_VAE") or "default"),
+            "autoencoder": None
+            if autoencoder is None
+            else {"path": autoencoder.weights_path, "sha256": autoencoder.weights_sha256},
         }
         if progress is not None:
             progress(0, total)

@@ -375,13 +375,16 @@ def _encoders(
 
         assert preset.autoencoder is not None
         autoencoder = load_autoencoder(
-            vae_spec(vae, preset), scale_factor=preset.autoencoder.scale_factor, device=device
+            vae,
+            scale_factor=preset.autoencoder.scale_factor,
+            device=device,
+            preset=preset.autoencoder.pretrained,
         )
     return conditions, uncond, autoencoder
 
 
 def text_encoder(preset: Preset, clip: str | None, device: Any) -> Any:
-    """The preset's text encoder: CLIP (resolved from --clip / $UVIT_CLIP / HF cache) or the toy stand-in."""
+    """The preset's text encoder: CLIP (--clip > $UVIT_CLIP > the preset's pretrained > HF cache) or the toy."""
     assert preset.text_encoder is not None
     if preset.text_encoder.kind == "toy":  # the shapes quickstart: seeded, frozen, no weights file
         from uvit_cli.shapes.text import toy_text_encoder
@@ -389,14 +392,4 @@ def text_encoder(preset: Preset, clip: str | None, device: Any) -> Any:
         return toy_text_encoder().to(device)
     from uvit_cli.encoders import load_text_encoder
 
-    return load_text_encoder(clip, device=device)
-
-
-def vae_spec(vae: str | None, preset: Preset) -> str | None:
-    """A directory given with --vae (or $UVIT_VAE) that holds the preset's own file (e.g. the huge models'
-    autoencoder_kl_ema.pth) resolves to that file; anything else goes to the encoders' resolution as is."""
-    assert preset.autoencoder is not None
-    spec = vae if vae is not None else os.environ.get("UVIT_VAE") or None
-    if spec is not None and Path(spec).is_dir() and (Path(spec) / preset.autoencoder.pretrained).is_file():
-        return str(Path(spec) / preset.autoencoder.pretrained)
-    return vae
+    return load_text_encoder(clip, device=device, preset=preset.text_encoder.pretrained)

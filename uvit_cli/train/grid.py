@@ -43,7 +43,10 @@ class GridSampler:
 
             ae = self.preset.autoencoder
             assert ae is not None
-            self.vae = load_autoencoder(ae.pretrained, scale_factor=ae.scale_factor, device=self.device)
+            # $UVIT_VAE > the preset's pretrained > HF cache: the rule of every command (training has no --vae)
+            self.vae = load_autoencoder(
+                None, scale_factor=ae.scale_factor, device=self.device, preset=ae.pretrained
+            )
         return self.vae
 
     @torch.no_grad()
