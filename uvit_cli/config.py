@@ -114,7 +114,9 @@ class TrainConfig(_Strict):
     keep_last: int = Field(3, gt=0, description="checkpoints kept on disk")
     compile: bool = True
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
-    num_workers: int = Field(4, ge=0)
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes; 0 reads whole batches in the training process"
+    )
 
 
 SolverName = Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"]

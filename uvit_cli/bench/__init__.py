@@ -43,7 +43,7 @@ from uvit_cli.errors import ConfigError
 from uvit_cli.fileio import write_text_atomic
 from uvit_cli.model import UViT
 
-TASKS = ("train", "sample", "prepare", "fid")
+TASKS = ("train", "sample", "prepare", "fid", "data")
 Progress = Callable[[str], None]
 
 
@@ -60,8 +60,12 @@ class BenchReport:
 
     @property
     def speedup(self) -> float | None:
-        """Images/s of our recipe over the official one, when both were measured."""
-        by = {m.recipe: m for m in self.measurements}
+        """Images/s of our recipe over the official one, when both were measured (data: the first row pair,
+        workers 0 with a warm cache)."""
+        ms = self.measurements
+        if self.task == "data" and ms:
+            ms = [m for m in ms if m.note.split(", items")[0] == ms[0].note.split(", items")[0]]
+        by = {m.recipe: m for m in ms}
         ours = by.get(OURS.name) or by.get("+compile (uvit)")
         if ours and OFFICIAL.name in by:
             return ours.images_per_s / by[OFFICIAL.name].images_per_s
@@ -454,6 +458,8 @@ def run_bench(
     compare: bool = False,
     official: bool = True,
     decode: bool = True,
+    data_dir: str | Path | None = None,
+    workers: list[int] | None = None,
     device: torch.device | None = None,
     progress: Progress | None = None,
 ) -> BenchReport:
@@ -472,6 +478,10 @@ def run_bench(
         if device.type != "cuda":
             recipes = [r for r in recipes if not r.cuda_graphs]
         ms = bench_sample(preset, batch=batch, recipes=recipes, decode=decode, **kw)
+    elif task == "data":
+        from uvit_cli.bench.data import bench_data
+
+        ms = bench_data(preset, batch=batch, data_dir=data_dir, workers=workers, **kw)
     elif task == "prepare":
         ms = bench_prepare(preset, batch=batch or 64, **kw)
     else:
@@ -490,6 +500,7 @@ def run_bench(
             "steps": steps,
             "compare": compare,
             "decode": decode,
+            "data": str(data_dir) if data_dir is not None else None,
         },
     )
 

@@ -1,4 +1,4 @@
-"""`uvit bench train|sample|prepare|fid`."""
+"""`uvit bench train|sample|prepare|fid|data`."""
 
 from __future__ import annotations
 
@@ -15,9 +15,25 @@ def _fmt(v: float | None, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _counts(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        counts = sorted({int(w) for w in text.split(",")})
+    except ValueError:
+        raise typer.BadParameter(
+            f"'{text}' is not a comma-separated list of worker counts, e.g. 0,2,4"
+        ) from None
+    if counts[0] < 0:
+        raise typer.BadParameter("worker counts are 0 or more")
+    return counts
+
+
 @handle_errors
 def bench(
-    task: Annotated[str, typer.Argument(help="What to time: train, sample, prepare or fid.")],
+    task: Annotated[
+        str, typer.Argument(help="What to time: train, sample, prepare, fid or data (the loader).")
+    ],
     preset: Annotated[
         str, typer.Option("--preset", "-p", help="Preset name or .toml path.")
     ] = "coco_uvit_s2_deep",
@@ -28,6 +44,19 @@ def bench(
         bool, typer.Option(help="Also time the official recipe (the ratio's baseline).")
     ] = True,
     decode: Annotated[bool, typer.Option(help="sample: include VAE decoding (latent presets).")] = True,
+    workers: Annotated[
+        str | None,
+        typer.Option(
+            "--workers",
+            help="data: DataLoader worker counts to time, e.g. 0,2,4 (default: 0 and the preset's).",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="data: a prepared folder to read (default: random items of the preset's shapes)."
+        ),
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")
     ] = None,
@@ -55,10 +84,26 @@ def bench(
             compare=compare,
             official=official,
             decode=decode,
+            data_dir=data,
+            workers=_counts(workers),
             device=dev,
             progress=lambda msg: status.update(f"benchmarking {msg}…"),
         )
 
+    if task == "data":
+        table = Table("reader", "samples/s", "ms/batch", "what", title=f"uvit bench data · {p.name} · batch "
+                      f"{report.settings['batch']}", caption=f"{report.device} · torch {report.torch_version} · "
+                      f"{report.date}")  # fmt: skip
+        for m in report.measurements:
+            table.add_row(m.recipe, f"{m.images_per_s:,.0f}", f"{m.ms_per_step:,.2f}", m.note)
+        out.print(table)
+        if report.speedup is not None:
+            out.print(
+                f"speed-up over the official reader: [bold]{report.speedup:.2f}x[/bold] (workers 0, warm)"
+            )
+        if json_path:
+            out.print(f"wrote {write_json(report, json_path)}")
+        return
     table = Table(
         "recipe",
         "img/s",

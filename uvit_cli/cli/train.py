@@ -75,7 +75,8 @@ def train(
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(
-                "loss {task.fields[loss]}  {task.fields[ips]} img/s  lr {task.fields[lr]}  ETA {task.fields[eta]}"
+                "loss {task.fields[loss]}  {task.fields[ips]} img/s  data {task.fields[wait]} ms/step  "
+                "lr {task.fields[lr]}  ETA {task.fields[eta]}"
             ),
             console=console,
             transient=False,
@@ -92,6 +93,7 @@ def train(
                 completed=e.step,
                 loss="-",
                 ips="-",
+                wait="-",
                 lr="-",
                 eta="-",
             )
@@ -103,6 +105,7 @@ def train(
                 completed=e.step,
                 loss=f"{m['loss']:.4f}",
                 ips=f"{m['img_per_s']:.1f}",
+                wait=f"{m['data_wait_ms']:.1f}",
                 lr=f"{m['lr']:.2e}",
                 eta=_duration(m["eta_s"]),
             )

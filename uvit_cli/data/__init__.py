@@ -3,13 +3,13 @@
 format.py    the on-disk layout (manifest, shard directories), one shard's write and read
 writer.py    ShardSetWriter: how every producer writes and resumes a shard set; write_arrays
 check.py     the cheap start-up check (presence, sizes) and the full sha256 verification
-dataset.py   FeatureDataset: a prepared split, memory-mapped shard by shard
-sampler.py   ResumableSampler (the seeded, resumable training order) and collate
+dataset.py   FeatureDataset (a prepared split, memory-mapped, fetched a batch at a time) and to_model
+sampler.py   ResumableSampler (the seeded, resumable training order), collate and make_loader
 seeds.py     deterministic picks from (seed, epoch, index)
 """
 
 from uvit_cli.data.check import check_files, npy_header, verify
-from uvit_cli.data.dataset import FeatureDataset
+from uvit_cli.data.dataset import FeatureDataset, to_model
 from uvit_cli.data.format import (
     EMPTY_CONTEXT,
     FORMAT,
@@ -30,8 +30,8 @@ from uvit_cli.data.format import (
     to_storage,
     write_shard,
 )
-from uvit_cli.data.sampler import ResumableSampler, collate
-from uvit_cli.data.seeds import choose
+from uvit_cli.data.sampler import ResumableSampler, collate, make_loader
+from uvit_cli.data.seeds import choose, choose_many
 from uvit_cli.data.writer import ShardSetWriter, write_arrays
 
 __all__ = [
@@ -47,9 +47,11 @@ __all__ = [
     "ShardSetWriter",
     "check_files",
     "choose",
+    "choose_many",
     "collate",
     "fingerprint",
     "list_shards",
+    "make_loader",
     "new_manifest",
     "npy_header",
     "read_manifest",
@@ -58,6 +60,7 @@ __all__ = [
     "shard_name",
     "split_entry",
     "split_summary",
+    "to_model",
     "to_storage",
     "verify",
     "write_arrays",

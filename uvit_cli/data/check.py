@@ -22,8 +22,9 @@ from uvit_cli.fileio import sha256_file
 REMAKE = "rerun the same uvit prepare command to re-make it"
 
 
-def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of a .npy file whose size matches its header; DataError naming what is wrong."""
+def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) of a C-order .npy file whose size matches its header; DataError
+    naming what is wrong."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -32,7 +33,7 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
                 if version == (1, 0)
                 else np.lib.format.read_array_header_2_0
             )
-            shape, _fortran, dtype = read(f)
+            shape, fortran, dtype = read(f)
             offset = f.tell()
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
@@ -43,10 +44,18 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
         raise DataError(f"{path}: not a .npy array ({e}); {REMAKE}") from None
     if dtype.hasobject:
         raise DataError(f"{path}: holds Python objects, not numbers; {REMAKE}")
+    if fortran and len(shape) > 1:
+        raise DataError(f"{path}: stored in Fortran order, not as uvit prepare writes it; {REMAKE}")
     want = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if size != want:
         raise DataError(f"{path}: {size} bytes, its header says {want} (truncated or damaged); {REMAKE}")
-    return tuple(shape), dtype
+    return tuple(shape), dtype, offset
+
+
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a .npy file whose size matches its header (see `npy_layout`)."""
+    shape, dtype, _ = npy_layout(path)
+    return shape, dtype
 
 
 def check_files(

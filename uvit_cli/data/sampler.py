@@ -1,4 +1,5 @@
-"""The training order: a seeded global permutation per epoch, cut into global batches, resumable mid-epoch."""
+"""The training order (a seeded global permutation per epoch, cut into global batches, resumable
+mid-epoch) and the DataLoader `uvit train` and `uvit bench data` build on it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uvit_cli.data.seeds import M64, splitmix64
 from uvit_cli.errors import DataError
@@ -61,6 +62,26 @@ class ResumableSampler(Sampler):
                 yield (i, self.epoch) if self.with_epoch else i
 
 
-def collate(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack a list of `ds[i]` dicts (the default collate does the same; this one has no surprises)."""
+def collate(batch: Sequence[dict[str, torch.Tensor]] | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch from `FeatureDataset.__getitems__` as it is; a list of `ds[i]` dicts stacked."""
+    if isinstance(batch, dict):
+        return batch
     return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+
+
+def make_loader(
+    ds: Dataset, sampler: ResumableSampler, batch_size: int, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    """The training loader: batches of `batch_size` keys fetched in one `__getitems__` call each (storage
+    dtype, converted on the device by `to_model`), in the sampler's order. Workers persist across epochs:
+    every key carries its epoch, so nothing in a worker depends on `set_epoch`."""
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=False,  # the sampler yields whole global batches; batch_size divides a rank's share
+        persistent_workers=num_workers > 0,
+    )

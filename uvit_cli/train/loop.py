@@ -73,10 +73,6 @@ def set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def _micro_batches(loader: Any, sampler: Any, ds: Any, epoch: int, start_batch: int) -> Iterator[dict]:
     """This rank's micro-batches, epoch after epoch, starting at global batch `start_batch` of `epoch`."""
     while True:
@@ -84,6 +80,22 @@ def _micro_batches(loader: Any, sampler: Any, ds: Any, epoch: int, start_batch: 
         ds.set_epoch(epoch)
         yield from loader
         epoch, start_batch = epoch + 1, 0
+
+
+class _DataClock:
+    """Iterates `batches`, adding the seconds spent waiting for each one to `waited`."""
+
+    def __init__(self, batches: Iterator[dict]) -> None:
+        self.batches, self.waited = batches, 0.0
+
+    def __iter__(self) -> _DataClock:
+        return self
+
+    def __next__(self) -> dict:
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.waited += time.perf_counter() - t0
+        return batch
 
 
 class _StopRequest:
@@ -181,24 +193,14 @@ def train(
         accum = per_rank // micro
 
         # ---- Data -----------------------------------------------------------------------------------
-        from torch.utils.data import DataLoader
-
-        from uvit_cli.data import FeatureDataset, ResumableSampler, collate
+        from uvit_cli.data import FeatureDataset, ResumableSampler, make_loader, to_model
 
         ds = FeatureDataset(preset.data.path, "train", seed=tc.seed)
         check_data_fits(preset, ds)
         sampler = ResumableSampler(
             len(ds), global_batch, seed=tc.seed, rank=rank, world_size=world, with_epoch=True
         )
-        loader = DataLoader(
-            ds,
-            batch_size=micro,
-            sampler=sampler,
-            num_workers=tc.num_workers,
-            collate_fn=collate,
-            pin_memory=cuda,
-            drop_last=False,  # the sampler yields whole global batches; micro divides a rank's share
-        )
+        loader = make_loader(ds, sampler, micro, tc.num_workers, pin_memory=cuda)
         null_class = ds.null_class if preset.model.conditioning == "class" else None
         empty_context = ds.empty_context.to(device) if preset.model.conditioning == "text" else None
 
@@ -353,7 +355,8 @@ def train(
 
         # ---- Training loop --------------------------------------------------------------------------
         model.train()
-        batches = _micro_batches(loader, sampler, ds, epoch, batch_in_epoch)
+        batches = _DataClock(_micro_batches(loader, sampler, ds, epoch, batch_in_epoch))
+        logs, warned_wait = 0, False  # the first log interval holds the workers' start-up: not judged
         gen = torch.Generator(device)
         steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
         lr_used = sched.get_last_lr()[0]
@@ -365,7 +368,7 @@ def train(
             gen.manual_seed(step_seed(tc.seed, step))
             draws = objective.draw(gen, global_batch)
             micro_batches = (
-                (_to_device(next(batches), device), draws.rows(lo, lo + micro))
+                (to_model(next(batches), device), draws.rows(lo, lo + micro))
                 for lo in range(rank * per_rank, (rank + 1) * per_rank, micro)
             )
             lr_used = train_step(state, micro_batches, n_micro=accum, share=per_rank)
@@ -391,6 +394,10 @@ def train(
                 loss = state.loss_sum.item() / (steps_since * global_batch)
                 now = time.perf_counter()
                 ips = steps_since * global_batch / max(now - t_last, 1e-9)
+                wait_ms, wait_share = (
+                    batches.waited * 1e3 / steps_since,
+                    batches.waited / max(now - t_last, 1e-9),
+                )
                 if not math.isfinite(loss):
                     where = (
                         f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
@@ -406,13 +413,23 @@ def train(
                     "loss": loss,
                     "lr": lr_used,
                     "img_per_s": ips,
+                    "data_wait_ms": wait_ms,
                     "time": time.time(),
                 }
                 if metrics is not None:
                     metrics.write(record)
                 emit("log", step, eta_s=(end_step - step) * global_batch / ips, **record)
+                if wait_share > 0.05 and logs > 0 and not warned_wait:
+                    warned_wait = True
+                    emit(
+                        "warning",
+                        step,
+                        f"training waited for data {wait_share:.0%} of the time of the last {steps_since} steps "
+                        f"({wait_ms:.1f} ms per step): raise the loader's workers (--set train.num_workers=N, "
+                        f"now {tc.num_workers}) or keep the shards on a local disk",
+                    )
                 state.loss_sum.zero_()
-                steps_since, t_last, last_loss = 0, now, loss
+                steps_since, t_last, last_loss, batches.waited, logs = 0, now, loss, 0.0, logs + 1
             if saving:
                 last_ckpt = save() or last_ckpt
             if step % tc.sample_interval == 0 and grid is not None and not grid.disabled:
@@ -427,7 +444,10 @@ def train(
                 raise KeyboardInterrupt
             if saving or step % tc.sample_interval == 0:
                 dist.barrier()
-                t_last = time.perf_counter()  # keep checkpoint and sampling time out of img/s
+                t_last, batches.waited = (
+                    time.perf_counter(),
+                    0.0,
+                )  # keep checkpoint and sampling time out of img/s
 
         stop.restore()
         emit("done", step, f"finished at step {step}; checkpoint {last_ckpt}", loss=last_loss)
