@@ -171,3 +171,21 @@ def test_bench_data_reads_a_prepared_folder(tmp_path):
 
     ms = bench_data(preset, batch=4, steps=2, warmup=1, data_dir=root, workers=[0], cold=False)
     assert [m.recipe for m in ms] == ["official", "uvit"] and all(m.images_per_s > 0 for m in ms)
+
+
+def test_bench_train_on_a_prepared_folder_reports_the_data_wait(tmp_path):
+    from uvit_cli.bench import bench_train
+    from uvit_cli.bench.recipes import OURS
+
+    shards = write_pixel_set(tmp_path / "d")
+    preset = tiny_preset(shards)
+    calls = []
+    real = data.FeatureDataset.__getitems__
+    data.FeatureDataset.__getitems__ = lambda self, keys: calls.append(len(keys)) or real(self, keys)
+    try:
+        (m,) = bench_train(preset, batch=8, steps=3, warmup=1, recipes=[OURS], data_dir=shards,
+                           device=torch.device("cpu"))  # fmt: skip
+    finally:
+        data.FeatureDataset.__getitems__ = real
+    assert calls == [8] * 4  # one batch from the folder per step
+    assert f"data {shards}: waited" in m.note and m.images_per_s > 0

@@ -39,6 +39,7 @@ from uvit_cli.bench.recipes import (
     official_ema_update,
 )
 from uvit_cli.config import Preset
+from uvit_cli.data import to_model
 from uvit_cli.errors import ConfigError
 from uvit_cli.fileio import write_text_atomic
 from uvit_cli.model import UViT
@@ -130,10 +131,13 @@ def bench_train(
     steps: int = 10,
     warmup: int = 3,
     recipes: Sequence[Recipe] = (OFFICIAL, OURS),
+    data_dir: str | Path | None = None,
     device: torch.device | None = None,
     progress: Progress | None = None,
 ) -> list[Measurement]:
-    """Images/s of full training steps (noising, forward, backward, optimiser, EMA) for each recipe."""
+    """Images/s of full training steps (noising, forward, backward, optimiser, EMA) for each recipe; with
+    `data_dir`, every step takes its batch from the loader `uvit train` builds over that prepared folder,
+    and the note says how long the steps waited for it."""
     device = device or _default_device()
     batch = batch or preset.train.batch_size
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
@@ -150,15 +154,30 @@ def bench_train(
         if progress:
             progress(f"train / {recipe.name}")
         r = for_device(recipe, device)
-        step = _train_step(r, preset, {"x": x, **cond}, null, device)
+        feed = _feed(preset, data_dir, batch, device) if data_dir is not None else None
+        step = _train_step(r, preset, {"x": x, **cond}, null, device, feed)
         reset_peak_memory(device)
         sec = time_steps(step, steps, warmup, device)
-        results.append(
-            Measurement.from_timing("train", recipe.name, batch, sec, flops, peak, device, _note(r))
-        )
+        note = _note(r)
+        if feed is not None:
+            wait = feed.waited / (steps + warmup)  # the warm-up steps' waits are counted too: an upper bound
+            note += f"; data {data_dir}: waited {wait * 1e3:.1f} ms/step ({min(wait / sec, 1):.0%})"
+        results.append(Measurement.from_timing("train", recipe.name, batch, sec, flops, peak, device, note))
         del step
         _free(device)
     return results
+
+
+def _feed(preset: Preset, root: str | Path, batch: int, device: torch.device) -> Any:
+    """`uvit train`'s loader over a prepared folder, as timed batches (epoch after epoch)."""
+    from uvit_cli.data import FeatureDataset, ResumableSampler, TimedBatches, make_loader
+    from uvit_cli.train.rundir import check_data_fits
+
+    tc = preset.train
+    ds = FeatureDataset(root, "train", seed=tc.seed)
+    check_data_fits(preset, ds)
+    sampler = ResumableSampler(len(ds), batch, seed=tc.seed, with_epoch=True)
+    return TimedBatches(make_loader(ds, sampler, batch, tc.num_workers, device.type == "cuda"), sampler)
 
 
 def _train_step(
@@ -167,8 +186,10 @@ def _train_step(
     batch: dict[str, torch.Tensor],
     null: dict[str, torch.Tensor],
     device: torch.device,
+    feed: Any = None,
 ) -> Callable[[], None]:
-    """One full training step of recipe `r` (`uvit train`'s `train_step`) over a fresh model, optimiser, EMA."""
+    """One full training step of recipe `r` (`uvit train`'s `train_step`) over a fresh model, optimiser, EMA;
+    on `batch`, or on the next batch of `feed` (TimedBatches) each step."""
     from uvit_cli.train.objective import DiffusionLoss, Objective
     from uvit_cli.train.step import StepState, build_optimizer, ema_update, train_step
 
@@ -200,7 +221,8 @@ def _train_step(
     n = len(batch["x"])
 
     def step() -> None:
-        train_step(state, [(batch, state.objective.draw(gen, n))], n_micro=1, share=n)
+        b = batch if feed is None else to_model(next(feed), device)
+        train_step(state, [(b, state.objective.draw(gen, n))], n_micro=1, share=n)
 
     return step
 
@@ -472,7 +494,7 @@ def run_bench(
         kw["steps"] = steps
     if task == "train":
         recipes = TRAIN_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
-        ms = bench_train(preset, batch=batch, recipes=recipes, **kw)
+        ms = bench_train(preset, batch=batch, recipes=recipes, data_dir=data_dir, **kw)
     elif task == "sample":
         recipes = SAMPLE_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
         if device.type != "cuda":

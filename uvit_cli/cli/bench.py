@@ -54,7 +54,8 @@ def bench(
     data: Annotated[
         Path | None,
         typer.Option(
-            "--data", help="data: a prepared folder to read (default: random items of the preset's shapes)."
+            "--data",
+            help="data, train: a prepared folder to read (default: random data of the preset's shapes).",
         ),
     ] = None,
     device: Annotated[

@@ -4,7 +4,7 @@ format.py    the on-disk layout (manifest, shard directories), one shard's write
 writer.py    ShardSetWriter: how every producer writes and resumes a shard set; write_arrays
 check.py     the cheap start-up check (presence, sizes) and the full sha256 verification
 dataset.py   FeatureDataset (a prepared split, memory-mapped, fetched a batch at a time) and to_model
-sampler.py   ResumableSampler (the seeded, resumable training order), collate and make_loader
+sampler.py   ResumableSampler (the seeded, resumable training order), make_loader, TimedBatches
 seeds.py     deterministic picks from (seed, epoch, index)
 """
 
@@ -30,7 +30,7 @@ from uvit_cli.data.format import (
     to_storage,
     write_shard,
 )
-from uvit_cli.data.sampler import ResumableSampler, collate, make_loader
+from uvit_cli.data.sampler import ResumableSampler, TimedBatches, collate, make_loader
 from uvit_cli.data.seeds import choose, choose_many
 from uvit_cli.data.writer import ShardSetWriter, write_arrays
 
@@ -45,6 +45,7 @@ __all__ = [
     "ResumableSampler",
     "ShardData",
     "ShardSetWriter",
+    "TimedBatches",
     "check_files",
     "choose",
     "choose_many",

@@ -3,6 +3,7 @@ mid-epoch) and the DataLoader `uvit train` and `uvit bench data` build on it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -85,3 +86,29 @@ def make_loader(
         drop_last=False,  # the sampler yields whole global batches; batch_size divides a rank's share
         persistent_workers=num_workers > 0,
     )
+
+
+class TimedBatches:
+    """The loader's batches epoch after epoch, from global batch `start_batch` of `epoch`, adding the
+    seconds spent waiting for each one to `waited` (what `uvit train` logs as `data_wait_ms`)."""
+
+    def __init__(
+        self, loader: DataLoader, sampler: ResumableSampler, epoch: int = 0, start_batch: int = 0
+    ) -> None:
+        self.loader, self.sampler, self.waited = loader, sampler, 0.0
+        self._batches = self._epochs(epoch, start_batch)
+
+    def _epochs(self, epoch: int, start_batch: int) -> Iterator[Any]:
+        while True:
+            self.sampler.set_epoch(epoch, start_batch)
+            yield from self.loader
+            epoch, start_batch = epoch + 1, 0
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        batch = next(self._batches)
+        self.waited += time.perf_counter() - t0
+        return batch

@@ -8,7 +8,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,31 +71,6 @@ def set_rng_state(s: dict[str, Any]) -> None:
     n = s["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(s["python"])
-
-
-def _micro_batches(loader: Any, sampler: Any, ds: Any, epoch: int, start_batch: int) -> Iterator[dict]:
-    """This rank's micro-batches, epoch after epoch, starting at global batch `start_batch` of `epoch`."""
-    while True:
-        sampler.set_epoch(epoch, start_batch)
-        ds.set_epoch(epoch)
-        yield from loader
-        epoch, start_batch = epoch + 1, 0
-
-
-class _DataClock:
-    """Iterates `batches`, adding the seconds spent waiting for each one to `waited`."""
-
-    def __init__(self, batches: Iterator[dict]) -> None:
-        self.batches, self.waited = batches, 0.0
-
-    def __iter__(self) -> _DataClock:
-        return self
-
-    def __next__(self) -> dict:
-        t0 = time.perf_counter()
-        batch = next(self.batches)
-        self.waited += time.perf_counter() - t0
-        return batch
 
 
 class _StopRequest:
@@ -193,7 +168,7 @@ def train(
         accum = per_rank // micro
 
         # ---- Data -----------------------------------------------------------------------------------
-        from uvit_cli.data import FeatureDataset, ResumableSampler, make_loader, to_model
+        from uvit_cli.data import FeatureDataset, ResumableSampler, TimedBatches, make_loader, to_model
 
         ds = FeatureDataset(preset.data.path, "train", seed=tc.seed)
         check_data_fits(preset, ds)
@@ -355,7 +330,7 @@ def train(
 
         # ---- Training loop --------------------------------------------------------------------------
         model.train()
-        batches = _DataClock(_micro_batches(loader, sampler, ds, epoch, batch_in_epoch))
+        batches = TimedBatches(loader, sampler, epoch, batch_in_epoch)
         logs, warned_wait = 0, False  # the first log interval holds the workers' start-up: not judged
         gen = torch.Generator(device)
         steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
@@ -419,7 +394,7 @@ def train(
                 if metrics is not None:
                     metrics.write(record)
                 emit("log", step, eta_s=(end_step - step) * global_batch / ips, **record)
-                if wait_share > 0.05 and logs > 0 and not warned_wait:
+                if wait_share > 0.05 and wait_ms > 2 and logs > 0 and not warned_wait:  # 2 ms: not noise
                     warned_wait = True
                     emit(
                         "warning",
