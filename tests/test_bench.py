@@ -53,7 +53,7 @@ def test_cli_train_and_sample_write_valid_json(tiny, tmp_path):
         out = tmp_path / f"{task}.json"
         r = runner.invoke(
             app,
-            ["bench", task, "--preset", str(tiny), "--steps", "1", "--json", str(out)],
+            ["bench", task, "--preset", str(tiny), "--repeats", "1", "--json", str(out)],
             terminal_width=200,
         )
         assert r.exit_code == 0, r.output

@@ -39,7 +39,7 @@ def test_weights_round_trip_with_metadata(tmp_path):
 
     loaded, p2, info = ck.load_model(path)
     assert p2 == preset and info.step == 123 and info.weights == "ema" and len(info.sha256) == 64
-    assert info["step"] == 123
+    assert info.step == 123
     assert not loaded.training
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 4])
     assert torch.equal(loaded(x, t, y), model.eval()(x, t, y))

@@ -9,7 +9,6 @@ backend (a C++ compiler is needed) and every `uvit bench` recipe.
 
 from __future__ import annotations
 
-import copy
 import functools
 import traceback
 from collections import Counter
@@ -26,8 +25,7 @@ from torch.overrides import TorchFunctionMode
 from uvit_cli.config import preset_from_dict
 from uvit_cli.model import UViT
 from uvit_cli.sample.generate import SampleSettings, class_conditions, generate, null_condition, to_uint8
-from uvit_cli.train.objective import DiffusionLoss, Objective
-from uvit_cli.train.step import StepState, build_optimizer, train_step
+from uvit_cli.train.step import StepState, setup_step, train_step
 
 
 @pytest.fixture(autouse=True)
@@ -90,36 +88,19 @@ def _batch(p, n: int, seed: int) -> dict[str, torch.Tensor]:
 def _state(
     p, amp: torch.dtype | None = None, compile_backend=None, fused: bool = False
 ) -> tuple[StepState, UViT]:
-    """`uvit train`'s step state for preset p (as loop.py builds it), the EMA model second."""
+    """`uvit train`'s step state for preset p (its own setup_step), the EMA model second."""
     torch.manual_seed(0)
-    model = UViT(**p.model.model_dump())
-    ema = copy.deepcopy(model).requires_grad_(False)
-    params = list(model.parameters())
-    tc, m = p.train, p.model
-    opt, sched = build_optimizer(
-        params,
-        lr=tc.lr,
-        betas=tc.betas,
-        weight_decay=tc.weight_decay,
-        warmup_steps=tc.warmup_steps,
-        fused=fused,
-    )
-    loss = DiffusionLoss(model)
-    state = StepState(
-        objective=Objective.for_preset(p),
-        loss_fn=torch.compile(loss, backend=compile_backend) if compile_backend is not None else loss,
-        opt=opt,
-        sched=sched,
-        scaler=torch.amp.GradScaler("cpu", enabled=amp == torch.float16),
-        params=params,
-        ema_params=list(ema.parameters()),
-        ema_rate=tc.ema_rate,
-        grad_clip=tc.grad_clip,
+    m = p.model
+    return setup_step(
+        p,
+        UViT(**m.model_dump()),
+        torch.device("cpu"),
         amp_dtype=amp,
+        compile=compile_backend or False,
+        fused=fused,
         null_class=m.num_classes - 1 if m.conditioning == "class" else None,
         empty_context=torch.zeros(m.num_clip_token, m.clip_dim) if m.conditioning == "text" else None,
     )
-    return state, ema
 
 
 def _train(p, steps: int = 3, micro: int = 1, **kw) -> tuple[list[float], UViT]:

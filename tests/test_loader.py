@@ -153,7 +153,7 @@ def test_bench_data_times_both_readers_on_the_same_items(tmp_path):
     runner = CliRunner()
     for preset in ("coco_uvit_s2_deep", "imagenet256_uvit_l2", "shapes_uvit_tiny"):
         out = tmp_path / f"{preset}.json"
-        res = runner.invoke(app, ["bench", "data", "--preset", preset, "--batch", "8", "--steps", "2",
+        res = runner.invoke(app, ["bench", "data", "--preset", preset, "--batch", "8", "--repeats", "2",
                                   "--workers", "0", "--json", str(out)])  # fmt: skip
         assert res.exit_code == 0, res.output
         report = json.loads(out.read_text())

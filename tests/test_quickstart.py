@@ -34,19 +34,19 @@ def test_quickstart_cli_runs_and_resumes(tmp_path):
     from uvit_cli.cli import app
 
     out = tmp_path / "qs"
-    args = ["quickstart", "--out", str(out), "--steps", "3", "--images", "200"]
+    args = ["quickstart", "--out", str(out), "--train-steps", "3", "--images", "200"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "trained 3 steps" in res.output and "samples:" in res.output
     grid = np.asarray(Image.open(out / "samples.png"))
     assert grid.shape[0] > 8 * 4 * len(PROMPTS)  # one row per prompt
     # rerunning continues the same run: steps are a total, so asking for 5 trains 2 more
-    res = CliRunner().invoke(app, [*args[:-4], "--steps", "5", "--images", "200"])
+    res = CliRunner().invoke(app, [*args[:-4], "--train-steps", "5", "--images", "200"])
     assert res.exit_code == 0, res.output
     assert "trained 5 steps" in res.output
 
 
-@pytest.mark.parametrize("bad", [["--minutes", "0"], ["--steps", "0"]])
+@pytest.mark.parametrize("bad", [["--minutes", "0"], ["--train-steps", "0"]])
 def test_quickstart_cli_refuses_bad_budgets(tmp_path, bad):
     from uvit_cli.cli import app
 

@@ -220,18 +220,6 @@ class CheckpointInfo:
     sha256: str
     format: str  # "uvit" | "official"
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "step": self.step,
-            "weights": self.weights,
-            "sha256": self.sha256,
-            "format": self.format,
-        }
-
-    def __getitem__(self, key: str) -> Any:  # info["step"] works as well as info.step
-        return self.as_dict()[key]
-
 
 def _shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
@@ -253,7 +241,7 @@ def recognise_preset(sd: Mapping[str, torch.Tensor], source: str) -> Preset:
     for name in list_presets():
         preset = load_preset(name)
         with torch.device("meta"):  # shapes only: no memory, no init cost
-            shapes = _shapes(UViT(**preset.model.model_dump()).state_dict())
+            shapes = _shapes(UViT(**preset.model).state_dict())
         if shapes == want:
             fits.append(preset)
     if len(fits) == 1:
@@ -283,7 +271,7 @@ def load_model(
     preset = preset if preset is not None else embedded
     if preset is None:
         preset = recognise_preset(sd, str(file))
-    model = UViT(**preset.model.model_dump())
+    model = UViT(**preset.model)
     check_state_dict(model.state_dict(), sd, str(file))
     model.load_state_dict(sd, strict=True)
     model.eval().requires_grad_(False).to(device)

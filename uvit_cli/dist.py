@@ -1,4 +1,4 @@
-"""torch.distributed helpers: rank, world size, barrier, print on rank 0.
+"""torch.distributed helpers: rank, world size, barrier, gathering, the process group's lifetime.
 
 Every helper works without an initialised process group (one process: rank 0 of 1), so workflows call
 them unconditionally. `init_from_env` reads the variables `torchrun` sets.
@@ -6,7 +6,9 @@ them unconditionally. `init_from_env` reads the variables `torchrun` sets.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -71,6 +73,18 @@ def init_from_env() -> bool:
 def destroy() -> None:
     if is_initialized():
         td.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[bool]:
+    """Join torchrun's process group for the block (`init_from_env`) and leave it after, if the block was
+    the one that joined; yields whether the run is distributed."""
+    joined = not is_initialized() and init_from_env()
+    try:
+        yield is_initialized()
+    finally:
+        if joined:
+            destroy()
 
 
 def all_gather_object(obj: Any) -> list[Any]:

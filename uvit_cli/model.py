@@ -280,37 +280,3 @@ class UViT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-# --------------------------------------------------------------------------------------------------
-# Named sizes (paper Table 1 / official configs). The paper counts blocks = depth + 1.
-
-UVIT_SIZES: dict[str, dict[str, int]] = {
-    "S": dict(embed_dim=512, depth=12, num_heads=8),  # 13 blocks
-    "S-Deep": dict(embed_dim=512, depth=16, num_heads=8),  # 17 blocks
-    "M": dict(embed_dim=768, depth=16, num_heads=12),  # 17 blocks
-    "L": dict(embed_dim=1024, depth=20, num_heads=16),  # 21 blocks
-    "H": dict(embed_dim=1152, depth=28, num_heads=16),  # 29 blocks
-}
-
-# The paper's named models: size, patch size and what the official config feeds them.
-UVIT_MODELS: dict[str, dict] = {
-    "cifar10 U-ViT-S/2": dict(**UVIT_SIZES["S"], img_size=32, patch_size=2, in_chans=3),
-    "celeba64 U-ViT-S/4": dict(**UVIT_SIZES["S"], img_size=64, patch_size=4, in_chans=3),
-    "imagenet64 U-ViT-M/4": dict(**UVIT_SIZES["M"], img_size=64, patch_size=4, in_chans=3, num_classes=1000),
-    "imagenet64 U-ViT-L/4": dict(**UVIT_SIZES["L"], img_size=64, patch_size=4, in_chans=3, num_classes=1000),
-    "imagenet256 U-ViT-L/2": dict(**UVIT_SIZES["L"], img_size=32, patch_size=2, in_chans=4, num_classes=1001),
-    "imagenet256 U-ViT-H/2": dict(
-        **UVIT_SIZES["H"], img_size=32, patch_size=2, in_chans=4, num_classes=1001, conv=False
-    ),
-    "imagenet512 U-ViT-L/4": dict(**UVIT_SIZES["L"], img_size=64, patch_size=4, in_chans=4, num_classes=1001),
-    "imagenet512 U-ViT-H/4": dict(
-        **UVIT_SIZES["H"], img_size=64, patch_size=4, in_chans=4, num_classes=1001, conv=False
-    ),
-    "mscoco U-ViT-S/2": dict(
-        **UVIT_SIZES["S"], img_size=32, patch_size=2, in_chans=4, clip_dim=768, num_clip_token=77
-    ),
-    "mscoco U-ViT-S/2-Deep": dict(
-        **UVIT_SIZES["S-Deep"], img_size=32, patch_size=2, in_chans=4, clip_dim=768, num_clip_token=77
-    ),
-}

@@ -168,7 +168,7 @@ def quickstart(
 
     emit = on_event or (lambda _e: None)
     if minutes <= 0 and steps is None:
-        raise ConfigError("--minutes must be > 0 (or give --steps)")
+        raise ConfigError("--minutes must be > 0 (or give --train-steps)")
     if threads is not None:
         torch.set_num_threads(threads)
     deadline = t_start + 60.0 * minutes - SAMPLE_RESERVE_S

@@ -10,7 +10,6 @@ forward; recomputation by gradient checkpointing is not counted, as MFU conventi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import json
@@ -98,7 +97,7 @@ def _conditions(preset: Preset, batch: int, device: torch.device, g: torch.Gener
 
 def _network(preset: Preset, device: torch.device, official: bool) -> UViT:
     torch.manual_seed(0)
-    return apply_attention(UViT(**preset.model.model_dump()).to(device), official)
+    return apply_attention(UViT(**preset.model).to(device), official)
 
 
 def _forward_flops(preset: Preset, batch: int) -> int:
@@ -190,32 +189,21 @@ def _train_step(
 ) -> Callable[[], None]:
     """One full training step of recipe `r` (`uvit train`'s `train_step`) over a fresh model, optimiser, EMA;
     on `batch`, or on the next batch of `feed` (TimedBatches) each step."""
-    from uvit_cli.train.objective import DiffusionLoss, Objective
-    from uvit_cli.train.step import StepState, build_optimizer, ema_update, train_step
+    from uvit_cli.train.step import ema_update, setup_step, train_step
 
-    tc, m = preset.train, preset.model
+    m = preset.model
     model = _network(preset, device, r.official_attention).train()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    params, ema_params = list(model.parameters()), list(ema.parameters())
-    # No warm-up: every timed step runs at the preset's lr.
-    opt, sched = build_optimizer(
-        params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, warmup_steps=0, fused=r.fused_adamw
-    )
-    loss_module = DiffusionLoss(model)
-    state = StepState(
-        objective=Objective.for_preset(preset, device),
-        loss_fn=torch.compile(loss_module) if r.compile else loss_module,
-        opt=opt,
-        sched=sched,
-        scaler=torch.amp.GradScaler(device.type, enabled=r.amp == "fp16"),
-        params=params,
-        ema_params=ema_params,
-        ema_rate=tc.ema_rate,
+    state, _ = setup_step(
+        preset,
+        model,
+        device,
         amp_dtype=r.amp_dtype,
+        compile=r.compile,
+        fused=r.fused_adamw,
+        warmup_steps=0,  # every timed step runs at the preset's lr
         null_class=m.num_classes - 1 if m.conditioning == "class" else None,
         empty_context=null["context"][0] if m.conditioning == "text" else None,
         ema_fn=official_ema_update if r.name == OFFICIAL.name else ema_update,
-        loss_sum=torch.zeros((), device=device),
     )
     gen = torch.Generator(device).manual_seed(0)
     n = len(batch["x"])

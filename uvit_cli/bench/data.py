@@ -261,7 +261,7 @@ def bench_data(
         if n < n_samples:
             raise ConfigError(
                 f"{ours_root}: {n} items, fewer than the {n_samples} this run reads "
-                f"({steps} + {warmup} batches of {batch}); pass a smaller --batch or --steps"
+                f"({steps} + {warmup} batches of {batch}); pass a smaller --batch or --repeats"
             )
         in_memory = items["space"] == "pixel"  # the official pixel reader holds its images in memory
         del items

@@ -37,13 +37,7 @@ app = typer.Typer(
 app.add_typer(presets.app, name="presets")
 
 for _name in _COMMANDS:
-    try:
-        _mod = importlib.import_module(f"uvit_cli.cli.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"uvit_cli.cli.{_name}":
-            raise
-        continue
-    _mod.register(app)
+    importlib.import_module(f"uvit_cli.cli.{_name}").register(app)
 
 
 def _version(value: bool) -> None:

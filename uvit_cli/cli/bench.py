@@ -34,11 +34,11 @@ def bench(
     task: Annotated[
         str, typer.Argument(help="What to time: train, sample, prepare, fid or data (the loader).")
     ],
-    preset: Annotated[
-        str, typer.Option("--preset", "-p", help="Preset name or .toml path.")
-    ] = "coco_uvit_s2_deep",
+    preset: Annotated[str, typer.Option("--preset", help="Preset name or .toml path.")] = "coco_uvit_s2_deep",
     batch: Annotated[int | None, typer.Option(help="Batch size (default: the preset's).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Timed steps after warm-up.")] = None,
+    repeats: Annotated[
+        int | None, typer.Option("--repeats", min=1, help="Timed repetitions (steps, batches) after warm-up.")
+    ] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Add each optimisation one at a time.")] = False,
     official: Annotated[
         bool, typer.Option(help="Also time the official recipe (the ratio's baseline).")
@@ -81,7 +81,7 @@ def bench(
             task,
             p,
             batch=batch,
-            steps=steps,
+            steps=repeats,
             compare=compare,
             official=official,
             decode=decode,

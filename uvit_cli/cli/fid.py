@@ -303,8 +303,6 @@ def generate(
     Conditions as the paper: uniform labels for class models, val-split captions for text models. Image i depends only on (seed, i): batch size and GPU count do not change the number.
     """
 
-    import torch
-
     from uvit_cli.fid.generated import fid_from_checkpoint
 
     settings = dict(
@@ -314,7 +312,7 @@ def generate(
         guidance_interval=guidance_interval,
         batch_size=batch_size,
         precision=precision.value if precision else None,
-        compile=torch.cuda.is_available() and not no_compile,  # pays off on GPUs only
+        compile=False if no_compile else None,  # None: the core's choice by device
     )
 
     def log(msg: str) -> None:

@@ -57,7 +57,7 @@ def quickstart_command(
     steps: Annotated[
         int | None,
         typer.Option(
-            "--steps",
+            "--train-steps",
             min=1,
             help="Train exactly this many steps instead (ignores --minutes).",
             show_default=False,

@@ -99,14 +99,12 @@ def register(app: typer.Typer) -> None:
             raise fail(
                 f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file or a run dir)", 2
             )
-        import torch
 
         from uvit_cli.sample import SampleProgress, read_prompts_file, sample_to_dir
 
         prompts = list(prompt or [])
         if prompts_file is not None:
             prompts += read_prompts_file(prompts_file)
-        on_cuda = torch.cuda.is_available()
         settings = dict(
             solver=solver,
             steps=steps,
@@ -115,7 +113,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             decode_batch_size=decode_batch_size,
             precision=precision.value if precision else None,
-            compile=on_cuda and not no_compile,  # compiling pays off on GPUs; on a CPU it only costs time
+            compile=False if no_compile else None,  # None: the core's choice by device
             cuda_graphs=cuda_graphs,
         )
         bar = image_progress()

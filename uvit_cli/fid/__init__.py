@@ -236,10 +236,10 @@ def compute_fid(
     # Fail on a bad reference or bad images before loading the Inception (and before hours of work).
     load_ref_stats(ref, None if features is not None else 2048)
     _check_source(samples)
-    dist.init_from_env()  # join torchrun's process group, if any
-    s = _setup(mode, inception_weights, device, features, feature_dim)
-    stats, sizes, kind = _images_stats(samples, s, mode, batch_size, workers, progress)
-    return _fid_against(stats, ref, s, mode, sizes, t0, {"path": str(samples), "kind": kind})
+    with dist.process_group():  # torchrun's, if any; left when done if joined here
+        s = _setup(mode, inception_weights, device, features, feature_dim)
+        stats, sizes, kind = _images_stats(samples, s, mode, batch_size, workers, progress)
+        return _fid_against(stats, ref, s, mode, sizes, t0, {"path": str(samples), "kind": kind})
 
 
 def fid_from_generator(
@@ -288,9 +288,10 @@ def make_ref_stats(
 
     t0 = time.time()
     _check_source(images)
-    dist.init_from_env()  # join torchrun's process group, if any
-    s = _setup(mode, inception_weights, device, features, feature_dim)
-    stats, sizes, kind = _images_stats(images, s, mode, batch_size, workers, progress)
+    with dist.process_group():  # torchrun's, if any; left when done if joined here
+        s = _setup(mode, inception_weights, device, features, feature_dim)
+        stats, sizes, kind = _images_stats(images, s, mode, batch_size, workers, progress)
+        rank, world = rank_world()
     mu, sigma = stats.mu_sigma()
     warns = _warnings(stats.n, sizes)
     stamp = {
@@ -301,12 +302,12 @@ def make_ref_stats(
         "inception": s.weights,
         "image_sizes": [f"{h}x{w}" for h, w in sorted(sizes)[:8]],
         "device": str(s.device),
-        "world_size": rank_world()[1],
+        "world_size": world,
         "seconds": round(time.time() - t0, 2),
         "versions": _versions(),
         "warnings": warns,
     }
-    is_main = rank_world()[0] == 0
+    is_main = rank == 0
     path = save_stats(out, mu, sigma, stamp) if is_main else None
     return RefResult(path, stats.n, stamp, warns, is_main)
 

@@ -157,8 +157,7 @@ def fid_from_checkpoint(
     if n is not None and n < 2:
         raise DataError(f"--n {n}: FID needs at least 2 images (the paper uses 50,000; 30,000 for MS-COCO)")
 
-    started_dist = not dist.is_initialized() and dist.init_from_env()
-    try:
+    with dist.process_group():
         device = torch.device(device) if device is not None else dist.device()
         loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say)
         model, resolved, file, note = loaded.model, loaded.preset, loaded.info.path, loaded.note
@@ -255,6 +254,3 @@ def fid_from_checkpoint(
         )
         result.stamp["seconds"] = round(time.perf_counter() - t0, 2)  # model loading and sampling included
         return result
-    finally:
-        if started_dist:
-            dist.destroy()

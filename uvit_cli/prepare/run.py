@@ -309,13 +309,8 @@ def run(
 ) -> PrepareResult:
     """Prepare every split of `jobs` into `out` (see the module docstring); call on every torchrun rank."""
     out = Path(out)
-    owns_group = not dist.is_initialized()
-    distributed = dist.init_from_env()
-    try:
+    with dist.process_group() as distributed:
         return _run(out, spec, jobs, progress, device, distributed)
-    finally:
-        if distributed and owns_group:
-            dist.destroy()
 
 
 def _run(

@@ -58,7 +58,7 @@ class SampleSettings:
     batch_size: int = 50  # images per network batch (per GPU)
     decode_batch_size: int = 50  # latents per autoencoder call (the official decode_large_batch chunk)
     precision: Precision | None = None  # None: bf16 autocast on CUDA, fp32 on the CPU
-    compile: bool = False  # torch.compile the network
+    compile: bool | None = None  # torch.compile the network; None: on CUDA only (on a CPU it only costs time)
     cuda_graphs: bool = False  # compile with mode="reduce-overhead" (CUDA graphs of the network call)
 
     @classmethod
@@ -185,13 +185,20 @@ def _autocast_dtype(precision: Precision | None, device: torch.device) -> torch.
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+def _compiled(settings: SampleSettings, device: torch.device) -> bool:
+    """Whether the network call is compiled: as asked, else on CUDA only; CUDA graphs need it."""
+    return settings.cuda_graphs or (
+        settings.compile if settings.compile is not None else device.type == "cuda"
+    )
+
+
 def _network(
     model: torch.nn.Module, settings: SampleSettings, device: torch.device
 ) -> Callable[..., torch.Tensor]:
     """model(x, timesteps, **cond) in the chosen precision, returning float32 for the solver."""
     amp = _autocast_dtype(settings.precision, device)
     net: Callable[..., torch.Tensor] = model
-    if settings.compile or settings.cuda_graphs:
+    if _compiled(settings, device):
         mode = "reduce-overhead" if settings.cuda_graphs and device.type == "cuda" else None
         net = torch.compile(model, mode=mode, dynamic=False)
     cuda_graphs = settings.cuda_graphs and device.type == "cuda"
@@ -334,7 +341,7 @@ def generate(
     # A compiled network is specialised to the batch shape (dynamic=False): a last partial batch would compile
     # (and with CUDA graphs record) it all again. Pad it with copies of its last index instead and drop them;
     # rows do not interact and each has its own generator, so the kept rows are the same images.
-    pad = (settings.compile or settings.cuda_graphs) and len(indices) > bs
+    pad = _compiled(settings, device) and len(indices) > bs
     for start in range(0, len(indices), bs):
         batch = indices[start : start + bs]
         run = batch + [batch[-1]] * (bs - len(batch)) if pad else batch

@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
-import copy
 import math
-import random
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from uvit_cli import checkpoint as ck
 from uvit_cli import dist
 from uvit_cli.config import Preset
-from uvit_cli.errors import CheckpointError, ConfigError, TrainingDiverged
+from uvit_cli.errors import ConfigError, TrainingDiverged
 from uvit_cli.train.lock import RunDirLock, RunDirLocked
-from uvit_cli.train.objective import DiffusionLoss, Objective, step_seed
+from uvit_cli.train.objective import step_seed
+from uvit_cli.train.resume import capture, resume
 from uvit_cli.train.rundir import MetricsLog, check_data_fits, claim_run_dir
-from uvit_cli.train.step import StepState, build_optimizer, train_step, warmup_factor
+from uvit_cli.train.step import setup_step, train_step
+from uvit_cli.train.stop import StopRequest
 
 
 @dataclass
 class TrainEvent:
-    """What the loop reports (rank 0 only): start | log | checkpoint | samples | warning | interrupted | done."""
+    """What the loop reports (rank 0 only): start | log | checkpoint | samples | warning | done.
+
+    A stop request (Ctrl-C, SIGTERM) raises KeyboardInterrupt after the checkpoint event of its save."""
 
     kind: str
     step: int
@@ -43,62 +42,6 @@ class TrainResult:
     step: int
     checkpoint: Path | None
     loss: float | None
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG states of a process (stored per rank in state.pt; tensors and plain values only)
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(s["python"])
-
-
-class _StopRequest:
-    """SIGINT / SIGTERM during training: finish the step, save a checkpoint, then stop (a second one stops now).
-
-    Only the main thread can install signal handlers; elsewhere (a library call from a worker thread) the
-    signals keep their usual behaviour.
-    """
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:  # asked twice: give up on the clean stop
-            self.restore()
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 def _recipe(
@@ -136,7 +79,7 @@ def train(
 
     # ---- Processes, device, precision ------------------------------------------------------------
     created_group = not dist.is_initialized() and dist.init_from_env()
-    stop = _StopRequest()
+    stop = StopRequest()
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
     device = dist.device()
@@ -197,96 +140,26 @@ def train(
             emit("warning", 0, note)
         dist.barrier()
 
-        # ---- Model, EMA, optimiser --------------------------------------------------------------------
+        # ---- Model, EMA, the step's state (DDP over ranks, then torch.compile), resume ---------------
         from uvit_cli.model import UViT
 
         torch.manual_seed(tc.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-        model = UViT(**preset.model.model_dump()).to(device)
-        # EMA in fp32, initialised as a copy of the online weights (the official ema_update(0)).
-        ema = copy.deepcopy(model).requires_grad_(False)
-        params, ema_params = list(model.parameters()), list(ema.parameters())
-        opt, sched = build_optimizer(
-            params,
-            lr=tc.lr,
-            betas=tc.betas,
-            weight_decay=tc.weight_decay,
-            warmup_steps=tc.warmup_steps,
-            fused=fused,
-        )
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-        # ---- Resume: the newest readable checkpoint, falling back to older ones -------------------
-        step, epoch, batch_in_epoch, resumed_from = 0, 0, 0, None
-        for _, step_dir in reversed(ck.list_checkpoints(run_dir)):
-            try:
-                model_sd, ema_sd, state = ck.read_checkpoint(step_dir)
-            except CheckpointError as e:
-                emit("warning", 0, f"checkpoint {step_dir.name} is unreadable ({e}); trying the previous one")
-                continue
-            ck.check_state_dict(model.state_dict(), model_sd, str(step_dir / ck.MODEL_FILE))
-            ck.check_state_dict(ema.state_dict(), ema_sd, str(step_dir / ck.EMA_FILE))
-            model.load_state_dict(model_sd)
-            ema.load_state_dict(ema_sd)
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["lr_scheduler"])
-            # The preset's recipe wins over the one stored with the state (they differ only under --force).
-            sched.base_lrs = [tc.lr for _ in opt.param_groups]
-            for g in opt.param_groups:
-                g.update(betas=(float(tc.betas[0]), float(tc.betas[1])), weight_decay=tc.weight_decay)
-                g["lr"] = tc.lr * warmup_factor(sched.last_epoch, tc.warmup_steps)
-            if "grad_scaler" in state and scaler.is_enabled():
-                scaler.load_state_dict(state["grad_scaler"])
-            rngs = state.get("rng", [])
-            if len(rngs) == world:
-                set_rng_state(rngs[rank])
-            step = int(state["step"])
-            pos = state["data"]
-            epoch = int(pos["epoch"])
-            batch_in_epoch = int(pos["batch"]) * int(pos["global_batch"]) // global_batch
-            resumed_from = step_dir
-            break
-        else:
-            if ck.list_checkpoints(run_dir):
-                raise CheckpointError(
-                    f"{run_dir / ck.CKPTS}: no readable checkpoint; move that folder aside to start over"
-                )
+        model = UViT(**preset.model).to(device)
+        state, ema = setup_step(preset, model, device, amp_dtype=amp_dtype, compile=use_compile, fused=fused,
+                                ddp=world > 1, null_class=null_class, empty_context=empty_context)  # fmt: skip
+        at = resume(run_dir, preset, model, ema, state, global_batch, warn=lambda m: emit("warning", 0, m))
+        step, epoch, batch_in_epoch, resumed_from = at.step, at.epoch, at.batch_in_epoch, at.step_dir
         if batch_in_epoch >= sampler.batches_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
         end_step = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
         metrics = MetricsLog(run_dir, step) if main else None
-
-        # ---- The step's state: the loss wrapped by DDP (over ranks), then torch.compile -----------------
-        loss_module: torch.nn.Module = DiffusionLoss(model)
-        ddp = None
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ddp = DistributedDataParallel(loss_module, device_ids=[device] if cuda else None)
-            loss_module = ddp
-        objective = Objective.for_preset(preset, device)
-        state = StepState(
-            objective=objective,
-            loss_fn=torch.compile(loss_module) if use_compile else loss_module,
-            opt=opt,
-            sched=sched,
-            scaler=scaler,
-            params=params,
-            ema_params=ema_params,
-            ema_rate=tc.ema_rate,
-            grad_clip=tc.grad_clip,
-            amp_dtype=amp_dtype,
-            ddp=ddp,
-            null_class=null_class,
-            empty_context=empty_context,
-            loss_sum=torch.zeros((), device=device),  # on device: no host sync until the next log
-        )
         grid = None
         if main:
             from uvit_cli.train.grid import GridSampler
 
             grid = GridSampler(preset, ds, device, seed=tc.seed)
 
-        n_params = sum(p.numel() for p in params)
+        n_params = sum(p.numel() for p in state.params)
         emit(
             "start",
             step,
@@ -303,16 +176,7 @@ def train(
 
         # ---- State saving ---------------------------------------------------------------------------
         def save() -> Path | None:
-            state = {
-                "step": step,
-                "optimizer": opt.state_dict(),
-                "lr_scheduler": sched.state_dict(),
-                "rng": dist.all_gather_object(rng_state()),
-                "data": {"epoch": epoch, "batch": batch_in_epoch, "global_batch": global_batch},
-                "world_size": world,
-            }
-            if scaler.is_enabled():
-                state["grad_scaler"] = scaler.state_dict()
+            saved = capture(state, step, epoch, batch_in_epoch, global_batch)
             path = None
             if main:
                 path = ck.save_checkpoint(
@@ -320,7 +184,7 @@ def train(
                     step,
                     model=model.state_dict(),
                     ema=ema.state_dict(),
-                    state=state,
+                    state=saved,
                     preset=preset,
                     keep_last=tc.keep_last,
                 )
@@ -334,14 +198,14 @@ def train(
         logs, warned_wait = 0, False  # the first log interval holds the workers' start-up: not judged
         gen = torch.Generator(device)
         steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
-        lr_used = sched.get_last_lr()[0]
+        lr_used = state.sched.get_last_lr()[0]
         stop.install()  # restored in `finally`, however the loop ends
         stop_flag = torch.zeros((), device=device)  # > 0 on any rank that was asked to stop
         while step < end_step:
             # One global batch: the step's random numbers for all of it; each micro-batch of this rank
             # takes the rows of its samples (lo = rank * per_rank + m * micro), loaded only when it runs.
             gen.manual_seed(step_seed(tc.seed, step))
-            draws = objective.draw(gen, global_batch)
+            draws = state.objective.draw(gen, global_batch)
             micro_batches = (
                 (to_model(next(batches), device), draws.rows(lo, lo + micro))
                 for lo in range(rank * per_rank, (rank + 1) * per_rank, micro)
@@ -415,7 +279,6 @@ def train(
                     emit("warning", step, grid.disabled)
             if stopping:
                 stop.restore()
-                emit("interrupted", step, f"stopped at step {step}; checkpoint {last_ckpt}", loss=last_loss)
                 raise KeyboardInterrupt
             if saving or step % tc.sample_interval == 0:
                 dist.barrier()

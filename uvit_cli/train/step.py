@@ -1,4 +1,5 @@
-"""One optimiser step of U-ViT training (spec §3.5), shared by `uvit train` and `uvit bench`.
+"""One optimiser step of U-ViT training (spec §3.5) and its one setup, shared by `uvit train`, `uvit bench`
+and the tests.
 
 Order, as the official `train_step`: loss, backward, (grad clip), optimizer.step at the scheduler's current
 lr (so the first step runs at lr 0), lr_scheduler.step, EMA update. The official code zeroes the gradients
@@ -8,13 +9,15 @@ before the loss; we do it right after the optimizer step (set_to_none), which is
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from uvit_cli.train.objective import Objective, StepDraws
+from uvit_cli.train.objective import DiffusionLoss, Objective, StepDraws
 
 EmaFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None]
 
@@ -134,3 +137,63 @@ def train_step(
     # ---- EMA of the weights --------------------------------------------------------------------------
     s.ema_fn(s.ema_params, s.params, s.ema_rate)
     return lr
+
+
+def setup_step(
+    preset: Any,
+    model: nn.Module,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    compile: bool | str | Callable[..., Any] = False,
+    fused: bool = False,
+    ddp: bool = False,
+    warmup_steps: int | None = None,
+    null_class: int | None = None,
+    empty_context: torch.Tensor | None = None,
+    ema_fn: EmaFn = ema_update,
+) -> tuple[StepState, nn.Module]:
+    """The step state for training `model` (on `device`) with `preset.train`, and its EMA model.
+
+    The EMA is an fp32 copy of the online weights (the official `ema_update(0)`); AdamW with the linear
+    warm-up (`warmup_steps`, default the preset's); a grad scaler for fp16; the loss wrapped by DDP when
+    `ddp`, then by `torch.compile` when `compile` (True, or a backend: "aot_eager", a test's counter).
+    """
+    tc = preset.train
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = list(model.parameters())
+    opt, sched = build_optimizer(
+        params,
+        lr=tc.lr,
+        betas=tc.betas,
+        weight_decay=tc.weight_decay,
+        warmup_steps=tc.warmup_steps if warmup_steps is None else warmup_steps,
+        fused=fused,
+    )
+    loss_module: nn.Module = DiffusionLoss(model)
+    wrapper = None
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapper = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
+        loss_module = wrapper
+    if compile:
+        loss_module = torch.compile(loss_module, **({} if compile is True else {"backend": compile}))
+    state = StepState(
+        objective=Objective.for_preset(preset, device),
+        loss_fn=loss_module,
+        opt=opt,
+        sched=sched,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        params=params,
+        ema_params=list(ema.parameters()),
+        ema_rate=tc.ema_rate,
+        grad_clip=tc.grad_clip,
+        amp_dtype=amp_dtype,
+        ddp=wrapper,
+        null_class=null_class,
+        empty_context=empty_context,
+        ema_fn=ema_fn,
+        loss_sum=torch.zeros((), device=device),  # on the device: no host sync until it is read
+    )
+    return state, ema
