@@ -271,7 +271,7 @@ def test_cfg_scale_zero_equals_the_conditional_model(env):
     # reference: the solver on the conditional network alone, from the same per-image noise
     x_T = torch.stack([torch.randn(4, 4, 4, generator=g) for g in image_generators(3, idx)])
     eps_fn = lambda x, t: m(x, t, context=ctx[[0, 1, 1]])  # noqa: E731
-    ref = solvers.sample("dpm_solver_pp", eps_fn, x_T, make_schedule("discrete"), 2)
+    ref = solvers.sample("dpm_solver_pp", eps_fn, x_T, 2, schedule=make_schedule("discrete"))
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
     # scale s: eps_c + s (eps_c - eps_u) with the empty context, as two separate passes (spec §4.2)
@@ -284,7 +284,7 @@ def test_cfg_scale_zero_equals_the_conditional_model(env):
         e_c, e_u = m(x, t, context=ctx[[0, 1, 1]]), m(x, t, context=empty)
         return e_c + 1.5 * (e_c - e_u)
 
-    ref_g = solvers.sample("dpm_solver_pp", two_pass, x_T, make_schedule("discrete"), 2)
+    ref_g = solvers.sample("dpm_solver_pp", two_pass, x_T, 2, schedule=make_schedule("discrete"))
     torch.testing.assert_close(guided, ref_g, rtol=1e-4, atol=1e-4)
     assert (guided - got).abs().max() > 1e-2  # guidance does something
 

@@ -108,7 +108,7 @@ def test_network_inputs_steps_10():
         seen.append(timesteps[0].item())
         return torch.zeros_like(x)
 
-    sample_dpm_solver_pp(eps_fn, torch.randn(2, 4, 2, 2), ns, steps=10)
+    sample_dpm_solver_pp(eps_fn, torch.randn(2, 4, 2, 2), steps=10, schedule=ns)
     want = [1000.0 - 99.9 * k for k in range(10)]  # 1000, 900.1, ..., 100.9: grid[0..9] * N
     assert len(seen) == 10
     np.testing.assert_allclose(seen, want, atol=2e-3, rtol=0)
@@ -186,8 +186,8 @@ def test_dpm_solver_pp_matches_spec_reference(steps):
     ns = make_schedule("discrete")
     x32 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(steps))
     ref = reference_official_fast(x32.double().numpy(), steps)
-    out32 = sample_dpm_solver_pp(_eps_torch, x32, ns, steps=steps)
-    out64 = sample_dpm_solver_pp(_eps_torch, x32.double(), ns, steps=steps)
+    out32 = sample_dpm_solver_pp(_eps_torch, x32, steps=steps, schedule=ns)
+    out64 = sample_dpm_solver_pp(_eps_torch, x32.double(), steps=steps, schedule=ns)
     assert out32.dtype == torch.float32
     assert np.abs(ref).max() > 0.5  # a non-trivial output
     assert np.abs(out64.numpy() - ref).max() < 5e-6  # same algorithm (knot roundoff ~1e-6)
@@ -198,7 +198,7 @@ def test_dpm_solver_pp_zero_eps_is_exact_scaling():
     # eps = 0 means D(x, t) = x / alpha_t, and the exact flow is x_t = (alpha_t / alpha_T) x_T.
     ns = make_schedule("discrete")
     x = x_T()
-    out = sample_dpm_solver_pp(lambda x, ts: torch.zeros_like(x), x, ns, steps=10)
+    out = sample_dpm_solver_pp(lambda x, ts: torch.zeros_like(x), x, schedule=ns, steps=10)
     a = ns.marginal_alpha(torch.tensor([1.0, 1e-3], dtype=torch.float64))
     torch.testing.assert_close(out, x * a[1] / a[0], rtol=1e-10, atol=0)
 
@@ -445,7 +445,7 @@ def test_dpm_solver_pp_matches_the_official_code(steps):
         return _official_toy(x, timesteps)
 
     _close_to(
-        sample_dpm_solver_pp(eps_fn, _official_x_T(), make_schedule("discrete"), steps),
+        sample_dpm_solver_pp(eps_fn, _official_x_T(), steps, schedule=make_schedule("discrete")),
         OFFICIAL_DPM_SOLVER_PP[steps],
     )
     assert len(seen) == steps
@@ -458,18 +458,20 @@ def test_the_issue_call_form_without_a_schedule_is_the_official_call():
     want = OFFICIAL_DPM_SOLVER_PP[10]
     _close_to(sample_dpm_solver_pp(_official_toy, _official_x_T(), 10), want)
     _close_to(sample_dpm_solver_pp(_official_toy, _official_x_T(), steps=10), want)
-    _close_to(sample_dpm_solver_pp(_official_toy, _official_x_T(), 10, make_schedule("discrete")), want)
+    _close_to(
+        sample_dpm_solver_pp(_official_toy, _official_x_T(), 10, schedule=make_schedule("discrete")), want
+    )
     # the continuous solvers default to the VP-SDE the continuous scripts use
     steps, want_c = next(iter(OFFICIAL_DPM_SOLVER.items()))
     _close_to(sample_dpm_solver(_official_toy, _official_x_T(), steps), want_c)
     with pytest.raises(TypeError, match="steps"):
-        sample_dpm_solver_pp(_official_toy, _official_x_T(), make_schedule("discrete"), 2.5)
+        sample_dpm_solver_pp(_official_toy, _official_x_T(), 2.5, schedule=make_schedule("discrete"))
 
 
 def test_guided_dpm_solver_pp_matches_the_official_code():
     eps_fn = guided_eps_fn(_official_toy, 1.0, {"y": torch.tensor([2, 7])}, {"y": torch.tensor(10)})
     _close_to(
-        sample_dpm_solver_pp(eps_fn, _official_x_T(), make_schedule("discrete"), 10),
+        sample_dpm_solver_pp(eps_fn, _official_x_T(), 10, schedule=make_schedule("discrete")),
         OFFICIAL_DPM_SOLVER_PP_CFG_10,
     )
 
@@ -477,15 +479,17 @@ def test_guided_dpm_solver_pp_matches_the_official_code():
 def test_continuous_solvers_match_the_official_code():
     ns = make_schedule("continuous")
     for steps, want in OFFICIAL_DPM_SOLVER.items():
-        _close_to(sample_dpm_solver(_official_toy, _official_x_T(), ns, steps), want)
+        _close_to(sample_dpm_solver(_official_toy, _official_x_T(), steps, schedule=ns), want)
     seen = []
-    sample_dpm_solver(lambda x, ts: seen.append(ts[0].item()) or _official_toy(x, ts), _official_x_T(), ns, 5)
+    sample_dpm_solver(
+        lambda x, ts: seen.append(ts[0].item()) or _official_toy(x, ts), _official_x_T(), 5, schedule=ns
+    )
     np.testing.assert_allclose(seen, OFFICIAL_DPM_SOLVER_TIMESTEPS_5, rtol=1e-6, atol=0)
     for steps, (ode, sde) in OFFICIAL_EULER.items():
-        _close_to(sample_euler_ode(_official_toy, _official_x_T(), ns, steps), ode)
+        _close_to(sample_euler_ode(_official_toy, _official_x_T(), steps, schedule=ns), ode)
         # generator=None draws from the global RNG in the official order: the same noise as sde.euler_maruyama
         torch.manual_seed(0)
-        _close_to(sample_euler_maruyama(_official_toy, _official_x_T(), ns, steps), sde)
+        _close_to(sample_euler_maruyama(_official_toy, _official_x_T(), steps, schedule=ns), sde)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -510,7 +514,9 @@ def test_ode_solver_convergence_order(kind, solver, kwargs, steps, bounds):
     ns = make_schedule(kind)
     x = x_T()
     want = exact_flow(ns, x, 1.0, ns.eps)
-    errors = [(solver(gaussian_eps_fn(ns), x, ns, n, **kwargs) - want).abs().max().item() for n in steps]
+    errors = [
+        (solver(gaussian_eps_fn(ns), x, n, schedule=ns, **kwargs) - want).abs().max().item() for n in steps
+    ]
     assert errors[-1] < errors[0]
     lo, hi = bounds
     assert lo < slope(errors, steps) < hi, errors
@@ -521,7 +527,9 @@ def test_euler_ode_convergence_order():
     x = x_T()
     want = exact_flow(ns, x, 1.0, 0.0)
     steps = [25, 50, 100, 200]
-    errors = [(sample_euler_ode(gaussian_eps_fn(ns), x, ns, n) - want).abs().max().item() for n in steps]
+    errors = [
+        (sample_euler_ode(gaussian_eps_fn(ns), x, n, schedule=ns) - want).abs().max().item() for n in steps
+    ]
     assert 0.85 < slope(errors, steps) < 1.15, errors
     assert errors[-1] < 1e-2
 
@@ -534,7 +542,7 @@ def test_defaults_converge_to_exact_flow(kind, name):
     x = x_T(torch.float32)
     want = exact_flow(ns, x, 1.0, ns.eps)
     errs = [
-        (sample(name, gaussian_eps_fn(ns), x, ns, n).double() - want).abs().max().item()
+        (sample(name, gaussian_eps_fn(ns), x, n, schedule=ns).double() - want).abs().max().item()
         for n in (10, 50, 200)
     ]
     assert errs[2] < errs[1] < errs[0]
@@ -548,12 +556,12 @@ def test_euler_maruyama_matches_data_distribution():
     n = 4000
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 2, generator=g, dtype=torch.float64)
-    out = sample_euler_maruyama(gaussian_eps_fn(ns, mu, sd), x, ns, steps=500, generator=g)
+    out = sample_euler_maruyama(gaussian_eps_fn(ns, mu, sd), x, steps=500, generator=g, schedule=ns)
     mean, std = out.mean(0), out.std(0)
     assert torch.all((mean - mu).abs() < 4 * sd / math.sqrt(n) + 0.01), mean
     assert torch.all((std / sd - 1).abs() < 4 / math.sqrt(2 * n) + 0.01), std
     # an ODE sampler from the same start is a deterministic map, hence a different output
-    ode = sample_euler_ode(gaussian_eps_fn(ns, mu, sd), x, ns, steps=50)
+    ode = sample_euler_ode(gaussian_eps_fn(ns, mu, sd), x, steps=50, schedule=ns)
     assert (ode - out).abs().mean() > 0.1
 
 
@@ -561,40 +569,43 @@ def test_stochastic_solvers_seeded_and_per_image_generators():
     ns = make_schedule("continuous")
     eps_fn = gaussian_eps_fn(ns)
     x = x_T(torch.float32, n=4)
-    a = sample_euler_maruyama(eps_fn, x, ns, 20, generator=torch.Generator().manual_seed(1))
-    b = sample_euler_maruyama(eps_fn, x, ns, 20, generator=torch.Generator().manual_seed(1))
-    c = sample_euler_maruyama(eps_fn, x, ns, 20, generator=torch.Generator().manual_seed(2))
+    a = sample_euler_maruyama(eps_fn, x, 20, schedule=ns, generator=torch.Generator().manual_seed(1))
+    b = sample_euler_maruyama(eps_fn, x, 20, schedule=ns, generator=torch.Generator().manual_seed(1))
+    c = sample_euler_maruyama(eps_fn, x, 20, schedule=ns, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     # one generator per image: results do not depend on how the batch is split
     gens = [torch.Generator().manual_seed(10 + i) for i in range(4)]
-    whole = sample_ddim(eps_fn, x, ns, 10, eta=1.0, generator=gens)
+    whole = sample_ddim(eps_fn, x, 10, schedule=ns, eta=1.0, generator=gens)
     gens = [torch.Generator().manual_seed(10 + i) for i in range(4)]
     parts = torch.cat(
-        [sample_ddim(eps_fn, x[i : i + 1], ns, 10, eta=1.0, generator=gens[i : i + 1]) for i in range(4)]
+        [
+            sample_ddim(eps_fn, x[i : i + 1], 10, schedule=ns, eta=1.0, generator=gens[i : i + 1])
+            for i in range(4)
+        ]
     )
     torch.testing.assert_close(whole, parts)
     with pytest.raises(ValueError):
-        sample_ddim(eps_fn, x, ns, 10, eta=1.0, generator=gens[:2])
+        sample_ddim(eps_fn, x, 10, schedule=ns, eta=1.0, generator=gens[:2])
 
 
 def test_ddim_eta0_equals_first_order_dpm_solver_pp():
     ns = make_schedule("discrete")
     x = x_T()
-    a = sample_ddim(_eps_torch, x, ns, 12)
-    b = sample_dpm_solver_pp(_eps_torch, x, ns, 12, order=1)
+    a = sample_ddim(_eps_torch, x, 12, schedule=ns)
+    b = sample_dpm_solver_pp(_eps_torch, x, 12, schedule=ns, order=1)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_multistep_method_and_errors():
     ns = make_schedule("discrete")
     x = x_T()
-    a = sample_dpm_solver_pp(_eps_torch, x, ns, 12, order=2, method="multistep")
-    b = sample_dpm_solver_pp_2m(_eps_torch, x, ns, 12)
+    a = sample_dpm_solver_pp(_eps_torch, x, 12, schedule=ns, order=2, method="multistep")
+    b = sample_dpm_solver_pp_2m(_eps_torch, x, 12, schedule=ns)
     assert torch.equal(a, b)
     with pytest.raises(ValueError):
-        sample_dpm_solver_pp(_eps_torch, x, ns, 12, order=3, method="multistep")
+        sample_dpm_solver_pp(_eps_torch, x, 12, schedule=ns, order=3, method="multistep")
     with pytest.raises(ValueError):
-        sample_dpm_solver_pp(_eps_torch, x, ns, 12, method="adaptive")
+        sample_dpm_solver_pp(_eps_torch, x, 12, schedule=ns, method="adaptive")
 
 
 def test_dispatcher_runs_every_solver_without_grad():
@@ -614,11 +625,11 @@ def test_dispatcher_runs_every_solver_without_grad():
         "euler_ode",
     }
     for name in SOLVERS:
-        out = sample(name, eps_fn, x, ns, 6, generator=torch.Generator().manual_seed(0))
+        out = sample(name, eps_fn, x, 6, schedule=ns, generator=torch.Generator().manual_seed(0))
         assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
         assert not out.requires_grad
     with pytest.raises(ValueError, match="unknown solver"):
-        sample("heun", eps_fn, x, ns, 6)
+        sample("heun", eps_fn, x, 6, schedule=ns)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -691,7 +702,9 @@ def test_guidance_interval():
     net = CountingNet()
     x, _, y = _net_inputs()
     ts = torch.tensor([900.0, 500.0, 100.0])  # solver times t = 0.9, 0.5, 0.1
-    fn = guided_eps_fn(net, 2.0, {"y": y}, {"y": torch.tensor(10)}, interval=(0.2, 0.6), time_scale=1000.0)
+    fn = guided_eps_fn(
+        net, 2.0, {"y": y}, {"y": torch.tensor(10)}, interval=(0.2, 0.6), schedule=make_schedule("discrete")
+    )
     with torch.no_grad():
         eps = fn(x, ts)
         eps_c, eps_u = net(x, ts, y=y), net(x, ts, y=torch.full((3,), 10))
@@ -706,8 +719,8 @@ def test_guided_sampling_end_to_end():
     ns = make_schedule("discrete")
     net = CountingNet()
     x, _, y = _net_inputs()
-    fn = guided_eps_fn(net, 1.0, {"y": y}, {"y": torch.tensor(10)}, time_scale=ns.time_scale)
-    out = sample("dpm_solver_pp", fn, x, ns, 6)
+    fn = guided_eps_fn(net, 1.0, {"y": y}, {"y": torch.tensor(10)}, schedule=ns)
+    out = sample("dpm_solver_pp", fn, x, 6, schedule=ns)
     assert net.calls == [6] * 6 and torch.isfinite(out).all()
 
 
@@ -728,8 +741,32 @@ def test_guided_eps_fn_compiles_without_graph_breaks():
 
     x, ts, y = _net_inputs()
     for interval in (None, (0.2, 0.6)):
-        fn = guided_eps_fn(Net(), 0.5, {"y": y}, {"y": torch.tensor(10)}, interval=interval)
+        fn = guided_eps_fn(
+            Net(),
+            0.5,
+            {"y": y},
+            {"y": torch.tensor(10)},
+            interval=interval,
+            schedule=make_schedule("discrete"),
+        )
         explanation = torch._dynamo.explain(fn)(x, ts)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
     assert time.perf_counter() - start < 60
+
+
+def test_every_solver_takes_steps_third_options_by_keyword_and_calls_back_each_step():
+    ns = make_schedule("discrete")
+    x = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    for name, solver in SOLVERS.items():
+        seen: list[int] = []
+        extra = {"generator": torch.Generator().manual_seed(0)} if name == "euler_maruyama" else {}
+        out = solver(_eps_torch, x, 6, schedule=ns, callback=lambda i, xi: seen.append(i), **extra)
+        assert seen == sorted(set(seen)) and seen[0] >= 1 and seen[-1] == 6, (name, seen)
+        assert out.shape == x.shape
+        with pytest.raises(TypeError):
+            solver(_eps_torch, x, 6, ns)  # the schedule is keyword-only: no sniffing of positions
+    with pytest.raises(ValueError, match="schedule"):
+        guided_eps_fn(
+            lambda x, t, y: x, 1.0, {"y": torch.zeros(2)}, {"y": torch.zeros(())}, interval=(0.1, 0.5)
+        )

@@ -1,7 +1,7 @@
 """Noise schedules of U-ViT: the discrete SD scaled-linear schedule and the continuous VP-SDE.
 
 Two views of the same schedules:
-* training: `DiscreteSchedule` (float64 alpha_bar indexed by the integer step n = 0..N, spec §3.1) and
+* training (used by `train/objective.py`): `DiscreteSchedule` (float64 alpha_bar indexed by the integer step n = 0..N, spec §3.1) and
   `ContinuousVPSchedule.sample_t` (t ~ U(0,1), spec §3.2);
 * sampling: `DiscreteVPSchedule` / `ContinuousVPSchedule`, the `NoiseScheduleVP('discrete' | 'linear')`
   of DPM-Solver (Lu et al. 2022) that every solver in `solvers.py` reads through one interface

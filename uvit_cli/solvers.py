@@ -1,12 +1,15 @@
-"""Diffusion samplers as pure functions `sample_<method>(eps_fn, x_T, schedule, steps, ...) -> x`, plus guidance.
+"""Diffusion samplers as pure functions `sample_<method>(eps_fn, x_T, steps, *, schedule=None, ...) -> x`, plus guidance.
 
 Contract (shared by every solver):
 * `eps_fn(x, timesteps) -> eps` is the (guided) noise prediction; `timesteps = schedule.timestep_input(t)` is
   what the network sees, a float tensor of shape (B,) (t * N for the discrete schedule, t * 999 for the
   continuous VP-SDE). Solvers convert eps to a data prediction themselves where they need one.
-* `schedule` is a `uvit_cli.schedule.NoiseSchedule`; solver time runs from `schedule.T` down to `t_end`.
-* `schedule` may be left out, and then `steps` can come third: `sample_dpm_solver_pp(eps_fn, x_T, 50)` is the
-  official discrete call (SD schedule, N = 1000); the continuous solvers default to the VP-SDE.
+* `steps` is the number of solver steps; every other option is keyword-only.
+* `schedule` is a `uvit_cli.schedule.NoiseSchedule`; solver time runs from `schedule.T` down to `t_end`. Left
+  out, it is the one the official scripts pair with the solver: `sample_dpm_solver_pp(eps_fn, x_T, 50)` is
+  the official discrete call (SD schedule, N = 1000); the continuous solvers default to the VP-SDE.
+* `callback(n, x)`, if given, is called after each step with the network evaluations so far (n reaches
+  `steps` at the end) and the current x.
 * Arithmetic: the schedule quantities are float32 like the official code (float64 when x_T is float64,
   which the tests use to measure convergence orders); pass float32 x_T and run the network under autocast
   inside `eps_fn` if you want mixed precision.
@@ -39,6 +42,7 @@ __all__ = [
     "sample_euler_ode",
 ]
 
+Callback = Callable[[int, torch.Tensor], None]
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -88,20 +92,12 @@ def _setup(
     return t_start, t_end, ones
 
 
-def _schedule_steps(
-    schedule: NoiseSchedule | int | None, steps: int | NoiseSchedule, kind: str
-) -> tuple[NoiseSchedule, int]:
-    """(schedule, steps) from either call form; no schedule = the one the official scripts pair with the solver.
-
-    `sample_x(eps_fn, x_T, schedule, steps)` is the k-diffusion-style form; `sample_x(eps_fn, x_T, steps)` (or
-    `steps=` alone) is the form the core issue names, e.g. `sample_dpm_solver_pp(eps_fn, x_T, 50)` is exactly
-    the official discrete call (SD schedule, N = 1000).
-    """
-    if isinstance(schedule, int) and not isinstance(schedule, bool):  # steps in the third slot
-        schedule, steps = (steps if not isinstance(steps, int) else None), schedule
-    if not isinstance(steps, int):  # (eps_fn, x_T, steps, schedule) with the schedule fourth
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    return (make_schedule(kind) if schedule is None else schedule), steps
+def _default_schedule(schedule: NoiseSchedule | None, steps: int, kind: str) -> NoiseSchedule:
+    """The schedule given, else the one the official scripts pair with the solver (discrete SD, N = 1000,
+    or the VP-SDE); `steps` checked to be a positive int."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise TypeError(f"steps must be a positive int, got {steps!r}")
+    return make_schedule(kind) if schedule is None else schedule
 
 
 def fast_orders(steps: int, order: int = 3) -> list[int]:
@@ -173,13 +169,15 @@ def _dpmpp_singlestep(
 def sample_dpm_solver_pp(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
+    *,
+    schedule: NoiseSchedule | None = None,
     order: int = 3,
     skip_type: str = "time_uniform",
     method: str = "fast",
     t_start: float | None = None,
     t_end: float | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++ (Lu et al. 2022b), the official U-ViT discrete sampler `DPM_Solver(predict_x0=True).sample`.
 
@@ -187,11 +185,12 @@ def sample_dpm_solver_pp(
     steps + 1 times; a step of order o spans o grid intervals and evaluates at the skipped grid points.
     No final denoising step. `method='multistep'` runs `sample_dpm_solver_pp_2m` (order <= 2).
     """
-    schedule, steps = _schedule_steps(schedule, steps, "discrete")
+    schedule = _default_schedule(schedule, steps, "discrete")
     if method == "multistep":
         if order > 2:
             raise ValueError("multistep DPM-Solver++ is implemented for order <= 2 (2M); use method='fast'")
-        return sample_dpm_solver_pp_2m(eps_fn, x_T, schedule, steps, skip_type, t_start, t_end, order=order)
+        return sample_dpm_solver_pp_2m(eps_fn, x_T, steps, schedule=schedule, skip_type=skip_type,
+                                       t_start=t_start, t_end=t_end, order=order, callback=callback)  # fmt: skip
     if method != "fast":
         raise ValueError(f"unknown method {method!r}; expected 'fast' or 'multistep'")
     t_start, t_end, ones = _setup(x_T, schedule, t_start, t_end)
@@ -204,6 +203,8 @@ def sample_dpm_solver_pp(
         r2 = (lambdas[i + 2] - lambdas[i]) / h if o >= 3 else None
         x = _dpmpp_singlestep(eps_fn, schedule, x, ones * grid[i], ones * grid[i + o], o, r1, r2)
         i += o
+        if callback is not None:
+            callback(i, x)
     return x
 
 
@@ -211,20 +212,22 @@ def sample_dpm_solver_pp(
 def sample_dpm_solver_pp_2m(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
+    *,
+    schedule: NoiseSchedule | None = None,
     skip_type: str = "time_uniform",
     t_start: float | None = None,
     t_end: float | None = None,
     order: int = 2,
     lower_order_final: bool = True,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) multistep (Lu et al. 2022b, Algorithm 2); `steps` network evaluations.
 
     The first step is first order (no history); with `lower_order_final` and steps < 10 the last one is too,
     as in the DPM-Solver reference code. `order=1` gives DDIM in DPM-Solver++ form.
     """
-    schedule, steps = _schedule_steps(schedule, steps, "discrete")
+    schedule = _default_schedule(schedule, steps, "discrete")
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     t_start, t_end, ones = _setup(x_T, schedule, t_start, t_end)
@@ -244,6 +247,8 @@ def sample_dpm_solver_pp_2m(
             r = h_prev / h
             d_eff = (1.0 + 0.5 / r) * d - (0.5 / r) * d_prev
         x = (sigmas[i + 1] / sigmas[i]) * x - (alphas[i + 1] * torch.expm1(-h)) * d_eff
+        if callback is not None:
+            callback(i + 1, x)
         d_prev, h_prev = d, h
     return x
 
@@ -252,16 +257,18 @@ def sample_dpm_solver_pp_2m(
 def sample_ddim(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
+    *,
+    schedule: NoiseSchedule | None = None,
     eta: float = 0.0,
     generator: Generators = None,
     skip_type: str = "time_uniform",
     t_start: float | None = None,
     t_end: float | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 the DDPM-like posterior (eq. 16)."""
-    schedule, steps = _schedule_steps(schedule, steps, "discrete")
+    schedule = _default_schedule(schedule, steps, "discrete")
     t_start, t_end, ones = _setup(x_T, schedule, t_start, t_end)
     grid = time_grid(skip_type, schedule, t_start, t_end, steps, x_T.device).to(ones.dtype)
     sigmas, alphas = schedule.marginal_std(grid), schedule.marginal_alpha(grid)
@@ -277,6 +284,8 @@ def sample_ddim(
             x = alphas[i + 1] * x0 + dir_coeff * eps + sigma_eta * _randn_like(x, generator)
         else:
             x = alphas[i + 1] * x0 + sigmas[i + 1] * eps
+        if callback is not None:
+            callback(i + 1, x)
     return x
 
 
@@ -325,25 +334,29 @@ def _dpm_singlestep(
 def sample_dpm_solver(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
+    *,
+    schedule: NoiseSchedule | None = None,
     order: int = 3,
     skip_type: str = "logSNR",
     t_start: float | None = None,
     t_end: float | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver-fast (Lu et al. 2022a §3.4), noise prediction, as the continuous U-ViT scripts (spec §4.4).
 
     K = len(fast_orders(steps)) = steps // 3 + 1 intervals on a uniform-logSNR grid of K + 1 points; each
     interval gets one step of its order, intermediate points at r = 1/3, 2/3 (order 3) or 1/2 (order 2).
     """
-    schedule, steps = _schedule_steps(schedule, steps, "continuous")
+    schedule = _default_schedule(schedule, steps, "continuous")
     t_start, t_end, ones = _setup(x_T, schedule, t_start, t_end)
     orders = fast_orders(steps, order)
     grid = time_grid(skip_type, schedule, t_start, t_end, len(orders), x_T.device).to(ones.dtype)
     x = x_T
     for i, o in enumerate(orders):
         x = _dpm_singlestep(eps_fn, schedule, x, ones * grid[i], ones * grid[i + 1], o)
+        if callback is not None:
+            callback(sum(orders[: i + 1]), x)
     return x
 
 
@@ -367,6 +380,7 @@ def _euler(
     t_end: float,
     noise_scale: float,
     generator: Generators,
+    callback: Callback | None,
 ) -> torch.Tensor:
     # Reverse drift f - g^2 score * (1 for the SDE, 1/2 for the ODE), score = -eps / sigma_t.
     grid = _euler_grid(x_T, schedule, steps, t_end)
@@ -382,6 +396,8 @@ def _euler(
         x = x + drift * dt
         if noise_scale > 0 and k > 1:  # the last step (to s = 0) adds no noise
             x = x + noise_scale * torch.sqrt(beta) * torch.sqrt(-dt) * _randn_like(x, generator)
+        if callback is not None:
+            callback(steps - k + 1, x)
     return x
 
 
@@ -389,27 +405,31 @@ def _euler(
 def sample_euler_maruyama(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule | int | None = None,
     steps: int = 1000,
+    *,
+    schedule: NoiseSchedule | None = None,
     generator: Generators = None,
     t_end: float = 1e-3,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """Euler–Maruyama on the reverse VP-SDE (Song et al. 2021 eq. 6), U-ViT's `euler_maruyama_sde` (spec §4.4)."""
-    schedule, steps = _schedule_steps(schedule, steps, "continuous")
-    return _euler(eps_fn, x_T, schedule, steps, t_end, 1.0, generator)
+    schedule = _default_schedule(schedule, steps, "continuous")
+    return _euler(eps_fn, x_T, schedule, steps, t_end, 1.0, generator, callback)
 
 
 @torch.no_grad()
 def sample_euler_ode(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule | int | None = None,
     steps: int = 50,
+    *,
+    schedule: NoiseSchedule | None = None,
     t_end: float = 1e-3,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """Euler on the probability-flow ODE (Song et al. 2021 eq. 13), U-ViT's `euler_maruyama_ode` (spec §4.4)."""
-    schedule, steps = _schedule_steps(schedule, steps, "continuous")
-    return _euler(eps_fn, x_T, schedule, steps, t_end, 0.0, None)
+    schedule = _default_schedule(schedule, steps, "continuous")
+    return _euler(eps_fn, x_T, schedule, steps, t_end, 0.0, None, callback)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,16 +450,17 @@ def sample(
     name: str,
     eps_fn: EpsFn,
     x_T: torch.Tensor,
-    schedule: NoiseSchedule,
     steps: int,
+    *,
+    schedule: NoiseSchedule | None = None,
     generator: Generators = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """Run solver `name` from `SOLVERS` with its defaults; `generator` feeds the stochastic ones only."""
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
-    if name in _STOCHASTIC:
-        return SOLVERS[name](eps_fn, x_T, schedule, steps, generator=generator)
-    return SOLVERS[name](eps_fn, x_T, schedule, steps)
+    extra = {"generator": generator} if name in _STOCHASTIC else {}
+    return SOLVERS[name](eps_fn, x_T, steps, schedule=schedule, callback=callback, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -464,14 +485,15 @@ def guided_eps_fn(
     cond: Mapping[str, torch.Tensor],
     uncond: Mapping[str, torch.Tensor],
     interval: tuple[float, float] | None = None,
-    time_scale: float = 1000.0,
+    *,
+    schedule: NoiseSchedule | None = None,
 ) -> EpsFn:
     """Classifier-free guidance eps = eps_c + s (eps_c - eps_u), U-ViT's convention (spec §4.2; w = 1 + s).
 
     cond and uncond run in ONE forward of batch 2B (x twice; each uncond tensor is broadcast to its cond
     tensor's shape, so an empty context (1, 77, 768) or a null label () works). scale == 0 returns
     `conditional_eps_fn` (one pass of batch B). `interval=(lo, hi)` applies guidance only where the solver
-    time t = timesteps / time_scale lies in [lo, hi] (pass `schedule.time_scale`); outside it the result is
+    time t = timesteps / schedule.time_scale lies in [lo, hi] (`schedule` is then required); outside it the result is
     eps_c (the uncond half is still computed: no data-dependent branch, so it compiles without breaks).
     """
     if scale == 0:
@@ -482,6 +504,9 @@ def guided_eps_fn(
         k: torch.cat([cond[k], uncond[k].to(cond[k].device).expand_as(cond[k])]) for k in cond
     }  # (2B, ...)
     lo, hi = interval if interval is not None else (0.0, 0.0)
+    if interval is not None and schedule is None:
+        raise ValueError("a guidance interval is in solver time: pass the schedule that maps it to timesteps")
+    time_scale = schedule.time_scale if schedule is not None else 1.0
 
     def eps_fn(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         out = model(torch.cat([x, x]), torch.cat([timesteps, timesteps]), **both)  # (2B, ...)

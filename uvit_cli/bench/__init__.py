@@ -353,7 +353,7 @@ def _sample_run(
     def run_official() -> None:
         with torch.no_grad():
             x_T = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=device)
-            x = solvers.sample(preset.sample.solver, eps_fn, x_T, schedule, solver_steps)
+            x = solvers.sample(preset.sample.solver, eps_fn, x_T, solver_steps, schedule=schedule)
             to_uint8(decode_latents(vae, x, 50, "fp16" if device.type == "cuda" else "fp32"))
 
     return run_official

@@ -270,11 +270,13 @@ def sample_latents(
             cond,
             {k: v.to(device) for k, v in uncond.items()},
             interval=settings.guidance_interval,
-            time_scale=schedule.time_scale,
+            schedule=schedule,
         )
     else:
         eps_fn = solvers.conditional_eps_fn(net, cond)
-    return solvers.sample(settings.solver, eps_fn, x_T, schedule, settings.steps, generator=gens).float()
+    return solvers.sample(
+        settings.solver, eps_fn, x_T, settings.steps, schedule=schedule, generator=gens
+    ).float()
 
 
 @torch.inference_mode()

@@ -77,7 +77,7 @@ class GridSampler:
 
         if cond and p.sample.cfg_scale > 0 and p.train.p_uncond > 0:
             eps_fn = solvers.guided_eps_fn(
-                net, p.sample.cfg_scale, cond, uncond, p.sample.guidance_interval, schedule.time_scale
+                net, p.sample.cfg_scale, cond, uncond, p.sample.guidance_interval, schedule=schedule
             )
         else:
             eps_fn = solvers.conditional_eps_fn(net, cond)
@@ -85,7 +85,8 @@ class GridSampler:
         was_training = ema.training
         ema.eval()
         try:
-            x = solvers.sample(p.sample.solver, eps_fn, self.x_T.to(dev), schedule, p.sample.steps, gen)
+            x = solvers.sample(p.sample.solver, eps_fn, self.x_T.to(dev), p.sample.steps, schedule=schedule,
+                               generator=gen)  # fmt: skip
             if p.data.space == "latent":
                 x = torch.cat([vae.decode(z[None].float()) for z in x])  # one at a time: bounded memory
         finally:

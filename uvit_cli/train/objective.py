@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from uvit_cli.schedule import DiscreteSchedule, stable_diffusion_betas
+from uvit_cli.schedule import ContinuousVPSchedule, DiscreteSchedule, stable_diffusion_betas
 
 if TYPE_CHECKING:
     from uvit_cli.config import Preset
@@ -78,11 +78,15 @@ class Objective:
         self.conditioning, self.latent, self.scale_factor = conditioning, latent, scale_factor
         self.random_flip = random_flip and not latent
         self.device = torch.device(device)
+        self.schedule: DiscreteSchedule | ContinuousVPSchedule
         if kind == "discrete":
+            self.schedule = DiscreteSchedule(stable_diffusion_betas(num_steps))
             # A device-resident table: indexing it needs no host transfer in the step loop.
-            ab = DiscreteSchedule(stable_diffusion_betas(num_steps)).alphas_cumprod  # (N+1,) float64
+            ab = self.schedule.alphas_cumprod  # (N+1,) float64
             self.sqrt_ab = ab.sqrt().float().to(self.device)  # (N+1,)
             self.sqrt_1m_ab = (1.0 - ab).sqrt().float().to(self.device)  # (N+1,)
+        else:
+            self.schedule = ContinuousVPSchedule(beta_min, beta_max)
 
     @classmethod
     def for_preset(cls, preset: Preset, device: torch.device | str = "cpu") -> Objective:
@@ -105,10 +109,10 @@ class Objective:
     def draw(self, generator: torch.Generator, batch: int) -> StepDraws:
         """All random numbers of one step for `batch` (global) samples, in the fixed order."""
         dev = generator.device
-        if self.kind == "discrete":
-            timesteps = torch.randint(1, self.num_steps + 1, (batch,), generator=generator, device=dev)
+        if isinstance(self.schedule, DiscreteSchedule):
+            timesteps = self.schedule.sample_timesteps(batch, generator, device=dev)  # n in {1..N}
         else:
-            timesteps = torch.rand(batch, generator=generator, device=dev)
+            timesteps = self.schedule.sample_t(batch, generator, device=dev)  # t ~ U(0, 1)
         eps = torch.randn(batch, *self.z_shape, generator=generator, device=dev)
         latent_eps = (
             torch.randn(batch, *self.z_shape, generator=generator, device=dev) if self.latent else None
@@ -124,8 +128,9 @@ class Objective:
         if self.kind == "discrete":
             return self.sqrt_ab[timesteps], self.sqrt_1m_ab[timesteps], timesteps  # integer n, as official
         t = timesteps
-        log_ab = -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)  # spec §3.2
-        return torch.exp(0.5 * log_ab), torch.sqrt(-torch.expm1(log_ab)), t * 999.0
+        # alpha_bar in sde.py's operation order (spec §3.2), which the parity tests pin to the bit
+        log_ab = -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
+        return torch.exp(0.5 * log_ab), torch.sqrt(-torch.expm1(log_ab)), self.schedule.timestep_input(t)
 
     def clean_data(self, x: torch.Tensor, draws: StepDraws) -> torch.Tensor:
         """x0 from a batch's `x`: a latent sampled from the moments (× scale factor), or flipped pixels."""
