@@ -6,6 +6,18 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny ops: one thread is fastest on 2 cores
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for every test module, whatever OMP_NUM_THREADS says: tiny models gain nothing
+    from more, and on a busy 2-core machine OpenMP threads waiting for each other make a step ~30x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

@@ -29,15 +29,11 @@ from uvit_cli.train.step import StepState, setup_step, train_step
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_fresh_dynamo():
-    # One thread: tiny models gain nothing from more (see test_train.py). A fresh dynamo cache per test, so a
-    # compile count only sees its own test's graphs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_dynamo():
+    # A fresh dynamo cache per test, so a compile count only sees its own test's graphs.
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(before)
 
 
 def _preset(cond: str = "class", space: str = "pixel", kind: str = "discrete", **train: object):

@@ -95,14 +95,6 @@ kind = "toy"
 FEATS = {"features": _standin(), "feature_dim": 16, "device": "cpu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Presets, the paper's checkpoint layout (a plain state dict), text shards with and without a val split,

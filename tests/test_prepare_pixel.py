@@ -8,7 +8,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -21,14 +20,6 @@ from uvit_cli.train import train
 from uvit_cli.train.rundir import check_data_fits
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------------

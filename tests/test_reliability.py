@@ -16,21 +16,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from test_train import tiny_preset, write_pixel_set
 from typer.testing import CliRunner
 
 from uvit_cli import fileio
 from uvit_cli.cli import app
 from uvit_cli.train.lock import RunDirLock, RunDirLocked
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -103,16 +103,6 @@ batch_size = 4
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes
-    each small op take ~15 ms instead of ~0.1 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Preset files, a seeded model of each, and the tiny VAE / CLIP written in their real formats."""

@@ -25,16 +25,6 @@ from uvit_cli.solvers import (
     sample_euler_ode,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and contention on shared CI machines).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Gaussian data: exact noise predictor and exact probability-flow map
 

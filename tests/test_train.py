@@ -80,16 +80,6 @@ def tiny_preset(data_path: Path | str, **train: object):
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy CI machine OpenMP threads that wait
-    # for each other make each step 30x slower. Subprocesses get OMP_NUM_THREADS=1 for the same reason.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_pixel_set(tmp_path_factory.mktemp("data") / "px")

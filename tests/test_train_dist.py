@@ -14,14 +14,6 @@ from test_train import _losses, _weights, tiny_preset, write_pixel_set
 from uvit_cli.train import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_two_gloo_processes_match_one_process(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")

@@ -14,6 +14,7 @@ Which conditioning: `clip_dim` given -> text (context tokens); else `num_classes
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,7 @@ class Block(nn.Module):
 
     def _forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
+            assert skip is not None, "a block with a skip connection needs the skip input"
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, T, 2D) -> (B, T, D)
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
@@ -195,6 +197,7 @@ class UViT(nn.Module):
             else nn.Identity()
         )
         if self.conditioning == "text":
+            assert clip_dim is not None
             self.context_embed = nn.Linear(clip_dim, embed_dim)
             self.extras = 1 + num_clip_token
         elif self.conditioning == "class":
@@ -204,7 +207,7 @@ class UViT(nn.Module):
             self.extras = 1
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
 
-        block = dict(
+        block: dict[str, Any] = dict(
             dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale
         )
         self.in_blocks = nn.ModuleList(

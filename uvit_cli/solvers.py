@@ -22,6 +22,7 @@ solver or model option.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -92,7 +93,9 @@ def _setup(
     return t_start, t_end, ones
 
 
-def _default_schedule(schedule: NoiseSchedule | None, steps: int, kind: str) -> NoiseSchedule:
+def _default_schedule(
+    schedule: NoiseSchedule | None, steps: int, kind: Literal["discrete", "continuous"]
+) -> NoiseSchedule:
     """The schedule given, else the one the official scripts pair with the solver (discrete SD, N = 1000,
     or the VP-SDE); `steps` checked to be a positive int."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -244,6 +247,7 @@ def sample_dpm_solver_pp_2m(
         if first_order:
             d_eff = d
         else:
+            assert d_prev is not None and h_prev is not None
             r = h_prev / h
             d_eff = (1.0 + 0.5 / r) * d - (0.5 / r) * d_prev
         x = (sigmas[i + 1] / sigmas[i]) * x - (alphas[i + 1] * torch.expm1(-h)) * d_eff

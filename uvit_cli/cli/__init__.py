@@ -7,6 +7,7 @@ workflow inside the function body.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import typer
 from typer.core import TyperGroup
@@ -21,7 +22,7 @@ _COMMANDS = ("prepare", "train", "sample", "fid", "bench", "quickstart")
 class _PipelineOrder(TyperGroup):
     """`uvit --help` lists the commands in pipeline order, not commands-then-groups."""
 
-    def list_commands(self, ctx: object) -> list[str]:
+    def list_commands(self, ctx: Any) -> list[str]:
         order = [*_COMMANDS, "presets"]
         return sorted(super().list_commands(ctx), key=lambda n: order.index(n) if n in order else len(order))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -36,9 +36,6 @@ from uvit_cli.cli.common import (
     warn,
 )
 
-if TYPE_CHECKING:  # typer vendors click now: no run-time import of a package we do not depend on
-    import click
-
 # Options that only generating from a checkpoint takes: their presence routes `uvit fid ...` to `generate`.
 _GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
 
@@ -56,7 +53,7 @@ class _DefaultToCompare(TyperGroup):
     """A group whose first argument, unless it names a subcommand, starts the default command: `generate`
     when a checkpoint option (--ckpt, --preset, --n) is given, else `compare`."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = ["generate" if _wants_generate(args) else "compare", *args]
         return super().parse_args(ctx, args)
