@@ -37,3 +37,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A tiny class-conditional pixel set (train_fixtures.write_pixel_set), one per test module."""
+    from train_fixtures import write_pixel_set
+
+    return write_pixel_set(tmp_path_factory.mktemp("data") / "px")

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 from encoder_fixtures import tiny_autoencoder
-from test_train import _losses, tiny_preset, write_pixel_set
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.overrides import TorchFunctionMode
+from train_fixtures import losses as _losses
+from train_fixtures import tiny_preset, write_pixel_set
 
 from uvit_cli.config import preset_from_dict
 from uvit_cli.model import UViT

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train import tiny_preset, write_pixel_set
+from train_fixtures import tiny_preset, write_pixel_set
 from typer.testing import CliRunner
 
 from uvit_cli import data

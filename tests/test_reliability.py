@@ -16,17 +16,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from test_train import tiny_preset, write_pixel_set
+from train_fixtures import tiny_preset
 from typer.testing import CliRunner
 
 from uvit_cli import fileio
 from uvit_cli.cli import app
 from uvit_cli.train.lock import RunDirLock, RunDirLocked
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_pixel_set(tmp_path_factory.mktemp("data") / "px")
 
 
 @pytest.fixture

@@ -15,6 +15,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from train_fixtures import losses as _losses
+from train_fixtures import tiny_preset
+from train_fixtures import weights as _weights
 from typer.testing import CliRunner
 
 from uvit_cli import data
@@ -27,62 +30,6 @@ from uvit_cli.train.rundir import check_data_fits
 from uvit_cli.train.step import build_optimizer, ema_update, warmup_factor
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-# --------------------------------------------------------------------------------------------------
-# Fixtures: a tiny class-conditional pixel set and a preset that fits it
-
-
-def write_pixel_set(root: Path, n: int = 32, size: int = 8, classes: int = 4, seed: int = 0) -> Path:
-    """Flat-coloured images, one colour per class (+ a little noise): easy to learn, so the loss falls."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % classes
-    colours = rng.integers(20, 235, size=(classes, 3))
-    x = colours[y][:, :, None, None] + rng.integers(-10, 10, size=(n, 3, size, size))
-    data.write_arrays(root, x.clip(0, 255).astype(np.uint8), y=y, num_classes=classes, items_per_shard=10)
-    return root
-
-
-def tiny_preset(data_path: Path | str, **train: object):
-    t = dict(
-        steps=6,
-        batch_size=8,
-        lr=2e-3,
-        betas=[0.9, 0.99],
-        warmup_steps=2,
-        ema_rate=0.9,
-        p_uncond=0.2,
-        log_interval=1,
-        save_interval=3,
-        sample_interval=10**9,
-        keep_last=2,
-        num_workers=0,
-        compile=False,
-        mixed_precision="no",
-    )
-    t.update(train)
-    return preset_from_dict(
-        {
-            "name": "tiny",
-            "model": dict(
-                img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2, num_classes=5
-            ),
-            "data": {
-                "kind": "shapes",
-                "path": str(data_path),
-                "space": "pixel",
-                "resolution": 8,
-                "random_flip": True,
-            },
-            "train": t,
-            "sample": {"solver": "dpm_solver_pp", "steps": 4, "cfg_scale": 1.0},
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_pixel_set(tmp_path_factory.mktemp("data") / "px")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,16 +341,6 @@ def test_text_context_width_is_checked():
 
 # --------------------------------------------------------------------------------------------------
 # Training runs
-
-
-def _losses(run: Path) -> list[tuple[int, float]]:
-    return [(m["step"], m["loss"]) for m in read_metrics(run)]
-
-
-def _weights(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "ckpts" / f"{step:08d}" / name))
 
 
 def test_short_cpu_run_loss_falls_and_writes_the_run_dir(shards, tmp_path):

@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_train import _losses, _weights, tiny_preset, write_pixel_set
+from train_fixtures import losses as _losses
+from train_fixtures import tiny_preset, write_pixel_set
+from train_fixtures import weights as _weights
 
 from uvit_cli.train import train
 

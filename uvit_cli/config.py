@@ -83,9 +83,25 @@ class DataConfig(_Strict):
 
     kind: Literal["coco", "imagenet", "folder", "cifar10", "celeba", "imagenet64", "shapes"]
     path: str = Field(description="directory of prepared shards (`uvit prepare ... --out`)")
-    space: Literal["latent", "pixel"] = "latent"
+    space: Space = "latent"
     resolution: int = Field(gt=0, description="image resolution in pixels")
     random_flip: bool = False
+
+    def prepare_command(self) -> str:
+        """The `uvit prepare` line that makes the shards this data section reads (docs/data.md)."""
+        out = self.path
+        if self.kind == "imagenet":
+            space = " --space pixel" if self.space == "pixel" else ""
+            return f"uvit prepare imagenet --root IMAGENET{space} --resolution {self.resolution} --out {out}"
+        if self.kind == "imagenet64":
+            return f"uvit prepare imagenet --root IMAGENET --space pixel --resolution 64 --out {out}"
+        if self.kind == "coco":
+            return f"uvit prepare coco --coco-root COCO --out {out}"
+        if self.kind == "folder":
+            return f"uvit prepare folder IMAGES --out {out}"
+        if self.kind in ("cifar10", "celeba"):
+            return f"uvit prepare {self.kind} --root DATA --out {out}"
+        return f"uvit prepare {self.kind} --out {out}"
 
 
 class ScheduleConfig(_Strict):
@@ -118,6 +134,16 @@ class TrainConfig(_Strict):
         0, ge=0, description="DataLoader worker processes; 0 reads whole batches in the training process"
     )
 
+
+# The choices of `uvit prepare` (prepare/*.py and cli/prepare.py take these types; torch-free here).
+PrepareSplit = Literal["train", "val", "both"]
+Space = Literal["latent", "pixel"]
+Crop = Literal["adm", "lanczos"]
+FolderLabels = Literal["auto", "folders", "none"]
+FolderCaptions = Literal["auto", "none"]
+OfficialKind = Literal["auto", "coco", "imagenet"]
+StorageDtype = Literal["float16", "float32"]
+EncoderPrecision = Literal["fp32", "bf16"]
 
 SolverName = Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"]
 SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # = uvit_cli.solvers.SOLVERS, without importing torch

@@ -4,68 +4,34 @@
 from __future__ import annotations
 
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from uvit_cli.cli.common import ClipOpt, VaeOpt, handle_errors, image_progress, is_rank0, out, warn
+from uvit_cli.config import (
+    Crop,
+    EncoderPrecision,
+    FolderCaptions,
+    FolderLabels,
+    OfficialKind,
+    PrepareSplit,
+    Space,
+    StorageDtype,
+)
 
 app = typer.Typer(
     help="Turn a data set into feature shards for training (docs/data.md).", no_args_is_help=True
 )
 
 
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-    both = "both"
-
-
-class Space(str, Enum):
-    latent = "latent"
-    pixel = "pixel"
-
-
-class Crop(str, Enum):
-    adm = "adm"
-    lanczos = "lanczos"
-
-
-class Labels(str, Enum):
-    auto = "auto"
-    folders = "folders"
-    none = "none"
-
-
-class Captions(str, Enum):
-    auto = "auto"
-    none = "none"
-
-
-class OfficialKind(str, Enum):
-    auto = "auto"
-    coco = "coco"
-    imagenet = "imagenet"
-
-
-class Dtype(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory of shards (created; resumable).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder call (per GPU).")]
 ShardOpt = Annotated[int, typer.Option("--items-per-shard", min=1, help="Images per shard.")]
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Storage of moments and contexts.")]
+DtypeOpt = Annotated[StorageDtype, typer.Option("--dtype", help="Storage of moments and contexts.")]
 PrecisionOpt = Annotated[
-    Precision, typer.Option("--precision", help="Autoencoder compute: fp32 (as U-ViT) or bf16.")
+    EncoderPrecision, typer.Option("--precision", help="Autoencoder compute: fp32 (as U-ViT) or bf16.")
 ]
 WorkersOpt = Annotated[
     int | None,
@@ -119,14 +85,14 @@ def coco(
         typer.Option("--coco-root", help="Holds train2014/, val2014/ and annotations/captions_*2014.json."),
     ],
     out_dir: OutOpt,
-    split: Annotated[Split, typer.Option("--split", help="Which split(s) to prepare.")] = Split.both,
+    split: Annotated[PrepareSplit, typer.Option("--split", help="Which split(s) to prepare.")] = "both",
     vae: VaeOpt = None,
     clip: ClipOpt = None,
     resolution: Annotated[int, typer.Option("--resolution", help="Image side (U-ViT: 256).")] = 256,
     batch_size: BatchOpt = 64,
     items_per_shard: ShardOpt = 1000,
-    dtype: DtypeOpt = Dtype.float16,
-    precision: PrecisionOpt = Precision.fp32,
+    dtype: DtypeOpt = "float16",
+    precision: PrecisionOpt = "fp32",
     workers: WorkersOpt = None,
 ) -> None:
     """MS-COCO 2014 as U-ViT: autoencoder moments + CLIP features of every caption, and CLIP("")."""
@@ -136,14 +102,14 @@ def coco(
         prepare_coco,
         coco_root=coco_root,
         out=out_dir,
-        split=split.value,
+        split=split,
         vae=vae,
         clip=clip,
         resolution=resolution,
         batch_size=batch_size,
         items_per_shard=items_per_shard,
-        dtype=dtype.value,
-        precision=precision.value,
+        dtype=dtype,
+        precision=precision,
         num_workers=workers,
     )
 
@@ -160,12 +126,12 @@ def imagenet(
     space: Annotated[
         Space,
         typer.Option("--space", help="latent: moments of image and mirror image; pixel: uint8 (ImageNet64)."),
-    ] = Space.latent,
+    ] = "latent",
     vae: VaeOpt = None,
     batch_size: BatchOpt = 64,
     items_per_shard: ShardOpt = 1000,
-    dtype: DtypeOpt = Dtype.float16,
-    precision: PrecisionOpt = Precision.fp32,
+    dtype: DtypeOpt = "float16",
+    precision: PrecisionOpt = "fp32",
     workers: WorkersOpt = None,
 ) -> None:
     """ImageNet train as U-ViT: ADM centre crop, labels; moments of each image and its mirror image, or pixels."""
@@ -176,12 +142,12 @@ def imagenet(
         root=root,
         out=out_dir,
         resolution=resolution,
-        space=space.value,
+        space=space,
         vae=vae,
         batch_size=batch_size,
         items_per_shard=items_per_shard,
-        dtype=dtype.value,
-        precision=precision.value,
+        dtype=dtype,
+        precision=precision,
         num_workers=workers,
     )
 
@@ -234,27 +200,28 @@ def folder(
     out_dir: OutOpt,
     space: Annotated[
         Space, typer.Option("--space", help="latent: autoencoder moments; pixel: uint8 images.")
-    ] = (Space.latent),
+    ] = "latent",
     resolution: Annotated[int, typer.Option("--resolution", help="Image side after cropping.")] = 256,
     crop: Annotated[
         Crop, typer.Option("--crop", help="adm (ImageNet style) or lanczos (COCO style).")
-    ] = Crop.adm,
+    ] = "adm",
     flip: Annotated[bool, typer.Option("--flip", help="Also store each image's mirror image.")] = False,
     labels: Annotated[
-        Labels,
+        FolderLabels,
         typer.Option(
             "--labels", help="Classes from first-level sub-folders (auto: if all images are in one)."
         ),
-    ] = Labels.auto,
+    ] = "auto",
     captions: Annotated[
-        Captions, typer.Option("--captions", help="auto: use captions.jsonl or a .txt beside each image.")
-    ] = Captions.auto,
+        FolderCaptions,
+        typer.Option("--captions", help="auto: use captions.jsonl or a .txt beside each image."),
+    ] = "auto",
     vae: VaeOpt = None,
     clip: ClipOpt = None,
     batch_size: BatchOpt = 64,
     items_per_shard: ShardOpt = 1000,
-    dtype: DtypeOpt = Dtype.float16,
-    precision: PrecisionOpt = Precision.fp32,
+    dtype: DtypeOpt = "float16",
+    precision: PrecisionOpt = "fp32",
     workers: WorkersOpt = None,
 ) -> None:
     """Your own images: optional captions (text) or sub-folder classes; latent or pixel space."""
@@ -264,18 +231,18 @@ def folder(
         prepare_folder,
         directory=directory,
         out=out_dir,
-        space=space.value,
+        space=space,
         resolution=resolution,
-        crop=crop.value,
+        crop=crop,
         flip=flip,
-        labels=labels.value,
-        captions=captions.value,
+        labels=labels,
+        captions=captions,
         vae=vae,
         clip=clip,
         batch_size=batch_size,
         items_per_shard=items_per_shard,
-        dtype=dtype.value,
-        precision=precision.value,
+        dtype=dtype,
+        precision=precision,
         num_workers=workers,
     )
 
@@ -289,9 +256,9 @@ def official_features(
     out_dir: OutOpt,
     kind: Annotated[
         OfficialKind, typer.Option("--kind", help="What SRC holds (auto: from its layout).")
-    ] = OfficialKind.auto,
+    ] = "auto",
     items_per_shard: ShardOpt = 1000,
-    dtype: DtypeOpt = Dtype.float16,
+    dtype: DtypeOpt = "float16",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel file reads.")] = 8,
 ) -> None:
     """Features extracted by U-ViT's own scripts, copied into shards (no encoder runs)."""
@@ -301,9 +268,9 @@ def official_features(
         import_official_features,
         src=src,
         out=out_dir,
-        kind=kind.value,
+        kind=kind,
         items_per_shard=items_per_shard,
-        dtype=dtype.value,
+        dtype=dtype,
         num_workers=workers,
     )
 

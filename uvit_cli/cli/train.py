@@ -58,7 +58,7 @@ def train(
     manifest = Path(p.data.path) / "manifest.json"  # data.MANIFEST; importing data.py would load torch
     if not manifest.is_file():  # likewise data that was never prepared
         raise fail(
-            f"{manifest} not found: prepare the data first (`{_prepare_command(p)}`, or --set data.path=DIR)",
+            f"{manifest} not found: prepare the data first (`{p.data.prepare_command()}`, or --set data.path=DIR)",
             code=2,
         )
 
@@ -138,22 +138,6 @@ def train(
     finally:
         if progress is not None:
             progress.stop()
-
-
-def _prepare_command(p: Any) -> str:
-    """The `uvit prepare` line that makes the shards a preset trains on (docs/data.md)."""
-    d, out = p.data, p.data.path
-    if d.kind == "imagenet":
-        return f"uvit prepare imagenet --root IMAGENET --resolution {d.resolution} --out {out}"
-    if d.kind == "imagenet64":
-        return f"uvit prepare imagenet --root IMAGENET --space pixel --resolution 64 --out {out}"
-    if d.kind == "coco":
-        return f"uvit prepare coco --coco-root COCO --out {out}"
-    if d.kind == "folder":
-        return f"uvit prepare folder IMAGES --out {out}"
-    if d.kind in ("cifar10", "celeba"):
-        return f"uvit prepare {d.kind} --root DATA --out {out}"
-    return f"uvit prepare {d.kind} --out {out}"
 
 
 def _interrupted(preset: Any, run_dir: Path | None, step: float | None) -> None:

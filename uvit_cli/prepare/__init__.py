@@ -15,8 +15,16 @@ Each call runs on every `torchrun` rank (each writes its own shards) and reports
 from __future__ import annotations
 
 import os
-from typing import Literal
 
+from uvit_cli.config import (
+    Crop,
+    EncoderPrecision,
+    FolderCaptions,
+    FolderLabels,
+    PrepareSplit,
+    Space,
+    StorageDtype,
+)
 from uvit_cli.errors import DataError
 from uvit_cli.prepare.official import import_official_features
 from uvit_cli.prepare.run import PrepareResult, PrepareSpec, Progress, ProgressFn, SplitJob, run
@@ -45,14 +53,14 @@ def prepare_coco(
     coco_root: Path_,
     out: Path_,
     *,
-    split: Literal["train", "val", "both"] = "both",
+    split: PrepareSplit = "both",
     vae: str | None = None,
     clip: str | None = None,
     resolution: int = 256,
     batch_size: int = 64,
     items_per_shard: int = 1000,
-    dtype: str = "float16",
-    precision: str = "fp32",
+    dtype: StorageDtype = "float16",
+    precision: EncoderPrecision = "fp32",
     num_workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
@@ -84,12 +92,12 @@ def prepare_imagenet(
     out: Path_,
     *,
     resolution: int | None = None,
-    space: Literal["latent", "pixel"] = "latent",
+    space: Space = "latent",
     vae: str | None = None,
     batch_size: int = 64,
     items_per_shard: int = 1000,
-    dtype: str = "float16",
-    precision: str = "fp32",
+    dtype: StorageDtype = "float16",
+    precision: EncoderPrecision = "fp32",
     num_workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
@@ -184,18 +192,18 @@ def prepare_folder(
     directory: Path_,
     out: Path_,
     *,
-    space: Literal["latent", "pixel"] = "latent",
+    space: Space = "latent",
     resolution: int = 256,
-    crop: Literal["adm", "lanczos"] = "adm",
+    crop: Crop = "adm",
     flip: bool = False,
-    labels: Literal["auto", "folders", "none"] = "auto",
-    captions: Literal["auto", "none"] = "auto",
+    labels: FolderLabels = "auto",
+    captions: FolderCaptions = "auto",
     vae: str | None = None,
     clip: str | None = None,
     batch_size: int = 64,
     items_per_shard: int = 1000,
-    dtype: str = "float16",
-    precision: str = "fp32",
+    dtype: StorageDtype = "float16",
+    precision: EncoderPrecision = "fp32",
     num_workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> PrepareResult:

@@ -28,11 +28,12 @@ import pickle
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from uvit_cli import data
+from uvit_cli.config import OfficialKind
 from uvit_cli.errors import DataError
 from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
 from uvit_cli.safe_pickle import load_numpy_pickle
@@ -107,7 +108,7 @@ def import_official_features(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    kind: Literal["auto", "coco", "imagenet"] = "auto",
+    kind: OfficialKind = "auto",
     dtype: str = "float16",
     items_per_shard: int = 1000,
     num_workers: int = 8,
