@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -233,8 +232,9 @@ def test_the_fid_is_printed_before_a_stamp_that_cannot_be_written(tmp_path, monk
         "num_images": 10,
         "inception": {"sha256": "ab" * 32},
         "reference": {"sha256": "cd" * 32},
+        "samples": {"path": str(tmp_path / "samples"), "kind": "folder"},
     }
-    result = SimpleNamespace(is_main=True, warnings=[], stamp=stamp, fid=12.3456)
+    result = fid.FidResult(fid=12.3456, fid_raw=12.3456, num_images=10, stamp=stamp)
     monkeypatch.setattr(fid, "compute_fid", lambda *a, **kw: result)
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -144,6 +144,11 @@ FolderCaptions = Literal["auto", "none"]
 OfficialKind = Literal["auto", "coco", "imagenet"]
 StorageDtype = Literal["float16", "float32"]
 EncoderPrecision = Literal["fp32", "bf16"]
+NetworkPrecision = Literal["bf16", "fp16", "fp32"]  # autocast of the network when sampling
+ModelWeights = Literal["ema", "model"]  # which weights of a checkpoint
+FidMode = Literal[
+    "clean", "legacy_pytorch", "legacy_tensorflow"
+]  # clean-fid's protocols (fid.features.MODES)
 
 SolverName = Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"]
 SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # = uvit_cli.solvers.SOLVERS, without importing torch

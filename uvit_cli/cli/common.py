@@ -7,14 +7,13 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from enum import Enum
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from uvit_cli.config import SOLVER_NAMES
+from uvit_cli.config import SOLVER_NAMES, ModelWeights, NetworkPrecision
 from uvit_cli.errors import UvitError
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line in logs too
@@ -122,17 +121,6 @@ def handle_errors(fn: F) -> F:
 # Options shared by several commands, defined once (same flag, same meaning everywhere).
 
 
-class Weights(str, Enum):
-    ema = "ema"
-    model = "model"
-
-
-class Precision(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
 def _opt(*names: str, **kw: Any) -> Any:
     return typer.Option(*names, show_default=False, **kw)
 
@@ -185,9 +173,10 @@ SampleBatchOpt = Annotated[
     ),
 ]
 ModelWeightsOpt = Annotated[
-    Weights, typer.Option("--model-weights", help="EMA or online weights of our checkpoints.")
+    ModelWeights, typer.Option("--model-weights", help="EMA or online weights of our checkpoints.")
 ]
 PrecisionOpt = Annotated[
-    Precision | None, _opt("--precision", help="Network autocast (default: bf16 on CUDA, fp32 on CPU).")
+    NetworkPrecision | None,
+    _opt("--precision", help="Network autocast (default: bf16 on CUDA, fp32 on CPU)."),
 ]
 NoCompileOpt = Annotated[bool, typer.Option("--no-compile", help="Do not torch.compile the network.")]

@@ -3,7 +3,6 @@ from a checkpoint) and `uvit fid ref IMAGES --out REF.npz`."""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +24,6 @@ from uvit_cli.cli.common import (
     SolverOpt,
     StepsOpt,
     VaeOpt,
-    Weights,
     console,
     describe_os_error,
     fail,
@@ -35,6 +33,7 @@ from uvit_cli.cli.common import (
     out,
     warn,
 )
+from uvit_cli.config import FidMode
 
 # Options that only generating from a checkpoint takes: their presence routes `uvit fid ...` to `generate`.
 _GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
@@ -59,12 +58,6 @@ class _DefaultToCompare(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-class Mode(str, Enum):
-    clean = "clean"
-    legacy_pytorch = "legacy_pytorch"
-    legacy_tensorflow = "legacy_tensorflow"
-
-
 fid_app = typer.Typer(
     cls=_DefaultToCompare,
     no_args_is_help=True,
@@ -77,7 +70,7 @@ fid_app = typer.Typer(
 )
 
 ModeOpt = Annotated[
-    Mode,
+    FidMode,
     typer.Option(
         "--mode",
         help="clean (clean-fid), legacy_pytorch (pytorch-fid: U-ViT's paper numbers), legacy_tensorflow (TF/ADM).",
@@ -112,11 +105,6 @@ def _progress_bar(description: str, transient: bool = True) -> tuple[Any, Any]:
     return bar, update
 
 
-def _default_stamp_path(samples: Path, mode: str) -> Path:
-    base = samples.with_suffix("") if samples.suffix == ".npz" else samples
-    return base.parent / f"{base.name}.fid-{mode}.json"
-
-
 def _print_result(line: str, stamp: dict[str, Any], path: Path | None) -> None:
     """Print the FID line, with the stamp file it was recorded in; a stamp that cannot be written never
     hides the number: the line is printed first, then the one-line error."""
@@ -143,7 +131,7 @@ def compare(
     ref: Annotated[
         Path, typer.Argument(help="Reference .npz with mu and sigma (U-ViT fid_stats, ADM batch).")
     ],
-    mode: ModeOpt = Mode.clean,
+    mode: ModeOpt = "clean",
     inception_weights: InceptionWeightsOpt = None,
     batch_size: BatchOpt = 50,
     workers: WorkersOpt = None,
@@ -166,7 +154,7 @@ def compare(
         result = compute_fid(
             samples,
             ref,
-            mode=mode.value,
+            mode=mode,
             inception_weights=inception_weights,
             device=device,
             batch_size=batch_size,
@@ -177,10 +165,9 @@ def compare(
         return
     for w in result.warnings:
         warn(w)
-    s = result.stamp
-    inc = (s["inception"]["sha256"] or "custom")[:12]
-    line = f"FID {result.fid:.4f}  mode {s['mode']}  images {s['num_images']}  inception {inc}  ref {s['reference']['sha256'][:12]}"
-    _print_result(line, s, None if no_json else json_path or _default_stamp_path(samples, mode.value))
+    _print_result(
+        result.summary(), result.stamp, None if no_json else json_path or result.default_stamp_path()
+    )
 
 
 @fid_app.command("ref")
@@ -190,7 +177,7 @@ def make_ref(
         Path, typer.Argument(help="Folder of images, or .npz with uint8 NHWC images in arr_0.")
     ],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the statistics (.npz).")],
-    mode: ModeOpt = Mode.clean,
+    mode: ModeOpt = "clean",
     inception_weights: InceptionWeightsOpt = None,
     batch_size: BatchOpt = 50,
     workers: WorkersOpt = None,
@@ -207,7 +194,7 @@ def make_ref(
         result = make_ref_stats(
             images,
             out_path,
-            mode=mode.value,
+            mode=mode,
             inception_weights=inception_weights,
             device=device,
             batch_size=batch_size,
@@ -222,18 +209,10 @@ def make_ref(
         write_stamp(json_path, result.stamp)
     inc = (result.stamp["inception"]["sha256"] or "custom")[:12]
     out.print(
-        f"wrote {result.path}  mode {mode.value}  images {result.num_images}  inception {inc}",
+        f"wrote {result.path}  mode {mode}  images {result.num_images}  inception {inc}",
         soft_wrap=True,
         markup=False,
     )
-
-
-def _default_generated_stamp(stamp: dict[str, Any]) -> Path:
-    """Beside the checkpoint, named by what changes the number: <ckpt>.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json."""
-    g = stamp["samples"]["generator"]
-    ck = Path(g["checkpoint"])
-    tag = f"{stamp['mode']}-n{g['n']}-{g['solver']}{g['steps']}-cfg{g['cfg_scale']:g}-seed{g['seed']}"
-    return ck.with_name(f"{ck.stem}.fid-{tag}.json")
 
 
 @fid_app.command("generate")
@@ -260,7 +239,7 @@ def generate(
     solver: SolverOpt = None,
     guidance_interval: GuidanceIntervalOpt = None,
     batch_size: SampleBatchOpt = None,
-    model_weights: ModelWeightsOpt = Weights.ema,
+    model_weights: ModelWeightsOpt = "ema",
     vae: VaeOpt = None,
     clip: Annotated[
         str | None,
@@ -278,7 +257,7 @@ def generate(
             show_default=False,
         ),
     ] = None,
-    mode: ModeOpt = Mode.clean,
+    mode: ModeOpt = "clean",
     inception_weights: InceptionWeightsOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -308,7 +287,7 @@ def generate(
         cfg_scale=cfg_scale,
         guidance_interval=guidance_interval,
         batch_size=batch_size,
-        precision=precision.value if precision else None,
+        precision=precision,
         compile=False if no_compile else None,  # None: the core's choice by device
     )
 
@@ -326,11 +305,11 @@ def generate(
             seed=seed,
             settings=settings,
             overrides=list(set_ or []),
-            ema=model_weights == Weights.ema,
+            ema=model_weights == "ema",
             vae=vae,
             clip=clip,
             contexts_from=contexts_from,
-            mode=mode.value,
+            mode=mode,
             inception_weights=inception_weights,
             device=device,
             progress=update,
@@ -340,17 +319,9 @@ def generate(
         return
     for w in result.warnings:
         warn(w)
-    s = result.stamp
-    g = s["samples"]["generator"]
-    inc = (s["inception"]["sha256"] or "custom")[:12]
-    gi = f" interval {g['guidance_interval']}" if g["guidance_interval"] else ""
-    rate = result.num_images / max(s["seconds"], 1e-9)
-    line = (
-        f"FID {result.fid:.4f}  mode {s['mode']}  images {s['num_images']}  inception {inc}  "
-        f"ref {s['reference']['sha256'][:12]}  {g['preset']} {g['solver']} {g['steps']} steps cfg "
-        f"{g['cfg_scale']:g}{gi} seed {g['seed']}  ckpt {g['checkpoint_sha256'][:12]}  {rate:.2f} img/s"
+    _print_result(
+        result.summary(), result.stamp, None if no_json else json_path or result.default_stamp_path()
     )
-    _print_result(line, s, None if no_json else json_path or _default_generated_stamp(s))
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,6 @@ from uvit_cli.cli.common import (
     SolverOpt,
     StepsOpt,
     VaeOpt,
-    Weights,
     console,
     fail,
     handle_errors,
@@ -73,7 +72,7 @@ def register(app: typer.Typer) -> None:
         preset: PresetOpt = None,
         vae: VaeOpt = None,
         clip: ClipOpt = None,
-        model_weights: ModelWeightsOpt = Weights.ema,
+        model_weights: ModelWeightsOpt = "ema",
         precision: PrecisionOpt = None,
         no_compile: NoCompileOpt = False,
         cuda_graphs: Annotated[
@@ -112,7 +111,7 @@ def register(app: typer.Typer) -> None:
             guidance_interval=guidance_interval,
             batch_size=batch_size,
             decode_batch_size=decode_batch_size,
-            precision=precision.value if precision else None,
+            precision=precision,
             compile=False if no_compile else None,  # None: the core's choice by device
             cuda_graphs=cuda_graphs,
         )
@@ -142,7 +141,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 settings=settings,
                 overrides=list(set_ or []),
-                ema=model_weights == Weights.ema,
+                ema=model_weights == "ema",
                 vae=vae,
                 clip=clip,
                 grid=grid,

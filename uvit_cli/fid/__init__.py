@@ -52,6 +52,34 @@ class FidResult:
     warnings: list[str] = field(default_factory=list)
     is_main: bool = True  # rank 0 under torchrun: the one that prints and writes
 
+    def summary(self) -> str:
+        """The one result line: FID, protocol, what was measured against what (and how, when generated)."""
+        s = self.stamp
+        inc = (s["inception"]["sha256"] or "custom")[:12]
+        line = f"FID {self.fid:.4f}  mode {s['mode']}  images {s['num_images']}  inception {inc}  ref {s['reference']['sha256'][:12]}"
+        g = s["samples"].get("generator")
+        if g:
+            gi = f" interval {g['guidance_interval']}" if g["guidance_interval"] else ""
+            rate = self.num_images / max(s["seconds"], 1e-9)
+            line += (
+                f"  {g['preset']} {g['solver']} {g['steps']} steps cfg {g['cfg_scale']:g}{gi} seed {g['seed']}  "
+                f"ckpt {g['checkpoint_sha256'][:12]}  {rate:.2f} img/s"
+            )
+        return line
+
+    def default_stamp_path(self) -> Path:
+        """Where the stamp goes unless told: beside the samples (SAMPLES.fid-MODE.json), or for a checkpoint
+        beside it, named by what changes the number (<ckpt>.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json)."""
+        s = self.stamp
+        g = s["samples"].get("generator")
+        if g:
+            ck = Path(g["checkpoint"])
+            tag = f"{s['mode']}-n{g['n']}-{g['solver']}{g['steps']}-cfg{g['cfg_scale']:g}-seed{g['seed']}"
+            return ck.with_name(f"{ck.stem}.fid-{tag}.json")
+        samples = Path(s["samples"]["path"])
+        base = samples.with_suffix("") if samples.suffix == ".npz" else samples
+        return base.parent / f"{base.name}.fid-{s['mode']}.json"
+
 
 @dataclass
 class RefResult:

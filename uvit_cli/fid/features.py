@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from uvit_cli.config import FidMode
 from uvit_cli.errors import DataError
 from uvit_cli.fid.images import ImageFiles, collate
 from uvit_cli.fid.stats import FeatureStats
 
-MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+MODES: tuple[str, ...] = get_args(FidMode)  # clean, legacy_pytorch, legacy_tensorflow
 # features(x) with x (B, 3, H, W) float32 in [0, 255] after the mode's CPU resize -> (B, D)
 FeatureFn = Callable[[Tensor], Tensor]
 # progress(images done, total or None)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from uvit_cli import solvers
-from uvit_cli.config import Preset
+from uvit_cli.config import NetworkPrecision, Preset
 from uvit_cli.errors import ConfigError
 from uvit_cli.schedule import make_schedule
 
@@ -44,7 +44,6 @@ __all__ = [
 
 # indices of a batch -> the model's conditioning keywords for those images ({"y": (B,)}, {"context": (B,L,D)}, {})
 ConditionFn = Callable[[Sequence[int]], dict[str, torch.Tensor]]
-Precision = Literal["bf16", "fp16", "fp32"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +56,7 @@ class SampleSettings:
     guidance_interval: tuple[float, float] | None = None  # solver times t in [lo, hi] get guidance
     batch_size: int = 50  # images per network batch (per GPU)
     decode_batch_size: int = 50  # latents per autoencoder call (the official decode_large_batch chunk)
-    precision: Precision | None = None  # None: bf16 autocast on CUDA, fp32 on the CPU
+    precision: NetworkPrecision | None = None  # None: bf16 autocast on CUDA, fp32 on the CPU
     compile: bool | None = None  # torch.compile the network; None: on CUDA only (on a CPU it only costs time)
     cuda_graphs: bool = False  # compile with mode="reduce-overhead" (CUDA graphs of the network call)
 
@@ -179,7 +178,7 @@ def null_condition(preset: Preset, empty_context: torch.Tensor | None = None) ->
 # The network call: autocast, compile, guidance
 
 
-def _autocast_dtype(precision: Precision | None, device: torch.device) -> torch.dtype | None:
+def _autocast_dtype(precision: NetworkPrecision | None, device: torch.device) -> torch.dtype | None:
     if precision is None:
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
@@ -284,7 +283,7 @@ def decode_latents(
     autoencoder: torch.nn.Module | None,
     x: torch.Tensor,
     chunk: int = 50,
-    precision: Precision | None = None,
+    precision: NetworkPrecision | None = None,
 ) -> torch.Tensor:
     """Latents -> images in [-1, 1] (B, 3, H, W) float32, `chunk` at a time (`autoencoder.decode` divides by
     the scale factor it was loaded with: the preset's, spec §9.1). Pixel models (`autoencoder=None`) pass through.
