@@ -1,4 +1,4 @@
-"""`uvit prepare coco|imagenet|cifar10|celeba|folder|official-features`: data sets into feature shards;
+"""`uvit prepare coco|imagenet|cifar10|celeba|folder|shapes|official-features`: data sets into feature shards;
 `uvit prepare verify DIR`: the full hash check of a prepared folder (see docs/data.md)."""
 
 from __future__ import annotations
@@ -273,6 +273,36 @@ def official_features(
         dtype=dtype,
         num_workers=workers,
     )
+
+
+@app.command("shapes")
+@handle_errors
+def shapes(
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Output directory of shards (created).")
+    ] = Path("feats/shapes"),
+    n: Annotated[int, typer.Option("--n", min=1, help="Training images.")] = 10000,
+    n_val: Annotated[
+        int | None,
+        typer.Option("--val", min=0, help="Held-out images (default: n / 10).", show_default=False),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the scenes.")] = 0,
+    resolution: Annotated[
+        int, typer.Option("--resolution", help="Image side in pixels (the preset: 8).")
+    ] = 8,
+) -> None:
+    """Captioned shapes ("a red circle at the top left"): pixels + toy-CLIP contexts, no downloads."""
+    from uvit_cli.shapes.prepare import prepare_shapes
+
+    t0 = time.perf_counter()
+    result = prepare_shapes(out_dir, n=n, n_val=n_val, seed=seed, resolution=resolution)
+    for split, entry in result.manifest["splits"].items():
+        out.print(
+            f"{split}: {entry['items']} images, {entry['captions']} captions in {len(entry['shards'])} shards"
+        )
+    reused = sum(result.reused.values())
+    note = f" ({reused} finished shards verified and kept)" if reused else ""
+    out.print(f"wrote {result.out} in {time.perf_counter() - t0:.1f} s{note}")
 
 
 @app.command("verify")

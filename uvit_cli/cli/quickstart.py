@@ -1,4 +1,4 @@
-"""`uvit quickstart` and `uvit prepare shapes`: the embedded captioned-shapes set, end to end on a CPU."""
+"""`uvit quickstart`: the embedded captioned-shapes set, prepared, trained, sampled and scored on a CPU."""
 
 from __future__ import annotations
 
@@ -10,41 +10,6 @@ import typer
 from rich.markup import escape
 
 from uvit_cli.cli.common import SetOption, console, handle_errors, out
-
-
-def prepare_shapes_command(
-    out_dir: Annotated[
-        Path, typer.Option("--out", "-o", help="Output directory of shards (created).")
-    ] = Path("feats/shapes"),
-    n: Annotated[int, typer.Option("--n", min=1, help="Training images.")] = 10000,
-    n_val: Annotated[
-        int | None,
-        typer.Option("--val", min=0, help="Held-out images (default: n / 10).", show_default=False),
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the scenes.")] = 0,
-    resolution: Annotated[
-        int, typer.Option("--resolution", help="Image side in pixels (the preset: 8).")
-    ] = 8,
-) -> None:
-    """Captioned shapes ("a red circle at the top left"): pixels + toy-CLIP contexts, no downloads."""
-    from uvit_cli.shapes.prepare import prepare_shapes
-
-    t0 = time.perf_counter()
-    result = prepare_shapes(out_dir, n=n, n_val=n_val, seed=seed, resolution=resolution)
-    for split, entry in result.manifest["splits"].items():
-        out.print(
-            f"{split}: {entry['items']} images, {entry['captions']} captions in {len(entry['shards'])} shards"
-        )
-    reused = sum(result.reused.values())
-    note = f" ({reused} finished shards verified and kept)" if reused else ""
-    out.print(f"wrote {result.out} in {time.perf_counter() - t0:.1f} s{note}")
-
-
-def register_prepare_shapes(prepare_app: typer.Typer) -> None:
-    """Add `shapes` to the `uvit prepare` sub-app (idempotent)."""
-    if any(c.name == "shapes" for c in prepare_app.registered_commands):
-        return
-    prepare_app.command("shapes")(handle_errors(prepare_shapes_command))
 
 
 def quickstart_command(
@@ -145,7 +110,3 @@ def _same_out(out_dir: Path) -> str:
 
 def register(app: typer.Typer) -> None:
     app.command("quickstart")(handle_errors(quickstart_command))
-    # `uvit prepare shapes` lives here with its workflow; attach it to the prepare sub-app if present.
-    for group in app.registered_groups:
-        if group.name == "prepare" and group.typer_instance is not None:
-            register_prepare_shapes(group.typer_instance)

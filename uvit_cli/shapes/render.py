@@ -32,7 +32,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 # Side of the shape's bounding box as a fraction of the image side. Large on purpose: the shape fills
 # most of the image (a corner position shifts it towards that corner rather than into it), so a tiny
-# network at 8-16 px sees it span many patches and learns its colour and outline quickly (issue 8 notes).
+# network at 8-16 px sees it span many patches and learns its colour and outline quickly (docs/quickstart.md has the measurements).
 SIZES: dict[str, float] = {"small": 0.55, "big": 0.7}
 JITTER = 0.03  # uniform centre jitter, fraction of the side, so no two scenes are pixel-identical
 SUPERSAMPLE = 4  # draw at 4x and downsample with a box filter: anti-aliased edges
