@@ -59,6 +59,36 @@ def _recipe(
     return amp_dtype, tc.compile if compile is None else compile, True
 
 
+def _batch_geometry(global_batch: int, world: int, batch_per_gpu: int | None) -> tuple[int, int, int]:
+    """(this rank's share, micro-batch, accumulation steps) of a global batch over `world` processes."""
+    if global_batch % world:
+        raise ConfigError(f"train.batch_size {global_batch} is not divisible by {world} processes")
+    per_rank = global_batch // world
+    micro = min(batch_per_gpu or per_rank, per_rank)
+    if per_rank % micro:
+        raise ConfigError(
+            f"--batch-per-gpu {micro} does not divide this GPU's share {per_rank} of the global batch "
+            f"{global_batch}; pick a divisor of {per_rank}"
+        )
+    return per_rank, micro, per_rank // micro
+
+
+def _diverged(loss: float, step: int, last_ckpt: Path | None, lr: float) -> TrainingDiverged:
+    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
+    return TrainingDiverged(
+        f"loss became {loss} by step {step}; stopped, {where}. Rerun the same command with a lower "
+        f"learning rate (e.g. --set train.lr={lr / 2:g}) or gradient clipping (--set train.grad_clip=1.0) "
+        "to resume from that checkpoint"
+    )
+
+
+def _waiting(share: float, ms: float, steps: int, workers: int) -> str:
+    return (
+        f"training waited for data {share:.0%} of the time of the last {steps} steps ({ms:.1f} ms per step): "
+        f"raise the loader's workers (--set train.num_workers=N, now {workers}) or keep the shards on a local disk"
+    )
+
+
 def train(
     preset: Preset,
     run_dir: str | Path | None = None,
@@ -99,16 +129,7 @@ def train(
     try:
         # ---- Batch geometry ----------------------------------------------------------------------
         global_batch = tc.batch_size
-        if global_batch % world:
-            raise ConfigError(f"train.batch_size {global_batch} is not divisible by {world} processes")
-        per_rank = global_batch // world
-        micro = min(batch_per_gpu or per_rank, per_rank)
-        if per_rank % micro:
-            raise ConfigError(
-                f"--batch-per-gpu {micro} does not divide this GPU's share {per_rank} of the global batch "
-                f"{global_batch}; pick a divisor of {per_rank}"
-            )
-        accum = per_rank // micro
+        per_rank, micro, accum = _batch_geometry(global_batch, world, batch_per_gpu)
 
         # ---- Data -----------------------------------------------------------------------------------
         from uvit_cli.data import FeatureDataset, ResumableSampler, TimedBatches, make_loader, to_model
@@ -238,14 +259,7 @@ def train(
                     batches.waited / max(now - t_last, 1e-9),
                 )
                 if not math.isfinite(loss):
-                    where = (
-                        f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
-                    )
-                    raise TrainingDiverged(
-                        f"loss became {loss} by step {step}; stopped, {where}. Rerun the same command "
-                        f"with a lower learning rate (e.g. --set train.lr={tc.lr / 2:g}) or gradient "
-                        "clipping (--set train.grad_clip=1.0) to resume from that checkpoint"
-                    )
+                    raise _diverged(loss, step, last_ckpt, tc.lr)
                 record = {
                     "step": step,
                     "epoch": epoch,
@@ -260,13 +274,7 @@ def train(
                 emit("log", step, eta_s=(end_step - step) * global_batch / ips, **record)
                 if wait_share > 0.05 and wait_ms > 2 and logs > 0 and not warned_wait:  # 2 ms: not noise
                     warned_wait = True
-                    emit(
-                        "warning",
-                        step,
-                        f"training waited for data {wait_share:.0%} of the time of the last {steps_since} steps "
-                        f"({wait_ms:.1f} ms per step): raise the loader's workers (--set train.num_workers=N, "
-                        f"now {tc.num_workers}) or keep the shards on a local disk",
-                    )
+                    emit("warning", step, _waiting(wait_share, wait_ms, steps_since, tc.num_workers))
                 state.loss_sum.zero_()
                 steps_since, t_last, last_loss, batches.waited, logs = 0, now, loss, 0.0, logs + 1
             if saving:
