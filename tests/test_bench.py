@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from train_fixtures import tiny_toml
 from typer.testing import CliRunner
 
 from uvit_cli.bench import _forward_flops, bench_train
@@ -13,31 +14,12 @@ from uvit_cli.cli import app
 from uvit_cli.config import preset_from_toml
 from uvit_cli.model import UViT
 
-TINY = """
-name = "tiny_bench"
-[model]
-img_size = 8
-patch_size = 2
-in_chans = 3
-embed_dim = 32
-depth = 2
-num_heads = 2
-num_classes = 5
-[data]
-kind = "folder"
-path = "unused"
-space = "pixel"
-resolution = 8
-[train]
-steps = 10
-batch_size = 4
-lr = 1e-4
-p_uncond = 0.1
-[sample]
-steps = 3
-cfg_scale = 1.0
-batch_size = 2
-"""
+TINY = tiny_toml(
+    "tiny_bench",
+    {"kind": "folder", "path": "unused", "space": "pixel", "resolution": 8},
+    model={"num_classes": 5},
+    sample={"steps": 3, "cfg_scale": 1.0, "batch_size": 2},
+)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 import torch
 from encoder_fixtures import randomize_
 from test_fid import _images, _standin
+from train_fixtures import tiny_toml
 from typer.testing import CliRunner
 
 import uvit_cli.fid.features as fid_features
@@ -34,63 +35,25 @@ from uvit_cli.sample import random_class_conditions
 
 runner = CliRunner()
 
-CLASS_TOML = """
-name = "{name}"
-[model]
-img_size = 8
-patch_size = 2
-in_chans = 3
-embed_dim = 32
-depth = {depth}
-num_heads = 2
-num_classes = 11
-[data]
-kind = "imagenet64"
-path = "unused"
-space = "pixel"
-resolution = 8
-[train]
-steps = 10
-batch_size = 4
-lr = 1e-4
-p_uncond = 0.1
-[sample]
-solver = "dpm_solver_pp"
-steps = 3
-cfg_scale = 0.5
-batch_size = 4
-n_samples = 5
-"""
 
-TEXT_TOML = """
-name = "tiny_t2i_px"
-[model]
-img_size = 8
-patch_size = 2
-in_chans = 3
-embed_dim = 32
-depth = 2
-num_heads = 2
-clip_dim = 8
-num_clip_token = 5
-[data]
-kind = "coco"
-path = "{path}"
-space = "pixel"
-resolution = 8
-[train]
-steps = 10
-batch_size = 4
-lr = 1e-4
-p_uncond = 0.1
-[sample]
-solver = "dpm_solver_pp"
-steps = 2
-cfg_scale = 1.0
-batch_size = 4
-[text_encoder]
-kind = "toy"
-"""
+def class_toml(name: str, depth: int = 2) -> str:
+    return tiny_toml(
+        name,
+        {"kind": "imagenet64", "path": "unused", "space": "pixel", "resolution": 8},
+        model={"depth": depth, "num_classes": 11},
+        sample={"solver": "dpm_solver_pp", "steps": 3, "cfg_scale": 0.5, "batch_size": 4, "n_samples": 5},
+    )
+
+
+def text_toml(path: Path) -> str:
+    return tiny_toml(
+        "tiny_t2i_px",
+        {"kind": "coco", "path": path, "space": "pixel", "resolution": 8},
+        model={"clip_dim": 8, "num_clip_token": 5},
+        sample={"solver": "dpm_solver_pp", "steps": 2, "cfg_scale": 1.0, "batch_size": 4},
+        text_encoder={"kind": "toy"},
+    )
+
 
 FEATS = {"features": _standin(), "feature_dim": 16, "device": "cpu"}
 
@@ -100,9 +63,9 @@ def env(tmp_path_factory):
     """Presets, the paper's checkpoint layout (a plain state dict), text shards with and without a val split,
     and 16-d reference statistics of random images."""
     d = tmp_path_factory.mktemp("fid_gen")
-    (d / "tiny_class.toml").write_text(CLASS_TOML.format(name="tiny_class", depth=2))
-    (d / "tiny_class_deep.toml").write_text(CLASS_TOML.format(name="tiny_class_deep", depth=4))
-    (d / "tiny_t2i_px.toml").write_text(TEXT_TOML.format(path=d / "shards"))
+    (d / "tiny_class.toml").write_text(class_toml("tiny_class"))
+    (d / "tiny_class_deep.toml").write_text(class_toml("tiny_class_deep", depth=4))
+    (d / "tiny_t2i_px.toml").write_text(text_toml(d / "shards"))
     cls = load_preset(d / "tiny_class.toml")
     txt = load_preset(d / "tiny_t2i_px.toml")
     (d / "cls").mkdir()

@@ -19,6 +19,7 @@ from encoder_fixtures import (
     tiny_text_encoder,
 )
 from PIL import Image
+from train_fixtures import tiny_toml
 from typer.testing import CliRunner
 
 from uvit_cli import solvers
@@ -43,72 +44,32 @@ from uvit_cli.schedule import make_schedule
 
 runner = CliRunner()
 
-T2I_TOML = """
-name = "tiny_t2i"
-[model]
-img_size = 4
-patch_size = 2
-in_chans = 4
-embed_dim = 32
-depth = {depth}
-num_heads = 2
-clip_dim = 32
-num_clip_token = 77
-[data]
-kind = "coco"
-path = "unused"
-space = "latent"
-resolution = 32
-[train]
-steps = 10
-batch_size = 4
-lr = 1e-4
-p_uncond = 0.1
-[sample]
-solver = "dpm_solver_pp"
-steps = 2
-cfg_scale = 1.0
-batch_size = 4
-[autoencoder]
-scale_factor = 0.5
-[text_encoder]
-kind = "clip"
-"""
 
-CLASS_TOML = """
-name = "tiny_class"
-[model]
-img_size = 8
-patch_size = 2
-in_chans = 3
-embed_dim = 32
-depth = 2
-num_heads = 2
-num_classes = 11
-[data]
-kind = "imagenet64"
-path = "unused"
-space = "pixel"
-resolution = 8
-[train]
-steps = 10
-batch_size = 4
-lr = 1e-4
-p_uncond = 0.1
-[sample]
-solver = "euler_maruyama"
-steps = 4
-cfg_scale = 0.5
-batch_size = 4
-"""
+def t2i_toml(name: str = "tiny_t2i", depth: int = 2) -> str:
+    return tiny_toml(
+        name,
+        {"kind": "coco", "path": "unused", "space": "latent", "resolution": 32},
+        model={"img_size": 4, "in_chans": 4, "depth": depth, "clip_dim": 32, "num_clip_token": 77},
+        sample={"solver": "dpm_solver_pp", "steps": 2, "cfg_scale": 1.0, "batch_size": 4},
+        autoencoder={"scale_factor": 0.5},
+        text_encoder={"kind": "clip"},
+    )
+
+
+CLASS_TOML = tiny_toml(
+    "tiny_class",
+    {"kind": "imagenet64", "path": "unused", "space": "pixel", "resolution": 8},
+    model={"num_classes": 11},
+    sample={"solver": "euler_maruyama", "steps": 4, "cfg_scale": 0.5, "batch_size": 4},
+)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Preset files, a seeded model of each, and the tiny VAE / CLIP written in their real formats."""
     d = tmp_path_factory.mktemp("sample_env")
-    (d / "tiny_t2i.toml").write_text(T2I_TOML.format(depth=2))
-    (d / "tiny_t2i_deep.toml").write_text(T2I_TOML.format(depth=4).replace('"tiny_t2i"', '"tiny_t2i_deep"'))
+    (d / "tiny_t2i.toml").write_text(t2i_toml())
+    (d / "tiny_t2i_deep.toml").write_text(t2i_toml("tiny_t2i_deep", depth=4))
     (d / "tiny_class.toml").write_text(CLASS_TOML)
     t2i = load_preset(d / "tiny_t2i.toml")
     cls = load_preset(d / "tiny_class.toml")

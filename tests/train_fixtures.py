@@ -74,3 +74,29 @@ def weights(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(run / "ckpts" / f"{step:08d}" / name))
+
+
+def tiny_toml(
+    name: str, data: dict, *, model: dict | None = None, sample: dict | None = None, **tables: dict
+) -> str:
+    """A tiny preset file: U-ViT 8x8 (patch 2, D 32, depth 2, 2 heads), 10 steps of batch 4 with p_uncond 0.1,
+    the given [data] and [sample], `model` overriding the size, and any further tables (e.g. text_encoder)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return f'"{v}"' if isinstance(v, str | Path) else repr(v)
+
+    body = {
+        "model": {"img_size": 8, "patch_size": 2, "in_chans": 3, "embed_dim": 32, "depth": 2, "num_heads": 2}
+        | (model or {}),
+        "data": data,
+        "train": {"steps": 10, "batch_size": 4, "lr": 1e-4, "p_uncond": 0.1},
+        "sample": sample or {},
+        **tables,
+    }
+    lines = [f'name = "{name}"']
+    for table, entries in body.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {value(v)}" for k, v in entries.items()]
+    return "\n".join(lines) + "\n"
