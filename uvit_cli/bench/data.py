@@ -236,13 +236,13 @@ def bench_data(
     progress: Progress | None = None,
 ) -> list[Measurement]:
     """Samples/s of our training loader and of the official reader on the same items, per worker count
-    (default: 0 and the preset's `train.num_workers`) and page-cache state."""
+    (default: 0, 2 and the preset's `train.num_workers`) and page-cache state."""
     from uvit_cli.data import FeatureDataset, ResumableSampler, make_loader
 
     say = progress or (lambda _: None)
     tc = preset.train
     batch = batch or tc.batch_size
-    workers = workers if workers is not None else sorted({0, tc.num_workers})
+    workers = workers if workers is not None else sorted({0, 2, tc.num_workers})  # in-process vs processes
     pin = device is not None and device.type == "cuda"
     can_drop = hasattr(os, "posix_fadvise")
     n_samples = batch * (steps + warmup)

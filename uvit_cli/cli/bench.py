@@ -48,7 +48,7 @@ def bench(
         str | None,
         typer.Option(
             "--workers",
-            help="data: DataLoader worker counts to time, e.g. 0,2,4 (default: 0 and the preset's).",
+            help="data: DataLoader worker counts to time, e.g. 0,2,4 (default: 0, 2 and the preset's).",
         ),
     ] = None,
     data: Annotated[
