@@ -143,7 +143,7 @@ def fid_from_checkpoint(
         random_class_conditions,
         valid_classes,
     )
-    from uvit_cli.sample.run import resolve_model
+    from uvit_cli.sample.run import preset_autoencoder, resolve_model, text_encoder
 
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
@@ -178,26 +178,14 @@ def fid_from_checkpoint(
             root = Path(contexts_from) if contexts_from is not None else Path(resolved.data.path)
             conditions, empty, ctx_info = val_context_conditions(root, seed, resolved)
             if clip is not None:
-                from uvit_cli.encoders import load_text_encoder
-
-                encoder = load_text_encoder(clip, device=device)
+                encoder = text_encoder(resolved, clip, device)
                 empty = encoder.encode([""])
                 ctx_info["null"] = f"CLIP('') of {clip}"
                 del encoder
             uncond = null_condition(resolved, empty)
             cond_info["contexts"] = ctx_info
 
-        autoencoder = None
-        if resolved.data.space == "latent":
-            from uvit_cli.encoders import load_autoencoder
-
-            assert resolved.autoencoder is not None
-            autoencoder = load_autoencoder(
-                vae,
-                scale_factor=resolved.autoencoder.scale_factor,
-                device=device,
-                preset=resolved.autoencoder.pretrained,
-            )
+        autoencoder = preset_autoencoder(resolved, vae, device)
         say(note)
 
         world = dist.world_size()

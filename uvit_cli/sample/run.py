@@ -352,7 +352,7 @@ def _encoders(
 
     from uvit_cli.sample.generate import class_conditions, context_conditions, null_condition
 
-    conditions = uncond = autoencoder = None
+    conditions = uncond = None
     cond = preset.model.conditioning
     if cond == "class":
         conditions = class_conditions({i: plan[i]["class"] for i in mine})
@@ -370,17 +370,20 @@ def _encoders(
         del encoder
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if preset.data.space == "latent":
-        from uvit_cli.encoders import load_autoencoder
+    return conditions, uncond, preset_autoencoder(preset, vae, device)
 
-        assert preset.autoencoder is not None
-        autoencoder = load_autoencoder(
-            vae,
-            scale_factor=preset.autoencoder.scale_factor,
-            device=device,
-            preset=preset.autoencoder.pretrained,
-        )
-    return conditions, uncond, autoencoder
+
+def preset_autoencoder(preset: Preset, vae: str | None, device: Any) -> Any:
+    """The autoencoder that decodes a latent preset's samples (--vae > $UVIT_VAE > the preset's pretrained >
+    HF cache) at its scale factor; None for pixel presets."""
+    if preset.data.space != "latent":
+        return None
+    from uvit_cli.encoders import load_autoencoder
+
+    assert preset.autoencoder is not None
+    return load_autoencoder(
+        vae, scale_factor=preset.autoencoder.scale_factor, device=device, preset=preset.autoencoder.pretrained
+    )
 
 
 def text_encoder(preset: Preset, clip: str | None, device: Any) -> Any:
