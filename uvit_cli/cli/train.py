@@ -47,6 +47,15 @@ def train(
             "--max-steps", min=1, help="Stop after this many steps of this invocation.", show_default=False
         ),
     ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start a new run from these weights (our checkpoint or run dir, or the paper's nnet_ema.pth): "
+            "model and EMA loaded, fresh optimiser and schedule.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train a preset's U-ViT on its prepared shards; rerunning the same command resumes exactly.
 
@@ -125,6 +134,7 @@ def train(
             compile=False if no_compile else None,
             force=force,
             max_steps=max_steps,
+            init=init,
             on_event=on_event if show else None,
         )
     except KeyboardInterrupt:

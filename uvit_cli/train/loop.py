@@ -17,7 +17,7 @@ from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError, TrainingDiverged
 from uvit_cli.train.lock import RunDirLock, RunDirLocked
 from uvit_cli.train.objective import step_seed
-from uvit_cli.train.resume import capture, resume
+from uvit_cli.train.resume import capture, check_init, initialise, resume
 from uvit_cli.train.rundir import MetricsLog, check_data_fits, claim_run_dir
 from uvit_cli.train.step import setup_step, train_step
 from uvit_cli.train.stop import StopRequest
@@ -97,12 +97,14 @@ def train(
     compile: bool | None = None,
     force: bool = False,
     max_steps: int | None = None,
+    init: str | Path | None = None,
     on_event: Callable[[TrainEvent], None] | None = None,
 ) -> TrainResult:
     """Train `preset` in `run_dir` (default runs/<name>), continuing from its latest checkpoint if any.
 
     `batch_per_gpu` splits each rank's share of the global batch into micro-batches (gradient accumulation);
-    `compile` overrides `train.compile` (CUDA only); `max_steps` stops after that many steps of this call.
+    `compile` overrides `train.compile` (CUDA only); `max_steps` stops after that many steps of this call;
+    `init` starts a new run from those weights (fine-tuning; see `train.resume.initialise`).
     """
     tc = preset.train
     run_dir = Path(run_dir) if run_dir is not None else ck.default_run_dir(preset)
@@ -168,7 +170,12 @@ def train(
         model = UViT(**preset.model).to(device)
         state, ema = setup_step(preset, model, device, amp_dtype=amp_dtype, compile=use_compile, fused=fused,
                                 ddp=world > 1, null_class=null_class, empty_context=empty_context)  # fmt: skip
+        resuming = init is None or check_init(run_dir, init)
         at = resume(run_dir, preset, model, ema, state, global_batch, warn=lambda m: emit("warning", 0, m))
+        origin = ""
+        if not resuming:
+            start = initialise(run_dir, init, model, ema, write=main)
+            origin = f", initialised from {start['path']} (sha256 {start['sha256'][:12]})"
         step, epoch, batch_in_epoch, resumed_from = at.step, at.epoch, at.batch_in_epoch, at.step_dir
         if batch_in_epoch >= sampler.batches_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
@@ -187,7 +194,7 @@ def train(
             f"{n_params / 1e6:.2f}M params on {device} x{world}; global batch {global_batch} = {world} x "
             f"{accum} x {micro}; {tc.mixed_precision if amp_dtype else 'fp32'}"
             f"{', compiled' if use_compile else ''}; "
-            + (f"resuming from {resumed_from.name}" if resumed_from else f"new run in {run_dir}"),
+            + (f"resuming from {resumed_from.name}" if resumed_from else f"new run in {run_dir}{origin}"),
             start_step=step,
             end_step=end_step,
         )

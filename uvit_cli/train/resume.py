@@ -116,3 +116,52 @@ def resume(
             f"{run_dir / ck.CKPTS}: no readable checkpoint; move that folder aside to start over"
         )
     return Resumed()
+
+
+INIT_RECORD = "init.json"  # in the run dir: the weights a fine-tuning run started from
+
+
+def initialise(
+    run_dir: Path, source: str | Path, model: nn.Module, ema: nn.Module, write: bool
+) -> dict[str, Any]:
+    """Start a new run from the weights of `source` (our checkpoint file, a step or run directory, or the
+    official nnet_ema.pth / nnet.pth): loaded strictly into the model and the EMA; the optimiser and the
+    schedule stay fresh. The source and its sha256 are recorded in `run_dir/init.json` (by rank 0)."""
+    from uvit_cli.fileio import sha256_file, write_json_atomic
+
+    file = ck.find_checkpoint(source, ema=True)
+    sd, _, meta = ck.load_weights(file)
+    ck.check_state_dict(model.state_dict(), sd, f"--init {file}")
+    model.load_state_dict(sd)
+    ema.load_state_dict(sd)
+    record = {
+        "path": str(file),
+        "sha256": sha256_file(file),
+        "format": meta.get("format", ck.FORMAT),
+        "weights": meta.get("weights", "ema"),
+    }
+    if write:
+        write_json_atomic(run_dir / INIT_RECORD, record, indent=2)
+    return record
+
+
+def check_init(run_dir: Path, source: str | Path) -> bool:
+    """Whether `--init source` on `run_dir` resumes (True: the run started from this same file and has
+    checkpoints) or starts the run (False); a run dir with checkpoints of another start is refused."""
+    import json
+
+    if not ck.list_checkpoints(run_dir):
+        return False
+    from uvit_cli.fileio import sha256_file
+
+    file = ck.find_checkpoint(source, ema=True)
+    try:
+        recorded = json.loads((run_dir / INIT_RECORD).read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is None or recorded.get("sha256") != sha256_file(file):
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints of a run that did not start from {file}: it resumes "
+            "without --init; pass another --run-dir to fine-tune"
+        )
+    return True
