@@ -639,3 +639,28 @@ def test_import_official_imagenet_features_and_train(tmp_path):
     (src / "2.npy").unlink()
     r = invoke("prepare", "official-features", str(src), "--out", str(tmp_path / "in3"))
     assert r.exit_code == 2 and "2.npy is missing" in r.output
+
+
+def test_data_roots_come_from_the_flag_then_the_environment_then_data_dir(tmp_path, monkeypatch):
+    from uvit_cli.errors import DataError
+    from uvit_cli.prepare import data_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("UVIT_COCO", raising=False)
+    with pytest.raises(DataError, match=r"pass --coco-root DIR, set \$UVIT_COCO, or put it in ./data/coco/"):
+        data_root("coco")
+    (tmp_path / "data" / "coco").mkdir(parents=True)
+    assert data_root("coco") == Path("data/coco")
+    monkeypatch.setenv("UVIT_COCO", str(tmp_path / "elsewhere"))
+    assert data_root("coco") == tmp_path / "elsewhere"
+    assert data_root("coco", tmp_path / "given") == tmp_path / "given"
+    monkeypatch.delenv("UVIT_IMAGENET", raising=False)
+    with pytest.raises(DataError, match=r"pass --root DIR, set \$UVIT_IMAGENET"):
+        data_root("imagenet")
+    from typer.testing import CliRunner
+
+    from uvit_cli.cli import app
+
+    monkeypatch.delenv("UVIT_CIFAR10", raising=False)
+    res = CliRunner().invoke(app, ["prepare", "cifar10", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "$UVIT_CIFAR10" in res.output and "Traceback" not in res.output

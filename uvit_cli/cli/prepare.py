@@ -80,11 +80,15 @@ def _run(fn: Any, **kwargs: Any) -> None:
 @app.command("coco")
 @handle_errors
 def coco(
-    coco_root: Annotated[
-        Path,
-        typer.Option("--coco-root", help="Holds train2014/, val2014/ and annotations/captions_*2014.json."),
-    ],
     out_dir: OutOpt,
+    coco_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--coco-root",
+            help="Holds train2014/, val2014/ and annotations/captions_*2014.json (default: $UVIT_COCO, else ./data/coco).",
+            show_default=False,
+        ),
+    ] = None,
     split: Annotated[PrepareSplit, typer.Option("--split", help="Which split(s) to prepare.")] = "both",
     vae: VaeOpt = None,
     clip: ClipOpt = None,
@@ -117,8 +121,15 @@ def coco(
 @app.command("imagenet")
 @handle_errors
 def imagenet(
-    root: Annotated[Path, typer.Option("--root", help="ImageNet directory holding train/<synset>/*.JPEG.")],
     out_dir: OutOpt,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="ImageNet directory holding train/<synset>/*.JPEG (default: $UVIT_IMAGENET, else ./data/imagenet).",
+            show_default=False,
+        ),
+    ] = None,
     resolution: Annotated[
         int | None,
         typer.Option("--resolution", help="256 or 512 (latent), 64 (pixel) (default: 256 / 64)."),
@@ -155,10 +166,15 @@ def imagenet(
 @app.command("cifar10")
 @handle_errors
 def cifar10(
-    root: Annotated[
-        Path, typer.Option("--root", help="Holds cifar-10-batches-py/ (cifar-10-python.tar.gz extracted).")
-    ],
     out_dir: OutOpt,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="Holds cifar-10-batches-py/ (cifar-10-python.tar.gz extracted) (default: $UVIT_CIFAR10, else ./data/cifar10).",
+            show_default=False,
+        ),
+    ] = None,
     items_per_shard: ShardOpt = 1000,
     workers: WorkersOpt = None,
 ) -> None:
@@ -171,11 +187,15 @@ def cifar10(
 @app.command("celeba")
 @handle_errors
 def celeba(
-    root: Annotated[
-        Path,
-        typer.Option("--root", help="Holds img_align_celeba/*.jpg and optionally list_eval_partition.txt."),
-    ],
     out_dir: OutOpt,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="Holds img_align_celeba/*.jpg and optionally list_eval_partition.txt (default: $UVIT_CELEBA, else ./data/celeba).",
+            show_default=False,
+        ),
+    ] = None,
     resolution: Annotated[int, typer.Option("--resolution", help="Side after the 128x128 face crop.")] = 64,
     items_per_shard: ShardOpt = 1000,
     workers: WorkersOpt = None,

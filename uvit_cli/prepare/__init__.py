@@ -15,6 +15,7 @@ Each call runs on every `torchrun` rank (each writes its own shards) and reports
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from uvit_cli.config import (
     Crop,
@@ -33,7 +34,9 @@ __all__ = [
     "PrepareResult",
     "PrepareSpec",
     "Progress",
+    "DATA_ROOTS",
     "ProgressFn",
+    "data_root",
     "import_official_features",
     "prepare_celeba",
     "prepare_cifar10",
@@ -45,12 +48,35 @@ __all__ = [
 Path_ = str | os.PathLike[str]
 
 
+# Where each data set's originals are looked for when no root is given: an environment variable, then a
+# conventional folder under the current directory.
+DATA_ROOTS: dict[str, tuple[str, str]] = {
+    "coco": ("UVIT_COCO", "data/coco"),
+    "imagenet": ("UVIT_IMAGENET", "data/imagenet"),
+    "cifar10": ("UVIT_CIFAR10", "data/cifar10"),
+    "celeba": ("UVIT_CELEBA", "data/celeba"),
+}
+
+
+def data_root(kind: str, given: Path_ | None = None) -> Path:
+    """The originals of data set `kind`: `given`, else $UVIT_<KIND>, else ./data/<kind> if it exists."""
+    if given is not None:
+        return Path(given)
+    env, conventional = DATA_ROOTS[kind]
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    if Path(conventional).is_dir():
+        return Path(conventional)
+    flag = "--coco-root" if kind == "coco" else "--root"
+    raise DataError(f"no {kind} data given: pass {flag} DIR, set ${env}, or put it in ./{conventional}/")
+
+
 def _default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
 def prepare_coco(
-    coco_root: Path_,
+    coco_root: Path_ | None,
     out: Path_,
     *,
     split: PrepareSplit = "both",
@@ -65,6 +91,7 @@ def prepare_coco(
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """MS-COCO 2014 as U-ViT (spec §5.1): moments (8, 32, 32) per image, CLIP features of all its captions."""
+    coco_root = data_root("coco", coco_root)
     from uvit_cli.prepare.sources import coco_sources
 
     splits = ["train", "val"] if split == "both" else [split]
@@ -88,7 +115,7 @@ def prepare_coco(
 
 
 def prepare_imagenet(
-    root: Path_,
+    root: Path_ | None,
     out: Path_,
     *,
     resolution: int | None = None,
@@ -103,6 +130,7 @@ def prepare_imagenet(
 ) -> PrepareResult:
     """ImageNet train as U-ViT (spec §5.3, §5.4): ADM centre crop and class label, then either the moments
     of the image and its flip (latent: 256 or 512) or the uint8 pixels (pixel: 64; flipped at train time)."""
+    root = data_root("imagenet", root)
     from uvit_cli.prepare.sources import imagenet_sources
 
     pixel = space == "pixel"
@@ -132,7 +160,7 @@ def prepare_imagenet(
 
 
 def prepare_cifar10(
-    root: Path_,
+    root: Path_ | None,
     out: Path_,
     *,
     items_per_shard: int = 1000,
@@ -140,6 +168,7 @@ def prepare_cifar10(
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """CIFAR-10 python pickles (spec §5.4): uint8 32x32 pixels and labels; train (data_batch_1..5), test."""
+    root = data_root("cifar10", root)
     from uvit_cli.prepare.pixel_sets import cifar10_classes, cifar10_sources
 
     classes = cifar10_classes(root)
@@ -160,7 +189,7 @@ def prepare_cifar10(
 
 
 def prepare_celeba(
-    root: Path_,
+    root: Path_ | None,
     out: Path_,
     *,
     resolution: int = 64,
@@ -169,6 +198,7 @@ def prepare_celeba(
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """CelebA img_align_celeba (spec §5.4): 128x128 face crop, torchvision Resize(64), uint8 pixels, no labels."""
+    root = data_root("celeba", root)
     from uvit_cli.prepare.pixel_sets import celeba_sources
 
     if not 0 < resolution <= 128:
