@@ -73,7 +73,8 @@ def test_train_mistakes_fail_before_torch_loads():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_sample_without_model_or_with_missing_ckpt_is_one_line(tmp_path):
+def test_sample_without_model_or_with_missing_ckpt_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here to pick from
     line = _one_error_line(runner.invoke(app, ["sample", "--prompt", "x"]))
     assert "--ckpt" in line and "quickstart/run" in line
     missing = tmp_path / "nope" / "run"

@@ -6,6 +6,7 @@ Tiny seeded U-ViTs (text/latent and class/pixel) and tiny encoders saved in thei
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,36 @@ def test_our_checkpoint_from_the_default_run_dir(env, tmp_path, monkeypatch):
     # the folder belongs to its weights: the other choice is refused, not counted as "0 new"
     line = _one_line_error(runner.invoke(app, [*base, "--out", "ema", "--model-weights", "model"]))
     assert "different checkpoint_sha256, weights" in line and "another --out" in line
+
+
+def _fake_run(root, name, preset, model, mtime):
+    step = root / "runs" / name / "ckpts" / "00000010"
+    step.mkdir(parents=True)
+    save_weights(step / "ema.safetensors", model.state_dict(), preset, 10, "ema")
+    (step.parent / "latest").write_text("00000010")
+    (root / "runs" / name / "preset.toml").write_text(preset.to_toml())
+    os.utime(step, (mtime, mtime))
+
+
+def test_without_ckpt_or_preset_the_run_that_fits_is_used_and_named(env, tmp_path, monkeypatch):
+    from uvit_cli.checkpoint import pick_run
+    from uvit_cli.errors import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="no text-to-image run with a checkpoint in runs/"):
+        pick_run(True)
+    _fake_run(tmp_path, "cls_old", env["cls"], env["cls_model"], 1_000)
+    _fake_run(tmp_path, "cls_new", env["cls"], env["cls_model"], 2_000)
+    _fake_run(tmp_path, "t2i", env["t2i"], env["t2i_model"], 500)
+    assert pick_run(True) == (Path("runs/t2i"), "the only text-to-image run in runs/")
+    run, why = pick_run(False)
+    assert run == Path("runs/cls_new") and "most recently updated" in why and "runs/cls_old" in why
+    assert pick_run(None)[0] == Path("runs/cls_new")
+    r = runner.invoke(
+        app, ["sample", "--class", "3", "--n", "1", "--no-compile", "--out", "s"], terminal_width=200
+    )
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0].startswith("using runs/cls_new: the most recently updated")
 
 
 def test_a_folder_made_with_another_checkpoint_is_refused(env, tmp_path):

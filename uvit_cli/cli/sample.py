@@ -88,12 +88,6 @@ def register(app: typer.Typer) -> None:
         After `uvit quickstart`: uvit sample --ckpt quickstart/run --prompt "a red circle at the top left"
         """
         # The mistakes a first try makes fail here in a second, before torch loads.
-        if ckpt is None and preset is None:
-            raise fail(
-                "say which model: --ckpt FILE or RUN_DIR (e.g. --ckpt quickstart/run after `uvit quickstart`), "
-                "the paper's nnet_ema.pth with --preset NAME, or --preset NAME (its latest run in runs/NAME)",
-                2,
-            )
         if ckpt is not None and not Path(ckpt).exists():
             raise fail(
                 f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file or a run dir)", 2

@@ -83,13 +83,21 @@ def resolve_model(
     ema: bool = True,
     device: Any = None,
     say: Callable[[str], None] = lambda _msg: None,
+    text: bool | None = None,
 ) -> ResolvedModel:
     """The model `--ckpt` / `--preset` / `--set` name, as `uvit sample` and `uvit fid` load it.
 
     `--set` applies to `--preset` before an official .pth is built from it (e.g. model.depth=16), and to the
-    preset embedded in our checkpoints after loading (there only sampling keys can matter)."""
+    preset embedded in our checkpoints after loading (there only sampling keys can matter). With neither
+    `ckpt` nor `preset`, the run under runs/ that fits the request (`text`: prompts given) is used, and
+    `say` names it first."""
     base = load_preset(preset, list(overrides)) if preset is not None else None
     try:
+        if ckpt is None and base is None:
+            from uvit_cli.checkpoint import pick_run
+
+            ckpt, why = pick_run(text)
+            say(f"using {ckpt}: {why}")
         model, resolved, info, note = _load(ckpt, base, ema, device)
     except CheckpointMismatch as e:
         if base is None:
@@ -110,11 +118,7 @@ def _load(
     from uvit_cli.checkpoint import default_run_dir, find_checkpoint, load_model
 
     if ckpt is None:
-        if preset is None:
-            raise ConfigError(
-                "say which model: --ckpt FILE (ours, or the paper's nnet_ema.pth with --preset NAME) or "
-                "--preset NAME (its latest run in runs/NAME)"
-            )
+        assert preset is not None, "resolve_model picks a run when neither is given"
         run_dir = default_run_dir(preset)
         if not run_dir.is_dir():
             raise _no_checkpoint(preset, run_dir)
@@ -230,7 +234,8 @@ def sample_to_dir(
     started_dist = not dist.is_initialized() and dist.init_from_env()
     try:
         device = torch.device(device) if device is not None else dist.device()
-        loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say)
+        text = True if prompts else (False if classes else None)
+        loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say, text=text)
         model, resolved, weights_note = loaded.model, loaded.preset, loaded.note
         s = SampleSettings.from_preset(resolved, **(settings or {}))
         plan = _plan(resolved, list(prompts), list(classes), n)
