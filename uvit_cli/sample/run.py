@@ -231,8 +231,7 @@ def sample_to_dir(
 
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
-    started_dist = not dist.is_initialized() and dist.init_from_env()
-    try:
+    with dist.process_group():
         device = torch.device(device) if device is not None else dist.device()
         text = True if prompts else (False if classes else None)
         loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say, text=text)
@@ -322,9 +321,6 @@ def sample_to_dir(
             files=files,
             is_main=dist.is_main(),
         )
-    finally:
-        if started_dist:
-            dist.destroy()
 
 
 def _check_same_run(out_dir: Path, records: list[dict[str, Any]]) -> None:
