@@ -7,9 +7,9 @@ import torch
 from train_fixtures import tiny_toml
 from typer.testing import CliRunner
 
-from uvit_cli.bench import _forward_flops, bench_train
 from uvit_cli.bench.measure import peak_tflops
 from uvit_cli.bench.recipes import OFFICIAL, OfficialAttention, apply_attention
+from uvit_cli.bench.tasks import bench_train, forward_flops
 from uvit_cli.cli import app
 from uvit_cli.config import preset_from_toml
 from uvit_cli.model import UViT
@@ -69,7 +69,7 @@ def test_forward_flops_match_analytic_count(tiny):
     patch = 2 * L * (m.in_chans * m.patch_size**2) * D
     decoder = 2 * T * D * m.patch_size**2 * m.in_chans
     final_conv = 2 * m.img_size**2 * m.in_chans * m.in_chans * 9
-    assert _forward_flops(p, B) == B * (blocks * per_block + skips + patch + decoder + final_conv)
+    assert forward_flops(p, B) == B * (blocks * per_block + skips + patch + decoder + final_conv)
 
 
 def test_official_attention_upcasts_and_matches_in_fp32():

@@ -300,7 +300,7 @@ def test_bench_sample_without_decoding_a_latent_preset():
 def test_bench_ladders_run_their_cuda_recipes(cond, space, monkeypatch):
     """Every `uvit bench --compare` recipe as CUDA runs it (fp16 + scaler + fp32 attention ... bf16 + fused +
     compile), on the CPU (aot_eager for inductor; CUDA graphs become plain compile): no crash, no recompile."""
-    from uvit_cli import bench
+    from uvit_cli.bench import tasks as bench
     from uvit_cli.bench.recipes import SAMPLE_LADDER, TRAIN_LADDER
     from uvit_cli.schedule import make_schedule
 
@@ -314,17 +314,17 @@ def test_bench_ladders_run_their_cuda_recipes(cond, space, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_)
     g = torch.Generator().manual_seed(0)
-    cond_, null = bench._conditions(p, 4, dev, g)
+    cond_, null = bench.conditions(p, 4, dev, g)
     x = _batch(p, 4, 0)["x"]
     for r in TRAIN_LADDER:
         torch._dynamo.reset()
-        step = bench._train_step(r, p, {"x": x, **cond_}, null, dev)
+        step = bench.make_train_step(r, p, {"x": x, **cond_}, null, dev)
         for _ in range(3):
             step()
     schedule = make_schedule(p.schedule.kind, p.schedule.num_steps)
     for r in SAMPLE_LADDER:
         torch._dynamo.reset()
-        run = bench._sample_run(r, p, cond_, null, None, schedule, 1.0, 3, 4, dev)
+        run = bench.make_sample_run(r, p, cond_, null, None, schedule, 1.0, 3, 4, dev)
         for _ in range(2):
             run()
     assert counters and all(c.frame_count == 1 for c in counters), [c.frame_count for c in counters]

@@ -174,8 +174,8 @@ def test_bench_data_reads_a_prepared_folder(tmp_path):
 
 
 def test_bench_train_on_a_prepared_folder_reports_the_data_wait(tmp_path):
-    from uvit_cli.bench import bench_train
     from uvit_cli.bench.recipes import OURS
+    from uvit_cli.bench.tasks import bench_train
 
     shards = write_pixel_set(tmp_path / "d")
     preset = tiny_preset(shards)

@@ -1,0 +1,405 @@
+"""The timed tasks of `uvit bench`: the real training step, generator, encoders and Inception, each built
+from a preset with random weights of the real size and inputs of the real shapes, our recipe beside the
+official one (bench/recipes.py). `uvit_cli.bench.run_bench` picks one and wraps the result in a report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uvit_cli.bench.measure import (
+    Measurement,
+    count_flops,
+    device_name,
+    peak_tflops,
+    reset_peak_memory,
+    time_steps,
+)
+from uvit_cli.bench.recipes import OFFICIAL, OURS, Recipe, apply_attention, for_device, official_ema_update
+from uvit_cli.config import Preset
+from uvit_cli.data import to_model
+from uvit_cli.errors import ConfigError
+from uvit_cli.model import UViT
+
+Progress = Callable[[str], None]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def conditions(preset: Preset, batch: int, device: torch.device, g: torch.Generator) -> tuple[dict, dict]:
+    """Random conditions of the real shapes, and the matching null condition (for CFG)."""
+    m = preset.model
+    if m.conditioning == "text":
+        ctx = torch.randn(batch, m.num_clip_token, m.clip_dim, generator=g).to(device)
+        return {"context": ctx}, {
+            "context": torch.randn(1, m.num_clip_token, m.clip_dim, generator=g).to(device)
+        }
+    if m.conditioning == "class":
+        y = torch.randint(0, m.num_classes - 1, (batch,), generator=g).to(device)
+        return {"y": y}, {"y": torch.full((1,), m.num_classes - 1, device=device)}
+    return {}, {}
+
+
+def network(preset: Preset, device: torch.device, official: bool) -> UViT:
+    torch.manual_seed(0)
+    return apply_attention(UViT(**preset.model).to(device), official)
+
+
+def forward_flops(preset: Preset, batch: int) -> int:
+    """FLOPs of one forward of the network at `batch`, counted on the meta device (no memory, no time)."""
+    m = preset.model
+    with torch.device("meta"):
+        net = UViT(**m.model_dump())
+        x = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
+        cond: dict[str, torch.Tensor] = {}
+        if m.conditioning == "text":
+            cond = {"context": torch.randn(batch, m.num_clip_token, m.clip_dim)}
+        elif m.conditioning == "class":
+            cond = {"y": torch.zeros(batch, dtype=torch.long)}
+        return count_flops(lambda: net(x, torch.ones(batch), **cond))
+
+
+def free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def bench_train(
+    preset: Preset,
+    *,
+    batch: int | None = None,
+    steps: int = 10,
+    warmup: int = 3,
+    recipes: Sequence[Recipe] = (OFFICIAL, OURS),
+    data_dir: str | Path | None = None,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> list[Measurement]:
+    """Images/s of full training steps (noising, forward, backward, optimiser, EMA) for each recipe; with
+    `data_dir`, every step takes its batch from the loader `uvit train` builds over that prepared folder,
+    and the note says how long the steps waited for it."""
+    device = device or default_device()
+    batch = batch or preset.train.batch_size
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    m = preset.model
+    latent = preset.data.space == "latent"
+    g = torch.Generator().manual_seed(0)
+    # Stored moments (mean | logvar) for latent data sets, pixels in [-1, 1] otherwise.
+    x = torch.randn(batch, m.in_chans * (2 if latent else 1), m.img_size, m.img_size, generator=g).to(device)
+    cond, null = conditions(preset, batch, device, g)
+    flops = 3 * forward_flops(preset, batch)
+
+    results = []
+    for recipe in recipes:
+        if progress:
+            progress(f"train / {recipe.name}")
+        r = for_device(recipe, device)
+        feed = data_feed(preset, data_dir, batch, device) if data_dir is not None else None
+        step = make_train_step(r, preset, {"x": x, **cond}, null, device, feed)
+        reset_peak_memory(device)
+        sec = time_steps(step, steps, warmup, device)
+        note = recipe_note(r)
+        if feed is not None:
+            wait = feed.waited / (steps + warmup)  # the warm-up steps' waits are counted too: an upper bound
+            note += f"; data {data_dir}: waited {wait * 1e3:.1f} ms/step ({min(wait / sec, 1):.0%})"
+        results.append(Measurement.from_timing("train", recipe.name, batch, sec, flops, peak, device, note))
+        del step
+        free_memory(device)
+    return results
+
+
+def data_feed(preset: Preset, root: str | Path, batch: int, device: torch.device) -> Any:
+    """`uvit train`'s loader over a prepared folder, as timed batches (epoch after epoch)."""
+    from uvit_cli.data import FeatureDataset, ResumableSampler, TimedBatches, make_loader
+    from uvit_cli.train.rundir import check_data_fits
+
+    tc = preset.train
+    ds = FeatureDataset(root, "train", seed=tc.seed)
+    check_data_fits(preset, ds)
+    sampler = ResumableSampler(len(ds), batch, seed=tc.seed, with_epoch=True)
+    return TimedBatches(make_loader(ds, sampler, batch, tc.num_workers, device.type == "cuda"), sampler)
+
+
+def make_train_step(
+    r: Recipe,
+    preset: Preset,
+    batch: dict[str, torch.Tensor],
+    null: dict[str, torch.Tensor],
+    device: torch.device,
+    feed: Any = None,
+) -> Callable[[], None]:
+    """One full training step of recipe `r` (`uvit train`'s `train_step`) over a fresh model, optimiser, EMA;
+    on `batch`, or on the next batch of `feed` (TimedBatches) each step."""
+    from uvit_cli.train.step import ema_update, setup_step, train_step
+
+    m = preset.model
+    model = network(preset, device, r.official_attention).train()
+    state, _ = setup_step(
+        preset,
+        model,
+        device,
+        amp_dtype=r.amp_dtype,
+        compile=r.compile,
+        fused=r.fused_adamw,
+        warmup_steps=0,  # every timed step runs at the preset's lr
+        null_class=m.num_classes - 1 if m.conditioning == "class" else None,
+        empty_context=null["context"][0] if m.conditioning == "text" else None,
+        ema_fn=official_ema_update if r.name == OFFICIAL.name else ema_update,
+    )
+    gen = torch.Generator(device).manual_seed(0)
+    n = len(batch["x"])
+
+    def step() -> None:
+        b = batch if feed is None else to_model(next(feed), device)
+        train_step(state, [(b, state.objective.draw(gen, n))], n_micro=1, share=n)
+
+    return step
+
+
+def recipe_note(r: Recipe) -> str:
+    parts = [r.amp or "fp32", "fp32 attention" if r.official_attention else "SDPA in autocast dtype"]
+    if r.compile:
+        parts.append("compiled")
+    if r.cuda_graphs:
+        parts.append("CUDA graphs")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def bench_sample(
+    preset: Preset,
+    *,
+    batch: int | None = None,
+    solver_steps: int | None = None,
+    steps: int = 2,
+    warmup: int = 1,
+    decode: bool = True,
+    recipes: Sequence[Recipe] = (OFFICIAL, OURS),
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> list[Measurement]:
+    """Images/s of guided sampling with the preset's solver, VAE decoding included (latent presets).
+
+    Ours runs through `uvit_cli.sample.generate` (the code `uvit sample` runs); the official recipe
+    calls the network twice per step (cond, then uncond) under fp16 autocast with fp32 attention.
+    """
+    from uvit_cli.schedule import make_schedule
+
+    device = device or default_device()
+    batch = batch or preset.sample.batch_size
+    m = preset.model
+    solver_steps = solver_steps or preset.sample.steps
+    scale = preset.sample.cfg_scale if m.conditioning != "none" and preset.train.p_uncond > 0 else 0.0
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    g = torch.Generator().manual_seed(0)
+    cond, null = conditions(preset, batch, device, g)
+    schedule = make_schedule(
+        preset.schedule.kind, preset.schedule.num_steps, preset.schedule.beta_min, preset.schedule.beta_max
+    )
+    vae = None
+    decode_flops = 0
+    if preset.data.space == "latent" and decode:
+        from uvit_cli.encoders import AutoencoderKL
+
+        torch.manual_seed(0)
+        vae = AutoencoderKL(scale_factor=preset.autoencoder.scale_factor).to(device).eval()
+        with torch.device("meta"):
+            meta_vae = AutoencoderKL()
+            z = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
+            decode_flops = count_flops(lambda: meta_vae.decode(z))
+    passes = 2 if scale > 0 else 1
+    flops = solver_steps * passes * forward_flops(preset, batch) + decode_flops
+
+    results = []
+    for recipe in recipes:
+        if progress:
+            progress(f"sample / {recipe.name}")
+        r = for_device(recipe, device)
+        run = make_sample_run(r, preset, cond, null, vae, schedule, scale, solver_steps, batch, device)
+        reset_peak_memory(device)
+        sec = time_steps(run, steps, warmup, device)
+        note = recipe_note(r) + (", batched CFG" if r.batched_cfg and scale > 0 else "")
+        results.append(Measurement.from_timing("sample", recipe.name, batch, sec, flops, peak, device, note))
+        del run
+        free_memory(device)
+    return results
+
+
+def make_sample_run(
+    r: Recipe,
+    preset: Preset,
+    cond: dict[str, torch.Tensor],
+    null: dict[str, torch.Tensor],
+    vae: torch.nn.Module | None,
+    schedule: Any,
+    scale: float,
+    solver_steps: int,
+    batch: int,
+    device: torch.device,
+) -> Callable[[], None]:
+    """Sampling (and decoding) of one batch with recipe `r`, as a closure over a fresh network."""
+    from uvit_cli import solvers
+    from uvit_cli.sample.generate import SampleSettings, decode_latents, generate, sample_latents, to_uint8
+    from uvit_cli.sample.generate import _network as _sample_network
+
+    m = preset.model
+    model = network(preset, device, r.official_attention).eval()
+    if r.batched_cfg:  # the code `uvit sample` runs
+        precision = {"fp16": "fp16", "bf16": "bf16", None: "fp32"}[r.amp]
+        settings = SampleSettings.from_preset(
+            preset,
+            steps=solver_steps,
+            cfg_scale=scale,
+            batch_size=batch,
+            precision=precision,
+            compile=r.compile,
+            cuda_graphs=r.cuda_graphs,
+        )
+
+        def conditions(idx: Any) -> dict[str, torch.Tensor]:
+            return {k: v[: len(idx)] for k, v in cond.items()}
+
+        if vae is None and preset.data.space == "latent":  # --no-decode: the solver only (generate decodes)
+            net = _sample_network(model, settings, device)
+
+            def solve() -> None:
+                sample_latents(model, preset, range(batch), conditions, null, settings=settings, network=net)
+
+            return solve
+
+        def run() -> None:
+            for _ in generate(
+                model, preset, range(batch), conditions, null, autoencoder=vae, settings=settings
+            ):
+                pass
+
+        return run
+
+    amp = r.amp_dtype
+    uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in null.items()}
+
+    def net(x: torch.Tensor, t: torch.Tensor, **c: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return model(x, t, **c).float()
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps_c = net(x, t, **cond)
+        if scale == 0:
+            return eps_c
+        return eps_c + scale * (eps_c - net(x, t, **uncond))  # two passes, as the official cfg_nnet
+
+    def run_official() -> None:
+        with torch.no_grad():
+            x_T = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=device)
+            x = solvers.sample(preset.sample.solver, eps_fn, x_T, solver_steps, schedule=schedule)
+            to_uint8(decode_latents(vae, x, 50, "fp16" if device.type == "cuda" else "fp32"))
+
+    return run_official
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders (prepare) and Inception (fid)
+
+
+def bench_prepare(
+    preset: Preset,
+    *,
+    batch: int = 64,
+    steps: int = 3,
+    warmup: int = 1,
+    captions_per_image: int = 5,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> list[Measurement]:
+    """Encoder throughput of `uvit prepare` (VAE moments + CLIP of every caption), random real-size weights.
+
+    Official: one image per call, fp32 (scripts/extract_mscoco_feature.py). Ours: batched, VAE under bf16
+    autocast on CUDA. Image decoding is not included (it runs in DataLoader workers in `uvit prepare`).
+    """
+    from uvit_cli.encoders import AutoencoderKL, CLIPTextConfig, CLIPTextEncoder
+
+    device = device or default_device()
+    if preset.data.space != "latent":
+        raise ConfigError(f"bench prepare needs a latent preset; '{preset.name}' is pixel-space")
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    torch.manual_seed(0)
+    vae = AutoencoderKL().to(device).eval()
+    text = preset.model.conditioning == "text"
+    clip = CLIPTextEncoder(CLIPTextConfig()).to(device).eval() if text else None
+    res = preset.data.resolution
+    images = torch.rand(batch, 3, res, res, device=device) * 2 - 1
+    tokens = torch.randint(0, 49406, (batch * captions_per_image, 77), device=device)
+    with torch.device("meta"):
+        meta_vae = AutoencoderKL()
+        flops = count_flops(lambda: meta_vae.encode_moments(torch.randn(batch, 3, res, res)))
+        if text:
+            meta_clip = CLIPTextEncoder(CLIPTextConfig())
+            flops += count_flops(
+                lambda: meta_clip(torch.zeros(batch * captions_per_image, 77, dtype=torch.long))
+            )
+
+    def official() -> None:
+        with torch.no_grad():
+            for i in range(batch):
+                vae.encode_moments(images[i : i + 1])
+                if clip is not None:
+                    clip(tokens[i * captions_per_image : (i + 1) * captions_per_image])
+
+    def ours() -> None:
+        amp = device.type == "cuda"
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            vae.encode_moments(images)
+        if clip is not None:
+            with torch.no_grad():
+                clip(tokens)
+
+    results = []
+    for name, fn, note in [("official", official, "1 image per call, fp32"), ("uvit", ours, "batched")]:
+        if progress:
+            progress(f"prepare / {name}")
+        reset_peak_memory(device)
+        sec = time_steps(fn, steps, warmup, device)
+        results.append(Measurement.from_timing("prepare", name, batch, sec, flops, peak, device, note))
+    return results
+
+
+def bench_fid(
+    *,
+    batch: int = 200,
+    steps: int = 3,
+    warmup: int = 1,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> list[Measurement]:
+    """Inception feature throughput at 299x299 (random weights of the real FID Inception), fp32."""
+    from uvit_cli.inception import FIDInception
+
+    device = device or default_device()
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    net = FIDInception().to(device).eval()
+    x = torch.rand(batch, 3, 299, 299, device=device) * 255
+    with torch.device("meta"):
+        meta = FIDInception()
+        flops = count_flops(lambda: meta(torch.rand(batch, 3, 299, 299)))
+
+    def run() -> None:
+        with torch.no_grad():
+            net(x)
+
+    if progress:
+        progress("fid / uvit")
+    reset_peak_memory(device)
+    sec = time_steps(run, steps, warmup, device)
+    return [Measurement.from_timing("fid", "uvit", batch, sec, flops, peak, device, "fp32, TF32 off")]
