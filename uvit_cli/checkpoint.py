@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uvit_cli.config import Preset, preset_from_toml
-from uvit_cli.errors import CheckpointError, CheckpointMismatch
+from uvit_cli.errors import CheckpointError, CheckpointMismatch, UvitError
 from uvit_cli.fileio import atomic_open, atomic_path, fsync_dir, sha256_file, write_text_atomic
 from uvit_cli.safe_pickle import torch_load_tensors
 
@@ -68,7 +68,7 @@ def pick_run(text: bool | None = None, runs: Path = RUNS_DIR) -> tuple[Path, str
             cond = preset_from_toml(
                 (d / PRESET_FILE).read_text(), source=str(d / PRESET_FILE)
             ).model.conditioning
-        except Exception:  # a run dir without a readable preset.toml: its checkpoint still carries one
+        except (OSError, UvitError):  # no readable preset.toml: its checkpoint still carries one
             cond = None
         found.append((latest.stat().st_mtime, d, cond))
     kind = {True: "text-to-image ", False: "class-conditional or unconditional ", None: ""}[text]

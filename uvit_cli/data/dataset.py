@@ -18,6 +18,8 @@ from uvit_cli.data.format import EMPTY_CONTEXT, read_manifest, split_entry
 from uvit_cli.data.seeds import choose, choose_many
 from uvit_cli.errors import DataError
 
+_PREADV = hasattr(os, "preadv")  # positioned reads without a shared file offset (not on Windows)
+
 
 class _Rows:
     """A .npy file read row by row: `rows` along the first axis of its (rows, *row_shape) view."""
@@ -35,9 +37,6 @@ class _Rows:
             return os.preadv(self.file.fileno(), [buf], offset)
         self.file.seek(offset)
         return self.file.readinto(buf) or 0
-
-
-_PREADV = hasattr(os, "preadv")
 
 
 def _gather(out: np.ndarray, files: Sequence[_Rows], rows: Iterable[int]) -> None:
@@ -228,9 +227,11 @@ class FeatureDataset(Dataset):
         k = np.asarray(keys, dtype=np.int64).reshape(len(keys), -1)
         idx = k[:, 0]
         epochs = k[:, 1] if k.shape[1] == 2 else np.full(len(idx), self.epoch, dtype=np.int64)
-        if len(idx) == 0 or idx.min() < 0 or idx.max() >= len(self):
-            bad = idx[(idx < 0) | (idx >= len(self))]
-            raise IndexError(f"index {bad[0] if len(bad) else None} out of range for {len(self)} items")
+        if len(idx) == 0:
+            raise IndexError("an empty batch of keys")
+        if idx.min() < 0 or idx.max() >= len(self):
+            bad = idx[(idx < 0) | (idx >= len(self))][0]
+            raise IndexError(f"index {bad} out of range for {len(self)} items")
         image, view = np.divmod(idx, self.views)
         shard = np.searchsorted(self._starts, image, side="right") - 1
         row = image - self._starts[shard]

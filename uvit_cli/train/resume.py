@@ -4,6 +4,7 @@ checkpoint, bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch import nn
 from uvit_cli import checkpoint as ck
 from uvit_cli import dist
 from uvit_cli.errors import CheckpointError
+from uvit_cli.fileio import sha256_file, write_json_atomic
 from uvit_cli.train.step import StepState, warmup_factor
 
 # --------------------------------------------------------------------------------------------------
@@ -127,8 +129,6 @@ def initialise(
     """Start a new run from the weights of `source` (our checkpoint file, a step or run directory, or the
     official nnet_ema.pth / nnet.pth): loaded strictly into the model and the EMA; the optimiser and the
     schedule stay fresh. The source and its sha256 are recorded in `run_dir/init.json` (by rank 0)."""
-    from uvit_cli.fileio import sha256_file, write_json_atomic
-
     file = ck.find_checkpoint(source, ema=True)
     sd, _, meta = ck.load_weights(file)
     ck.check_state_dict(model.state_dict(), sd, f"--init {file}")
@@ -148,12 +148,8 @@ def initialise(
 def check_init(run_dir: Path, source: str | Path) -> bool:
     """Whether `--init source` on `run_dir` resumes (True: the run started from this same file and has
     checkpoints) or starts the run (False); a run dir with checkpoints of another start is refused."""
-    import json
-
     if not ck.list_checkpoints(run_dir):
         return False
-    from uvit_cli.fileio import sha256_file
-
     file = ck.find_checkpoint(source, ema=True)
     try:
         recorded = json.loads((run_dir / INIT_RECORD).read_text())
