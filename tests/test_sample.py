@@ -356,8 +356,8 @@ def _fake_run(root, name, preset, model, mtime):
 
 
 def test_without_ckpt_or_preset_the_run_that_fits_is_used_and_named(env, tmp_path, monkeypatch):
-    from uvit_cli.checkpoint import pick_run
     from uvit_cli.errors import CheckpointError
+    from uvit_cli.sample import pick_run
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="no text-to-image run with a checkpoint in runs/"):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uvit_cli.config import Preset, preset_from_toml
-from uvit_cli.errors import CheckpointError, CheckpointMismatch, UvitError
+from uvit_cli.errors import CheckpointError, CheckpointMismatch
 from uvit_cli.fileio import atomic_open, atomic_path, fsync_dir, sha256_file, write_text_atomic
 from uvit_cli.safe_pickle import torch_load_tensors
 
@@ -53,37 +53,6 @@ RUNS_DIR = Path("runs")
 def default_run_dir(preset: Preset) -> Path:
     """Where `uvit train` writes a preset's run, and where `uvit sample --preset` looks: runs/<name>."""
     return RUNS_DIR / preset.name
-
-
-def pick_run(text: bool | None = None, runs: Path = RUNS_DIR) -> tuple[Path, str]:
-    """The run under `runs/` a request without --ckpt or --preset means, and why: the only run (of the
-    text-to-image ones when `text`, of the others when `text` is False) with a checkpoint, else the most
-    recently updated of them."""
-    found = []
-    for d in sorted(runs.iterdir()) if runs.is_dir() else []:
-        latest = latest_checkpoint(d) if d.is_dir() else None
-        if latest is None:
-            continue
-        try:
-            cond = preset_from_toml(
-                (d / PRESET_FILE).read_text(), source=str(d / PRESET_FILE)
-            ).model.conditioning
-        except (OSError, UvitError):  # no readable preset.toml: its checkpoint still carries one
-            cond = None
-        found.append((latest.stat().st_mtime, d, cond))
-    kind = {True: "text-to-image ", False: "class-conditional or unconditional ", None: ""}[text]
-    fit = [f for f in found if text is None or (f[2] == "text") == text or f[2] is None]
-    if not fit:
-        have = f" (it holds {', '.join(str(d) for _, d, _ in found)})" if found else ""
-        raise CheckpointError(
-            f"no {kind}run with a checkpoint in {runs}/{have}: pass --ckpt FILE or RUN_DIR (e.g. --ckpt "
-            "quickstart/run after `uvit quickstart`), the paper's nnet_ema.pth with --preset NAME, or --preset NAME"
-        )
-    if len(fit) == 1:
-        return fit[0][1], f"the only {kind}run in {runs}/"
-    newest = max(fit, key=lambda f: f[0])
-    others = ", ".join(str(d) for _, d, _ in fit if d != newest[1])
-    return newest[1], f"the most recently updated {kind}run in {runs}/ (others: {others}; --ckpt picks one)"
 
 
 def step_dir_name(step: int) -> str:

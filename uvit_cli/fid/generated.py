@@ -131,19 +131,16 @@ def fid_from_checkpoint(
     `clip`: if given, CFG's null context is CLIP('') of this encoder instead of the shards' empty_context.
     `features`/`feature_dim` replace the Inception (tests). Under torchrun rank r generates indices r::world.
     """
-    import torch
 
     from uvit_cli import dist
     from uvit_cli.fid.features import check_mode
     from uvit_cli.sample.generate import (
-        SampleSettings,
         check_guidance,
-        generate,
         null_condition,
         random_class_conditions,
         valid_classes,
     )
-    from uvit_cli.sample.run import preset_autoencoder, resolve_model, text_encoder
+    from uvit_cli.sample.resolve import load_sampler, preset_autoencoder, text_encoder
 
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
@@ -158,10 +155,11 @@ def fid_from_checkpoint(
         raise DataError(f"--n {n}: FID needs at least 2 images (the paper uses 50,000; 30,000 for MS-COCO)")
 
     with dist.process_group():
-        device = torch.device(device) if device is not None else dist.device()
-        loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say)
-        model, resolved, file, note = loaded.model, loaded.preset, loaded.info.path, loaded.note
-        s = SampleSettings.from_preset(resolved, **(settings or {}))
+        sampler = load_sampler(
+            ckpt, preset, settings=settings, seed=seed, overrides=overrides, ema=ema, device=device, say=say
+        )
+        loaded, s, device = sampler.loaded, sampler.settings, sampler.device
+        resolved, file, note = loaded.preset, loaded.info.path, loaded.note
         check_guidance(resolved, s)
         total = n if n is not None else paper_num_images(resolved)
 
@@ -199,18 +197,7 @@ def fid_from_checkpoint(
                 progress(min(done * world, total), total)
 
         def batches() -> Iterator[Any]:
-            for _, images in generate(
-                model,
-                resolved,
-                mine,
-                conditions,
-                uncond,
-                seed=seed,
-                autoencoder=autoencoder,
-                settings=s,
-                device=device,
-                progress=advance,
-            ):
+            for _, images in sampler.generate(mine, conditions, uncond, autoencoder, progress=advance):
                 yield images  # uint8 (B, H, W, 3)
 
         generator = {

@@ -24,7 +24,8 @@ from uvit_cli.sample.generate import (
     to_uint8,
     valid_classes,
 )
-from uvit_cli.sample.run import SampleProgress, SampleResult, read_prompts_file, resolve_model, sample_to_dir
+from uvit_cli.sample.resolve import load_sampler, pick_run, resolve_model
+from uvit_cli.sample.run import SampleProgress, SampleResult, read_prompts_file, sample_to_dir
 
 __all__ = [
     "ConditionFn",
@@ -38,7 +39,9 @@ __all__ = [
     "generate",
     "image_generators",
     "image_seed",
+    "load_sampler",
     "null_condition",
+    "pick_run",
     "random_class_conditions",
     "read_prompts_file",
     "resolve_model",

@@ -12,18 +12,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from uvit_cli.config import Preset, apply_overrides, load_preset, preset_from_dict
-from uvit_cli.errors import CheckpointError, CheckpointMismatch, ConfigError, DataError, UvitError
+from uvit_cli import dist
+from uvit_cli.config import Preset
+from uvit_cli.errors import ConfigError, DataError, UvitError
 from uvit_cli.sample import outputs
-from uvit_cli.sample.generate import SampleSettings, check_guidance, image_seed, valid_classes
-
-if TYPE_CHECKING:
-    from uvit_cli.checkpoint import CheckpointInfo
+from uvit_cli.sample.generate import check_guidance, image_seed, valid_classes
+from uvit_cli.sample.resolve import load_sampler, preset_autoencoder, text_encoder
 
 GRID_MAX_IMAGES = 256
-OFFICIAL_CKPTS = "https://github.com/baofff/U-ViT#pretrained-models"
 
 
 @dataclass
@@ -43,107 +41,21 @@ class SampleResult:
     skipped: int  # already on disk before this run
     weights: str  # one line: which weights were used (EMA or not, file, step)
     settings: dict[str, Any]
+    seed: int
     seconds: float
     files: list[Path] = field(default_factory=list)  # grid / npz / samples.jsonl (rank 0)
     is_main: bool = True
 
-
-# --------------------------------------------------------------------------------------------------
-# Model resolution
-
-
-def _no_checkpoint(preset: Preset, run_dir: Path) -> CheckpointError:
-    if preset.data.kind == "shapes":  # the quickstart's toy: no paper checkpoint exists for it
-        return CheckpointError(
-            f"no checkpoint in {run_dir}: run `uvit quickstart` and sample its run with `--ckpt quickstart/run`, "
-            f"or train one with `uvit train {preset.name} --max-steps 3000`"
+    def summary(self) -> str:
+        """The one result line: images, where, new and kept, time and rate, solver, guidance, seed."""
+        st = self.settings
+        gi = f", guidance interval {st['guidance_interval']}" if st["guidance_interval"] else ""
+        rate = f", {self.written / self.seconds:.2f} img/s overall" if self.written else ""
+        return (
+            f"{self.total} images in {self.out} ({self.written} new, {self.skipped} already there) "
+            f"in {self.seconds:.1f} s{rate}; {st['solver']} {st['steps']} steps, cfg {st['cfg_scale']:g}{gi}, "
+            f"seed {self.seed}"
         )
-    return CheckpointError(
-        f"no checkpoint in {run_dir}: train one with `uvit train {preset.name}`, or download the paper's "
-        f"(baofff/U-ViT README, {OFFICIAL_CKPTS}) and pass it with `--ckpt nnet_ema.pth --preset {preset.name}`"
-    )
-
-
-@dataclass
-class ResolvedModel:
-    """A model ready to sample: the network (eval mode), the preset it samples with, where its weights
-    came from (`info`: path, step, ema/model, sha256, format) and that said in one line (`note`)."""
-
-    model: Any
-    preset: Preset
-    info: CheckpointInfo
-    note: str
-
-
-def resolve_model(
-    ckpt: str | os.PathLike[str] | None,
-    preset: str | os.PathLike[str] | None,
-    *,
-    overrides: Sequence[str] = (),
-    ema: bool = True,
-    device: Any = None,
-    say: Callable[[str], None] = lambda _msg: None,
-    text: bool | None = None,
-) -> ResolvedModel:
-    """The model `--ckpt` / `--preset` / `--set` name, as `uvit sample` and `uvit fid` load it.
-
-    `--set` applies to `--preset` before an official .pth is built from it (e.g. model.depth=16), and to the
-    preset embedded in our checkpoints after loading (there only sampling keys can matter). With neither
-    `ckpt` nor `preset`, the run under runs/ that fits the request (`text`: prompts given) is used, and
-    `say` names it first."""
-    base = load_preset(preset, list(overrides)) if preset is not None else None
-    try:
-        if ckpt is None and base is None:
-            from uvit_cli.checkpoint import pick_run
-
-            ckpt, why = pick_run(text)
-            say(f"using {ckpt}: {why}")
-        model, resolved, info, note = _load(ckpt, base, ema, device)
-    except CheckpointMismatch as e:
-        if base is None:
-            raise
-        raise CheckpointMismatch(
-            f"{e}; pass the --preset this checkpoint was trained with (or --set model.KEY=VALUE)"
-        ) from None
-    if overrides:
-        resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
-    if base is not None and base.name != resolved.name:
-        say(f"note: the checkpoint's embedded preset '{resolved.name}' is used, not --preset '{base.name}'")
-    return ResolvedModel(model, resolved, info, note)
-
-
-def _load(
-    ckpt: str | os.PathLike[str] | None, preset: Preset | None, ema: bool, device: Any
-) -> tuple[Any, Preset, CheckpointInfo, str]:
-    from uvit_cli.checkpoint import default_run_dir, find_checkpoint, load_model
-
-    if ckpt is None:
-        assert preset is not None, "resolve_model picks a run when neither is given"
-        run_dir = default_run_dir(preset)
-        if not run_dir.is_dir():
-            raise _no_checkpoint(preset, run_dir)
-        try:
-            file = find_checkpoint(run_dir, ema=ema)
-        except CheckpointError:
-            raise _no_checkpoint(preset, run_dir) from None
-    else:
-        file = find_checkpoint(ckpt, ema=ema)
-    # Our safetensors carry their preset; an official .pth takes --preset, else load_model recognises it.
-    model, resolved, info = load_model(
-        file, preset=None if file.suffix == ".safetensors" else preset, ema=ema, device=device
-    )
-    step = f", step {info.step}" if info.step is not None else ""
-    where = f"{info.path}{step} ({info.format}, sha256 {info.sha256[:12]})"
-    if info.format == "official" and preset is None:
-        where += f"; preset {resolved.name}, recognised from its shapes"
-    if info.format == "official" and "ema" not in file.stem and file.stem != "nnet":
-        # the README's released files (e.g. imagenet256_uvit_huge.pth) do not say which weights they hold
-        return model, resolved, info, f"released weights: {where}"
-    kind = "EMA" if info.weights == "ema" else "online (non-EMA)"
-    note = f"{kind} weights: {where}"
-    if ema != (info.weights == "ema"):
-        note += f" [asked for {'EMA' if ema else 'non-EMA'} weights; this file holds {info.weights}]"
-    return model, resolved, info, note
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,19 +136,23 @@ def sample_to_dir(
 ) -> SampleResult:
     """Generate the planned images into `out` as <index>.png (skipping those already there), samples.jsonl,
     and optionally grid.png and samples.npz. `settings` are SampleSettings overrides (None = preset's)."""
-    import torch
-
-    from uvit_cli import dist
-    from uvit_cli.sample.generate import generate
-
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
     with dist.process_group():
-        device = torch.device(device) if device is not None else dist.device()
         text = True if prompts else (False if classes else None)
-        loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say, text=text)
-        model, resolved, weights_note = loaded.model, loaded.preset, loaded.note
-        s = SampleSettings.from_preset(resolved, **(settings or {}))
+        sampler = load_sampler(
+            ckpt,
+            preset,
+            settings=settings,
+            seed=seed,
+            overrides=overrides,
+            ema=ema,
+            device=device,
+            say=say,
+            text=text,
+        )
+        loaded, s = sampler.loaded, sampler.settings
+        resolved, weights_note = loaded.preset, loaded.note
         plan = _plan(resolved, list(prompts), list(classes), n)
         check_guidance(resolved, s)
 
@@ -266,7 +182,7 @@ def sample_to_dir(
 
         conditions = uncond = autoencoder = None
         if mine:  # encoders load only when there is work (a finished run just rewrites grid/npz)
-            conditions, uncond, autoencoder = _encoders(resolved, plan, mine, vae, clip, device, say)
+            conditions, uncond, autoencoder = _encoders(resolved, plan, mine, vae, clip, sampler.device, say)
         say(weights_note)
         written = 0
         if mine:
@@ -274,17 +190,7 @@ def sample_to_dir(
                 pending: list[Future[None]] = []
                 if progress:
                     progress(SampleProgress(0, len(mine), len(done)))
-                for batch, images in generate(
-                    model,
-                    resolved,
-                    mine,
-                    conditions,
-                    uncond,
-                    seed=seed,
-                    autoencoder=autoencoder,
-                    settings=s,
-                    device=device,
-                ):
+                for batch, images in sampler.generate(mine, conditions, uncond, autoencoder):
                     pending += [
                         pool.submit(outputs.write_png, out_dir, i, img)
                         for i, img in zip(batch, images, strict=True)
@@ -317,6 +223,7 @@ def sample_to_dir(
             skipped=len(done),
             weights=weights_note,
             settings=s.to_dict(),
+            seed=seed,
             seconds=time.perf_counter() - t0,
             files=files,
             is_main=dist.is_main(),
@@ -372,28 +279,3 @@ def _encoders(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return conditions, uncond, preset_autoencoder(preset, vae, device)
-
-
-def preset_autoencoder(preset: Preset, vae: str | None, device: Any) -> Any:
-    """The autoencoder that decodes a latent preset's samples (--vae > $UVIT_VAE > the preset's pretrained >
-    HF cache) at its scale factor; None for pixel presets."""
-    if preset.data.space != "latent":
-        return None
-    from uvit_cli.encoders import load_autoencoder
-
-    assert preset.autoencoder is not None
-    return load_autoencoder(
-        vae, scale_factor=preset.autoencoder.scale_factor, device=device, preset=preset.autoencoder.pretrained
-    )
-
-
-def text_encoder(preset: Preset, clip: str | None, device: Any) -> Any:
-    """The preset's text encoder: CLIP (--clip > $UVIT_CLIP > the preset's pretrained > HF cache) or the toy."""
-    assert preset.text_encoder is not None
-    if preset.text_encoder.kind == "toy":  # the shapes quickstart: seeded, frozen, no weights file
-        from uvit_cli.shapes.text import toy_text_encoder
-
-        return toy_text_encoder().to(device)
-    from uvit_cli.encoders import load_text_encoder
-
-    return load_text_encoder(clip, device=device, preset=preset.text_encoder.pretrained)

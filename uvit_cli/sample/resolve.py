@@ -1,0 +1,228 @@
+"""Resolving what `uvit sample` and `uvit fid --ckpt` sample with: the checkpoint (`--ckpt`, `--preset`, or
+the run under runs/ that fits), the preset and its `--set` overrides, the settings, and the encoders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from uvit_cli import dist
+from uvit_cli.checkpoint import (
+    PRESET_FILE,
+    RUNS_DIR,
+    CheckpointInfo,
+    default_run_dir,
+    find_checkpoint,
+    latest_checkpoint,
+    load_model,
+)
+from uvit_cli.config import Preset, apply_overrides, load_preset, preset_from_dict, preset_from_toml
+from uvit_cli.errors import CheckpointError, CheckpointMismatch, UvitError
+from uvit_cli.sample.generate import ConditionFn, SampleSettings, generate
+
+if TYPE_CHECKING:
+    import numpy as np
+
+OFFICIAL_CKPTS = "https://github.com/baofff/U-ViT#pretrained-models"
+
+
+def pick_run(text: bool | None = None, runs: Path = RUNS_DIR) -> tuple[Path, str]:
+    """The run under `runs/` a request without --ckpt or --preset means, and why: the only run (of the
+    text-to-image ones when `text`, of the others when `text` is False) with a checkpoint, else the most
+    recently updated of them."""
+    found = []
+    for d in sorted(runs.iterdir()) if runs.is_dir() else []:
+        latest = latest_checkpoint(d) if d.is_dir() else None
+        if latest is None:
+            continue
+        try:
+            cond = preset_from_toml(
+                (d / PRESET_FILE).read_text(), source=str(d / PRESET_FILE)
+            ).model.conditioning
+        except (OSError, UvitError):  # no readable preset.toml: its checkpoint still carries one
+            cond = None
+        found.append((latest.stat().st_mtime, d, cond))
+    kind = {True: "text-to-image ", False: "class-conditional or unconditional ", None: ""}[text]
+    fit = [f for f in found if text is None or (f[2] == "text") == text or f[2] is None]
+    if not fit:
+        have = f" (it holds {', '.join(str(d) for _, d, _ in found)})" if found else ""
+        raise CheckpointError(
+            f"no {kind}run with a checkpoint in {runs}/{have}: pass --ckpt FILE or RUN_DIR (e.g. --ckpt "
+            "quickstart/run after `uvit quickstart`), the paper's nnet_ema.pth with --preset NAME, or --preset NAME"
+        )
+    if len(fit) == 1:
+        return fit[0][1], f"the only {kind}run in {runs}/"
+    newest = max(fit, key=lambda f: f[0])
+    others = ", ".join(str(d) for _, d, _ in fit if d != newest[1])
+    return newest[1], f"the most recently updated {kind}run in {runs}/ (others: {others}; --ckpt picks one)"
+
+
+def _no_checkpoint(preset: Preset, run_dir: Path) -> CheckpointError:
+    if preset.data.kind == "shapes":  # the quickstart's toy: no paper checkpoint exists for it
+        return CheckpointError(
+            f"no checkpoint in {run_dir}: run `uvit quickstart` and sample its run with `--ckpt quickstart/run`, "
+            f"or train one with `uvit train {preset.name} --max-steps 3000`"
+        )
+    return CheckpointError(
+        f"no checkpoint in {run_dir}: train one with `uvit train {preset.name}`, or download the paper's "
+        f"(baofff/U-ViT README, {OFFICIAL_CKPTS}) and pass it with `--ckpt nnet_ema.pth --preset {preset.name}`"
+    )
+
+
+@dataclass
+class ResolvedModel:
+    """A model ready to sample: the network (eval mode), the preset it samples with, where its weights
+    came from (`info`: path, step, ema/model, sha256, format) and that said in one line (`note`)."""
+
+    model: Any
+    preset: Preset
+    info: CheckpointInfo
+    note: str
+
+
+def resolve_model(
+    ckpt: str | os.PathLike[str] | None,
+    preset: str | os.PathLike[str] | None,
+    *,
+    overrides: Sequence[str] = (),
+    ema: bool = True,
+    device: Any = None,
+    say: Callable[[str], None] = lambda _msg: None,
+    text: bool | None = None,
+) -> ResolvedModel:
+    """The model `--ckpt` / `--preset` / `--set` name, as `uvit sample` and `uvit fid` load it.
+
+    `--set` applies to `--preset` before an official .pth is built from it (e.g. model.depth=16), and to the
+    preset embedded in our checkpoints after loading (there only sampling keys can matter). With neither
+    `ckpt` nor `preset`, the run under runs/ that fits the request (`text`: prompts given) is used, and
+    `say` names it first."""
+    base = load_preset(preset, list(overrides)) if preset is not None else None
+    try:
+        if ckpt is None and base is None:
+            ckpt, why = pick_run(text)
+            say(f"using {ckpt}: {why}")
+        model, resolved, info, note = _load(ckpt, base, ema, device)
+    except CheckpointMismatch as e:
+        if base is None:
+            raise
+        raise CheckpointMismatch(
+            f"{e}; pass the --preset this checkpoint was trained with (or --set model.KEY=VALUE)"
+        ) from None
+    if overrides:
+        resolved = preset_from_dict(apply_overrides(resolved.model_dump(mode="json"), list(overrides)))
+    if base is not None and base.name != resolved.name:
+        say(f"note: the checkpoint's embedded preset '{resolved.name}' is used, not --preset '{base.name}'")
+    return ResolvedModel(model, resolved, info, note)
+
+
+def _load(
+    ckpt: str | os.PathLike[str] | None, preset: Preset | None, ema: bool, device: Any
+) -> tuple[Any, Preset, CheckpointInfo, str]:
+    if ckpt is None:
+        assert preset is not None, "resolve_model picks a run when neither is given"
+        run_dir = default_run_dir(preset)
+        if not run_dir.is_dir():
+            raise _no_checkpoint(preset, run_dir)
+        try:
+            file = find_checkpoint(run_dir, ema=ema)
+        except CheckpointError:
+            raise _no_checkpoint(preset, run_dir) from None
+    else:
+        file = find_checkpoint(ckpt, ema=ema)
+    # Our safetensors carry their preset; an official .pth takes --preset, else load_model recognises it.
+    model, resolved, info = load_model(
+        file, preset=None if file.suffix == ".safetensors" else preset, ema=ema, device=device
+    )
+    step = f", step {info.step}" if info.step is not None else ""
+    where = f"{info.path}{step} ({info.format}, sha256 {info.sha256[:12]})"
+    if info.format == "official" and preset is None:
+        where += f"; preset {resolved.name}, recognised from its shapes"
+    if info.format == "official" and "ema" not in file.stem and file.stem != "nnet":
+        # the README's released files (e.g. imagenet256_uvit_huge.pth) do not say which weights they hold
+        return model, resolved, info, f"released weights: {where}"
+    kind = "EMA" if info.weights == "ema" else "online (non-EMA)"
+    note = f"{kind} weights: {where}"
+    if ema != (info.weights == "ema"):
+        note += f" [asked for {'EMA' if ema else 'non-EMA'} weights; this file holds {info.weights}]"
+    return model, resolved, info, note
+
+
+@dataclass
+class ModelSampler:
+    """A resolved model with the settings, seed and device it generates with (`uvit sample`, `uvit fid --ckpt`)."""
+
+    loaded: ResolvedModel
+    settings: SampleSettings
+    seed: int
+    device: Any
+
+    def generate(
+        self,
+        indices: Sequence[int],
+        conditions: ConditionFn | None,
+        uncond: Mapping[str, Any] | None,
+        autoencoder: Any,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """`sample.generate` of `indices` with this model, settings, seed and device."""
+        return generate(
+            self.loaded.model,
+            self.loaded.preset,
+            indices,
+            conditions,
+            uncond,
+            seed=self.seed,
+            autoencoder=autoencoder,
+            settings=self.settings,
+            device=self.device,
+            progress=progress,
+        )
+
+
+def load_sampler(
+    ckpt: str | os.PathLike[str] | None,
+    preset: str | os.PathLike[str] | None,
+    *,
+    settings: Mapping[str, Any] | None,
+    seed: int,
+    overrides: Sequence[str],
+    ema: bool,
+    device: Any,
+    say: Callable[[str], None],
+    text: bool | None = None,
+) -> ModelSampler:
+    """`resolve_model` on `device` (default: this rank's) and the preset's SampleSettings under `settings`
+    (overrides; None keeps the preset's value). Call inside `dist.process_group()`."""
+    import torch
+
+    device = torch.device(device) if device is not None else dist.device()
+    loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say, text=text)
+    return ModelSampler(loaded, SampleSettings.from_preset(loaded.preset, **(settings or {})), seed, device)
+
+
+def preset_autoencoder(preset: Preset, vae: str | None, device: Any) -> Any:
+    """The autoencoder that decodes a latent preset's samples (--vae > $UVIT_VAE > the preset's pretrained >
+    HF cache) at its scale factor; None for pixel presets."""
+    if preset.data.space != "latent":
+        return None
+    from uvit_cli.encoders import load_autoencoder
+
+    assert preset.autoencoder is not None
+    return load_autoencoder(
+        vae, scale_factor=preset.autoencoder.scale_factor, device=device, preset=preset.autoencoder.pretrained
+    )
+
+
+def text_encoder(preset: Preset, clip: str | None, device: Any) -> Any:
+    """The preset's text encoder: CLIP (--clip > $UVIT_CLIP > the preset's pretrained > HF cache) or the toy."""
+    assert preset.text_encoder is not None
+    if preset.text_encoder.kind == "toy":  # the shapes quickstart: seeded, frozen, no weights file
+        from uvit_cli.shapes.text import toy_text_encoder
+
+        return toy_text_encoder().to(device)
+    from uvit_cli.encoders import load_text_encoder
+
+    return load_text_encoder(clip, device=device, preset=preset.text_encoder.pretrained)
