@@ -5,6 +5,7 @@ import sys
 
 from typer.testing import CliRunner
 
+from uvit_cli import data
 from uvit_cli.cli import app
 
 runner = CliRunner()
@@ -135,8 +136,11 @@ def test_train_without_prepared_data_names_the_prepare_command(tmp_path):
     )
     assert r.exit_code == 2 and "Traceback" not in r.output
     lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and f"uvit prepare shapes --out {missing}" in lines[0], r.output
+    assert len(lines) == 1 and "uvit prepare shapes" in lines[0], r.output
+    command = lines[0].split("`")[1].split()  # the advice, run as printed (fewer images): makes the set
+    assert CliRunner().invoke(app, [*command[1:], "--n", "40"]).exit_code == 0
+    assert data.read_manifest(missing)["kind"] == "shapes"
     r = CliRunner().invoke(
-        app, ["train", "imagenet256_uvit_h2", "--set", f"data.path={missing}"], terminal_width=400
+        app, ["train", "imagenet256_uvit_h2", "--set", f"data.path={tmp_path / 'in256'}"], terminal_width=400
     )
-    assert "uvit prepare imagenet --root IMAGENET --resolution 256" in r.output
+    assert "uvit prepare imagenet --resolution 256 --out" in r.output

@@ -1,5 +1,7 @@
 """Presets: every packaged preset validates, builds the spec's model, and bad input is one clear line."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,6 +43,46 @@ def test_preset_builds_model_of_spec_size(name):
         model = UViT(**p.model)  # the [model] table unpacks straight into the constructor
     assert model.num_params() == PAPER_PRESETS[name]
     assert dict(**p.model) == p.model.model_dump()
+
+
+@pytest.mark.parametrize("name", config.list_presets())
+def test_the_prepare_default_writes_where_the_preset_reads(name):
+    # `uvit prepare <kind> --out feats` then `uvit train <preset>` with no --set data.path
+    d = load_preset(name).data
+    assert config.set_dir(config.DATA_ROOT, config.dataset_name(d.kind, d.resolution)) == Path(d.path)
+    assert d.prepare_command().endswith(f"--out {config.DATA_ROOT}")
+
+
+def test_set_dir_is_the_root_unless_it_already_is_the_set(tmp_path):
+    assert config.set_dir(tmp_path, "coco256") == tmp_path / "coco256"
+    assert config.set_dir(tmp_path / "coco256", "coco256") == tmp_path / "coco256"  # --out feats/coco256
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "manifest.json").write_text("{}")
+    assert config.set_dir(tmp_path / "mine", "coco256") == tmp_path / "mine"  # an existing set resumes
+    assert config.dataset_name("folder", 64, tmp_path / "my_images") == "my_images64"
+    assert config.dataset_name("imagenet64", 64) == "imagenet64"
+
+
+def test_data_path_may_name_the_set_or_the_root_holding_it(tmp_path):
+    def data(kind, path, resolution=256):
+        return config.DataConfig(kind=kind, path=str(path), resolution=resolution)
+
+    def prepared(d):
+        d.mkdir(parents=True)
+        (d / config.MANIFEST).write_text("{}")
+        return d
+
+    assert data("coco", tmp_path).set_path() == tmp_path  # nothing prepared: the path as given
+    coco = prepared(tmp_path / "coco256")
+    prepared(tmp_path / "imagenet64")
+    assert data("coco", coco).set_path() == coco
+    assert data("coco", tmp_path).set_path() == coco  # `--out ROOT` wrote ROOT/coco256
+    assert data("imagenet64", tmp_path, 64).set_path() == tmp_path / "imagenet64"
+    assert data("imagenet", tmp_path).set_path() == tmp_path  # no imagenet256 under it
+    mine = prepared(tmp_path / "faces" / "my_images64")
+    assert data("folder", tmp_path / "faces", 64).set_path() == mine  # a folder set: the only one there
+    prepared(tmp_path / "faces" / "more64")
+    assert data("folder", tmp_path / "faces", 64).set_path() == tmp_path / "faces"  # two: no guess
 
 
 def test_spec_hyperparameters():

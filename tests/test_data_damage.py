@@ -177,7 +177,7 @@ def test_interrupted_prepare_shapes_resumes_and_leaves_no_temporaries(tmp_path, 
     assert not list(out.rglob(".tmp-*"))
 
     fresh = tmp_path / "uninterrupted"
-    assert _run("prepare", "shapes", "--out", str(fresh), *CLI_ARGS).exit_code == 0
+    assert _run("prepare", "shapes", "--out", str(fresh), "--name", "uninterrupted", *CLI_ARGS).exit_code == 0
     assert _files(out) == _files(fresh)
     assert data.read_manifest(out)["splits"] == data.read_manifest(fresh)["splits"]
 

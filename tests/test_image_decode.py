@@ -108,8 +108,8 @@ def test_prepare_stores_16_bit_images_as_their_8_bit_pixels(tmp_path):
 
     a, b = _grey_folders(tmp_path)
     kw = dict(space="pixel", resolution=16, crop="lanczos", labels="none", num_workers=0)
-    prepare_folder(a, tmp_path / "pa", **kw)
-    r = prepare_folder(b, tmp_path / "pb", **kw)
+    prepare_folder(a, tmp_path, name="pa", **kw)
+    r = prepare_folder(b, tmp_path, name="pb", **kw)
     assert r.manifest["splits"]["train"]["skipped"] == []
     da, db = FeatureDataset(tmp_path / "pa"), FeatureDataset(tmp_path / "pb")
     assert len(da) == len(db) == 5

@@ -165,7 +165,7 @@ def shard_hashes(out: Path) -> dict[str, str]:
 
 def test_prepare_coco_matches_direct_computation(tmp_path, encoders):
     coco = make_coco(tmp_path / "coco", n_train=3, n_val=1)
-    out = tmp_path / "feats"
+    out = tmp_path / "coco256"
     r = invoke(
         "prepare", "coco", "--coco-root", str(coco), "--out", str(out), "--vae", encoders["vae"],
         "--clip", encoders["clip"], "--items-per-shard", "2", "--batch-size", "2", "--workers", "0",
@@ -206,7 +206,7 @@ def test_prepare_coco_matches_direct_computation(tmp_path, encoders):
 
 def test_prepare_coco_fp16_default_and_single_split(tmp_path, encoders):
     coco = make_coco(tmp_path / "coco", n_train=1, n_val=2)
-    out = tmp_path / "feats"
+    out = tmp_path / "coco32"
     r = invoke(
         "prepare", "coco", "--coco-root", str(coco), "--out", str(out), "--vae", encoders["vae"],
         "--clip", encoders["clip"], "--split", "val", "--workers", "0", "--resolution", "32",
@@ -283,7 +283,7 @@ def test_missing_coco_files_one_line(tmp_path, encoders):
 
 def test_prepare_imagenet_matches_direct_computation(tmp_path, encoders):
     root = make_imagenet(tmp_path / "imagenet")
-    out = tmp_path / "in256"
+    out = tmp_path / "imagenet256"
     r = invoke(
         "prepare", "imagenet", "--root", str(root), "--resolution", "256", "--out", str(out),
         "--vae", encoders["vae_small"], "--workers", "2", "--items-per-shard", "2", "--dtype", "float32",
@@ -387,7 +387,7 @@ def _folder_with_bad_images(root: Path) -> Path:
 def test_corrupt_images_skipped_and_listed(tmp_path, encoders):
     root = _folder_with_bad_images(tmp_path / "imgs")
     out = tmp_path / "px"
-    r = invoke("prepare", "folder", str(root), "--out", str(out), "--space", "pixel", "--resolution", "16",
+    r = invoke("prepare", "folder", str(root), "--out", str(out), "--name", out.name, "--space", "pixel", "--resolution", "16",
                "--items-per-shard", "3", "--workers", "2", "--batch-size", "2")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "5 items" in r.output and "2 unreadable images skipped" in r.output
@@ -410,7 +410,7 @@ def test_resume_after_interruption_is_identical(tmp_path, encoders, monkeypatch)
     # shards of 2, 2, 1 images; batches of up to 3 that must not cross shards
     args = ["--coco-root", str(coco), "--vae", encoders["vae"], "--clip", encoders["clip"], "--split", "train",
             "--items-per-shard", "2", "--batch-size", "3", "--workers", "0", "--resolution", "32"]  # fmt: skip
-    ref = tmp_path / "ref"
+    ref = tmp_path / "ref" / "coco32"
     assert invoke("prepare", "coco", "--out", str(ref), *args).exit_code == 0
 
     # interrupt after the first shard is written (as Ctrl-C would)
@@ -426,7 +426,7 @@ def test_resume_after_interruption_is_identical(tmp_path, encoders, monkeypatch)
         return real(*a, **k)
 
     monkeypatch.setattr(run_mod, "_finish_shard", finish_then_die)
-    out = tmp_path / "out"
+    out = tmp_path / "coco32"
     r = invoke("prepare", "coco", "--out", str(out), *args)
     assert r.exit_code == 130
     assert data.list_shards(out / "train") == [0]
@@ -454,7 +454,7 @@ def test_resume_after_interruption_is_identical(tmp_path, encoders, monkeypatch)
 
 def test_refuses_out_made_with_other_settings(tmp_path, encoders):
     coco = make_coco(tmp_path / "coco", n_train=2, n_val=1)
-    out = tmp_path / "out"
+    out = tmp_path / "coco256"
     base = ["prepare", "coco", "--coco-root", str(coco), "--out", str(out), "--clip", encoders["clip"],
             "--split", "train", "--workers", "0", "--resolution", "32"]  # fmt: skip
     assert invoke(*base, "--vae", encoders["vae"]).exit_code == 0
@@ -478,8 +478,9 @@ def test_refuses_out_made_with_other_settings(tmp_path, encoders):
     other.mkdir()
     (other / "notes.txt").write_text("x")
     r = invoke(
-        "prepare", "folder", str(tmp_path / "coco" / "val2014"), "--out", str(other), "--space", "pixel"
-    )
+        "prepare", "folder", str(tmp_path / "coco" / "val2014"), "--out", str(other), "--name", "home",
+        "--space", "pixel",
+    )  # fmt: skip
     assert r.exit_code == 2 and "not empty" in r.output
 
 
@@ -494,7 +495,7 @@ def test_folder_captions_text_set(tmp_path, encoders):
         '{"file": "x.jpg", "caption": "another"}\n'
     )
     out = tmp_path / "o"
-    r = invoke("prepare", "folder", str(root), "--out", str(out), "--space", "pixel", "--resolution", "16",
+    r = invoke("prepare", "folder", str(root), "--out", str(out), "--name", out.name, "--space", "pixel", "--resolution", "16",
                "--clip", encoders["clip"], "--workers", "0")  # fmt: skip
     assert r.exit_code == 0, r.output
     m = data.read_manifest(out)
@@ -572,7 +573,7 @@ def official_imagenet_file(path: Path, moments: np.ndarray, label: int, numpy1: 
 
 def test_import_official_coco_features(tmp_path):
     want = make_official_coco(tmp_path / "coco256_features")
-    out = tmp_path / "coco"
+    out = tmp_path / "coco32"
     r = invoke("prepare", "official-features", str(tmp_path / "coco256_features"), "--out", str(out),
                "--items-per-shard", "2", "--dtype", "float32")  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -616,7 +617,9 @@ def test_import_official_imagenet_features_and_train(tmp_path):
     for idx, (m, y) in enumerate(files):
         official_imagenet_file(src / f"{idx}.npy", m, y, numpy1=idx % 2 == 0)
     out = tmp_path / "in"
-    r = invoke("prepare", "official-features", str(src), "--out", str(out), "--dtype", "float32")
+    r = invoke(
+        "prepare", "official-features", str(src), "--out", str(out), "--name", "in", "--dtype", "float32"
+    )
     assert r.exit_code == 0, r.output
     ds = data.FeatureDataset(out)
     assert len(ds) == 6 and ds.views == 1 and ds.num_classes == 1000 and ds.null_class == 1000

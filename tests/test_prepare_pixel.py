@@ -186,7 +186,7 @@ def test_celeba_partition_and_errors(tmp_path):
     (root / "list_eval_partition.txt").write_text(
         "000001.jpg 0\n000002.jpg 0\n000003.jpg 1\n000004.jpg 2\n000005.jpg 0\n000006.jpg 2\n"
     )
-    out = tmp_path / "o"
+    out = tmp_path / "celeba32"
     # --root one level up, as U-ViT's CelebA(root=...) (torchvision appends "celeba/")
     r = invoke("prepare", "celeba", "--root", str(tmp_path), "--out", str(out), "--workers", "0",
                "--resolution", "32")  # fmt: skip
@@ -212,7 +212,7 @@ def test_celeba_partition_and_errors(tmp_path):
 
 def test_imagenet64_pixels_match_adm_crop(tmp_path):
     root = make_imagenet(tmp_path / "imagenet")
-    out = tmp_path / "in64"
+    out = tmp_path / "imagenet64"
     r = invoke("prepare", "imagenet", "--root", str(root), "--space", "pixel", "--out", str(out),
                "--workers", "0", "--items-per-shard", "2")  # fmt: skip
     assert r.exit_code == 0, r.output

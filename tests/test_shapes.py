@@ -136,7 +136,7 @@ def test_prepare_writes_shards_that_the_trainer_reads(tmp_path):
 def test_prepare_shapes_cli(tmp_path):
     from uvit_cli.cli import app
 
-    out = tmp_path / "s"
+    out = tmp_path / "shapes"
     res = CliRunner().invoke(app, ["prepare", "shapes", "--out", str(out), "--n", "40", "--resolution", "16"])
     assert res.exit_code == 0, res.output
     assert "train: 40 images, 80 captions" in res.output

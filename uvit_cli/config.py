@@ -78,30 +78,65 @@ class ModelConfig(_Strict):
         return "class" if self.num_classes > 0 else "none"
 
 
+MANIFEST = "manifest.json"  # every prepared set's description (data.format reads and writes it)
+DATA_ROOT = "feats"  # where `uvit prepare` writes and the packaged presets read: one folder per set
+
+
+def dataset_name(kind: str, resolution: int, source: str | os.PathLike[str] | None = None) -> str:
+    """The folder name of a prepared set under the data root: coco256, imagenet64, cifar10, celeba64, shapes,
+    or `<images folder><resolution>` for `uvit prepare folder`."""
+    if kind in ("cifar10", "shapes"):
+        return kind
+    if kind == "folder":
+        base = Path(source).resolve().name if source is not None else "folder"
+        return f"{base}{resolution}"
+    return f"{'imagenet' if kind == 'imagenet64' else kind}{resolution}"
+
+
+def set_dir(out: str | os.PathLike[str], name: str) -> Path:
+    """Where `uvit prepare --out OUT` writes the set `name`: OUT/name, unless OUT already is that set
+    (it is called `name`, or it holds a prepared set's manifest.json)."""
+    out = Path(out)
+    if out.name == name or (out / "manifest.json").is_file():
+        return out
+    return out / name
+
+
 class DataConfig(_Strict):
     """Where the training data lives and what it is."""
 
     kind: Literal["coco", "imagenet", "folder", "cifar10", "celeba", "imagenet64", "shapes"]
-    path: str = Field(description="directory of prepared shards (`uvit prepare ... --out`)")
+    path: str = Field(description="a prepared set, or the data root holding it (`uvit prepare ... --out`)")
     space: Space = "latent"
     resolution: int = Field(gt=0, description="image resolution in pixels")
     random_flip: bool = False
 
+    def set_path(self) -> Path:
+        """The prepared set `path` names: `path` itself when it holds a manifest.json, else the set under the
+        data root `path` that `uvit prepare --out path` writes for this section (coco256, imagenet64, ...),
+        else the only prepared set in `path` (a folder set is named after its images); `path` otherwise."""
+        path = Path(self.path)
+        if (path / MANIFEST).is_file():
+            return path
+        named = path / dataset_name(self.kind, self.resolution)
+        if self.kind != "folder" and (named / MANIFEST).is_file():
+            return named
+        sets = sorted(d for d in path.iterdir() if (d / MANIFEST).is_file()) if path.is_dir() else []
+        return sets[0] if self.kind == "folder" and len(sets) == 1 else path
+
     def prepare_command(self) -> str:
         """The `uvit prepare` line that makes the shards this data section reads (docs/data.md)."""
-        out = self.path
-        if self.kind == "imagenet":
-            space = " --space pixel" if self.space == "pixel" else ""
-            return f"uvit prepare imagenet --root IMAGENET{space} --resolution {self.resolution} --out {out}"
-        if self.kind == "imagenet64":
-            return f"uvit prepare imagenet --root IMAGENET --space pixel --resolution 64 --out {out}"
-        if self.kind == "coco":
-            return f"uvit prepare coco --coco-root COCO --out {out}"
+        path = Path(self.path)
+        default = dataset_name(self.kind, self.resolution, "IMAGES")
+        out = f"--out {path.parent.as_posix()}" + ("" if path.name == default else f" --name {path.name}")
+        if self.kind in ("imagenet", "imagenet64"):
+            space = " --space pixel" if self.space == "pixel" or self.kind == "imagenet64" else ""
+            return f"uvit prepare imagenet{space} --resolution {self.resolution} {out}"
         if self.kind == "folder":
-            return f"uvit prepare folder IMAGES --out {out}"
-        if self.kind in ("cifar10", "celeba"):
-            return f"uvit prepare {self.kind} --root DATA --out {out}"
-        return f"uvit prepare {self.kind} --out {out}"
+            return f"uvit prepare folder IMAGES --resolution {self.resolution} {out}"
+        if self.kind in ("celeba", "shapes"):
+            return f"uvit prepare {self.kind} --resolution {self.resolution} {out}"
+        return f"uvit prepare {self.kind} {out}"
 
 
 class ScheduleConfig(_Strict):

@@ -181,7 +181,9 @@ def quickstart(
         PRESET, [f"data.path={data_dir.as_posix()}", f"train.seed={seed}", *(overrides or [])]
     )
     t0 = time.perf_counter()
-    prep = prepare_shapes(data_dir, n=images or DEFAULT_IMAGES, seed=seed, resolution=preset.data.resolution)
+    prep = prepare_shapes(
+        out, name=data_dir.name, n=images or DEFAULT_IMAGES, seed=seed, resolution=preset.data.resolution
+    )
     m = prep.manifest["splits"]
     seconds["prepare"] = time.perf_counter() - t0
     emit(

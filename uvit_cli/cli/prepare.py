@@ -11,6 +11,7 @@ import typer
 
 from uvit_cli.cli.common import ClipOpt, VaeOpt, handle_errors, image_progress, is_rank0, out, warn
 from uvit_cli.config import (
+    DATA_ROOT,
     Crop,
     EncoderPrecision,
     FolderCaptions,
@@ -26,7 +27,21 @@ app = typer.Typer(
 )
 
 
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory of shards (created; resumable).")]
+OutOpt = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Data root: the set is written to OUT/<name> (coco256, imagenet256, ...: what the presets read), "
+        "or to OUT itself if it is that set already. Resumable.",
+    ),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--name", help="Folder of the set under --out (default: the presets' name).", show_default=False
+    ),
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder call (per GPU).")]
 ShardOpt = Annotated[int, typer.Option("--items-per-shard", min=1, help="Images per shard.")]
 DtypeOpt = Annotated[StorageDtype, typer.Option("--dtype", help="Storage of moments and contexts.")]
@@ -80,7 +95,8 @@ def _run(fn: Any, **kwargs: Any) -> None:
 @app.command("coco")
 @handle_errors
 def coco(
-    out_dir: OutOpt,
+    out_dir: OutOpt = Path(DATA_ROOT),
+    name: NameOpt = None,
     coco_root: Annotated[
         Path | None,
         typer.Option(
@@ -106,6 +122,7 @@ def coco(
         prepare_coco,
         coco_root=coco_root,
         out=out_dir,
+        name=name,
         split=split,
         vae=vae,
         clip=clip,
@@ -121,7 +138,8 @@ def coco(
 @app.command("imagenet")
 @handle_errors
 def imagenet(
-    out_dir: OutOpt,
+    out_dir: OutOpt = Path(DATA_ROOT),
+    name: NameOpt = None,
     root: Annotated[
         Path | None,
         typer.Option(
@@ -152,6 +170,7 @@ def imagenet(
         prepare_imagenet,
         root=root,
         out=out_dir,
+        name=name,
         resolution=resolution,
         space=space,
         vae=vae,
@@ -166,7 +185,8 @@ def imagenet(
 @app.command("cifar10")
 @handle_errors
 def cifar10(
-    out_dir: OutOpt,
+    out_dir: OutOpt = Path(DATA_ROOT),
+    name: NameOpt = None,
     root: Annotated[
         Path | None,
         typer.Option(
@@ -181,13 +201,21 @@ def cifar10(
     """CIFAR-10 as U-ViT: uint8 32x32 pixels with labels; train (50,000) and test (10,000) splits."""
     from uvit_cli.prepare import prepare_cifar10
 
-    _run(prepare_cifar10, root=root, out=out_dir, items_per_shard=items_per_shard, num_workers=workers)
+    _run(
+        prepare_cifar10,
+        root=root,
+        out=out_dir,
+        name=name,
+        items_per_shard=items_per_shard,
+        num_workers=workers,
+    )
 
 
 @app.command("celeba")
 @handle_errors
 def celeba(
-    out_dir: OutOpt,
+    out_dir: OutOpt = Path(DATA_ROOT),
+    name: NameOpt = None,
     root: Annotated[
         Path | None,
         typer.Option(
@@ -207,6 +235,7 @@ def celeba(
         prepare_celeba,
         root=root,
         out=out_dir,
+        name=name,
         resolution=resolution,
         items_per_shard=items_per_shard,
         num_workers=workers,
@@ -217,7 +246,8 @@ def celeba(
 @handle_errors
 def folder(
     directory: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    out_dir: OutOpt,
+    out_dir: OutOpt = Path(DATA_ROOT),
+    name: NameOpt = None,
     space: Annotated[
         Space, typer.Option("--space", help="latent: autoencoder moments; pixel: uint8 images.")
     ] = "latent",
@@ -251,6 +281,7 @@ def folder(
         prepare_folder,
         directory=directory,
         out=out_dir,
+        name=name,
         space=space,
         resolution=resolution,
         crop=crop,
@@ -273,7 +304,8 @@ def official_features(
     src: Annotated[
         Path, typer.Argument(help="An official coco256_features/ or imagenet{256,512}_features/ directory.")
     ],
-    out_dir: OutOpt,
+    out_dir: OutOpt = Path(DATA_ROOT),
+    name: NameOpt = None,
     kind: Annotated[
         OfficialKind, typer.Option("--kind", help="What SRC holds (auto: from its layout).")
     ] = "auto",
@@ -288,6 +320,7 @@ def official_features(
         import_official_features,
         src=src,
         out=out_dir,
+        name=name,
         kind=kind,
         items_per_shard=items_per_shard,
         dtype=dtype,
@@ -298,9 +331,8 @@ def official_features(
 @app.command("shapes")
 @handle_errors
 def shapes(
-    out_dir: Annotated[
-        Path, typer.Option("--out", "-o", help="Output directory of shards (created).")
-    ] = Path("feats/shapes"),
+    out_dir: OutOpt = Path(DATA_ROOT),
+    name: Annotated[str, typer.Option("--name", help="Folder of the set under --out.")] = "shapes",
     n: Annotated[int, typer.Option("--n", min=1, help="Training images.")] = 10000,
     n_val: Annotated[
         int | None,
@@ -315,7 +347,7 @@ def shapes(
     from uvit_cli.shapes.prepare import prepare_shapes
 
     t0 = time.perf_counter()
-    result = prepare_shapes(out_dir, n=n, n_val=n_val, seed=seed, resolution=resolution)
+    result = prepare_shapes(out_dir, name=name, n=n, n_val=n_val, seed=seed, resolution=resolution)
     for split, entry in result.manifest["splits"].items():
         out.print(
             f"{split}: {entry['items']} images, {entry['captions']} captions in {len(entry['shards'])} shards"

@@ -61,10 +61,10 @@ def train(
 
     Multi-GPU: torchrun --nproc_per_node N -m uvit_cli train PRESET (train.batch_size is the global batch).
     """
-    from uvit_cli.config import load_preset
+    from uvit_cli.config import MANIFEST, load_preset
 
     p = load_preset(preset, set_ or [])  # a wrong name or --set key fails in a second, before torch loads
-    manifest = Path(p.data.path) / "manifest.json"  # data.MANIFEST; importing data.py would load torch
+    manifest = p.data.set_path() / MANIFEST  # data/ would load torch
     if not manifest.is_file():  # likewise data that was never prepared
         raise fail(
             f"{manifest} not found: prepare the data first (`{p.data.prepare_command()}`, or --set data.path=DIR)",

@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from uvit_cli.config import MANIFEST
 from uvit_cli.errors import DataError
 from uvit_cli.fileio import sha256_file, write_json_atomic
 
 FORMAT = "uvit-shards"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 EMPTY_CONTEXT = "empty_context.npy"
 SHARD_META = "meta.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})$")
@@ -189,7 +189,10 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         m = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path} not found: prepare the data first (uvit prepare ... --out {root})") from None
+        root = Path(root)
+        raise DataError(
+            f"{path} not found: prepare the data first (uvit prepare ... --out {root.parent} --name {root.name})"
+        ) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError

@@ -173,7 +173,7 @@ def fid_from_checkpoint(
             uncond = null_condition(resolved)
             cond_info["labels"] = f"uniform over 0..{k - 1} from (seed, index)"
         elif resolved.model.conditioning == "text":
-            root = Path(contexts_from) if contexts_from is not None else Path(resolved.data.path)
+            root = Path(contexts_from) if contexts_from is not None else resolved.data.set_path()
             conditions, empty, ctx_info = val_context_conditions(root, seed, resolved)
             if clip is not None:
                 encoder = text_encoder(resolved, clip, device)

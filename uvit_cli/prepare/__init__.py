@@ -1,12 +1,15 @@
 """`uvit prepare`: COCO 2014, ImageNet, CIFAR-10, CelebA and image folders into feature shards (`uvit_cli.data`).
 
-    prepare_coco("coco/", "feats/coco256")                      # moments + every caption's CLIP features
-    prepare_imagenet("imagenet/", "feats/in256", resolution=256)  # moments of image and flip + label
-    prepare_imagenet("imagenet/", "feats/imagenet64", space="pixel")  # uint8 64x64 pixels + label
-    prepare_cifar10("cifar10/", "feats/cifar10")                # uint8 32x32 pixels + label; train, test
-    prepare_celeba("celeba/", "feats/celeba64")                 # uint8 64x64 pixels
-    prepare_folder("my_images/", "feats/mine", space="pixel", resolution=64)
-    import_official_features("assets/datasets/coco256_features", "feats/coco256")  # official extraction
+    prepare_coco("coco/", "feats")                        # feats/coco256: moments + every caption's CLIP features
+    prepare_imagenet("imagenet/", "feats", resolution=256)  # feats/imagenet256: moments of image and flip + label
+    prepare_imagenet("imagenet/", "feats", space="pixel")   # feats/imagenet64: uint8 64x64 pixels + label
+    prepare_cifar10("cifar10/", "feats")                  # feats/cifar10: uint8 32x32 pixels + label; train, test
+    prepare_celeba("celeba/", "feats")                    # feats/celeba64: uint8 64x64 pixels
+    prepare_folder("my_images/", "feats", space="pixel", resolution=64)      # feats/my_images64
+    import_official_features("assets/datasets/coco256_features", "feats")  # feats/coco256: official extraction
+
+`out` is the data root: the set goes to `out/<name>` (`config.dataset_name`, the folder the packaged presets
+read), unless `out` already is that set (`config.set_dir`); `name=` names the folder otherwise.
 
 Each call runs on every `torchrun` rank (each writes its own shards) and reports progress through
 `progress(Progress)`; rerunning the same call resumes.
@@ -25,6 +28,8 @@ from uvit_cli.config import (
     PrepareSplit,
     Space,
     StorageDtype,
+    dataset_name,
+    set_dir,
 )
 from uvit_cli.errors import DataError
 from uvit_cli.prepare.official import import_official_features
@@ -79,6 +84,7 @@ def prepare_coco(
     coco_root: Path_ | None,
     out: Path_,
     *,
+    name: str | None = None,
     split: PrepareSplit = "both",
     vae: str | None = None,
     clip: str | None = None,
@@ -111,13 +117,14 @@ def prepare_coco(
         batch_size=batch_size,
         num_workers=_default_workers() if num_workers is None else num_workers,
     )
-    return run(out, spec, jobs, progress)
+    return run(set_dir(out, name or dataset_name("coco", resolution)), spec, jobs, progress)
 
 
 def prepare_imagenet(
     root: Path_ | None,
     out: Path_,
     *,
+    name: str | None = None,
     resolution: int | None = None,
     space: Space = "latent",
     vae: str | None = None,
@@ -156,13 +163,19 @@ def prepare_imagenet(
         batch_size=batch_size,
         num_workers=_default_workers() if num_workers is None else num_workers,
     )
-    return run(out, spec, [SplitJob("train", sources)], progress)
+    return run(
+        set_dir(out, name or dataset_name("imagenet", resolution)),
+        spec,
+        [SplitJob("train", sources)],
+        progress,
+    )
 
 
 def prepare_cifar10(
     root: Path_ | None,
     out: Path_,
     *,
+    name: str | None = None,
     items_per_shard: int = 1000,
     num_workers: int | None = None,
     progress: ProgressFn | None = None,
@@ -185,13 +198,14 @@ def prepare_cifar10(
         batch_size=256,
         num_workers=_default_workers() if num_workers is None else num_workers,
     )
-    return run(out, spec, jobs, progress)
+    return run(set_dir(out, name or dataset_name("cifar10", 32)), spec, jobs, progress)
 
 
 def prepare_celeba(
     root: Path_ | None,
     out: Path_,
     *,
+    name: str | None = None,
     resolution: int = 64,
     items_per_shard: int = 1000,
     num_workers: int | None = None,
@@ -215,13 +229,15 @@ def prepare_celeba(
         batch_size=256,
         num_workers=_default_workers() if num_workers is None else num_workers,
     )
-    return run(out, spec, [SplitJob(name, sources) for name, sources in splits.items()], progress)
+    out = set_dir(out, name or dataset_name("celeba", resolution))
+    return run(out, spec, [SplitJob(split, sources) for split, sources in splits.items()], progress)
 
 
 def prepare_folder(
     directory: Path_,
     out: Path_,
     *,
+    name: str | None = None,
     space: Space = "latent",
     resolution: int = 256,
     crop: Crop = "adm",
@@ -258,4 +274,5 @@ def prepare_folder(
         batch_size=batch_size,
         num_workers=_default_workers() if num_workers is None else num_workers,
     )
+    out = set_dir(out, name or dataset_name("folder", resolution, directory))
     return run(out, spec, [SplitJob("train", sources)], progress)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from uvit_cli import data
-from uvit_cli.config import OfficialKind
+from uvit_cli.config import OfficialKind, dataset_name, set_dir
 from uvit_cli.errors import DataError
 from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
 from uvit_cli.safe_pickle import load_numpy_pickle
@@ -108,17 +108,19 @@ def import_official_features(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
+    name: str | None = None,
     kind: OfficialKind = "auto",
     dtype: str = "float16",
     items_per_shard: int = 1000,
     num_workers: int = 8,
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
-    """Copy an official `coco256_features/` or `imagenet{256,512}_features/` directory into shards at `out`.
+    """Copy an official `coco256_features/` or `imagenet{256,512}_features/` directory into shards under the
+    data root `out` (`out/coco256`, `out/imagenet256`, ...; see `config.set_dir`).
 
     Rerunning the same call resumes (finished shards are kept); an `--out` made otherwise is refused.
     """
-    src, out = Path(src), Path(out)
+    src = Path(src)
     if not src.is_dir():
         raise DataError(f"{src}: directory not found")
     kind = _detect(src) if kind == "auto" else kind
@@ -179,6 +181,7 @@ def import_official_features(
         preprocessing=f"imported from {src} (official U-ViT scripts/{what}); one item per file"
         + (", mirror images included as items" if kind == "imagenet" else ""),
     )
+    out = set_dir(out, name or dataset_name(kind, settings["resolution"]))
     writer = data.ShardSetWriter(out, manifest)
     n_shards = {s: math.ceil(n / items_per_shard) for s, (n, _) in listings.items()}
     splits = {

@@ -8,12 +8,12 @@ of both captions of each item, and the empty caption's features as the CFG null 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from uvit_cli import data
+from uvit_cli.config import set_dir
 from uvit_cli.errors import DataError
 from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
 from uvit_cli.shapes import render, text
@@ -27,6 +27,7 @@ DEFAULT_IMAGES = 10000
 def prepare_shapes(
     out: str | os.PathLike[str],
     *,
+    name: str = "shapes",
     n: int = DEFAULT_IMAGES,
     n_val: int | None = None,
     seed: int = 0,
@@ -36,11 +37,11 @@ def prepare_shapes(
     dtype: str = "float16",
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
-    """Write `n` training and `n_val` (default n // 10) held-out scenes to `out`. Rerunning the same call
+    """Write `n` training and `n_val` (default n // 10) held-out scenes to `out/<name>` (`config.set_dir`). Rerunning the same call
     resumes an interrupted one and re-makes damaged shards; a finished set is verified and kept."""
     import torch
 
-    out = Path(out)
+    out = set_dir(out, name)
     n_val = max(n // 10, 1) if n_val is None else n_val
     if n < 1 or n_val < 0:
         raise DataError(f"--n {n}: need at least one training image")

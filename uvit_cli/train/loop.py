@@ -136,7 +136,7 @@ def train(
         # ---- Data -----------------------------------------------------------------------------------
         from uvit_cli.data import FeatureDataset, ResumableSampler, TimedBatches, make_loader, to_model
 
-        ds = FeatureDataset(preset.data.path, "train", seed=tc.seed)
+        ds = FeatureDataset(preset.data.set_path(), "train", seed=tc.seed)
         check_data_fits(preset, ds)
         sampler = ResumableSampler(
             len(ds), global_batch, seed=tc.seed, rank=rank, world_size=world, with_epoch=True
