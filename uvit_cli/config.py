@@ -198,6 +198,21 @@ class SampleConfig(_Strict):
     batch_size: int = Field(50, gt=0)
 
 
+class EvalConfig(_Strict):
+    """FID while training: every `interval` steps (and at the last), `n` images of the EMA weights with the
+    [sample] solver and guidance (`steps` solver steps) against `ref`, on every rank; off while `ref` is unset.
+    The paper presets carry the official scripts' in-training settings (10,000 images, 50 steps, every
+    50,000 steps, pytorch-fid's protocol)."""
+
+    ref: str | None = Field(None, description="reference statistics (.npz with mu, sigma); unset: no FID")
+    interval: int = Field(50000, gt=0, description="steps between evaluations")
+    n: int = Field(10000, ge=2, description="images per evaluation")
+    steps: int | None = Field(None, gt=0, description="solver steps (unset: [sample].steps)")
+    mode: FidMode = "clean"
+    seed: int = 0
+    keep_best: bool = True  # the EMA weights of the best FID so far in RUN/best/
+
+
 class AutoencoderConfig(_Strict):
     pretrained: str = Field(
         "autoencoder_kl.pth",
@@ -225,6 +240,7 @@ class Preset(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig
     sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
     autoencoder: AutoencoderConfig | None = None
     text_encoder: TextEncoderConfig | None = None
 

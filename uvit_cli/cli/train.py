@@ -120,7 +120,7 @@ def train(
             )
         elif e.kind == "warning":
             warn(e.message)
-        elif e.kind in ("checkpoint", "samples"):
+        elif e.kind in ("checkpoint", "samples", "fid"):
             progress.console.print(f"[dim]step {e.step}: {escape(e.message)}[/dim]", soft_wrap=True)
         elif e.kind == "done":
             progress.stop()

@@ -21,7 +21,14 @@ from uvit_cli.config import Preset
 from uvit_cli.errors import DataError
 from uvit_cli.fid import FidResult, fid_from_generator, load_ref_stats
 
-__all__ = ["fid_from_checkpoint", "paper_num_images", "val_context_conditions"]
+__all__ = [
+    "check_fid_request",
+    "fid_conditions",
+    "fid_from_checkpoint",
+    "fid_of_model",
+    "paper_num_images",
+    "val_context_conditions",
+]
 
 # progress(images done over all ranks (estimated from this rank's share), total)
 Progress = Callable[[int, int], None]
@@ -101,6 +108,114 @@ def val_context_conditions(
     return conditions, ds.empty_context, info
 
 
+def fid_conditions(
+    preset: Preset,
+    seed: int,
+    *,
+    contexts_from: str | os.PathLike[str] | None = None,
+    null_context: Any = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(conditions, CFG's null condition, info) of the paper's FID runs for `preset` (module docstring).
+
+    Text models take contexts from the val split of `contexts_from` (default the preset's data set) and, as
+    null, `null_context` (e.g. CLIP('')) else the shards' empty_context; None, None for unconditional ones."""
+    from uvit_cli.sample.generate import null_condition, random_class_conditions, valid_classes
+
+    info: dict[str, Any] = {"kind": preset.model.conditioning}
+    if preset.model.conditioning == "class":
+        k = len(valid_classes(preset))
+        info["labels"] = f"uniform over 0..{k - 1} from (seed, index)"
+        return random_class_conditions(seed, k), null_condition(preset), info
+    if preset.model.conditioning == "text":
+        root = Path(contexts_from) if contexts_from is not None else preset.data.set_path()
+        conditions, empty, info["contexts"] = val_context_conditions(root, seed, preset)
+        if null_context is not None:
+            empty = null_context
+        return conditions, null_condition(preset, empty), info
+    return None, None, info
+
+
+def check_fid_request(
+    ref: str | os.PathLike[str], n: int | None, mode: str, inception_weights: Any, features: Any
+) -> None:
+    """The cheap checks before a model loads: the reference, the mode, the Inception weights, n >= 2."""
+    from uvit_cli.fid.features import check_mode
+
+    check_mode(mode)
+    load_ref_stats(ref, None if features is not None else 2048)
+    if features is None:
+        from uvit_cli.inception import resolve_weights
+
+        resolve_weights(inception_weights, mode)
+    if n is not None and n < 2:
+        raise DataError(f"--n {n}: FID needs at least 2 images (the paper uses 50,000; 30,000 for MS-COCO)")
+
+
+def fid_of_model(
+    model: Any,
+    preset: Preset,
+    ref: str | os.PathLike[str],
+    *,
+    n: int,
+    seed: int,
+    settings: Any,
+    conditions: Any,
+    uncond: Any,
+    autoencoder: Any,
+    device: Any,
+    generator: dict[str, Any],
+    mode: str = "clean",
+    inception_weights: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    features: Any = None,
+    feature_dim: int = 2048,
+) -> FidResult:
+    """FID of `n` images of `model` (eval mode) streamed into the statistics; this rank makes indices r::world
+    and the sums are all-reduced. `settings` is a SampleSettings; `generator` describes the source in the stamp."""
+    from uvit_cli import dist
+    from uvit_cli.sample.generate import generate
+
+    world = dist.world_size()
+    mine = list(range(n))[dist.rank() :: world]
+    done = 0
+
+    def advance(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(min(done * world, n), n)
+
+    def batches() -> Iterator[Any]:
+        for _, images in generate(
+            model, preset, mine, conditions, uncond, seed=seed, autoencoder=autoencoder, settings=settings,
+            device=device, progress=advance,
+        ):  # fmt: skip
+            yield images  # uint8 (B, H, W, 3)
+
+    if progress is not None:
+        progress(0, n)
+    return fid_from_generator(
+        batches(),
+        ref,
+        mode=mode,
+        inception_weights=inception_weights,
+        device=device,
+        total=len(mine),
+        generator={
+            **generator,
+            "preset": preset.name,
+            "n": n,
+            "seed": seed,
+            **settings.to_dict(),  # solver, steps, cfg_scale, guidance_interval, precision
+            "autoencoder": None
+            if autoencoder is None
+            else {"path": autoencoder.weights_path, "sha256": autoencoder.weights_sha256},
+        },
+        features=features,
+        feature_dim=feature_dim,
+    )
+
+
 def fid_from_checkpoint(
     ref: str | os.PathLike[str],
     *,
@@ -131,99 +246,50 @@ def fid_from_checkpoint(
     `clip`: if given, CFG's null context is CLIP('') of this encoder instead of the shards' empty_context.
     `features`/`feature_dim` replace the Inception (tests). Under torchrun rank r generates indices r::world.
     """
-
     from uvit_cli import dist
-    from uvit_cli.fid.features import check_mode
-    from uvit_cli.sample.generate import (
-        check_guidance,
-        null_condition,
-        random_class_conditions,
-        valid_classes,
-    )
+    from uvit_cli.sample.generate import check_guidance
     from uvit_cli.sample.resolve import load_sampler, preset_autoencoder, text_encoder
 
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
-    # Cheap checks first: a bad reference, mode or missing Inception must not wait for the model to load.
-    check_mode(mode)
-    load_ref_stats(ref, None if features is not None else 2048)
-    if features is None:
-        from uvit_cli.inception import resolve_weights
-
-        resolve_weights(inception_weights, mode)
-    if n is not None and n < 2:
-        raise DataError(f"--n {n}: FID needs at least 2 images (the paper uses 50,000; 30,000 for MS-COCO)")
-
+    check_fid_request(ref, n, mode, inception_weights, features)  # before the model loads
     with dist.process_group():
         sampler = load_sampler(
             ckpt, preset, settings=settings, seed=seed, overrides=overrides, ema=ema, device=device, say=say
         )
-        loaded, s, device = sampler.loaded, sampler.settings, sampler.device
-        resolved, file, note = loaded.preset, loaded.info.path, loaded.note
-        check_guidance(resolved, s)
-        total = n if n is not None else paper_num_images(resolved)
-
-        # Conditions as the paper's FID runs (module docstring); the null condition for CFG.
-        conditions: Any = None
-        uncond: Any = None
-        cond_info: dict[str, Any] = {"kind": resolved.model.conditioning}
-        if resolved.model.conditioning == "class":
-            k = len(valid_classes(resolved))
-            conditions = random_class_conditions(seed, k)
-            uncond = null_condition(resolved)
-            cond_info["labels"] = f"uniform over 0..{k - 1} from (seed, index)"
-        elif resolved.model.conditioning == "text":
-            root = Path(contexts_from) if contexts_from is not None else resolved.data.set_path()
-            conditions, empty, ctx_info = val_context_conditions(root, seed, resolved)
-            if clip is not None:
-                encoder = text_encoder(resolved, clip, device)
-                empty = encoder.encode([""])
-                ctx_info["null"] = f"CLIP('') of {clip}"
-                del encoder
-            uncond = null_condition(resolved, empty)
-            cond_info["contexts"] = ctx_info
-
-        autoencoder = preset_autoencoder(resolved, vae, device)
-        say(note)
-
-        world = dist.world_size()
-        mine = list(range(total))[dist.rank() :: world]
-        done = 0
-
-        def advance(k: int) -> None:
-            nonlocal done
-            done += k
-            if progress is not None:
-                progress(min(done * world, total), total)
-
-        def batches() -> Iterator[Any]:
-            for _, images in sampler.generate(mine, conditions, uncond, autoencoder, progress=advance):
-                yield images  # uint8 (B, H, W, 3)
-
-        generator = {
-            "checkpoint": str(file),
-            "checkpoint_sha256": loaded.info.sha256,
-            "weights": note,
-            "ema": ema,
-            "preset": resolved.name,
-            "n": total,
-            "seed": seed,
-            **s.to_dict(),  # solver, steps, cfg_scale, guidance_interval, precision
-            "conditions": cond_info,
-            "autoencoder": None
-            if autoencoder is None
-            else {"path": autoencoder.weights_path, "sha256": autoencoder.weights_sha256},
-        }
-        if progress is not None:
-            progress(0, total)
-        result = fid_from_generator(
-            batches(),
+        loaded = sampler.loaded
+        check_guidance(loaded.preset, sampler.settings)
+        null_context = None
+        if clip is not None and loaded.preset.model.conditioning == "text":
+            null_context = text_encoder(loaded.preset, clip, sampler.device).encode([""])
+        conditions, uncond, cond_info = fid_conditions(
+            loaded.preset, seed, contexts_from=contexts_from, null_context=null_context
+        )
+        if null_context is not None:
+            cond_info["contexts"]["null"] = f"CLIP('') of {clip}"
+        autoencoder = preset_autoencoder(loaded.preset, vae, sampler.device)
+        say(loaded.note)
+        result = fid_of_model(
+            loaded.model,
+            loaded.preset,
             ref,
+            n=n if n is not None else paper_num_images(loaded.preset),
+            seed=seed,
+            settings=sampler.settings,
+            conditions=conditions,
+            uncond=uncond,
+            autoencoder=autoencoder,
+            device=sampler.device,
+            generator={
+                "checkpoint": str(loaded.info.path),
+                "checkpoint_sha256": loaded.info.sha256,
+                "weights": loaded.note,
+                "ema": ema,
+                "conditions": cond_info,
+            },
             mode=mode,
             inception_weights=inception_weights,
-            device=device,
-            total=len(mine),
-            generator=generator,
+            progress=progress,
             features=features,
             feature_dim=feature_dim,
         )

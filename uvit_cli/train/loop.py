@@ -25,7 +25,7 @@ from uvit_cli.train.stop import StopRequest
 
 @dataclass
 class TrainEvent:
-    """What the loop reports (rank 0 only): start | log | checkpoint | samples | warning | done.
+    """What the loop reports (rank 0 only): start | log | checkpoint | samples | fid | warning | done.
 
     A stop request (Ctrl-C, SIGTERM) raises KeyboardInterrupt after the checkpoint event of its save."""
 
@@ -99,12 +99,14 @@ def train(
     max_steps: int | None = None,
     init: str | Path | None = None,
     on_event: Callable[[TrainEvent], None] | None = None,
+    fid_features: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `preset` in `run_dir` (default runs/<name>), continuing from its latest checkpoint if any.
 
     `batch_per_gpu` splits each rank's share of the global batch into micro-batches (gradient accumulation);
     `compile` overrides `train.compile` (CUDA only); `max_steps` stops after that many steps of this call;
     `init` starts a new run from those weights (fine-tuning; see `train.resume.initialise`).
+    `fid_features` ({"features": fn, "feature_dim": d}) replaces the Inception of [eval] (tests).
     """
     tc = preset.train
     run_dir = Path(run_dir) if run_dir is not None else ck.default_run_dir(preset)
@@ -186,6 +188,11 @@ def train(
             from uvit_cli.train.grid import GridSampler
 
             grid = GridSampler(preset, ds, device, seed=tc.seed)
+        evaluator = None  # FID while training: on every rank, each generates its share
+        if preset.eval.ref is not None:
+            from uvit_cli.train.evaluate import FidEvaluator
+
+            evaluator = FidEvaluator(preset, run_dir, device, **(fid_features or {}))
 
         n_params = sum(p.numel() for p in state.params)
         emit(
@@ -292,10 +299,21 @@ def train(
                     emit("samples", step, f"sample grid {path}")
                 elif grid.disabled:
                     emit("warning", step, grid.disabled)
+            evaluating = evaluator is not None and evaluator.due(step, end_step) and not stopping
+            if evaluating:
+                assert evaluator is not None
+                fid = evaluator(ema, step, write=main)
+                if metrics is not None:
+                    metrics.write(fid)
+                best = ", the best so far" + (
+                    f" (kept in {run_dir / 'best'})" if preset.eval.keep_best else ""
+                )
+                emit("fid", step, f"FID {fid['fid']:.4f} of {fid['fid_n']} EMA samples in {fid['fid_seconds']:.0f} s"
+                     + (best if fid["fid_is_best"] else f" (best {fid['fid_best']:.4f})"), **fid)  # fmt: skip
             if stopping:
                 stop.restore()
                 raise KeyboardInterrupt
-            if saving or step % tc.sample_interval == 0:
+            if saving or evaluating or step % tc.sample_interval == 0:
                 dist.barrier()
                 t_last, batches.waited = (
                     time.perf_counter(),

@@ -14,7 +14,8 @@ from uvit_cli.errors import ConfigError, DataError
 from uvit_cli.fileio import write_text_atomic
 
 # What may change between two invocations on the same run dir without --force: run length, logging and
-# checkpoint cadence, loader threads, compilation, where the shards live, and how samples are drawn.
+# checkpoint cadence, loader threads, compilation, where the shards live, how samples are drawn and how
+# FID is measured during training.
 # Everything else (model, schedule, data set, optimiser recipe, seed) decides what the run IS.
 MUTABLE = {
     "description",
@@ -27,6 +28,7 @@ MUTABLE = {
     "train.compile",
     "train.num_workers",
     "sample",
+    "eval",
 }
 
 

@@ -1,0 +1,111 @@
+"""FID while training (the preset's [eval] table): the EMA weights sampled with the [sample] solver and guidance,
+streamed into the Inception statistics on every rank (`uvit fid --ckpt`'s machinery), logged to metrics.jsonl.
+
+The conditions are those of `uvit fid --ckpt` (fid.generated.fid_conditions): uniform labels for class models,
+the val split's captions for text models, all drawn from (eval.seed, image index), so successive evaluations
+compare the same requests. With `keep_best`, the EMA weights of the best FID so far are kept in RUN/best/
+(ema.safetensors, loadable by `uvit sample --ckpt RUN/best`, and fid.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uvit_cli.checkpoint import EMA_FILE, save_weights
+from uvit_cli.config import Preset
+from uvit_cli.fileio import write_json_atomic
+
+BEST_DIR = "best"
+BEST_FILE = "fid.json"
+
+
+class FidEvaluator:
+    """FID of the EMA model at the steps [eval] names; construct it on every rank (the sums are all-reduced).
+
+    The reference, mode and Inception weights are checked on construction, so a wrong path fails at the start
+    of the run, not after the first `interval` steps. `features`/`feature_dim` replace the Inception (tests)."""
+
+    def __init__(
+        self,
+        preset: Preset,
+        run_dir: Path,
+        device: torch.device,
+        *,
+        features: Any = None,
+        feature_dim: int = 2048,
+    ) -> None:
+        from uvit_cli.fid.generated import check_fid_request, fid_conditions
+        from uvit_cli.sample.generate import SampleSettings, check_guidance
+        from uvit_cli.sample.resolve import preset_autoencoder
+
+        ev = preset.eval
+        assert ev.ref is not None, "FidEvaluator is built only when [eval] ref is set"
+        self.preset, self.run_dir, self.device, self.ref = preset, run_dir, device, ev.ref
+        self.features, self.feature_dim = features, feature_dim
+        check_fid_request(ev.ref, ev.n, ev.mode, None, features)
+        # compile=False: a network compiled for sampling would recompile at every evaluation
+        self.settings = SampleSettings.from_preset(preset, steps=ev.steps, compile=False)
+        check_guidance(preset, self.settings)
+        self.conditions, self.uncond, self.cond_info = fid_conditions(preset, ev.seed)
+        self.autoencoder = preset_autoencoder(preset, None, device)  # $UVIT_VAE > preset > HF cache
+        best = run_dir / BEST_DIR / BEST_FILE
+        self.best = json.loads(best.read_text())["fid"] if best.is_file() else math.inf
+
+    def due(self, step: int, end_step: int) -> bool:
+        return step % self.preset.eval.interval == 0 or step == end_step
+
+    @torch.no_grad()
+    def __call__(self, ema: torch.nn.Module, step: int, *, write: bool) -> dict[str, Any]:
+        """Measure the EMA model at `step`; the metrics record (step, fid, fid_n, fid_seconds, fid_best).
+        With `write` (rank 0), a new best FID's EMA weights go to RUN/best/."""
+        from uvit_cli.fid.generated import fid_of_model
+
+        ev = self.preset.eval
+        was_training = ema.training
+        ema.eval()
+        try:
+            result = fid_of_model(
+                ema,
+                self.preset,
+                self.ref,
+                n=ev.n,
+                seed=ev.seed,
+                settings=self.settings,
+                conditions=self.conditions,
+                uncond=self.uncond,
+                autoencoder=self.autoencoder,
+                device=self.device,
+                generator={
+                    "checkpoint": f"{self.run_dir} step {step} (EMA, in training)",
+                    "step": step,
+                    "conditions": self.cond_info,
+                },  # fmt: skip
+                mode=ev.mode,
+                features=self.features,
+                feature_dim=self.feature_dim,
+            )
+        finally:
+            ema.train(was_training)
+        fid = float(result.fid)
+        best = fid < self.best
+        if best:
+            self.best = fid
+            if write and ev.keep_best:
+                d = self.run_dir / BEST_DIR
+                d.mkdir(exist_ok=True)
+                save_weights(d / EMA_FILE, ema.state_dict(), self.preset, step, "ema")
+                write_json_atomic(d / BEST_FILE, {"step": step, "fid": fid, "n": ev.n, "mode": ev.mode,
+                                                  "ref": str(self.ref), "stamp": result.stamp})  # fmt: skip
+        return {
+            "step": step,
+            "fid": fid,
+            "fid_n": ev.n,
+            "fid_seconds": float(result.stamp.get("seconds", 0.0)),
+            "fid_best": self.best,
+            "fid_is_best": best,
+        }
