@@ -16,7 +16,7 @@ from uvit_cli import __version__
 from uvit_cli.cli import presets
 
 # Each workflow's command lives in uvit_cli/cli/<name>.py and exposes `register(app)`.
-_COMMANDS = ("prepare", "train", "sample", "fid", "bench", "quickstart")
+_COMMANDS = ("prepare", "train", "sample", "fid", "bench", "quickstart", "report")
 
 
 class _PipelineOrder(TyperGroup):
