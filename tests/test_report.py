@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from uvit_cli.cli import app
 from uvit_cli.errors import ConfigError
 from uvit_cli.train.report import MAX_GRIDS, MAX_POINTS, REPORT_FILE, downsample, write_report
-from uvit_cli.train.rundir import MetricsLog
+from uvit_cli.train.rundir import MetricsLog, read_metrics
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 EVERY_STEP = ("loss", "lr", "img_per_s", "data_wait_ms")  # the keys of every log record
@@ -297,3 +297,28 @@ def test_a_browser_draws_the_page(tmp_path):
     blue = (np.abs(plots - np.array([0x1F, 0x77, 0xB4])) < 40).all(axis=2).sum()
     assert blue > 300, blue
     assert (plots != 255).any(axis=2).mean() > 0.02
+
+
+def test_training_writes_the_page(tmp_path, shards, monkeypatch):
+    from train_fixtures import tiny_preset
+
+    from uvit_cli import train as train_pkg
+    from uvit_cli.train.report import ReportWriter
+
+    run = tmp_path / "run"
+    train_pkg.train(tiny_preset(shards, steps=6, log_interval=2), run)
+    page = Page((run / REPORT_FILE).read_text())
+    logged = [m for m in read_metrics(run) if "loss" in m]  # steps 2, 3 (a checkpoint), 4, 6
+    assert len(page.plots["loss"]) == len(logged) == 4 and "tiny" in page.pre  # step 6's page: forced
+
+    calls = []
+    monkeypatch.setattr("uvit_cli.train.report.write_report", lambda d: calls.append(d))
+    w = ReportWriter(run, every_s=3600)
+    assert w() is None and w() is None and w(force=True) is None
+    assert len(calls) == 2  # the second call came within every_s; the forced one did not wait
+
+    def full(_d):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("uvit_cli.train.report.write_report", full)
+    assert "No space left" in (w(force=True) or "") and w(force=True) is None  # one warning, then quiet

@@ -17,6 +17,7 @@ from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError, TrainingDiverged
 from uvit_cli.train.lock import RunDirLock, RunDirLocked
 from uvit_cli.train.objective import step_seed
+from uvit_cli.train.report import ReportWriter
 from uvit_cli.train.resume import capture, check_init, initialise, resume
 from uvit_cli.train.rundir import MetricsLog, check_data_fits, claim_run_dir
 from uvit_cli.train.step import setup_step, train_step
@@ -89,6 +90,53 @@ def _waiting(share: float, ms: float, steps: int, workers: int) -> str:
     )
 
 
+def _lock(run_dir: Path, main: bool, world: int, warn: Callable[[str], None]) -> RunDirLock | None:
+    """Rank 0 creates and locks the run dir (one training process per run dir); every rank learns if it is busy."""
+    lock, busy = None, None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunDirLock(run_dir, warn=warn)
+        try:
+            lock.acquire()
+        except RunDirLocked as e:
+            busy = e
+    if world > 1:
+        busy = next((b for b in dist.all_gather_object(busy) if b is not None), None)
+    if busy is not None:
+        if lock is not None:
+            lock.release()
+        raise RunDirLocked(str(busy))
+    return lock
+
+
+def _observers(
+    preset: Preset,
+    ds: Any,
+    run_dir: Path,
+    device: torch.device,
+    main: bool,
+    fid_features: dict[str, Any] | None,
+) -> tuple[Any, Any]:
+    """(sample grids on rank 0, FID while training on every rank when [eval] ref is set); None where off."""
+    grid = evaluator = None
+    if main:
+        from uvit_cli.train.grid import GridSampler
+
+        grid = GridSampler(preset, ds, device, seed=preset.train.seed)
+    if preset.eval.ref is not None:
+        from uvit_cli.train.evaluate import FidEvaluator
+
+        evaluator = FidEvaluator(preset, run_dir, device, **(fid_features or {}))
+    return grid, evaluator
+
+
+def _fid_line(fid: dict[str, Any], preset: Preset, run_dir: Path) -> str:
+    line = f"FID {fid['fid']:.4f} of {fid['fid_n']} EMA samples in {fid['fid_seconds']:.0f} s"
+    if not fid["fid_is_best"]:
+        return f"{line} (best {fid['fid_best']:.4f})"
+    return f"{line}, the best so far" + (f" (kept in {run_dir / 'best'})" if preset.eval.keep_best else "")
+
+
 def train(
     preset: Preset,
     run_dir: str | Path | None = None,
@@ -148,18 +196,7 @@ def train(
         empty_context = ds.empty_context.to(device) if preset.model.conditioning == "text" else None
 
         # ---- Run directory: rank 0 locks it (one process per run dir) and writes; every rank checks ----
-        busy = None
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = RunDirLock(run_dir, warn=lambda m: emit("warning", 0, m))
-            try:
-                lock.acquire()
-            except RunDirLocked as e:
-                busy = e
-        if world > 1:
-            busy = next((b for b in dist.all_gather_object(busy) if b is not None), None)
-        if busy is not None:
-            raise RunDirLocked(str(busy))
+        lock = _lock(run_dir, main, world, warn=lambda m: emit("warning", 0, m))
         changed = claim_run_dir(run_dir, preset, force, write=main)
         for note in changed:
             emit("warning", 0, note)
@@ -183,16 +220,8 @@ def train(
             epoch, batch_in_epoch = epoch + 1, 0
         end_step = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
         metrics = MetricsLog(run_dir, step) if main else None
-        grid = None
-        if main:
-            from uvit_cli.train.grid import GridSampler
-
-            grid = GridSampler(preset, ds, device, seed=tc.seed)
-        evaluator = None  # FID while training: on every rank, each generates its share
-        if preset.eval.ref is not None:
-            from uvit_cli.train.evaluate import FidEvaluator
-
-            evaluator = FidEvaluator(preset, run_dir, device, **(fid_features or {}))
+        grid, evaluator = _observers(preset, ds, run_dir, device, main, fid_features)
+        report = ReportWriter(run_dir) if main else None  # RUN/report.html
 
         n_params = sum(p.numel() for p in state.params)
         emit(
@@ -305,20 +334,17 @@ def train(
                 fid = evaluator(ema, step, write=main)
                 if metrics is not None:
                     metrics.write(fid)
-                best = ", the best so far" + (
-                    f" (kept in {run_dir / 'best'})" if preset.eval.keep_best else ""
-                )
-                emit("fid", step, f"FID {fid['fid']:.4f} of {fid['fid_n']} EMA samples in {fid['fid_seconds']:.0f} s"
-                     + (best if fid["fid_is_best"] else f" (best {fid['fid_best']:.4f})"), **fid)  # fmt: skip
+                emit("fid", step, _fid_line(fid, preset, run_dir), **fid)
+            if report is not None and (step % tc.log_interval == 0 or saving or evaluating):
+                forced = evaluating or step % tc.sample_interval == 0 or step == end_step or stopping
+                if note := report(force=forced):
+                    emit("warning", step, note)
             if stopping:
                 stop.restore()
                 raise KeyboardInterrupt
             if saving or evaluating or step % tc.sample_interval == 0:
                 dist.barrier()
-                t_last, batches.waited = (
-                    time.perf_counter(),
-                    0.0,
-                )  # keep checkpoint and sampling time out of img/s
+                t_last, batches.waited = time.perf_counter(), 0.0  # checkpoints, grids, FID: not in img/s
 
         stop.restore()
         emit("done", step, f"finished at step {step}; checkpoint {last_ckpt}", loss=last_loss)

@@ -468,3 +468,27 @@ def write_report(run_dir: Path) -> Path:
     path = run_dir / REPORT_FILE
     write_text_atomic(path, render_report(run_dir))
     return path
+
+
+class ReportWriter:
+    """`write_report` for the training loop: at most every `every_s` seconds unless forced (grids, FID, the
+    end); a page that cannot be written is one warning, once, and training goes on."""
+
+    def __init__(self, run_dir: Path, every_s: float = 30.0) -> None:
+        self.run_dir, self.every_s = Path(run_dir), every_s
+        self.last = -float("inf")
+        self.failed = False
+
+    def __call__(self, force: bool = False) -> str | None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every_s:
+            return None
+        self.last = now
+        try:
+            write_report(self.run_dir)
+        except OSError as e:
+            if self.failed:
+                return None
+            self.failed = True
+            return f"could not write {self.run_dir / REPORT_FILE} ({e}); training goes on without it"
+        return None
