@@ -17,8 +17,8 @@ from uvit_cli.cli import app
 from uvit_cli.errors import DataError
 from uvit_cli.shapes.prepare import prepare_shapes
 
-ARGS = dict(n=40, n_val=10, resolution=8, items_per_shard=16)  # train: 3 shards, val: 1
-CLI_ARGS = ["--n", "40", "--val", "10", "--resolution", "8"]
+ARGS = dict(n=40, n_val=10, resolution=16, items_per_shard=16)  # train: 3 shards, val: 1
+CLI_ARGS = ["--n", "40", "--val", "10", "--resolution", "16"]
 
 
 def _prepare(out: Path):

@@ -8,24 +8,25 @@ from typer.testing import CliRunner
 
 from uvit_cli.quickstart import PROMPTS, quickstart
 
-# The short CI version of the quickstart: the packaged preset (8x8 pixels), 800 steps. They learn the colour
-# far above chance (measured: 81% against 25%); shape needs the full 5-minute run (docs/quickstart.md).
-CI_STEPS = 800
-CI_OVERRIDES: list[str] = []
+# The short CI version of the quickstart: the packaged preset (16x16 pixels, 10,000 scenes), 8,000 steps (~160 s
+# on a 2-core machine, about half the default 5-minute run). Measured: colour 100%, position 100%, shape 67%,
+# size 91%; the asserts leave room for another CPU's rounding taking training elsewhere (docs/quickstart.md).
+CI_STEPS = 8000
 
 
-def test_quickstart_learns_colour(tmp_path):
+def test_quickstart_learns_colour_and_position(tmp_path):
     events = []
-    r = quickstart(
-        tmp_path / "qs", steps=CI_STEPS, images=2000, overrides=CI_OVERRIDES, on_event=events.append
-    )
+    r = quickstart(tmp_path / "qs", steps=CI_STEPS, on_event=events.append)
     assert r.steps == CI_STEPS
-    assert r.reference.colour == 1.0  # the analysis reads real (held-out) images right
-    assert r.fidelity.n == 4 * len(PROMPTS)
-    assert r.fidelity.colour >= 0.5, r.fidelity  # chance is 0.25
+    ref = r.reference  # the analysis reads real (held-out) images right
+    assert (ref.colour, ref.shape, ref.position, ref.size) == (1.0, 1.0, 1.0, 1.0), ref
+    assert r.fidelity.n == 4 * len(PROMPTS) >= 96
+    assert r.fidelity.colour >= 0.8 and r.fidelity.position >= 0.6, r.fidelity  # chance: 0.25, 0.2
     scores = json.loads((tmp_path / "qs" / "fidelity.json").read_text())
-    assert scores["samples"]["colour"] == r.fidelity.colour and scores["train_steps"] == CI_STEPS
-    assert r.grid.exists() and {e.stage for e in events} >= {"prepare", "train", "done"}
+    assert set(scores["samples"]) >= {"colour", "shape", "position", "size", "all"}
+    assert scores["samples"]["position"] == r.fidelity.position and scores["train_steps"] == CI_STEPS
+    assert r.grid.exists() and r.report is not None and r.report.is_file()
+    assert {e.stage for e in events} >= {"prepare", "train", "done"}
 
 
 def test_quickstart_cli_runs_and_resumes(tmp_path):
@@ -39,7 +40,7 @@ def test_quickstart_cli_runs_and_resumes(tmp_path):
     assert res.exit_code == 0, res.output
     assert "trained 3 steps" in res.output and "samples:" in res.output
     grid = np.asarray(Image.open(out / "samples.png"))
-    assert grid.shape[0] > 8 * 4 * len(PROMPTS)  # one row per prompt
+    assert grid.shape[0] > 16 * 4 * len(PROMPTS)  # one row per prompt
     # rerunning continues the same run: steps are a total, so asking for 5 trains 2 more
     res = CliRunner().invoke(app, [*args[:-4], "--train-steps", "5", "--images", "200"])
     assert res.exit_code == 0, res.output

@@ -41,17 +41,35 @@ def test_render_layout_and_background():
 
 def test_captions_name_the_attributes():
     s = render.Scene("blue", "triangle", "middle", "small")
-    assert s.captions() == ["a small blue triangle in the middle", "a blue triangle in the middle"]
-    assert render.parse_prompt("a big Yellow circle at the top right") == ("yellow", "circle")
-    assert render.parse_prompt("something else") == (None, None)
+    assert s.captions() == ["a small blue triangle in the middle", "the small blue triangle in the middle"]
+    assert render.parse_prompt("a big Yellow circle at the top right") == render.Request(
+        "yellow", "circle", "top right", "big"
+    )
+    assert render.parse_prompt("a red square in the middle").position == "middle"
+    assert render.parse_prompt("something else") == render.Request(None, None, None, None)
 
 
-@pytest.mark.parametrize("resolution", [8, 16, 32])
-def test_analysis_reads_the_renderers_own_images(resolution):
-    scenes = render.sample_scenes(600, seed=1)
+@pytest.mark.parametrize("resolution", [16, 24, 32])
+def test_analysis_reads_the_renderers_held_out_images(resolution):
+    scenes = render.sample_scenes(600, seed=1, split="val")
     images = render.render_many(scenes, resolution)
-    f = analyze.fidelity(images, [s.captions()[0] for s in scenes])
-    assert f.colour == 1.0 and f.shape == 1.0
+    f = analyze.fidelity(images, [s.caption() for s in scenes])
+    assert (f.colour, f.shape, f.position, f.size, f.all) == (1.0, 1.0, 1.0, 1.0, 1.0), f
+
+
+@pytest.mark.parametrize("shape", render.SHAPES)
+def test_position_and_size_are_read_at_the_extremes_of_the_jitter(shape):
+    j = render.JITTER
+    for position in render.POSITIONS:
+        for size in render.SIZES:
+            for dx, dy in ((-j, -j), (j, j), (-j, j), (j, -j)):
+                scene = render.Scene("green", shape, position, size, dx, dy)
+                r = analyze.read_image(render.render(scene, 16))
+                assert (r.shape, r.position, r.size) == (shape, position, size), (scene, r)
+    # a wrong request scores zero on that attribute only
+    img = render.render(render.Scene("red", shape, "top left", "small"), 16)
+    f = analyze.fidelity([img], [f"a big red {shape} at the bottom right"])
+    assert (f.colour, f.shape, f.position, f.size, f.all) == (1.0, 1.0, 0.0, 0.0, 0.0)
 
 
 def test_analysis_rejects_blank_and_wrong_background():
@@ -67,7 +85,7 @@ def test_analysis_rejects_blank_and_wrong_background():
     f = analyze.fidelity([img, grey], ["a green circle"] * 2)
     assert f.colour == 0.5  # the right colour on a wrong background does not count
     noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    assert analyze.fidelity([noise], ["a red square"]).both == 0.0
+    assert analyze.fidelity([noise], ["a red square"]).all == 0.0
 
 
 def test_word_tokenizer_is_clip_shaped():
@@ -101,7 +119,7 @@ def test_toy_encoder_is_seeded_frozen_and_separates_words():
 
 def test_prepare_writes_shards_that_the_trainer_reads(tmp_path):
     out = tmp_path / "shapes"
-    r = prepare_shapes(out, n=130, n_val=20, resolution=8, items_per_shard=64)
+    r = prepare_shapes(out, n=130, n_val=20, resolution=16, items_per_shard=64)
     assert r.written == {"train": 3, "val": 1}
     m = read_manifest(out)
     assert m["kind"] == "shapes" and m["space"] == "pixel" and m["conditioning"] == "text"
@@ -110,11 +128,11 @@ def test_prepare_writes_shards_that_the_trainer_reads(tmp_path):
     ds = FeatureDataset(out)
     assert len(ds) == 130 and len(FeatureDataset(out, "val")) == 20
     item = ds[5]
-    assert item["x"].shape == (3, 8, 8) and item["x"].min() >= -1 and item["x"].max() <= 1
+    assert item["x"].shape == (3, 16, 16) and item["x"].min() >= -1 and item["x"].max() <= 1
     assert item["context"].shape == (text.CONTEXT_LENGTH, text.WIDTH)
     scene = render.sample_scenes(130)[5]
     assert ds.captions(5) == scene.captions()
-    expect = torch.from_numpy(render.render(scene, 8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    expect = torch.from_numpy(render.render(scene, 16).copy()).permute(2, 0, 1).float() / 127.5 - 1
     torch.testing.assert_close(item["x"], expect)
     enc = text.toy_text_encoder()
     k = ds.caption_index(5)
@@ -127,7 +145,7 @@ def test_prepare_writes_shards_that_the_trainer_reads(tmp_path):
     check_data_fits(load_preset("shapes_uvit_tiny", [f"data.path={out}"]), ds)
 
     # rerun: reused; other settings into the same folder: refused
-    again = prepare_shapes(out, n=130, n_val=20, resolution=8, items_per_shard=64)
+    again = prepare_shapes(out, n=130, n_val=20, resolution=16, items_per_shard=64)
     assert again.written == {"train": 0, "val": 0} and again.reused == {"train": 3, "val": 1}
     with pytest.raises(DataError, match="other settings"):
         prepare_shapes(out, n=130, n_val=20, resolution=32, items_per_shard=64)

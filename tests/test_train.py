@@ -21,7 +21,7 @@ from train_fixtures import weights as _weights
 from typer.testing import CliRunner
 
 from uvit_cli import data
-from uvit_cli.config import preset_from_dict
+from uvit_cli.config import list_presets, load_preset, preset_from_dict
 from uvit_cli.errors import ConfigError, DataError
 from uvit_cli.model import UViT
 from uvit_cli.train import read_metrics, train
@@ -74,6 +74,28 @@ def test_continuous_objective_matches_direct_computation():
     x_n = ab.sqrt()[:, None, None, None] * x0 + (1 - ab).sqrt()[:, None, None, None] * d.eps
     direct = ((d.eps - net(x_n, t * 999)) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(eps_mse(net, x0, d.eps, sqrt_ab, sqrt_1m_ab, ts), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_min_snr_weighting_is_opt_in_and_weights_the_gradient_not_the_logged_loss(shards, tmp_path):
+    t = torch.tensor([0.02, 0.3, 0.9])
+    obj = Objective(kind="continuous", z_shape=(3, 8, 8), min_snr_gamma=5.0)
+    sqrt_ab, sqrt_1m_ab, _ = obj.coefficients(t)
+    ab = torch.exp(-(0.1 * t + 19.9 * t**2 / 2))
+    snr = ab / (1 - ab)
+    torch.testing.assert_close(
+        obj.loss_weight(sqrt_ab, sqrt_1m_ab), torch.minimum(snr, torch.tensor(5.0)) / snr
+    )
+    assert snr[0] > 5 > snr[2] and obj.loss_weight(sqrt_ab, sqrt_1m_ab)[2] == 1.0  # only high SNR weighs less
+    assert Objective(kind="continuous", z_shape=(3, 8, 8)).loss_weight(sqrt_ab, sqrt_1m_ab) is None
+    assert all(load_preset(n).train.min_snr_gamma is None for n in list_presets() if "shapes" not in n)
+
+    # same draws and data: the logged losses of the first step agree, the weights after it differ
+    plain, weighted = tmp_path / "plain", tmp_path / "weighted"
+    train(tiny_preset(shards, steps=2, save_interval=2), plain)
+    train(tiny_preset(shards, steps=2, save_interval=2, min_snr_gamma=1.0), weighted)
+    assert _losses(plain)[0] == _losses(weighted)[0]
+    a, b = _weights(plain, 2, "model.safetensors"), _weights(weighted, 2, "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_latents_are_sampled_from_moments_and_pixels_flip():

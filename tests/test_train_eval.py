@@ -25,8 +25,8 @@ FEATURES = {"features": _standin(), "feature_dim": 16}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("train_eval")
-    prepare_shapes(d, n=40, resolution=8)  # d/shapes, with 4 held-out (val) scenes
-    _images(d / "ref_images", 12, seed=1, size=8)
+    prepare_shapes(d, n=40, resolution=16)  # d/shapes, with 4 held-out (val) scenes
+    _images(d / "ref_images", 12, seed=1, size=16)
     make_ref_stats(d / "ref_images", d / "ref.npz", device="cpu", **FEATURES)
     return d
 
@@ -79,7 +79,7 @@ def test_bad_eval_settings_fail_before_the_first_step(setup, tmp_path):
         train(_preset(setup, ref=str(setup / "nothing.npz")), tmp_path / "a", fid_features=FEATURES)
     assert not (tmp_path / "a" / ck.CKPTS).exists()
     no_val = tmp_path / "train_only"
-    prepare_shapes(no_val, n=20, n_val=0, resolution=8)
+    prepare_shapes(no_val, n=20, n_val=0, resolution=16)
     p = _preset(setup).model_copy(deep=True)
     p.data.path = str(no_val / "shapes")
     with pytest.raises(DataError, match="val"):

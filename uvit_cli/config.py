@@ -158,6 +158,12 @@ class TrainConfig(_Strict):
     ema_rate: float = Field(0.9999, ge=0, le=1)
     p_uncond: float = Field(0.0, ge=0, le=1, description="probability of dropping the condition (CFG)")
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables clipping")
+    min_snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="weight each sample's loss by min(SNR, gamma) / SNR (Min-SNR, Hang et al. 2023); "
+        "unset: the paper's unweighted loss",
+    )
     seed: int = 1234
     log_interval: int = Field(10, gt=0)
     sample_interval: int = Field(5000, gt=0)

@@ -5,9 +5,9 @@ this module only chains them, fits training into `minutes`, and scores the sampl
 analysis of `uvit_cli.shapes.analyze`. Reports through `on_event`; prints nothing.
 
     OUT/data/          the prepared shards (uvit prepare shapes)
-    OUT/run/           the training run (uvit train): preset.toml, metrics.jsonl, ckpts/
+    OUT/run/           the training run (uvit train): preset.toml, metrics.jsonl, report.html, ckpts/
     OUT/samples.png    a grid: one row per prompt, `samples_per_prompt` seeds per row
-    OUT/fidelity.json  colour / shape accuracy of the samples, and of the held-out real images
+    OUT/fidelity.json  colour / shape / position / size accuracy of the samples, and of held-out real images
 """
 
 from __future__ import annotations
@@ -23,21 +23,20 @@ from uvit_cli.errors import ConfigError
 from uvit_cli.fileio import atomic_path, write_json_atomic
 
 PRESET = "shapes_uvit_tiny"
-# One prompt per (colour, shape), positions cycled: chance is 25% for colour and 33% for shape.
-PROMPTS: tuple[str, ...] = (
-    "a red circle at the top left",
-    "a red square in the middle",
-    "a red triangle at the bottom right",
-    "a green circle at the top right",
-    "a green square at the bottom left",
-    "a green triangle in the middle",
-    "a blue circle at the bottom left",
-    "a blue square at the top right",
-    "a blue triangle at the top left",
-    "a yellow circle in the middle",
-    "a yellow square at the bottom right",
-    "a yellow triangle at the top right",
-)
+
+
+# One prompt per (colour, shape, size), the five positions cycled: chance is 25% for colour, 33% for shape, 20%
+# for position and 50% for size.
+def _prompts() -> tuple[str, ...]:
+    from uvit_cli.shapes.render import COLOURS, POSITIONS, SHAPES, SIZES, Scene
+
+    combos = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]
+    return tuple(
+        Scene(c, s, list(POSITIONS)[i % len(POSITIONS)], z).caption() for i, (c, s, z) in enumerate(combos)
+    )
+
+
+PROMPTS: tuple[str, ...] = _prompts()
 SAMPLE_RESERVE_S = 10.0  # kept from the training budget for sampling and scoring (they take a few seconds)
 MIN_CHUNK_STEPS = 20
 MAX_CHUNK_S = 30.0  # training runs in resumable chunks of about this long, re-timed after each
@@ -60,6 +59,7 @@ class QuickstartResult:
     reference: Any  # the same score on held-out real images: the analysis's own ceiling
     steps: int
     seconds: dict[str, float]  # per stage and total
+    report: Path | None = None  # the training run's report.html (loss curve, preset), if written
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +68,7 @@ class QuickstartResult:
             "train_steps": self.steps,
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
             "grid": str(self.grid),
+            "report": None if self.report is None else str(self.report),
         }
 
 
@@ -207,7 +208,7 @@ def quickstart(
 
     # ---- Sample ---------------------------------------------------------------------------------------
     from uvit_cli.checkpoint import find_checkpoint, load_model
-    from uvit_cli.sample import context_conditions, generate, null_condition
+    from uvit_cli.sample import SampleSettings, context_conditions, generate, null_condition
 
     t0 = time.perf_counter()
     model, resolved, _info = load_model(find_checkpoint(run_dir, ema=True), ema=True, device="cpu")
@@ -222,6 +223,7 @@ def quickstart(
         context_conditions(contexts, rows),
         null_condition(resolved, encoder.encode([""])),
         seed=seed,
+        settings=SampleSettings.from_preset(preset),  # this call's [sample] (--set), not the checkpoint's
         device="cpu",
     )
     samples = np.concatenate([imgs for _, imgs in batches])  # (n, H, W, 3) uint8, in index order
@@ -234,10 +236,15 @@ def quickstart(
     scenes = render.sample_scenes(len(prompts), seed, "val")
     reference = analyze.fidelity(
         render.render_many(scenes, preset.data.resolution).transpose(0, 2, 3, 1),
-        [s.captions()[0] for s in scenes],
+        [s.caption() for s in scenes],
     )
     seconds["total"] = time.perf_counter() - t_start
-    result = QuickstartResult(out, grid, score, reference, step, seconds)
+    from uvit_cli.train.report import REPORT_FILE
+
+    report = run_dir / REPORT_FILE
+    result = QuickstartResult(
+        out, grid, score, reference, step, seconds, report if report.is_file() else None
+    )
     write_json_atomic(out / "fidelity.json", result.to_dict())
     emit(QuickstartEvent("done", f"samples: {score}", result.to_dict()))
     return result

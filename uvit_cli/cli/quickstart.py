@@ -85,6 +85,8 @@ def quickstart_command(
         f"reference: {result.reference} (held-out real images through the same analysis)", soft_wrap=True
     )
     out.print(f"grid: {result.grid}   scores: {result.out / 'fidelity.json'}", soft_wrap=True)
+    if result.report is not None:
+        out.print(f"run report (open in a browser): {result.report}", soft_wrap=True)
     if steps is None and result.steps < SHORT_RUN_STEPS:
         # Honest about a busy or slow machine: the documented scores need ~3,000 steps, not 5 minutes.
         console.print(

@@ -22,18 +22,19 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 220, 40),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-# Centre of the shape as a fraction of the image side (x, y), and the phrase the caption uses.
+# Centre of the shape's box as a fraction of the image side (x, y), and the phrase the caption uses. The
+# corners sit in the four quadrants and the middle between them, so the five are distinct regions of the
+# frame for both sizes (docs/quickstart.md).
 POSITIONS: dict[str, tuple[float, float]] = {
-    "top left": (0.38, 0.38),
-    "top right": (0.62, 0.38),
-    "bottom left": (0.38, 0.62),
-    "bottom right": (0.62, 0.62),
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
     "middle": (0.5, 0.5),
 }
-# Side of the shape's bounding box as a fraction of the image side. Large on purpose: the shape fills
-# most of the image (a corner position shifts it towards that corner rather than into it), so a tiny
-# network at 8-16 px sees it span many patches and learns its colour and outline quickly (docs/quickstart.md has the measurements).
-SIZES: dict[str, float] = {"small": 0.55, "big": 0.7}
+# Side of the shape's bounding box as a fraction of the image side: small enough that a corner shape stays
+# in its quadrant, the two far enough apart (1.5x the side, 2.25x the area) to read at 16 px.
+SIZES: dict[str, float] = {"small": 0.3, "big": 0.45}
 JITTER = 0.03  # uniform centre jitter, fraction of the side, so no two scenes are pixel-identical
 SUPERSAMPLE = 4  # draw at 4x and downsample with a box filter: anti-aliased edges
 
@@ -47,13 +48,14 @@ class Scene:
     dx: float = 0.0  # centre jitter, fraction of the side
     dy: float = 0.0
 
-    def captions(self) -> list[str]:
-        """Two phrasings, as COCO has several captions per image: with and without the size."""
+    def caption(self) -> str:
+        """The caption that names all four attributes, e.g. "a big red circle at the top left"."""
         where = "in the middle" if self.position == "middle" else f"at the {self.position}"
-        return [
-            f"a {self.size} {self.colour} {self.shape} {where}",
-            f"a {self.colour} {self.shape} {where}",
-        ]
+        return f"a {self.size} {self.colour} {self.shape} {where}"
+
+    def captions(self) -> list[str]:
+        """Two phrasings, as COCO has several captions per image; both name every attribute."""
+        return [self.caption(), "the" + self.caption()[1:]]
 
 
 def _rng(seed: int, split: str) -> np.random.Generator:
@@ -111,9 +113,24 @@ def render_many(scenes: list[Scene], resolution: int = 32) -> np.ndarray:
     return np.stack([render(s, resolution) for s in scenes]).transpose(0, 3, 1, 2).copy()
 
 
-def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
-    """The colour and shape a prompt names (None where it names none): what the fidelity score checks."""
+@dataclass(frozen=True)
+class Request:
+    """What a prompt asks for; None where it names nothing (that attribute is then not scored)."""
+
+    colour: str | None
+    shape: str | None
+    position: str | None
+    size: str | None
+
+
+def parse_prompt(prompt: str) -> Request:
+    """The colour, shape, position and size a prompt names: what the fidelity score checks."""
     words = prompt.lower().replace(",", " ").split()
+    text = " ".join(words)
     colour = next((w for w in words if w in COLOURS), None)
     shape = next((w for w in words if w in SHAPES), None)
-    return colour, shape
+    size = next((w for w in words if w in SIZES), None)
+    position = next((p for p in POSITIONS if p != "middle" and p in text), None)
+    if position is None and "middle" in words:
+        position = "middle"
+    return Request(colour, shape, position, size)

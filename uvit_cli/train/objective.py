@@ -49,7 +49,8 @@ def _rows(t: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
 
 
 class Objective:
-    """Noising and loss of one preset: x_n = sqrt(ab) x0 + sqrt(1 - ab) eps, loss = mean (eps - eps_hat)^2.
+    """Noising and loss of one preset: x_n = sqrt(ab) x0 + sqrt(1 - ab) eps, loss = mean (eps - eps_hat)^2
+    (optionally Min-SNR weighted per sample, `loss_weight`; off in every paper preset).
 
     Discrete schedules (spec §3.1) draw n uniform in {1..N} and feed the integer n; the continuous VP-SDE
     (§3.2) draws t ~ U(0, 1) and feeds t * 999.
@@ -68,6 +69,7 @@ class Objective:
         latent: bool = False,
         scale_factor: float = 1.0,
         random_flip: bool = False,
+        min_snr_gamma: float | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         if kind not in ("discrete", "continuous"):
@@ -77,6 +79,7 @@ class Objective:
         self.p_uncond = p_uncond if conditioning != "none" else 0.0
         self.conditioning, self.latent, self.scale_factor = conditioning, latent, scale_factor
         self.random_flip = random_flip and not latent
+        self.min_snr_gamma = min_snr_gamma
         self.device = torch.device(device)
         self.schedule: DiscreteSchedule | ContinuousVPSchedule
         if kind == "discrete":
@@ -103,6 +106,7 @@ class Objective:
             latent=preset.data.space == "latent",
             scale_factor=preset.autoencoder.scale_factor if preset.autoencoder else 1.0,
             random_flip=preset.data.random_flip,
+            min_snr_gamma=preset.train.min_snr_gamma,
             device=device,
         )
 
@@ -131,6 +135,14 @@ class Objective:
         # alpha_bar in sde.py's operation order (spec §3.2), which the parity tests pin to the bit
         log_ab = -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
         return torch.exp(0.5 * log_ab), torch.sqrt(-torch.expm1(log_ab)), self.schedule.timestep_input(t)
+
+    def loss_weight(self, sqrt_ab: torch.Tensor, sqrt_1m_ab: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weight of the loss (B,): min(SNR, gamma) / SNR with SNR = alpha_bar / (1 - alpha_bar) under
+        `train.min_snr_gamma`; None (the paper's unweighted mean) otherwise."""
+        if self.min_snr_gamma is None:
+            return None
+        snr = sqrt_ab.square() / sqrt_1m_ab.square()
+        return snr.clamp(max=self.min_snr_gamma) / snr
 
     def clean_data(self, x: torch.Tensor, draws: StepDraws) -> torch.Tensor:
         """x0 from a batch's `x`: a latent sampled from the moments (× scale factor), or flipped pixels."""

@@ -115,13 +115,16 @@ def train_step(
         x0 = s.objective.clean_data(batch["x"], d)
         cond = s.objective.condition(batch, d, s.null_class, s.empty_context)
         sqrt_ab, sqrt_1m_ab, timesteps = s.objective.coefficients(d.timesteps)
+        weight = s.objective.loss_weight(sqrt_ab, sqrt_1m_ab)  # None: the paper's unweighted loss
         # DDP all-reduces the gradients once, on the last micro-batch.
         no_sync = s.ddp.no_sync() if s.ddp is not None and m < n_micro - 1 else contextlib.nullcontext()
         with no_sync:
             with autocast:
                 per_sample = s.loss_fn(x0, d.eps, sqrt_ab, sqrt_1m_ab, timesteps, **cond)  # (micro,)
-            # Sum / share: DDP's mean over ranks then makes it the global-batch mean.
-            s.scaler.scale(per_sample.sum() / share).backward()
+            # Sum / share: DDP's mean over ranks then makes it the global-batch mean. The logged loss is the
+            # unweighted one, so runs with and without a weighting compare.
+            optimised = per_sample if weight is None else per_sample * weight
+            s.scaler.scale(optimised.sum() / share).backward()
         s.loss_sum += per_sample.detach().sum()
 
     # ---- Optimiser: clip, step at the scheduler's current lr, then advance the schedule --------------
