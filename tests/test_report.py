@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from uvit_cli.cli import app
 from uvit_cli.errors import ConfigError
-from uvit_cli.train.report import MAX_GRIDS, MAX_POINTS, REPORT_FILE, downsample, write_report
+from uvit_cli.train.plot import MAX_POINTS, downsample
+from uvit_cli.train.report import MAX_GRIDS, REPORT_FILE, write_report
 from uvit_cli.train.rundir import MetricsLog, read_metrics
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"

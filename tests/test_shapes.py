@@ -161,3 +161,14 @@ def test_prepare_shapes_cli(tmp_path):
     assert len(FeatureDataset(out, "val")) == 4
     res = CliRunner().invoke(app, ["prepare", "shapes", "--out", str(out), "--n", "41"])
     assert res.exit_code == 2 and "other settings" in res.output
+
+
+def test_prepare_shapes_by_default_writes_what_the_quickstart_preset_trains_on(tmp_path):
+    from uvit_cli.cli import app
+    from uvit_cli.train.rundir import check_data_fits
+
+    res = CliRunner().invoke(app, ["prepare", "shapes", "--out", str(tmp_path), "--n", "20"])
+    assert res.exit_code == 0, res.output
+    preset = load_preset("shapes_uvit_tiny")
+    assert read_manifest(tmp_path / "shapes")["settings"]["resolution"] == preset.data.resolution
+    check_data_fits(preset, FeatureDataset(tmp_path / "shapes", "train"))  # raises when they do not fit

@@ -340,10 +340,13 @@ def shapes(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the scenes.")] = 0,
     resolution: Annotated[
-        int, typer.Option("--resolution", help="Image side in pixels (the preset: 8).")
-    ] = 8,
+        int | None,
+        typer.Option(
+            "--resolution", help="Image side in pixels (default: shapes_uvit_tiny's, 16).", show_default=False
+        ),
+    ] = None,
 ) -> None:
-    """Captioned shapes ("a red circle at the top left"): pixels + toy-CLIP contexts, no downloads."""
+    """Captioned shapes ("a small red circle at the top left"): pixels + toy-CLIP contexts, no downloads."""
     from uvit_cli.shapes.prepare import prepare_shapes
 
     t0 = time.perf_counter()

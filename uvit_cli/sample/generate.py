@@ -25,23 +25,6 @@ from uvit_cli.config import NetworkPrecision, Preset
 from uvit_cli.errors import ConfigError
 from uvit_cli.schedule import make_schedule
 
-__all__ = [
-    "ConditionFn",
-    "SampleSettings",
-    "check_guidance",
-    "class_conditions",
-    "context_conditions",
-    "decode_latents",
-    "generate",
-    "image_generators",
-    "image_seed",
-    "null_condition",
-    "random_class_conditions",
-    "sample_latents",
-    "to_uint8",
-    "valid_classes",
-]
-
 # indices of a batch -> the model's conditioning keywords for those images ({"y": (B,)}, {"context": (B,L,D)}, {})
 ConditionFn = Callable[[Sequence[int]], dict[str, torch.Tensor]]
 

@@ -31,15 +31,22 @@ def prepare_shapes(
     n: int = DEFAULT_IMAGES,
     n_val: int | None = None,
     seed: int = 0,
-    resolution: int = 32,
+    resolution: int | None = None,
     encoder_seed: int = text.SEED,
     items_per_shard: int = 5000,
     dtype: str = "float16",
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
-    """Write `n` training and `n_val` (default n // 10) held-out scenes to `out/<name>` (`config.set_dir`). Rerunning the same call
-    resumes an interrupted one and re-makes damaged shards; a finished set is verified and kept."""
+    """Write `n` training and `n_val` (default n // 10) held-out scenes to `out/<name>` (`config.set_dir`), of
+    `resolution` pixels (default: the quickstart preset's, so its `uvit train shapes_uvit_tiny` reads them).
+    Rerunning the same call resumes an interrupted one and re-makes damaged shards; a finished set is verified
+    and kept."""
     import torch
+
+    if resolution is None:
+        from uvit_cli.config import load_preset
+
+        resolution = load_preset("shapes_uvit_tiny").data.resolution
 
     out = set_dir(out, name)
     n_val = max(n // 10, 1) if n_val is None else n_val

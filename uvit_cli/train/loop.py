@@ -130,6 +130,27 @@ def _observers(
     return grid, evaluator
 
 
+def _interval(
+    state: Any, batches: Any, steps: int, seconds: float, global_batch: int, at: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
+    """The log record of the last `steps` steps (`at`'s step, epoch and lr, the mean loss over all ranks,
+    img/s, data wait in ms per step, wall time) and the share of the time spent waiting for data.
+    Reading the loss is the loop's one host sync."""
+    if dist.world_size() > 1:
+        torch.distributed.all_reduce(state.loss_sum)
+    seconds = max(seconds, 1e-9)
+    record = {
+        "step": at["step"],
+        "epoch": at["epoch"],
+        "loss": state.loss_sum.item() / (steps * global_batch),
+        "lr": at["lr"],
+        "img_per_s": steps * global_batch / seconds,
+        "data_wait_ms": batches.waited * 1e3 / steps,
+        "time": time.time(),
+    }
+    return record, batches.waited / seconds
+
+
 def _fid_line(fid: dict[str, Any], preset: Preset, run_dir: Path) -> str:
     line = f"FID {fid['fid']:.4f} of {fid['fid_n']} EMA samples in {fid['fid_seconds']:.0f} s"
     if not fid["fid_is_best"]:
@@ -264,7 +285,6 @@ def train(
         steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
         lr_used = state.sched.get_last_lr()[0]
         stop.install()  # restored in `finally`, however the loop ends
-        stop_flag = torch.zeros((), device=device)  # > 0 on any rank that was asked to stop
         while step < end_step:
             # One global batch: the step's random numbers for all of it; each micro-batch of this rank
             # takes the rows of its samples (lo = rank * per_rank + m * micro), loaded only when it runs.
@@ -284,37 +304,21 @@ def train(
             # ---- Log (the only host sync), checkpoint, samples -----------------------------------
             # A stop request (Ctrl-C, SIGTERM) saves at this step boundary. One process stops at once; ranks
             # agree at the next log step (one all-reduce that is already a sync point), so they save together.
-            stopping = stop.signal is not None and world == 1
+            stopping = stop.agreed(world, check=step % tc.log_interval == 0, device=device)
             saving = step % tc.save_interval == 0 or step == end_step or stopping
-            if world > 1 and step % tc.log_interval == 0:
-                stop_flag.fill_(1.0 if stop.signal is not None else 0.0)
-                torch.distributed.all_reduce(stop_flag, op=torch.distributed.ReduceOp.MAX)
-                stopping = bool(stop_flag.item() > 0)
-                saving = saving or stopping
             if step % tc.log_interval == 0 or saving:
-                if world > 1:
-                    torch.distributed.all_reduce(state.loss_sum)
-                loss = state.loss_sum.item() / (steps_since * global_batch)
                 now = time.perf_counter()
-                ips = steps_since * global_batch / max(now - t_last, 1e-9)
-                wait_ms, wait_share = (
-                    batches.waited * 1e3 / steps_since,
-                    batches.waited / max(now - t_last, 1e-9),
+                at_step = {"step": step, "epoch": epoch, "lr": lr_used}
+                record, wait_share = _interval(
+                    state, batches, steps_since, now - t_last, global_batch, at_step
                 )
+                loss = record["loss"]
                 if not math.isfinite(loss):
                     raise _diverged(loss, step, last_ckpt, tc.lr)
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss,
-                    "lr": lr_used,
-                    "img_per_s": ips,
-                    "data_wait_ms": wait_ms,
-                    "time": time.time(),
-                }
                 if metrics is not None:
                     metrics.write(record)
-                emit("log", step, eta_s=(end_step - step) * global_batch / ips, **record)
+                emit("log", step, eta_s=(end_step - step) * global_batch / record["img_per_s"], **record)
+                wait_ms = record["data_wait_ms"]
                 if wait_share > 0.05 and wait_ms > 2 and logs > 0 and not warned_wait:  # 2 ms: not noise
                     warned_wait = True
                     emit("warning", step, _waiting(wait_share, wait_ms, steps_since, tc.num_workers))

@@ -29,6 +29,19 @@ class StopRequest:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
+    def agreed(self, world: int, check: bool, device: Any) -> bool:
+        """Whether to stop at this step: at once in one process; over `world` > 1 ranks, when any was asked,
+        decided at `check` steps only (one all-reduce, at a step that already syncs), so all save together."""
+        if world == 1:
+            return self.signal is not None
+        if not check:
+            return False
+        import torch
+
+        flag = torch.tensor(0.0 if self.signal is None else 1.0, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
