@@ -149,6 +149,27 @@ def test_data_waits_are_logged_and_a_slow_loader_warns_once(tmp_path, monkeypatc
     assert len(warned) == 1 and "train.num_workers" in warned[0]
 
 
+def test_a_short_last_log_interval_is_not_judged(tmp_path, monkeypatch):
+    """Only full log intervals count: one slow batch in the last, partial one (5 = 2 + 2 + 1) warns of nothing."""
+    import time
+
+    shards = write_pixel_set(tmp_path / "d")
+    fast, calls = data.FeatureDataset.__getitems__, []
+
+    def slow_at_the_end(self, keys):
+        calls.append(1)
+        if len(calls) == 5:
+            time.sleep(0.05)
+        return fast(self, keys)
+
+    monkeypatch.setattr(data.FeatureDataset, "__getitems__", slow_at_the_end)
+    events = []
+    train(tiny_preset(shards, steps=5, log_interval=2, save_interval=10**9), tmp_path / "run",
+          on_event=events.append)  # fmt: skip
+    assert len(calls) == 5 and read_metrics(tmp_path / "run")[-1]["data_wait_ms"] >= 45
+    assert not [e for e in events if e.kind == "warning" and "waited for data" in e.message]
+
+
 def test_bench_data_times_both_readers_on_the_same_items(tmp_path):
     runner = CliRunner()
     for preset in ("coco_uvit_s2_deep", "imagenet256_uvit_l2", "shapes_uvit_tiny"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -92,19 +92,27 @@ def bench(
         )
 
     if task == "data":
-        table = Table("reader", "samples/s", "ms/batch", "what", title=f"uvit bench data · {p.name} · batch "
-                      f"{report.settings['batch']}", caption=f"{report.device} · torch {report.torch_version} · "
-                      f"{report.date}")  # fmt: skip
-        for m in report.measurements:
-            table.add_row(m.recipe, f"{m.images_per_s:,.0f}", f"{m.ms_per_step:,.2f}", m.note)
-        out.print(table)
-        if report.speedup is not None:
-            out.print(
-                f"speed-up over the official reader: [bold]{report.speedup:.2f}x[/bold] (workers 0, warm)"
-            )
-        if json_path:
-            out.print(f"wrote {write_json(report, json_path)}")
-        return
+        _print_data(report, p.name)
+    else:
+        _print_timing(report, p.name, task)
+    if json_path:
+        out.print(f"wrote {write_json(report, json_path)}")
+
+
+def _print_data(report: Any, name: str) -> None:
+    """The loader table: samples/s of each reader and worker count, and the speed-up."""
+    table = Table("reader", "samples/s", "ms/batch", "what", title=f"uvit bench data · {name} · batch "
+                  f"{report.settings['batch']}", caption=f"{report.device} · torch {report.torch_version} · "
+                  f"{report.date}")  # fmt: skip
+    for m in report.measurements:
+        table.add_row(m.recipe, f"{m.images_per_s:,.0f}", f"{m.ms_per_step:,.2f}", m.note)
+    out.print(table)
+    if report.speedup is not None:
+        out.print(f"speed-up over the official reader: [bold]{report.speedup:.2f}x[/bold] (workers 0, warm)")
+
+
+def _print_timing(report: Any, name: str, task: str) -> None:
+    """The recipe table of train / sample / prepare / fid: img/s, ms/step, TFLOP/s, MFU, peak memory."""
     table = Table(
         "recipe",
         "img/s",
@@ -113,7 +121,7 @@ def bench(
         "MFU",
         "peak mem GB",
         "what",
-        title=f"uvit bench {task} · {p.name} · batch {report.settings['batch']}",
+        title=f"uvit bench {task} · {name} · batch {report.settings['batch']}",
         caption=f"{report.device} · torch {report.torch_version} · {report.date}",
     )
     for m in report.measurements:
@@ -133,8 +141,6 @@ def bench(
         out.print(
             "[dim]CPU: fp32 and eager for every recipe, no MFU; GPU numbers are the ones that count.[/dim]"
         )
-    if json_path:
-        out.print(f"wrote {write_json(report, json_path)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -74,12 +74,35 @@ def train(
     from uvit_cli import dist
     from uvit_cli.train import train as run_training
 
-    show = dist.is_main()
-    progress, task = None, None
-    if show:
+    display = _TrainDisplay() if dist.is_main() else None
+    try:
+        run_training(
+            p,
+            run_dir,
+            batch_per_gpu=batch_per_gpu,
+            compile=False if no_compile else None,
+            force=force,
+            max_steps=max_steps,
+            init=init,
+            on_event=display,
+        )
+    except KeyboardInterrupt:
+        if display is not None:
+            display.stop()
+            _interrupted(p, run_dir, display.completed)
+        sys.exit(130)
+    finally:
+        if display is not None:
+            display.stop()
+
+
+class _TrainDisplay:
+    """The progress bar and lines of `uvit train` (rank 0): called with each TrainEvent."""
+
+    def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        progress = Progress(
+        self.progress = Progress(
             TextColumn("[bold]train[/bold]"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -90,13 +113,21 @@ def train(
             console=console,
             transient=False,
         )
+        self.task: Any = None
 
-    def on_event(e: Any) -> None:
-        nonlocal task
-        assert progress is not None
+    @property
+    def completed(self) -> float | None:
+        """The last step the bar showed (None before the start event)."""
+        return None if self.task is None else self.progress.tasks[0].completed
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def __call__(self, e: Any) -> None:
+        progress = self.progress
         if e.kind == "start":
             console.print(f"[dim]{escape(e.message)}[/dim]")
-            task = progress.add_task(
+            self.task = progress.add_task(
                 "train",
                 total=e.metrics.get("end_step", e.total_steps),
                 completed=e.step,
@@ -107,10 +138,10 @@ def train(
                 eta="-",
             )
             progress.start()
-        elif e.kind == "log" and task is not None:
+        elif e.kind == "log" and self.task is not None:
             m = e.metrics
             progress.update(
-                task,
+                self.task,
                 completed=e.step,
                 loss=f"{m['loss']:.4f}",
                 ips=f"{m['img_per_s']:.1f}",
@@ -125,29 +156,6 @@ def train(
         elif e.kind == "done":
             progress.stop()
             console.print(escape(e.message), soft_wrap=True)
-
-    try:
-        run_training(
-            p,
-            run_dir,
-            batch_per_gpu=batch_per_gpu,
-            compile=False if no_compile else None,
-            force=force,
-            max_steps=max_steps,
-            init=init,
-            on_event=on_event if show else None,
-        )
-    except KeyboardInterrupt:
-        if progress is not None:
-            progress.stop()
-        if show:
-            _interrupted(
-                p, run_dir, None if task is None or progress is None else progress.tasks[0].completed
-            )
-        sys.exit(130)
-    finally:
-        if progress is not None:
-            progress.stop()
 
 
 def _interrupted(preset: Any, run_dir: Path | None, step: float | None) -> None:

@@ -280,7 +280,7 @@ def train(
         # ---- Training loop --------------------------------------------------------------------------
         model.train()
         batches = TimedBatches(loader, sampler, epoch, batch_in_epoch)
-        logs, warned_wait = 0, False  # the first log interval holds the workers' start-up: not judged
+        logs, warned_wait = 0, False
         gen = torch.Generator(device)
         steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
         lr_used = state.sched.get_last_lr()[0]
@@ -319,7 +319,9 @@ def train(
                     metrics.write(record)
                 emit("log", step, eta_s=(end_step - step) * global_batch / record["img_per_s"], **record)
                 wait_ms = record["data_wait_ms"]
-                if wait_share > 0.05 and wait_ms > 2 and logs > 0 and not warned_wait:  # 2 ms: not noise
+                # Judged on full log intervals after the first (the workers' start-up); 2 ms: not noise.
+                full = logs > 0 and steps_since >= tc.log_interval
+                if wait_share > 0.05 and wait_ms > 2 and full and not warned_wait:
                     warned_wait = True
                     emit("warning", step, _waiting(wait_share, wait_ms, steps_since, tc.num_workers))
                 state.loss_sum.zero_()
