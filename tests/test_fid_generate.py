@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 import torch
 from encoder_fixtures import randomize_
 from test_fid import _images, _standin
-from train_fixtures import tiny_toml
+from train_fixtures import TORCHRUN_2, tiny_toml
 from typer.testing import CliRunner
 
 import uvit_cli.fid.features as fid_features
@@ -390,15 +389,7 @@ def test_two_torchrun_processes_match_one(env, tmp_path):
             out=str(tmp_path / "two.json"),
         )
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
+    cmd = [*TORCHRUN_2, str(script)]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )

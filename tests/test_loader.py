@@ -129,17 +129,25 @@ def test_a_row_past_the_end_is_one_line(tmp_path):
         ds.__getitems__([len(ds)])
 
 
-def test_data_waits_are_logged_and_a_slow_loader_warns_once(tmp_path, monkeypatch):
+def _slow_reads(monkeypatch, slow=lambda call: True) -> list[int]:
+    """Batch reads that take 50 ms more where `slow(call number)` (from 1); returns the calls made."""
     import time
 
+    read, calls = data.FeatureDataset.__getitems__, []
+
+    def reads(self, keys):
+        calls.append(len(calls) + 1)
+        if slow(calls[-1]):
+            time.sleep(0.05)
+        return read(self, keys)
+
+    monkeypatch.setattr(data.FeatureDataset, "__getitems__", reads)
+    return calls
+
+
+def test_data_waits_are_logged_and_a_slow_loader_warns_once(tmp_path, monkeypatch):
     shards = write_pixel_set(tmp_path / "d")
-    slow = data.FeatureDataset.__getitems__
-
-    def sleepy(self, keys):
-        time.sleep(0.05)
-        return slow(self, keys)
-
-    monkeypatch.setattr(data.FeatureDataset, "__getitems__", sleepy)
+    _slow_reads(monkeypatch)
     events = []
     train(tiny_preset(shards, steps=6, log_interval=2, save_interval=10**9), tmp_path / "run",
           on_event=events.append)  # fmt: skip
@@ -151,18 +159,8 @@ def test_data_waits_are_logged_and_a_slow_loader_warns_once(tmp_path, monkeypatc
 
 def test_a_short_last_log_interval_is_not_judged(tmp_path, monkeypatch):
     """Only full log intervals count: one slow batch in the last, partial one (5 = 2 + 2 + 1) warns of nothing."""
-    import time
-
     shards = write_pixel_set(tmp_path / "d")
-    fast, calls = data.FeatureDataset.__getitems__, []
-
-    def slow_at_the_end(self, keys):
-        calls.append(1)
-        if len(calls) == 5:
-            time.sleep(0.05)
-        return fast(self, keys)
-
-    monkeypatch.setattr(data.FeatureDataset, "__getitems__", slow_at_the_end)
+    calls = _slow_reads(monkeypatch, slow=lambda call: call == 5)
     events = []
     train(tiny_preset(shards, steps=5, log_interval=2, save_interval=10**9), tmp_path / "run",
           on_event=events.append)  # fmt: skip

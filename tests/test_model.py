@@ -159,29 +159,9 @@ class OfficialUViT(nn.Module):
         return self.final_layer(x)
 
 
-TINY_T2I = dict(
-    img_size=8,
-    patch_size=2,
-    in_chans=4,
-    embed_dim=64,
-    depth=4,
-    num_heads=2,
-    clip_dim=32,
-    num_clip_token=5,
-    conv=True,
-    skip=True,
-)
-TINY_CLS = dict(
-    img_size=8,
-    patch_size=2,
-    in_chans=4,
-    embed_dim=64,
-    depth=4,
-    num_heads=2,
-    num_classes=11,
-    mlp_time_embed=True,
-    conv=False,
-)
+_TINY = dict(img_size=8, patch_size=2, in_chans=4, embed_dim=64, depth=4, num_heads=2)
+TINY_T2I = dict(_TINY, clip_dim=32, num_clip_token=5, conv=True, skip=True)
+TINY_CLS = dict(_TINY, num_classes=11, mlp_time_embed=True, conv=False)
 TINY_UNCOND = dict(img_size=8, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=4)
 
 

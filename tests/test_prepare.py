@@ -16,6 +16,7 @@ import pytest
 import torch
 from encoder_fixtures import save_autoencoder, save_text_encoder, tiny_autoencoder, tiny_text_encoder
 from PIL import Image
+from train_fixtures import TORCHRUN_2
 from typer.testing import CliRunner
 
 from uvit_cli import data
@@ -520,8 +521,7 @@ def test_torchrun_two_ranks_identical(tmp_path, encoders):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "uvit_cli", *args, "--out", str(one)], env=env, check=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    subprocess.run([*torchrun, "uvit_cli", *args, "--out", str(two)], env=env, check=True)
+    subprocess.run([*TORCHRUN_2, "-m", "uvit_cli", *args, "--out", str(two)], env=env, check=True)
     one, two = one / "coco32", two / "coco32"  # --out is the data root: the set is its coco<resolution>
     assert shard_hashes(one) and shard_hashes(one) == shard_hashes(two)
     assert data.read_manifest(one)["splits"] == data.read_manifest(two)["splits"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from train_fixtures import TORCHRUN_2, tiny_preset, write_pixel_set
 from train_fixtures import losses as _losses
-from train_fixtures import tiny_preset, write_pixel_set
 from train_fixtures import weights as _weights
 
 from uvit_cli.train import train
@@ -29,12 +28,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     toml.write_text(preset.to_toml())
     two = tmp_path / "two"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN_2,
         "-m",
         "uvit_cli",
         "train",

@@ -9,6 +9,7 @@ CUDA-path tests; `shards` (conftest.py) is one such set per test module.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ import torch
 from uvit_cli import data
 from uvit_cli.config import preset_from_dict
 from uvit_cli.train import read_metrics
+
+# Two CPU processes under torchrun (gloo): append the script or `-m module` and its arguments.
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def write_pixel_set(root: Path, n: int = 32, size: int = 8, classes: int = 4, seed: int = 0) -> Path:

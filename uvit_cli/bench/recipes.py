@@ -46,9 +46,7 @@ TRAIN_LADDER = [
     dataclasses.replace(OURS, name="+compile (uvit)"),
 ]
 SAMPLE_LADDER = [
-    OFFICIAL,
-    dataclasses.replace(OFFICIAL, name="+bf16", amp="bf16"),
-    dataclasses.replace(OFFICIAL, name="+flash attention", amp="bf16", official_attention=False),
+    *TRAIN_LADDER[:3],  # official, +bf16, +flash attention
     dataclasses.replace(
         OFFICIAL, name="+batched CFG", amp="bf16", official_attention=False, batched_cfg=True
     ),

@@ -105,6 +105,18 @@ def _progress_bar(description: str, transient: bool = True) -> tuple[Any, Any]:
     return bar, update
 
 
+def _with_features_bar(fn: Any, images: Path, target: Path, **options: Any) -> Any:
+    """`fn(images, target, **options)` (compute_fid, make_ref_stats) under a features bar; its warnings are
+    printed on the main rank."""
+    bar, update = _progress_bar("features")
+    with bar:
+        result = fn(images, target, progress=update, **options)
+    if result.is_main:
+        for w in result.warnings:
+            warn(w)
+    return result
+
+
 def _print_result(line: str, stamp: dict[str, Any], path: Path | None) -> None:
     """Print the FID line, with the stamp file it was recorded in; a stamp that cannot be written never
     hides the number: the line is printed first, then the one-line error."""
@@ -149,22 +161,10 @@ def compare(
     """FID of SAMPLES against REF (the default command: `uvit fid SAMPLES REF` runs it)."""
     from uvit_cli.fid import compute_fid
 
-    bar, update = _progress_bar("features")
-    with bar:
-        result = compute_fid(
-            samples,
-            ref,
-            mode=mode,
-            inception_weights=inception_weights,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            progress=update,
-        )
+    options = dict(mode=mode, inception_weights=inception_weights, device=device, batch_size=batch_size)
+    result = _with_features_bar(compute_fid, samples, ref, workers=workers, **options)
     if not result.is_main:
         return
-    for w in result.warnings:
-        warn(w)
     _print_result(
         result.summary(), result.stamp, None if no_json else json_path or result.default_stamp_path()
     )
@@ -189,22 +189,10 @@ def make_ref(
     """Reference statistics (mu, sigma float64 + meta) of a folder or .npz of images."""
     from uvit_cli.fid import make_ref_stats, write_stamp
 
-    bar, update = _progress_bar("features")
-    with bar:
-        result = make_ref_stats(
-            images,
-            out_path,
-            mode=mode,
-            inception_weights=inception_weights,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            progress=update,
-        )
+    options = dict(mode=mode, inception_weights=inception_weights, device=device, batch_size=batch_size)
+    result = _with_features_bar(make_ref_stats, images, out_path, workers=workers, **options)
     if not result.is_main:
         return
-    for w in result.warnings:
-        warn(w)
     if json_path is not None:
         write_stamp(json_path, result.stamp)
     inc = (result.stamp["inception"]["sha256"] or "custom")[:12]

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from uvit_cli.errors import CheckpointError
+from uvit_cli.lazy import lazy_exports
 from uvit_cli.safe_pickle import torch_load_tensors
 
 if TYPE_CHECKING:
@@ -50,12 +51,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"uvit_cli.encoders.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def load_state_dict_file(

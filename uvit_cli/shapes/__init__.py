@@ -10,7 +10,7 @@ Modules: `render` (scenes, Pillow drawing, captions), `text` (word tokenizer, to
 
 from __future__ import annotations
 
-from typing import Any
+from uvit_cli.lazy import lazy_exports
 
 __all__ = ["fidelity", "prepare_shapes", "read_image", "toy_text_encoder"]
 
@@ -22,9 +22,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"uvit_cli.shapes.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
