@@ -161,8 +161,10 @@ def compare(
     """FID of SAMPLES against REF (the default command: `uvit fid SAMPLES REF` runs it)."""
     from uvit_cli.fid import compute_fid
 
-    options = dict(mode=mode, inception_weights=inception_weights, device=device, batch_size=batch_size)
-    result = _with_features_bar(compute_fid, samples, ref, workers=workers, **options)
+    result = _with_features_bar(
+        compute_fid, samples, ref, mode=mode, inception_weights=inception_weights, device=device,
+        batch_size=batch_size, workers=workers,
+    )  # fmt: skip
     if not result.is_main:
         return
     _print_result(
@@ -189,8 +191,10 @@ def make_ref(
     """Reference statistics (mu, sigma float64 + meta) of a folder or .npz of images."""
     from uvit_cli.fid import make_ref_stats, write_stamp
 
-    options = dict(mode=mode, inception_weights=inception_weights, device=device, batch_size=batch_size)
-    result = _with_features_bar(make_ref_stats, images, out_path, workers=workers, **options)
+    result = _with_features_bar(
+        make_ref_stats, images, out_path, mode=mode, inception_weights=inception_weights, device=device,
+        batch_size=batch_size, workers=workers,
+    )  # fmt: skip
     if not result.is_main:
         return
     if json_path is not None:
