@@ -144,3 +144,28 @@ def test_train_without_prepared_data_names_the_prepare_command(tmp_path):
         app, ["train", "imagenet256_uvit_h2", "--set", f"data.path={tmp_path / 'in256'}"], terminal_width=400
     )
     assert "uvit prepare imagenet --resolution 256 --out" in r.output
+
+
+def test_prepare_commands_pass_keywords_their_workflow_takes_with_its_defaults():
+    """`uvit prepare SOURCE` hands its options to `uvit_cli.prepare.<workflow>` by name: a renamed keyword
+    or a CLI default that drifts from the core's fails here, not on a user's first run."""
+    import inspect
+
+    import typer.main
+
+    import uvit_cli.prepare
+    from uvit_cli.cli import prepare as cli_prepare
+
+    group = typer.main.get_group(cli_prepare.app)
+    workflows = {"coco": "prepare_coco", "imagenet": "prepare_imagenet", "cifar10": "prepare_cifar10",
+                 "celeba": "prepare_celeba", "folder": "prepare_folder",
+                 "official-features": "import_official_features"}  # fmt: skip
+    for name, workflow in workflows.items():
+        core = inspect.signature(getattr(uvit_cli.prepare, workflow)).parameters
+        params = [p for p in group.commands[name].params if p.name != "help"]
+        assert {p.name for p in params} <= set(core), (name, {p.name for p in params} - set(core))
+        for p in params:
+            default = core[p.name].default
+            if default is not inspect.Parameter.empty:
+                assert str(p.default) == str(default), (name, p.name, p.default, default)
+    assert {p.name for p in group.commands["imagenet"].params} >= {"batch_size", "dtype", "precision"}

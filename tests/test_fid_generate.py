@@ -289,15 +289,8 @@ def test_cli_bad_input_is_one_line(env, tmp_path, monkeypatch, standin_cli):
     )
 
     # a text model with no val split to take captions from
-    txt = [
-        "fid",
-        "--ckpt",
-        str(d / "txt" / "nnet_ema.pth"),
-        "--preset",
-        str(d / "tiny_t2i_px.toml"),
-        "--n",
-        "4",
-    ]
+    txt = ["fid", "--ckpt", str(d / "txt" / "nnet_ema.pth"), "--preset", str(d / "tiny_t2i_px.toml")]
+    txt += ["--n", "4"]
     line = _one_line_error(
         runner.invoke(app, [*txt, "--contexts-from", str(d / "train_only"), str(ref), *inc])
     )

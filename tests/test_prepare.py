@@ -164,14 +164,18 @@ def shard_hashes(out: Path) -> dict[str, str]:
 # COCO
 
 
+def _prepare_coco(coco, out, encoders, *options):
+    """`uvit prepare coco` of a fake COCO into `out` with the tiny encoders, decoding in this process."""
+    return invoke("prepare", "coco", "--coco-root", str(coco), "--out", str(out), "--vae", encoders["vae"],
+                  "--clip", encoders["clip"], "--workers", "0", *options)  # fmt: skip
+
+
 def test_prepare_coco_matches_direct_computation(tmp_path, encoders):
     coco = make_coco(tmp_path / "coco", n_train=3, n_val=1)
     out = tmp_path / "coco256"
-    r = invoke(
-        "prepare", "coco", "--coco-root", str(coco), "--out", str(out), "--vae", encoders["vae"],
-        "--clip", encoders["clip"], "--items-per-shard", "2", "--batch-size", "2", "--workers", "0",
-        "--dtype", "float32",
-    )  # fmt: skip
+    r = _prepare_coco(
+        coco, out, encoders, "--items-per-shard", "2", "--batch-size", "2", "--dtype", "float32"
+    )
     assert r.exit_code == 0, r.output
     assert "train: 3 items in 2 shards, 18 captions" in r.output and "val: 1 items in 1 shards" in r.output
 
@@ -208,10 +212,7 @@ def test_prepare_coco_matches_direct_computation(tmp_path, encoders):
 def test_prepare_coco_fp16_default_and_single_split(tmp_path, encoders):
     coco = make_coco(tmp_path / "coco", n_train=1, n_val=2)
     out = tmp_path / "coco32"
-    r = invoke(
-        "prepare", "coco", "--coco-root", str(coco), "--out", str(out), "--vae", encoders["vae"],
-        "--clip", encoders["clip"], "--split", "val", "--workers", "0", "--resolution", "32",
-    )  # fmt: skip
+    r = _prepare_coco(coco, out, encoders, "--split", "val", "--resolution", "32")
     assert r.exit_code == 0, r.output
     m = data.read_manifest(out)
     assert list(m["splits"]) == ["val"] and m["dtype"] == "float16" and m["shape"] == [8, 4, 4]
@@ -224,10 +225,7 @@ def test_prepare_coco_fp16_default_and_single_split(tmp_path, encoders):
     x = got["x"][0, 0].astype(np.float32)
     assert np.abs(x - want).max() <= np.abs(want).max() * 2**-11 + 1e-5
     # now add the train split into the same --out: same settings, so it is accepted
-    r = invoke(
-        "prepare", "coco", "--coco-root", str(coco), "--out", str(out), "--vae", encoders["vae"],
-        "--clip", encoders["clip"], "--split", "train", "--workers", "0", "--resolution", "32",
-    )  # fmt: skip
+    r = _prepare_coco(coco, out, encoders, "--split", "train", "--resolution", "32")
     assert r.exit_code == 0, r.output
     assert set(data.read_manifest(out)["splits"]) == {"train", "val"}
 

@@ -453,15 +453,8 @@ def test_bad_input_is_one_line(env, tmp_path, monkeypatch):
     assert "autoencoder weights not found" in line and "--vae" in line
 
     # unknown class index
-    cls = [
-        "sample",
-        "--ckpt",
-        str(d / "cls" / "nnet_ema.pth"),
-        "--preset",
-        str(d / "tiny_class.toml"),
-        "--out",
-        str(tmp_path / "c"),
-    ]
+    cls = ["sample", "--ckpt", str(d / "cls" / "nnet_ema.pth"), "--preset", str(d / "tiny_class.toml")]
+    cls += ["--out", str(tmp_path / "c")]
     line = _one_line_error(runner.invoke(app, [*cls, "--class", "10"]))
     assert "unknown class 10" in line and "null class" in line
 

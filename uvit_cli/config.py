@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from uvit_cli.errors import ConfigError
+from uvit_cli.toml_writer import dumps_toml
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -187,9 +188,8 @@ StorageDtype = Literal["float16", "float32"]
 EncoderPrecision = Literal["fp32", "bf16"]
 NetworkPrecision = Literal["bf16", "fp16", "fp32"]  # autocast of the network when sampling
 ModelWeights = Literal["ema", "model"]  # which weights of a checkpoint
-FidMode = Literal[
-    "clean", "legacy_pytorch", "legacy_tensorflow"
-]  # clean-fid's protocols (fid.features.MODES)
+# clean-fid's protocols (fid.features.MODES)
+FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
 
 SolverName = Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"]
 SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # = uvit_cli.solvers.SOLVERS, without importing torch
@@ -366,46 +366,23 @@ def load_preset(name_or_path: str | os.PathLike[str], overrides: list[str] | Non
     """Load and validate a preset; `overrides` are `key.path=value` strings applied on top."""
     path = resolve_preset_path(name_or_path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a TOML text file (it is not UTF-8 text)") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    data = _toml_table(text, str(path))
     data.setdefault("name", path.stem)
     apply_overrides(data, overrides or [])
     return preset_from_dict(data, str(path), overrides or [])
 
 
 def preset_from_toml(text: str, source: str = "embedded preset") -> Preset:
+    return preset_from_dict(_toml_table(text, source), source)
+
+
+def _toml_table(text: str, source: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML ({e})") from None
-    return preset_from_dict(data, source)
-
-
-# --------------------------------------------------------------------------------------------------
-# A minimal TOML writer (tomllib only reads): tables of scalars, strings and flat lists.
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def dumps_toml(data: dict[str, Any]) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines.extend(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None)
-    return "\n".join(lines) + "\n"

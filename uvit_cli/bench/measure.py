@@ -123,3 +123,23 @@ class Measurement:
             peak_mem_gb=peak_memory_gb(device),
             note=note,
         )
+
+
+def measure(
+    task: str,
+    recipe: str,
+    fn: Callable[[], Any],
+    *,
+    batch: int,
+    flops: int | None,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    note: str = "",
+) -> Measurement:
+    """One row: `fn` timed by `time_steps` from a reset peak-memory counter; MFU against the device's dense
+    bf16 peak (known GPUs only)."""
+    reset_peak_memory(device)
+    sec = time_steps(fn, steps, warmup, device)
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    return Measurement.from_timing(task, recipe, batch, sec, flops, peak, device, note)

@@ -10,14 +10,7 @@ from typing import Any
 
 import torch
 
-from uvit_cli.bench.measure import (
-    Measurement,
-    count_flops,
-    device_name,
-    peak_tflops,
-    reset_peak_memory,
-    time_steps,
-)
+from uvit_cli.bench.measure import Measurement, count_flops, measure
 from uvit_cli.bench.recipes import OFFICIAL, OURS, Recipe, apply_attention, for_device, official_ema_update
 from uvit_cli.config import Preset
 from uvit_cli.data import to_model
@@ -89,7 +82,6 @@ def bench_train(
     and the note says how long the steps waited for it."""
     device = device or default_device()
     batch = batch or preset.train.batch_size
-    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
     m = preset.model
     latent = preset.data.space == "latent"
     g = torch.Generator().manual_seed(0)
@@ -105,13 +97,13 @@ def bench_train(
         r = for_device(recipe, device)
         feed = data_feed(preset, data_dir, batch, device) if data_dir is not None else None
         step = make_train_step(r, preset, {"x": x, **cond}, null, device, feed)
-        reset_peak_memory(device)
-        sec = time_steps(step, steps, warmup, device)
-        note = recipe_note(r)
+        row = measure("train", recipe.name, step, batch=batch, flops=flops, steps=steps, warmup=warmup,
+                      device=device, note=recipe_note(r))  # fmt: skip
         if feed is not None:
             wait = feed.waited / (steps + warmup)  # the warm-up steps' waits are counted too: an upper bound
-            note += f"; data {data_dir}: waited {wait * 1e3:.1f} ms/step ({min(wait / sec, 1):.0%})"
-        results.append(Measurement.from_timing("train", recipe.name, batch, sec, flops, peak, device, note))
+            share = min(wait * 1e3 / row.ms_per_step, 1)
+            row.note += f"; data {data_dir}: waited {wait * 1e3:.1f} ms/step ({share:.0%})"
+        results.append(row)
         del step
         free_memory(device)
     return results
@@ -202,7 +194,6 @@ def bench_sample(
     m = preset.model
     solver_steps = solver_steps or preset.sample.steps
     scale = preset.sample.cfg_scale if m.conditioning != "none" and preset.train.p_uncond > 0 else 0.0
-    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
     g = torch.Generator().manual_seed(0)
     cond, null = conditions(preset, batch, device, g)
     schedule = make_schedule(
@@ -228,10 +219,9 @@ def bench_sample(
             progress(f"sample / {recipe.name}")
         r = for_device(recipe, device)
         run = make_sample_run(r, preset, cond, null, vae, schedule, scale, solver_steps, batch, device)
-        reset_peak_memory(device)
-        sec = time_steps(run, steps, warmup, device)
         note = recipe_note(r) + (", batched CFG" if r.batched_cfg and scale > 0 else "")
-        results.append(Measurement.from_timing("sample", recipe.name, batch, sec, flops, peak, device, note))
+        results.append(measure("sample", recipe.name, run, batch=batch, flops=flops, steps=steps,
+                               warmup=warmup, device=device, note=note))  # fmt: skip
         del run
         free_memory(device)
     return results
@@ -333,7 +323,6 @@ def bench_prepare(
     device = device or default_device()
     if preset.data.space != "latent":
         raise ConfigError(f"bench prepare needs a latent preset; '{preset.name}' is pixel-space")
-    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
     torch.manual_seed(0)
     vae = AutoencoderKL().to(device).eval()
     text = preset.model.conditioning == "text"
@@ -369,9 +358,8 @@ def bench_prepare(
     for name, fn, note in [("official", official, "1 image per call, fp32"), ("uvit", ours, "batched")]:
         if progress:
             progress(f"prepare / {name}")
-        reset_peak_memory(device)
-        sec = time_steps(fn, steps, warmup, device)
-        results.append(Measurement.from_timing("prepare", name, batch, sec, flops, peak, device, note))
+        results.append(measure("prepare", name, fn, batch=batch, flops=flops, steps=steps, warmup=warmup,
+                               device=device, note=note))  # fmt: skip
     return results
 
 
@@ -387,7 +375,6 @@ def bench_fid(
     from uvit_cli.inception import FIDInception
 
     device = device or default_device()
-    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
     net = FIDInception().to(device).eval()
     x = torch.rand(batch, 3, 299, 299, device=device) * 255
     with torch.device("meta"):
@@ -400,6 +387,5 @@ def bench_fid(
 
     if progress:
         progress("fid / uvit")
-    reset_peak_memory(device)
-    sec = time_steps(run, steps, warmup, device)
-    return [Measurement.from_timing("fid", "uvit", batch, sec, flops, peak, device, "fp32, TF32 off")]
+    return [measure("fid", "uvit", run, batch=batch, flops=flops, steps=steps, warmup=warmup, device=device,
+                    note="fp32, TF32 off")]  # fmt: skip

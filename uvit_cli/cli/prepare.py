@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -21,6 +24,8 @@ from uvit_cli.config import (
     Space,
     StorageDtype,
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 app = typer.Typer(
     help="Turn a data set into feature shards for training (docs/data.md).", no_args_is_help=True
@@ -92,10 +97,44 @@ def _run(fn: Any, **kwargs: Any) -> None:
     out.print(f"wrote {result.out} in {time.perf_counter() - t0:.1f} s")
 
 
-@app.command("coco")
-@handle_errors
+# The encoder and storage options of the sources that run the autoencoder (coco, imagenet, folder).
+_ENCODING = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+    for name, kind, default in [
+        ("batch_size", BatchOpt, 64),
+        ("items_per_shard", ShardOpt, 1000),
+        ("dtype", DtypeOpt, "float16"),
+        ("precision", PrecisionOpt, "fp32"),
+        ("num_workers", WorkersOpt, None),
+    ]
+]
+
+
+def _passes_to(name: str, workflow: str, *, encoding: bool = False) -> Callable[[F], F]:
+    """Register a declaration as `uvit prepare NAME`: its parameters (and with `encoding`, the `_ENCODING`
+    options after them), named as the keywords of `uvit_cli.prepare.<workflow>`, all go to that function
+    under `_run` (imported when the command runs, so `--help` loads no torch). The body is the help text."""
+
+    def register(declaration: F) -> F:
+        @functools.wraps(declaration)
+        def command(**options: Any) -> None:
+            import uvit_cli.prepare
+
+            _run(getattr(uvit_cli.prepare, workflow), **options)
+
+        if encoding:
+            signature = inspect.signature(declaration)
+            params = [*signature.parameters.values(), *_ENCODING]
+            command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        app.command(name)(handle_errors(command))
+        return declaration
+
+    return register
+
+
+@_passes_to("coco", encoding=True, workflow="prepare_coco")
 def coco(
-    out_dir: OutOpt = Path(DATA_ROOT),
+    out: OutOpt = Path(DATA_ROOT),
     name: NameOpt = None,
     coco_root: Annotated[
         Path | None,
@@ -109,36 +148,13 @@ def coco(
     vae: VaeOpt = None,
     clip: ClipOpt = None,
     resolution: Annotated[int, typer.Option("--resolution", help="Image side (U-ViT: 256).")] = 256,
-    batch_size: BatchOpt = 64,
-    items_per_shard: ShardOpt = 1000,
-    dtype: DtypeOpt = "float16",
-    precision: PrecisionOpt = "fp32",
-    workers: WorkersOpt = None,
 ) -> None:
     """MS-COCO 2014 as U-ViT: autoencoder moments + CLIP features of every caption, and CLIP("")."""
-    from uvit_cli.prepare import prepare_coco
-
-    _run(
-        prepare_coco,
-        coco_root=coco_root,
-        out=out_dir,
-        name=name,
-        split=split,
-        vae=vae,
-        clip=clip,
-        resolution=resolution,
-        batch_size=batch_size,
-        items_per_shard=items_per_shard,
-        dtype=dtype,
-        precision=precision,
-        num_workers=workers,
-    )
 
 
-@app.command("imagenet")
-@handle_errors
+@_passes_to("imagenet", encoding=True, workflow="prepare_imagenet")
 def imagenet(
-    out_dir: OutOpt = Path(DATA_ROOT),
+    out: OutOpt = Path(DATA_ROOT),
     name: NameOpt = None,
     root: Annotated[
         Path | None,
@@ -157,35 +173,13 @@ def imagenet(
         typer.Option("--space", help="latent: moments of image and mirror image; pixel: uint8 (ImageNet64)."),
     ] = "latent",
     vae: VaeOpt = None,
-    batch_size: BatchOpt = 64,
-    items_per_shard: ShardOpt = 1000,
-    dtype: DtypeOpt = "float16",
-    precision: PrecisionOpt = "fp32",
-    workers: WorkersOpt = None,
 ) -> None:
     """ImageNet train as U-ViT: ADM centre crop, labels; moments of each image and its mirror image, or pixels."""
-    from uvit_cli.prepare import prepare_imagenet
-
-    _run(
-        prepare_imagenet,
-        root=root,
-        out=out_dir,
-        name=name,
-        resolution=resolution,
-        space=space,
-        vae=vae,
-        batch_size=batch_size,
-        items_per_shard=items_per_shard,
-        dtype=dtype,
-        precision=precision,
-        num_workers=workers,
-    )
 
 
-@app.command("cifar10")
-@handle_errors
+@_passes_to("cifar10", "prepare_cifar10")
 def cifar10(
-    out_dir: OutOpt = Path(DATA_ROOT),
+    out: OutOpt = Path(DATA_ROOT),
     name: NameOpt = None,
     root: Annotated[
         Path | None,
@@ -196,25 +190,14 @@ def cifar10(
         ),
     ] = None,
     items_per_shard: ShardOpt = 1000,
-    workers: WorkersOpt = None,
+    num_workers: WorkersOpt = None,
 ) -> None:
     """CIFAR-10 as U-ViT: uint8 32x32 pixels with labels; train (50,000) and test (10,000) splits."""
-    from uvit_cli.prepare import prepare_cifar10
-
-    _run(
-        prepare_cifar10,
-        root=root,
-        out=out_dir,
-        name=name,
-        items_per_shard=items_per_shard,
-        num_workers=workers,
-    )
 
 
-@app.command("celeba")
-@handle_errors
+@_passes_to("celeba", "prepare_celeba")
 def celeba(
-    out_dir: OutOpt = Path(DATA_ROOT),
+    out: OutOpt = Path(DATA_ROOT),
     name: NameOpt = None,
     root: Annotated[
         Path | None,
@@ -226,27 +209,15 @@ def celeba(
     ] = None,
     resolution: Annotated[int, typer.Option("--resolution", help="Side after the 128x128 face crop.")] = 64,
     items_per_shard: ShardOpt = 1000,
-    workers: WorkersOpt = None,
+    num_workers: WorkersOpt = None,
 ) -> None:
     """CelebA as U-ViT: 128x128 face crop, Resize(64), uint8 pixels; the official splits if listed."""
-    from uvit_cli.prepare import prepare_celeba
-
-    _run(
-        prepare_celeba,
-        root=root,
-        out=out_dir,
-        name=name,
-        resolution=resolution,
-        items_per_shard=items_per_shard,
-        num_workers=workers,
-    )
 
 
-@app.command("folder")
-@handle_errors
+@_passes_to("folder", encoding=True, workflow="prepare_folder")
 def folder(
     directory: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    out_dir: OutOpt = Path(DATA_ROOT),
+    out: OutOpt = Path(DATA_ROOT),
     name: NameOpt = None,
     space: Annotated[
         Space, typer.Option("--space", help="latent: autoencoder moments; pixel: uint8 images.")
@@ -268,64 +239,25 @@ def folder(
     ] = "auto",
     vae: VaeOpt = None,
     clip: ClipOpt = None,
-    batch_size: BatchOpt = 64,
-    items_per_shard: ShardOpt = 1000,
-    dtype: DtypeOpt = "float16",
-    precision: PrecisionOpt = "fp32",
-    workers: WorkersOpt = None,
 ) -> None:
     """Your own images: optional captions (text) or sub-folder classes; latent or pixel space."""
-    from uvit_cli.prepare import prepare_folder
-
-    _run(
-        prepare_folder,
-        directory=directory,
-        out=out_dir,
-        name=name,
-        space=space,
-        resolution=resolution,
-        crop=crop,
-        flip=flip,
-        labels=labels,
-        captions=captions,
-        vae=vae,
-        clip=clip,
-        batch_size=batch_size,
-        items_per_shard=items_per_shard,
-        dtype=dtype,
-        precision=precision,
-        num_workers=workers,
-    )
 
 
-@app.command("official-features")
-@handle_errors
+@_passes_to("official-features", "import_official_features")
 def official_features(
     src: Annotated[
         Path, typer.Argument(help="An official coco256_features/ or imagenet{256,512}_features/ directory.")
     ],
-    out_dir: OutOpt = Path(DATA_ROOT),
+    out: OutOpt = Path(DATA_ROOT),
     name: NameOpt = None,
     kind: Annotated[
         OfficialKind, typer.Option("--kind", help="What SRC holds (auto: from its layout).")
     ] = "auto",
     items_per_shard: ShardOpt = 1000,
     dtype: DtypeOpt = "float16",
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel file reads.")] = 8,
+    num_workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel file reads.")] = 8,
 ) -> None:
     """Features extracted by U-ViT's own scripts, copied into shards (no encoder runs)."""
-    from uvit_cli.prepare import import_official_features
-
-    _run(
-        import_official_features,
-        src=src,
-        out=out_dir,
-        name=name,
-        kind=kind,
-        items_per_shard=items_per_shard,
-        dtype=dtype,
-        num_workers=workers,
-    )
 
 
 @app.command("shapes")

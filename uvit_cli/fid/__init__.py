@@ -196,6 +196,24 @@ def _warnings(n: int, sizes: set[tuple[int, int]]) -> list[str]:
     return out
 
 
+def _stamp(
+    metric: str, fields: dict, s: _Setup, sizes: set, world: int, t0: float, warns: list[str]
+) -> dict[str, Any]:
+    """A protocol stamp: `metric`, `fields`, then what every stamp records (Inception, image sizes, device,
+    ranks, seconds since `t0`, package versions, warnings)."""
+    return {
+        "metric": metric,
+        **fields,
+        "inception": s.weights,
+        "image_sizes": [f"{h}x{w}" for h, w in sorted(sizes)[:8]],
+        "device": str(s.device),
+        "world_size": world,
+        "seconds": round(time.time() - t0, 2),
+        "versions": _versions(),
+        "warnings": warns,
+    }
+
+
 def _fid_against(
     stats: FeatureStats, ref: str | os.PathLike, s: _Setup, mode: str, sizes: set, t0: float, source: dict
 ) -> FidResult:
@@ -218,8 +236,7 @@ def _fid_against(
             f"the reference looks like {origin}: numbers comparable with it need --mode {ref_mode} "
             f"(these samples used {mode})"
         )
-    stamp = {
-        "metric": "fid",
+    fields = {
         "fid": max(raw, 0.0),
         "fid_raw": raw,
         "mode": mode,
@@ -232,14 +249,8 @@ def _fid_against(
             "mode": ref_mode,  # recorded, or implied by a known origin (None: unknown)
             "mode_from": origin,
         },
-        "inception": s.weights,
-        "image_sizes": [f"{h}x{w}" for h, w in sorted(sizes)[:8]],
-        "device": str(s.device),
-        "world_size": world,
-        "seconds": round(time.time() - t0, 2),
-        "versions": _versions(),
-        "warnings": warns,
     }
+    stamp = _stamp("fid", fields, s, sizes, world, t0, warns)
     return FidResult(max(raw, 0.0), raw, stats.n, stamp, warns, rank == 0)
 
 
@@ -322,19 +333,8 @@ def make_ref_stats(
         rank, world = rank_world()
     mu, sigma = stats.mu_sigma()
     warns = _warnings(stats.n, sizes)
-    stamp = {
-        "metric": "fid_reference",
-        "mode": mode,
-        "num_images": stats.n,
-        "images": {"path": str(images), "kind": kind},
-        "inception": s.weights,
-        "image_sizes": [f"{h}x{w}" for h, w in sorted(sizes)[:8]],
-        "device": str(s.device),
-        "world_size": world,
-        "seconds": round(time.time() - t0, 2),
-        "versions": _versions(),
-        "warnings": warns,
-    }
+    fields = {"mode": mode, "num_images": stats.n, "images": {"path": str(images), "kind": kind}}
+    stamp = _stamp("fid_reference", fields, s, sizes, world, t0, warns)
     is_main = rank == 0
     path = save_stats(out, mu, sigma, stamp) if is_main else None
     return RefResult(path, stats.n, stamp, warns, is_main)
