@@ -13,7 +13,7 @@ from uvit_cli.encoders import AutoencoderKL, load_autoencoder
 from uvit_cli.encoders.autoencoder import AttnBlock, diffusers_to_ldm, ldm_to_diffusers
 from uvit_cli.errors import CheckpointError
 
-TOL = 1e-4  # issue 3: VAE parity tolerance against diffusers; measured ~2e-6 (moments) and ~1e-5 (decode)
+TOL = 1e-4  # VAE parity tolerance against diffusers; measured ~2e-6 (moments) and ~1e-5 (decode)
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +61,7 @@ def test_attention_is_the_ldm_formula_bit_for_bit():
         q, k, v = (c(h).reshape(2, 32, 30) for c in (blk.q, blk.k, blk.v))
         w = torch.softmax(torch.bmm(q.permute(0, 2, 1), k) * 32**-0.5, dim=2)  # ldm AttnBlock, verbatim math
         ref = x + blk.proj_out(torch.bmm(v, w.permute(0, 2, 1)).reshape(2, 32, 6, 5))
-        # Equal, not close: SDPA (used before the audit) differed by ~5e-6 in the moments, F.silu by ~2e-6.
+        # Equal, not close: SDPA differs from this math by ~5e-6 in the moments, F.silu by ~2e-6.
         assert torch.equal(blk(x), ref)
 
 

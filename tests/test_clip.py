@@ -12,9 +12,7 @@ from safetensors.torch import load_file, save_file
 from uvit_cli.encoders import CLIPTextEncoder, load_text_encoder
 from uvit_cli.errors import CheckpointError
 
-TOL = (
-    1e-5  # issue 3: CLIP parity tolerance (measured ~2e-6 against transformers 5.24's SDPA; 0 against 4.23.1)
-)
+TOL = 1e-5  # CLIP parity tolerance (measured ~2e-6 against transformers 5.24's SDPA; 0 against 4.23.1)
 CAPTIONS = [
     "A green train is coming down the tracks.",
     "A group of skiers are preparing to ski down a mountain.",
@@ -160,7 +158,7 @@ def test_attention_is_the_transformers_4_23_formula_bit_for_bit():
         mask = torch.full((77, 77), torch.finfo(torch.float32).min).triu_(1)
         w = (torch.bmm(q, k.transpose(1, 2)).view(3, 4, 77, 77) + mask).view(12, 77, 77).softmax(-1)
         ref = attn.out_proj(torch.bmm(w, v).view(3, 4, 77, 16).transpose(1, 2).reshape(3, 77, 64))
-        assert torch.equal(attn(x), ref)  # SDPA (before the audit) differed by ~2e-6
+        assert torch.equal(attn(x), ref)  # SDPA differs from this math by ~2e-6
 
 
 # Numbers produced by U-ViT's `libs/clip.py` FrozenCLIPEmbedder(device="cpu") under transformers 4.23.1 (the

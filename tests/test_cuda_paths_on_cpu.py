@@ -288,7 +288,7 @@ def test_autoencoder_under_autocast():
 
 
 def test_bench_sample_without_decoding_a_latent_preset():
-    """`uvit bench sample --no-decode` on a latent preset used to crash (generate wants an autoencoder)."""
+    """`uvit bench sample --no-decode` on a latent preset times the solver alone (generate would want an autoencoder)."""
     from uvit_cli.bench import run_bench
 
     report = run_bench("sample", _preset("text", "latent"), batch=2, steps=1, decode=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from uvit_cli.quickstart import PROMPTS, quickstart
+from uvit_cli.quickstart import ENOUGH_STEPS, PROMPTS, quickstart, short_run_note
 
 # The short CI version of the quickstart: the packaged preset (16x16 pixels, 10,000 scenes), 8,000 steps (~160 s
 # on a 2-core machine, about half the default 5-minute run). Measured: colour 100%, position 100%, shape 67%,
@@ -39,6 +39,7 @@ def test_quickstart_cli_runs_and_resumes(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "trained 3 steps" in res.output and "samples:" in res.output
+    assert "note:" not in res.output  # a fixed number of steps is never called short
     grid = np.asarray(Image.open(out / "samples.png"))
     assert grid.shape[0] > 16 * 4 * len(PROMPTS)  # one row per prompt
     # rerunning continues the same run: steps are a total, so asking for 5 trains 2 more
@@ -53,3 +54,9 @@ def test_quickstart_cli_refuses_bad_budgets(tmp_path, bad):
 
     res = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "q"), *bad])
     assert res.exit_code != 0
+
+
+def test_a_short_time_budget_run_says_what_it_misses():
+    note = short_run_note(3000, 5)
+    assert note is not None and "only 3000 steps fitted in 5 min" in note and "8,000" in note
+    assert short_run_note(ENOUGH_STEPS, 5) is None

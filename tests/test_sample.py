@@ -305,6 +305,7 @@ def test_official_checkpoint_samples_through_the_cli(env, tmp_path):
     r = runner.invoke(app, args, terminal_width=200)
     assert r.exit_code == 0, r.output
     assert "EMA weights" in r.output and "nnet_ema.pth" in r.output
+    assert f"3 images in {out} (3 new, 0 already there)" in r.output and "2 steps, cfg 1, seed 5" in r.output
     pngs = _pngs(out)
     assert sorted(pngs) == ["00000.png", "00001.png", "00002.png"]
     arr = np.load(out / "samples.npz")["arr_0"]

@@ -1,5 +1,5 @@
 """The README's four lines, run as written in one directory, on a fake COCO layout with tiny encoders and a tiny
-Inception given through the environment variables a user would set (issue 15 §1)."""
+Inception given through the environment variables a user would set."""
 
 from __future__ import annotations
 

@@ -40,11 +40,6 @@ def barrier() -> None:
         td.barrier()
 
 
-def print0(*args: Any, **kwargs: Any) -> None:
-    if is_main():
-        print(*args, **kwargs)
-
-
 def device() -> torch.device:
     """This process's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
     if torch.cuda.is_available():

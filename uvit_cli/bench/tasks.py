@@ -241,8 +241,14 @@ def make_sample_run(
 ) -> Callable[[], None]:
     """Sampling (and decoding) of one batch with recipe `r`, as a closure over a fresh network."""
     from uvit_cli import solvers
-    from uvit_cli.sample.generate import SampleSettings, decode_latents, generate, sample_latents, to_uint8
-    from uvit_cli.sample.generate import _network as _sample_network
+    from uvit_cli.sample.generate import (
+        SampleSettings,
+        decode_latents,
+        generate,
+        sample_latents,
+        sampling_network,
+        to_uint8,
+    )
 
     m = preset.model
     model = network(preset, device, r.official_attention).eval()
@@ -262,7 +268,7 @@ def make_sample_run(
             return {k: v[: len(idx)] for k, v in cond.items()}
 
         if vae is None and preset.data.space == "latent":  # --no-decode: the solver only (generate decodes)
-            net = _sample_network(model, settings, device)
+            net = sampling_network(model, settings, device)
 
             def solve() -> None:
                 sample_latents(model, preset, range(batch), conditions, null, settings=settings, network=net)

@@ -34,6 +34,12 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def log_rank0(msg: str) -> None:
+    """A status line on stderr from rank 0 (which run, which weights): the `log=` of the workflows."""
+    if is_rank0():
+        console.print(msg, soft_wrap=True, markup=False)
+
+
 def image_progress(*, note: bool = False, transient: bool = False) -> Any:
     """The rich progress bar of image work (prepare, sample, fid): count, images/s, ETA; rank 0 only.
 

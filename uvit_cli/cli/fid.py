@@ -24,12 +24,11 @@ from uvit_cli.cli.common import (
     SolverOpt,
     StepsOpt,
     VaeOpt,
-    console,
     describe_os_error,
     fail,
     handle_errors,
     image_progress,
-    is_rank0,
+    log_rank0,
     out,
     warn,
 )
@@ -283,10 +282,6 @@ def generate(
         compile=False if no_compile else None,  # None: the core's choice by device
     )
 
-    def log(msg: str) -> None:
-        if is_rank0():
-            console.print(msg, soft_wrap=True, markup=False)
-
     bar, update = _progress_bar("generating + features")
     with bar:
         result = fid_from_checkpoint(
@@ -305,7 +300,7 @@ def generate(
             inception_weights=inception_weights,
             device=device,
             progress=update,
-            log=log,
+            log=log_rank0,
         )
     if not result.is_main:
         return

@@ -115,7 +115,7 @@ def _passes_to(name: str, workflow: str, *, encoding: bool = False) -> Callable[
     options after them), named as the keywords of `uvit_cli.prepare.<workflow>`, all go to that function
     under `_run` (imported when the command runs, so `--help` loads no torch). The body is the help text."""
 
-    def register(declaration: F) -> F:
+    def declare(declaration: F) -> F:
         @functools.wraps(declaration)
         def command(**options: Any) -> None:
             import uvit_cli.prepare
@@ -129,7 +129,7 @@ def _passes_to(name: str, workflow: str, *, encoding: bool = False) -> Callable[
         app.command(name)(handle_errors(command))
         return declaration
 
-    return register
+    return declare
 
 
 @_passes_to("coco", encoding=True, workflow="prepare_coco")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,138 +23,132 @@ from uvit_cli.cli.common import (
     SolverOpt,
     StepsOpt,
     VaeOpt,
-    console,
     fail,
     handle_errors,
     image_progress,
-    is_rank0,
+    log_rank0,
     out,
 )
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("sample")
-    @handle_errors
-    def sample(
-        prompt: Annotated[
-            list[str] | None,
-            typer.Option("--prompt", "-p", help="Text prompt (repeatable).", show_default=False),
-        ] = None,
-        prompts_file: Annotated[
-            Path | None,
-            typer.Option("--prompts-file", help="File of prompts, one per line.", show_default=False),
-        ] = None,
-        class_: Annotated[
-            list[int] | None,
-            typer.Option(
-                "--class", "-c", help="Class index (repeatable), e.g. 207 for ImageNet.", show_default=False
-            ),
-        ] = None,
-        n: Annotated[
-            int, typer.Option("--n", "-n", min=1, help="Images per prompt/class (in total if unconditional).")
-        ] = 4,
-        out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path(
-            "samples"
+@handle_errors
+def sample(
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="Text prompt (repeatable).", show_default=False),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option("--prompts-file", help="File of prompts, one per line.", show_default=False),
+    ] = None,
+    class_: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--class", "-c", help="Class index (repeatable), e.g. 207 for ImageNet.", show_default=False
         ),
-        seed: SeedOpt = 0,
-        steps: StepsOpt = None,
-        cfg_scale: CfgScaleOpt = None,
-        solver: SolverOpt = None,
-        guidance_interval: GuidanceIntervalOpt = None,
-        batch_size: SampleBatchOpt = None,
-        decode_batch_size: Annotated[
-            int, typer.Option("--decode-batch-size", min=1, help="Latents per VAE call.")
-        ] = 50,
-        grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png (first 256 images).")] = False,
-        npz: Annotated[
-            bool, typer.Option("--npz", help="Also write samples.npz (arr_0 uint8 NHWC, ADM evaluator).")
-        ] = False,
-        ckpt: CkptOpt = None,
-        preset: PresetOpt = None,
-        vae: VaeOpt = None,
-        clip: ClipOpt = None,
-        model_weights: ModelWeightsOpt = "ema",
-        precision: PrecisionOpt = None,
-        no_compile: NoCompileOpt = False,
-        cuda_graphs: Annotated[
-            bool,
-            typer.Option(
-                "--cuda-graphs", help="CUDA graphs of the network call (compile mode reduce-overhead)."
-            ),
-        ] = False,
-        set_: SetOption = None,
-    ) -> None:
-        """Generate images: text prompts, ImageNet classes or unconditional; PNGs named by index.
+    ] = None,
+    n: Annotated[
+        int, typer.Option("--n", "-n", min=1, help="Images per prompt/class (in total if unconditional).")
+    ] = 4,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path(
+        "samples"
+    ),
+    seed: SeedOpt = 0,
+    steps: StepsOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    solver: SolverOpt = None,
+    guidance_interval: GuidanceIntervalOpt = None,
+    batch_size: SampleBatchOpt = None,
+    decode_batch_size: Annotated[
+        int, typer.Option("--decode-batch-size", min=1, help="Latents per VAE call.")
+    ] = 50,
+    grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png (first 256 images).")] = False,
+    npz: Annotated[
+        bool, typer.Option("--npz", help="Also write samples.npz (arr_0 uint8 NHWC, ADM evaluator).")
+    ] = False,
+    ckpt: CkptOpt = None,
+    preset: PresetOpt = None,
+    vae: VaeOpt = None,
+    clip: ClipOpt = None,
+    model_weights: ModelWeightsOpt = "ema",
+    precision: PrecisionOpt = None,
+    no_compile: NoCompileOpt = False,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option("--cuda-graphs", help="CUDA graphs of the network call (compile mode reduce-overhead)."),
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Generate images: text prompts, ImageNet classes or unconditional; PNGs named by index.
 
-        After `uvit quickstart`: uvit sample --ckpt quickstart/run --prompt "a red circle at the top left"
-        """
-        # The mistakes a first try makes fail here in a second, before torch loads.
-        if ckpt is not None and not Path(ckpt).exists():
-            raise fail(
-                f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file or a run dir)", 2
-            )
-
-        from uvit_cli.sample import SampleProgress, read_prompts_file, sample_to_dir
-
-        prompts = list(prompt or [])
-        if prompts_file is not None:
-            prompts += read_prompts_file(prompts_file)
-        settings = dict(
-            solver=solver,
-            steps=steps,
-            cfg_scale=cfg_scale,
-            guidance_interval=guidance_interval,
-            batch_size=batch_size,
-            decode_batch_size=decode_batch_size,
-            precision=precision,
-            compile=False if no_compile else None,  # None: the core's choice by device
-            cuda_graphs=cuda_graphs,
+    After `uvit quickstart`: uvit sample --ckpt quickstart/run --prompt "a red circle at the top left"
+    """
+    # The mistakes a first try makes fail here in a second, before torch loads.
+    if ckpt is not None and not Path(ckpt).exists():
+        raise fail(
+            f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file or a run dir)", 2
         )
-        bar = image_progress()
-        task = None
 
-        def progress(p: SampleProgress) -> None:
-            nonlocal task
-            if task is None:
-                bar.start()
-                note = f" ({p.skipped} already there)" if p.skipped else ""
-                task = bar.add_task(f"sampling{note}", total=p.total)
-            bar.update(task, completed=p.done)
+    from uvit_cli.sample import read_prompts_file, sample_to_dir
 
-        def log(msg: str) -> None:
-            if is_rank0():
-                console.print(msg, soft_wrap=True, markup=False)
-
-        try:
-            result = sample_to_dir(
-                out=out_dir,
-                preset=preset,
-                ckpt=ckpt,
-                prompts=prompts,
-                classes=list(class_ or []),
-                n=n,
-                seed=seed,
-                settings=settings,
-                overrides=list(set_ or []),
-                ema=model_weights == "ema",
-                vae=vae,
-                clip=clip,
-                grid=grid,
-                npz=npz,
-                progress=progress,
-                log=log,
-            )
-        finally:
-            bar.stop()
-        if not result.is_main:
-            return
-        st = result.settings
-        gi = f", guidance interval {st['guidance_interval']}" if st["guidance_interval"] else ""
-        rate = f", {result.written / result.seconds:.2f} img/s overall" if result.written else ""
-        out.print(
-            f"{result.total} images in {result.out} ({result.written} new, {result.skipped} already there) "
-            f"in {result.seconds:.1f} s{rate}; {st['solver']} {st['steps']} steps, cfg {st['cfg_scale']:g}{gi}, "
-            f"seed {seed}"
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        prompts += read_prompts_file(prompts_file)
+    settings = dict(
+        solver=solver,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        guidance_interval=guidance_interval,
+        batch_size=batch_size,
+        decode_batch_size=decode_batch_size,
+        precision=precision,
+        compile=False if no_compile else None,  # None: the core's choice by device
+        cuda_graphs=cuda_graphs,
+    )
+    bar, progress = _sampling_bar()
+    try:
+        result = sample_to_dir(
+            out=out_dir,
+            preset=preset,
+            ckpt=ckpt,
+            prompts=prompts,
+            classes=list(class_ or []),
+            n=n,
+            seed=seed,
+            settings=settings,
+            overrides=list(set_ or []),
+            ema=model_weights == "ema",
+            vae=vae,
+            clip=clip,
+            grid=grid,
+            npz=npz,
+            progress=progress,
+            log=log_rank0,
         )
-        for f in result.files:
-            out.print(f"wrote {f}")
+    finally:
+        bar.stop()
+    if not result.is_main:
+        return
+    out.print(result.summary())
+    for f in result.files:
+        out.print(f"wrote {f}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sample")(sample)
+
+
+def _sampling_bar() -> tuple[Any, Callable[[Any], None]]:
+    """A bar that appears with the first `SampleProgress` (naming the images already there), and its callback."""
+    bar = image_progress()
+    task = None
+
+    def progress(p: Any) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            note = f" ({p.skipped} already there)" if p.skipped else ""
+            task = bar.add_task(f"sampling{note}", total=p.total)
+        bar.update(task, completed=p.done)
+
+    return bar, progress

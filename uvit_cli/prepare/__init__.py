@@ -76,10 +76,6 @@ def data_root(kind: str, given: Path_ | None = None) -> Path:
     raise DataError(f"no {kind} data given: pass {flag} DIR, set ${env}, or put it in ./{conventional}/")
 
 
-def _default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
-
-
 def prepare_coco(
     coco_root: Path_ | None,
     out: Path_,
@@ -115,7 +111,7 @@ def prepare_coco(
         items_per_shard=items_per_shard,
         precision=precision,
         batch_size=batch_size,
-        num_workers=_default_workers() if num_workers is None else num_workers,
+        num_workers=num_workers,
     )
     return run(set_dir(out, name or dataset_name("coco", resolution)), spec, jobs, progress)
 
@@ -161,7 +157,7 @@ def prepare_imagenet(
         items_per_shard=items_per_shard,
         precision=precision,
         batch_size=batch_size,
-        num_workers=_default_workers() if num_workers is None else num_workers,
+        num_workers=num_workers,
     )
     return run(
         set_dir(out, name or dataset_name("imagenet", resolution)),
@@ -196,7 +192,7 @@ def prepare_cifar10(
         classes=classes,
         items_per_shard=items_per_shard,
         batch_size=256,
-        num_workers=_default_workers() if num_workers is None else num_workers,
+        num_workers=num_workers,
     )
     return run(set_dir(out, name or dataset_name("cifar10", 32)), spec, jobs, progress)
 
@@ -227,7 +223,7 @@ def prepare_celeba(
         conditioning="none",
         items_per_shard=items_per_shard,
         batch_size=256,
-        num_workers=_default_workers() if num_workers is None else num_workers,
+        num_workers=num_workers,
     )
     out = set_dir(out, name or dataset_name("celeba", resolution))
     return run(out, spec, [SplitJob(split, sources) for split, sources in splits.items()], progress)
@@ -272,7 +268,7 @@ def prepare_folder(
         items_per_shard=items_per_shard,
         precision=precision,
         batch_size=batch_size,
-        num_workers=_default_workers() if num_workers is None else num_workers,
+        num_workers=num_workers,
     )
     out = set_dir(out, name or dataset_name("folder", resolution, directory))
     return run(out, spec, [SplitJob("train", sources)], progress)

@@ -54,10 +54,12 @@ class PrepareSpec:
     clip: str | None = None
     precision: str = "fp32"  # VAE encode: "fp32" or "bf16" autocast (CUDA)
     batch_size: int = 64
-    num_workers: int = 4
+    num_workers: int | None = None  # image-decoding processes; None: min(8, CPUs)
     text_batch_size: int = 256
 
     def __post_init__(self) -> None:
+        if self.num_workers is None:
+            self.num_workers = min(8, os.cpu_count() or 1)
         if self.resolution < 8:
             raise DataError(f"--resolution {self.resolution}: an image side of at least 8 pixels")
         if self.space == "latent" and self.resolution % 8:
@@ -255,12 +257,13 @@ def _prepare_split(
         for k in pending
         for lo in range(bufs[k].lo, bufs[k].hi, spec.batch_size)
     ]
+    workers = spec.num_workers or 0  # set by PrepareSpec (None there means min(8, CPUs))
     loader = DataLoader(
         _Decode(job.sources, spec.crop, spec.resolution),
         batch_sampler=batches,
-        num_workers=spec.num_workers,
+        num_workers=workers,
         collate_fn=_as_list,
-        prefetch_factor=4 if spec.num_workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
     state = Progress(job.name, 0, len(owner), shards_reused=reused)

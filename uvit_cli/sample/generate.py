@@ -174,7 +174,7 @@ def _compiled(settings: SampleSettings, device: torch.device) -> bool:
     )
 
 
-def _network(
+def sampling_network(
     model: torch.nn.Module, settings: SampleSettings, device: torch.device
 ) -> Callable[..., torch.Tensor]:
     """model(x, timesteps, **cond) in the chosen precision, returning float32 for the solver."""
@@ -237,7 +237,7 @@ def sample_latents(
     schedule = make_schedule(
         preset.schedule.kind, preset.schedule.num_steps, preset.schedule.beta_min, preset.schedule.beta_max
     )
-    net = network or _network(model, settings, device)
+    net = network or sampling_network(model, settings, device)
     gens = image_generators(seed, indices)
     x_T = torch.stack([torch.randn(latent_shape(preset), generator=g) for g in gens]).to(
         device
@@ -319,7 +319,7 @@ def generate(
     if preset.data.space == "latent" and autoencoder is None:
         raise ValueError(f"preset '{preset.name}' samples latents: pass the autoencoder to decode them")
     check_guidance(preset, settings)
-    net = _network(model, settings, device)
+    net = sampling_network(model, settings, device)
     indices = [int(i) for i in indices]
     bs = settings.batch_size
     # A compiled network is specialised to the batch shape (dynamic=False): a last partial batch would compile
