@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from uvit_cli.encoders.autoencoder import AutoencoderKL, ldm_to_diffusers
+from uvit_cli.encoders.autoencoder import AutoencoderKL
 from uvit_cli.encoders.clip import CLIPTextConfig, CLIPTextEncoder
 from uvit_cli.encoders.tokenizer import BUNDLED_BPE, NUM_MERGES, _merges_from_gz, _vocab_from_merges
 
@@ -94,6 +95,38 @@ def save_autoencoder(vae: AutoencoderKL, path: str | Path, fmt: str = "uvit") ->
     else:
         raise ValueError(f"unknown format {fmt!r}")
     return path
+
+
+def ldm_to_diffusers(sd: dict[str, torch.Tensor], legacy: bool = False) -> dict[str, torch.Tensor]:
+    """ldm keys -> diffusers `AutoencoderKL` keys: the inverse of `diffusers_to_ldm` (checked against diffusers in
+    test_autoencoder), to write the diffusers layouts; `legacy`: the pre-2023 attention names."""
+    n_up = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k)))
+    attn = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0", "norm": "group_norm"}
+    if legacy:
+        attn.update(q="query", k="key", v="value", proj_out="proj_attn")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        new = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+        new = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", new)
+        new = re.sub(
+            r"^decoder\.up\.(\d+)\.block\.",
+            lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.resnets.",
+            new,
+        )
+        new = re.sub(
+            r"^decoder\.up\.(\d+)\.upsample\.",
+            lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.upsamplers.0.",
+            new,
+        )
+        new = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", new)
+        new = re.sub(
+            r"\.mid\.attn_1\.(q|k|v|proj_out|norm)\.", lambda m: f".mid_block.attentions.0.{attn[m[1]]}.", new
+        )
+        new = new.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.")
+        if ".mid_block.attentions.0." in new and new.endswith("weight") and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        out[new] = value
+    return out
 
 
 def tiny_text_encoder(

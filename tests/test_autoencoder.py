@@ -6,11 +6,11 @@ import re
 
 import pytest
 import torch
-from encoder_fixtures import TINY_VAE, randomize_, save_autoencoder, tiny_autoencoder
+from encoder_fixtures import TINY_VAE, ldm_to_diffusers, randomize_, save_autoencoder, tiny_autoencoder
 from safetensors.torch import load_file, save_file
 
 from uvit_cli.encoders import AutoencoderKL, load_autoencoder
-from uvit_cli.encoders.autoencoder import AttnBlock, diffusers_to_ldm, ldm_to_diffusers
+from uvit_cli.encoders.autoencoder import AttnBlock, diffusers_to_ldm
 from uvit_cli.errors import CheckpointError
 
 TOL = 1e-4  # VAE parity tolerance against diffusers; measured ~2e-6 (moments) and ~1e-5 (decode)

@@ -69,11 +69,6 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kw: Any) -> Ite
         yield f
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -208,10 +208,6 @@ class AutoencoderKL(nn.Module):
         self.weights_sha256: str | None = None
         self.weights_path: str | None = None
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.config["ch_mult"]) - 1)
-
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> moments (B, 2*embed_dim, H/8, W/8) = [mean ‖ logvar], unscaled."""
         return self.quant_conv(self.encoder(x))
@@ -300,37 +296,6 @@ def diffusers_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         new = new.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")
         if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", new) and value.ndim == 2:
             value = value[:, :, None, None]
-        out[new] = value
-    return out
-
-
-def ldm_to_diffusers(sd: dict[str, torch.Tensor], legacy: bool = False) -> dict[str, torch.Tensor]:
-    """ldm keys -> diffusers `AutoencoderKL` keys (the inverse of `diffusers_to_ldm`); for writing test files."""
-    n_up = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k)))
-    attn = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0", "norm": "group_norm"}
-    if legacy:
-        attn.update(q="query", k="key", v="value", proj_out="proj_attn")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        new = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
-        new = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", new)
-        new = re.sub(
-            r"^decoder\.up\.(\d+)\.block\.",
-            lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.resnets.",
-            new,
-        )
-        new = re.sub(
-            r"^decoder\.up\.(\d+)\.upsample\.",
-            lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.upsamplers.0.",
-            new,
-        )
-        new = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", new)
-        new = re.sub(
-            r"\.mid\.attn_1\.(q|k|v|proj_out|norm)\.", lambda m: f".mid_block.attentions.0.{attn[m[1]]}.", new
-        )
-        new = new.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.")
-        if ".mid_block.attentions.0." in new and new.endswith("weight") and value.ndim == 4:
-            value = value[:, :, 0, 0]
         out[new] = value
     return out
 

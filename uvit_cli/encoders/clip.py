@@ -10,7 +10,7 @@ The op order follows transformers 4.23.1 (U-ViT's pin), so CPU fp32 outputs are 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -202,7 +202,3 @@ def build_text_encoder(
         model = CLIPTextEncoder(cfg, tokenizer)
     strict_load(model, sd, what="CLIP text encoder")
     return model
-
-
-def config_dict(cfg: CLIPTextConfig) -> dict:
-    return asdict(cfg)
