@@ -169,3 +169,27 @@ def test_prepare_commands_pass_keywords_their_workflow_takes_with_its_defaults()
             if default is not inspect.Parameter.empty:
                 assert str(p.default) == str(default), (name, p.name, p.default, default)
     assert {p.name for p in group.commands["imagenet"].params} >= {"batch_size", "dtype", "precision"}
+
+
+def test_every_option_of_every_command_has_its_declared_flags_and_help():
+    """Options declared once and appended to several commands (`cli.common.with_options`) keep their flags,
+    short forms and help: a lost `Annotated` shows up here as an option without help."""
+    import typer.main
+
+    def commands(group, path=()):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):  # a group (typer vendors its own click)
+                yield from commands(cmd, (*path, name))
+            else:
+                yield (*path, name), cmd
+
+    seen = {}
+    for path, cmd in commands(typer.main.get_group(app)):
+        for p in cmd.params:
+            if p.param_type_name == "option" and p.name != "help":
+                assert p.help, (path, p.name)
+            seen[(*path, p.name)] = p.opts
+    assert seen[("prepare", "coco", "out")] == ["--out", "-o"]
+    assert seen[("prepare", "imagenet", "num_workers")] == ["--workers"]
+    assert seen[("fid", "compare", "json_path")] == ["--json"]
+    assert seen[("fid", "ref", "mode")] == ["--mode"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -20,6 +21,25 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, 
 out = Console(highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def option_group(*options: tuple[str, Any, Any]) -> list[inspect.Parameter]:
+    """Options several commands take alike, declared once as (parameter name, Annotated type, default)."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(name, kind, annotation=t, default=d) for name, t, d in options]
+
+
+def with_options(group: list[inspect.Parameter]) -> Callable[[F], F]:
+    """Append an `option_group` to a command's parameters; the command receives them in its `**options`."""
+
+    def add(fn: F) -> F:
+        signature = inspect.signature(fn, eval_str=True)  # the Annotated objects, not their strings
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = signature.replace(parameters=[*own, *group])  # type: ignore[attr-defined]
+        return fn
+
+    return add
+
 
 SetOption = Annotated[
     list[str] | None,

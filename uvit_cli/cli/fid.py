@@ -29,8 +29,10 @@ from uvit_cli.cli.common import (
     handle_errors,
     image_progress,
     log_rank0,
+    option_group,
     out,
     warn,
+    with_options,
 )
 from uvit_cli.config import FidMode
 
@@ -93,6 +95,16 @@ WorkersOpt = Annotated[
 ]
 
 
+# How images become Inception statistics, as `compute_fid` and `make_ref_stats` take it (compare, ref).
+_FEATURES = option_group(
+    ("mode", ModeOpt, "clean"),
+    ("inception_weights", InceptionWeightsOpt, None),
+    ("batch_size", BatchOpt, 50),
+    ("workers", WorkersOpt, None),
+    ("device", DeviceOpt, None),
+)
+
+
 def _progress_bar(description: str, transient: bool = True) -> tuple[Any, Any]:
     """A rich bar on stderr and the `progress(done, total)` callback that advances it."""
     bar = image_progress(transient=transient)
@@ -135,6 +147,7 @@ def _print_result(line: str, stamp: dict[str, Any], path: Path | None) -> None:
 
 @fid_app.command("compare")
 @handle_errors
+@with_options(_FEATURES)
 def compare(
     samples: Annotated[
         Path, typer.Argument(help="Folder of images, or .npz with uint8 NHWC images in arr_0.")
@@ -142,11 +155,6 @@ def compare(
     ref: Annotated[
         Path, typer.Argument(help="Reference .npz with mu and sigma (U-ViT fid_stats, ADM batch).")
     ],
-    mode: ModeOpt = "clean",
-    inception_weights: InceptionWeightsOpt = None,
-    batch_size: BatchOpt = 50,
-    workers: WorkersOpt = None,
-    device: DeviceOpt = None,
     json_path: Annotated[
         Path | None,
         typer.Option(
@@ -156,14 +164,12 @@ def compare(
         ),
     ] = None,
     no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,
+    **features: Any,
 ) -> None:
     """FID of SAMPLES against REF (the default command: `uvit fid SAMPLES REF` runs it)."""
     from uvit_cli.fid import compute_fid
 
-    result = _with_features_bar(
-        compute_fid, samples, ref, mode=mode, inception_weights=inception_weights, device=device,
-        batch_size=batch_size, workers=workers,
-    )  # fmt: skip
+    result = _with_features_bar(compute_fid, samples, ref, **features)
     if not result.is_main:
         return
     _print_result(
@@ -173,34 +179,28 @@ def compare(
 
 @fid_app.command("ref")
 @handle_errors
+@with_options(_FEATURES)
 def make_ref(
     images: Annotated[
         Path, typer.Argument(help="Folder of images, or .npz with uint8 NHWC images in arr_0.")
     ],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the statistics (.npz).")],
-    mode: ModeOpt = "clean",
-    inception_weights: InceptionWeightsOpt = None,
-    batch_size: BatchOpt = 50,
-    workers: WorkersOpt = None,
-    device: DeviceOpt = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the stamp here (it is in the npz as `meta`).")
     ] = None,
+    **features: Any,
 ) -> None:
     """Reference statistics (mu, sigma float64 + meta) of a folder or .npz of images."""
     from uvit_cli.fid import make_ref_stats, write_stamp
 
-    result = _with_features_bar(
-        make_ref_stats, images, out_path, mode=mode, inception_weights=inception_weights, device=device,
-        batch_size=batch_size, workers=workers,
-    )  # fmt: skip
+    result = _with_features_bar(make_ref_stats, images, out_path, **features)
     if not result.is_main:
         return
     if json_path is not None:
         write_stamp(json_path, result.stamp)
     inc = (result.stamp["inception"]["sha256"] or "custom")[:12]
     out.print(
-        f"wrote {result.path}  mode {mode}  images {result.num_images}  inception {inc}",
+        f"wrote {result.path}  mode {features['mode']}  images {result.num_images}  inception {inc}",
         soft_wrap=True,
         markup=False,
     )

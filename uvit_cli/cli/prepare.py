@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,17 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from uvit_cli.cli.common import ClipOpt, VaeOpt, handle_errors, image_progress, is_rank0, out, warn
+from uvit_cli.cli.common import (
+    ClipOpt,
+    VaeOpt,
+    handle_errors,
+    image_progress,
+    is_rank0,
+    option_group,
+    out,
+    warn,
+    with_options,
+)
 from uvit_cli.config import (
     DATA_ROOT,
     Crop,
@@ -98,16 +107,13 @@ def _run(fn: Any, **kwargs: Any) -> None:
 
 
 # The encoder and storage options of the sources that run the autoencoder (coco, imagenet, folder).
-_ENCODING = [
-    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
-    for name, kind, default in [
-        ("batch_size", BatchOpt, 64),
-        ("items_per_shard", ShardOpt, 1000),
-        ("dtype", DtypeOpt, "float16"),
-        ("precision", PrecisionOpt, "fp32"),
-        ("num_workers", WorkersOpt, None),
-    ]
-]
+_ENCODING = option_group(
+    ("batch_size", BatchOpt, 64),
+    ("items_per_shard", ShardOpt, 1000),
+    ("dtype", DtypeOpt, "float16"),
+    ("precision", PrecisionOpt, "fp32"),
+    ("num_workers", WorkersOpt, None),
+)
 
 
 def _passes_to(name: str, workflow: str, *, encoding: bool = False) -> Callable[[F], F]:
@@ -123,9 +129,7 @@ def _passes_to(name: str, workflow: str, *, encoding: bool = False) -> Callable[
             _run(getattr(uvit_cli.prepare, workflow), **options)
 
         if encoding:
-            signature = inspect.signature(declaration)
-            params = [*signature.parameters.values(), *_ENCODING]
-            command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+            command = with_options(_ENCODING)(command)
         app.command(name)(handle_errors(command))
         return declaration
 
