@@ -3,6 +3,7 @@
 Stable helper API (other tests import it):
     tiny_autoencoder(seed=0, ...) -> AutoencoderKL           f8 (4 levels), ch 32, 1 resnet per level
     save_autoencoder(vae, path, fmt) -> Path                 fmt: "uvit" | "sd_ckpt" | "diffusers" | "diffusers_legacy"
+    ldm_to_diffusers(sd, legacy=False) -> dict               ldm keys -> diffusers keys (what save_autoencoder writes)
     tiny_text_encoder(seed=0, hidden_size=32, ...) -> CLIPTextEncoder
     save_text_encoder(clip, directory, layout=..., fmt=..., tokenizer=True) -> Path (the directory)
     write_tokenizer_files(directory) -> Path                 HF vocab.json + merges.txt from the bundled .gz

@@ -7,12 +7,13 @@ import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
 from uvit_cli.cli.common import (
     ClipOpt,
+    F,
     VaeOpt,
     handle_errors,
     image_progress,
@@ -33,8 +34,6 @@ from uvit_cli.config import (
     Space,
     StorageDtype,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 app = typer.Typer(
     help="Turn a data set into feature shards for training (docs/data.md).", no_args_is_help=True
@@ -136,7 +135,7 @@ def _passes_to(name: str, workflow: str, *, encoding: bool = False) -> Callable[
     return declare
 
 
-@_passes_to("coco", encoding=True, workflow="prepare_coco")
+@_passes_to("coco", "prepare_coco", encoding=True)
 def coco(
     out: OutOpt = Path(DATA_ROOT),
     name: NameOpt = None,
@@ -156,7 +155,7 @@ def coco(
     """MS-COCO 2014 as U-ViT: autoencoder moments + CLIP features of every caption, and CLIP("")."""
 
 
-@_passes_to("imagenet", encoding=True, workflow="prepare_imagenet")
+@_passes_to("imagenet", "prepare_imagenet", encoding=True)
 def imagenet(
     out: OutOpt = Path(DATA_ROOT),
     name: NameOpt = None,
@@ -218,7 +217,7 @@ def celeba(
     """CelebA as U-ViT: 128x128 face crop, Resize(64), uint8 pixels; the official splits if listed."""
 
 
-@_passes_to("folder", encoding=True, workflow="prepare_folder")
+@_passes_to("folder", "prepare_folder", encoding=True)
 def folder(
     directory: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: OutOpt = Path(DATA_ROOT),
