@@ -3,7 +3,7 @@
 Stable helper API (other tests import it):
     tiny_autoencoder(seed=0, ...) -> AutoencoderKL           f8 (4 levels), ch 32, 1 resnet per level
     save_autoencoder(vae, path, fmt) -> Path                 fmt: "uvit" | "sd_ckpt" | "diffusers" | "diffusers_legacy"
-    ldm_to_diffusers(sd, legacy=False) -> dict               ldm keys -> diffusers keys (what save_autoencoder writes)
+    ldm_to_diffusers(sd, config, legacy=False) -> dict       ldm keys -> diffusers keys by diffusers' converter
     tiny_text_encoder(seed=0, hidden_size=32, ...) -> CLIPTextEncoder
     save_text_encoder(clip, directory, layout=..., fmt=..., tokenizer=True) -> Path (the directory)
     write_tokenizer_files(directory) -> Path                 HF vocab.json + merges.txt from the bundled .gz
@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -90,43 +89,29 @@ def save_autoencoder(vae: AutoencoderKL, path: str | Path, fmt: str = "uvit") ->
         torch.save({"state_dict": full, "global_step": 470000}, path)
     elif fmt in ("diffusers", "diffusers_legacy"):
         path.mkdir(parents=True, exist_ok=True)
-        dsd = {k: v.contiguous() for k, v in ldm_to_diffusers(sd, legacy=fmt == "diffusers_legacy").items()}
-        save_file(dsd, str(path / "diffusion_pytorch_model.safetensors"))
-        (path / "config.json").write_text(json.dumps(diffusers_vae_config(vae), indent=2))
+        config = diffusers_vae_config(vae)
+        dsd = ldm_to_diffusers(sd, config, legacy=fmt == "diffusers_legacy")
+        save_file(
+            {k: v.contiguous() for k, v in dsd.items()}, str(path / "diffusion_pytorch_model.safetensors")
+        )
+        (path / "config.json").write_text(json.dumps(config, indent=2))
     else:
         raise ValueError(f"unknown format {fmt!r}")
     return path
 
 
-def ldm_to_diffusers(sd: dict[str, torch.Tensor], legacy: bool = False) -> dict[str, torch.Tensor]:
-    """ldm keys -> diffusers `AutoencoderKL` keys: the inverse of `diffusers_to_ldm` (checked against diffusers in
-    test_autoencoder), to write the diffusers layouts; `legacy`: the pre-2023 attention names."""
-    n_up = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k)))
-    attn = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0", "norm": "group_norm"}
+def ldm_to_diffusers(
+    sd: dict[str, torch.Tensor], config: dict, legacy: bool = False
+) -> dict[str, torch.Tensor]:
+    """ldm keys -> diffusers `AutoencoderKL` keys by diffusers' own converter (its single-file loader), to write
+    the diffusers layouts; `legacy`: the pre-2023 attention names (query, key, value, proj_attn)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    out = convert_ldm_vae_checkpoint(dict(sd), config)
     if legacy:
-        attn.update(q="query", k="key", v="value", proj_out="proj_attn")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        new = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
-        new = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", new)
-        new = re.sub(
-            r"^decoder\.up\.(\d+)\.block\.",
-            lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.resnets.",
-            new,
-        )
-        new = re.sub(
-            r"^decoder\.up\.(\d+)\.upsample\.",
-            lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.upsamplers.0.",
-            new,
-        )
-        new = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", new)
-        new = re.sub(
-            r"\.mid\.attn_1\.(q|k|v|proj_out|norm)\.", lambda m: f".mid_block.attentions.0.{attn[m[1]]}.", new
-        )
-        new = new.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.")
-        if ".mid_block.attentions.0." in new and new.endswith("weight") and value.ndim == 4:
-            value = value[:, :, 0, 0]
-        out[new] = value
+        names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+        for new, old in names.items():
+            out = {k.replace(f"attentions.0.{new}.", f"attentions.0.{old}."): v for k, v in out.items()}
     return out
 
 

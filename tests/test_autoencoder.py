@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -150,16 +151,17 @@ def test_diffusers_legacy_attention_names(diffusers_vae, tmp_path):
     _check_parity(load_autoencoder(str(tmp_path)), ref)
 
 
-def test_key_maps_are_inverse_and_match_diffusers(diffusers_vae):
-    ref, _ = diffusers_vae
+def test_our_key_map_is_the_inverse_of_diffusers_converter(diffusers_vae):
+    ref, folder = diffusers_vae
     dsd = ref.state_dict()
     ldm = diffusers_to_ldm(dsd)
     with torch.device("meta"):
         expected = AutoencoderKL(**TINY_VAE).state_dict()
     assert {k: tuple(v.shape) for k, v in ldm.items()} == {k: tuple(v.shape) for k, v in expected.items()}
-    back = ldm_to_diffusers(ldm)
+    config = json.loads((folder / "config.json").read_text())
+    back = ldm_to_diffusers(ldm, config)  # diffusers' ldm -> diffusers converter
     assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)
-    assert set(ldm_to_diffusers(ldm, legacy=True)) != set(dsd)  # legacy names differ
+    assert set(ldm_to_diffusers(ldm, config, legacy=True)) != set(dsd)  # legacy names differ
 
 
 # --- CompVis / U-ViT and SD checkpoint files ----------------------------------------------------------------

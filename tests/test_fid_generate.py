@@ -30,7 +30,7 @@ from uvit_cli.fid import compute_fid, make_ref_stats
 from uvit_cli.fid import generated as gen
 from uvit_cli.fid.generated import fid_from_checkpoint, val_context_conditions
 from uvit_cli.model import UViT
-from uvit_cli.sample import random_class_conditions
+from uvit_cli.sample import SamplerSpec, random_class_conditions
 
 runner = CliRunner()
 
@@ -85,11 +85,11 @@ def env(tmp_path_factory):
     return dict(dir=d, cls=cls, txt=txt, captions=captions, empty=empty, ref=ref)
 
 
-def _cls_kw(env, **kw):
+def _cls_fid(env, n=8, **spec):
+    """FID of the tiny class model with the stand-in features; `spec`: SamplerSpec fields (seed 3)."""
     d = env["dir"]
-    args = dict(ckpt=d / "cls" / "nnet_ema.pth", preset=d / "tiny_class.toml", n=8, seed=3, **FEATS)
-    args.update(kw)
-    return args
+    spec = SamplerSpec(ckpt=d / "cls" / "nnet_ema.pth", preset=d / "tiny_class.toml", **{"seed": 3, **spec})
+    return fid_from_checkpoint(env["ref"], spec, n=n, **FEATS)
 
 
 def _one_line_error(r) -> str:
@@ -105,7 +105,7 @@ def _one_line_error(r) -> str:
 def test_ckpt_fid_equals_fid_of_the_pngs_uvit_sample_writes(env, tmp_path):
     d = env["dir"]
     settings = {"steps": 3, "cfg_scale": 0.5, "solver": "dpm_solver_pp", "batch_size": 3}
-    got = fid_from_checkpoint(env["ref"], settings=settings, **_cls_kw(env))
+    got = _cls_fid(env, settings=settings)
 
     # the same images through `uvit sample`: image i of `--class l0 --class l1 ... --n 1` has label l_i
     labels = random_class_conditions(3, 10)(range(8))["y"].tolist()
@@ -124,8 +124,8 @@ def test_ckpt_fid_equals_fid_of_the_pngs_uvit_sample_writes(env, tmp_path):
     assert got.fid > 0.01
 
     # the settings matter (the comparison above can fail): another seed, no guidance
-    other_seed = fid_from_checkpoint(env["ref"], settings=settings, **_cls_kw(env, seed=4))
-    no_cfg = fid_from_checkpoint(env["ref"], settings={**settings, "cfg_scale": 0.0}, **_cls_kw(env))
+    other_seed = _cls_fid(env, seed=4, settings=settings)
+    no_cfg = _cls_fid(env, settings={**settings, "cfg_scale": 0.0})
     assert abs(other_seed.fid_raw - got.fid_raw) > 1e-4 and abs(no_cfg.fid_raw - got.fid_raw) > 1e-4
 
 
@@ -152,8 +152,8 @@ def _captured_stats(monkeypatch):
 
 def test_batch_size_and_rank_slices_do_not_change_the_result(env, monkeypatch):
     seen, images = _captured_stats(monkeypatch)
-    one = fid_from_checkpoint(env["ref"], settings={"batch_size": 1}, **_cls_kw(env, n=7))
-    five = fid_from_checkpoint(env["ref"], settings={"batch_size": 5}, **_cls_kw(env, n=7))
+    one = _cls_fid(env, n=7, settings={"batch_size": 1})
+    five = _cls_fid(env, n=7, settings={"batch_size": 5})
     np.testing.assert_array_equal(images[0], images[1])  # the same 7 images, bit for bit
     assert len(np.unique(images[0].reshape(7, -1), axis=0)) == 7
     # float32 features of other batch shapes round differently: measured up to 2.6e-7 here (AVX-512, AVX2, plain
@@ -163,7 +163,7 @@ def test_batch_size_and_rank_slices_do_not_change_the_result(env, monkeypatch):
     for r in range(3):
         monkeypatch.setattr(dist, "rank", lambda r=r: r)
         monkeypatch.setattr(dist, "world_size", lambda: 3)
-        fid_from_checkpoint(env["ref"], settings={"batch_size": 2}, **_cls_kw(env, n=7))
+        _cls_fid(env, n=7, settings={"batch_size": 2})
     for r in range(3):
         np.testing.assert_array_equal(images[2 + r], images[0][r::3])
     whole, shards = seen[0], seen[2:]
@@ -207,9 +207,12 @@ def test_text_contexts_come_from_the_val_split_per_index(env):
 def test_text_checkpoint_fid_runs_and_ignores_batching(env, monkeypatch):
     d = env["dir"]
     seen, images = _captured_stats(monkeypatch)
-    kw = dict(ckpt=d / "txt" / "nnet_ema.pth", preset=d / "tiny_t2i_px.toml", n=6, seed=1, **FEATS)
-    a = fid_from_checkpoint(env["ref"], settings={"batch_size": 4}, **kw)  # contexts from data.path
-    b = fid_from_checkpoint(env["ref"], settings={"batch_size": 6}, contexts_from=d / "shards", **kw)
+    spec = dict(ckpt=d / "txt" / "nnet_ema.pth", preset=d / "tiny_t2i_px.toml", seed=1)
+    # a takes its contexts from the preset's data.path, b from --contexts-from
+    a = fid_from_checkpoint(env["ref"], SamplerSpec(**spec, settings={"batch_size": 4}), n=6, **FEATS)
+    b = fid_from_checkpoint(
+        env["ref"], SamplerSpec(**spec, settings={"batch_size": 6}), n=6, contexts_from=d / "shards", **FEATS
+    )
     np.testing.assert_array_equal(images[0], images[1])
     assert a.fid_raw == pytest.approx(b.fid_raw, rel=2e-5) and a.num_images == 6 and seen[0].n == 6
     g = a.stamp["samples"]["generator"]
@@ -359,9 +362,10 @@ import torch
 sys.path.insert(0, {tests!r})
 from test_fid import _standin
 from uvit_cli.fid.generated import fid_from_checkpoint
+from uvit_cli.sample import SamplerSpec
 torch.set_num_threads(1)
-r = fid_from_checkpoint({ref!r}, ckpt={ckpt!r}, preset={preset!r}, n=7, seed=3, settings={{"batch_size": 2}},
-                        features=_standin(), feature_dim=16, device="cpu")
+spec = SamplerSpec(ckpt={ckpt!r}, preset={preset!r}, seed=3, settings={{"batch_size": 2}})
+r = fid_from_checkpoint({ref!r}, spec, n=7, features=_standin(), feature_dim=16, device="cpu")
 if r.is_main:
     json.dump(r.stamp, open({out!r}, "w"))
 """
@@ -388,11 +392,11 @@ def test_two_torchrun_processes_match_one(env, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
-    one = fid_from_checkpoint(env["ref"], settings={"batch_size": 2}, **_cls_kw(env, n=7))
+    one = _cls_fid(env, n=7, settings={"batch_size": 2})
     assert two["world_size"] == 2 and two["num_images"] == 7
     assert two["fid_raw"] == pytest.approx(one.fid_raw, rel=2e-5)
 
 
 def test_n_below_two_is_refused(env):
     with pytest.raises(DataError, match="at least 2 images"):
-        fid_from_checkpoint(env["ref"], **_cls_kw(env, n=1))
+        _cls_fid(env, n=1)

@@ -30,6 +30,7 @@ from uvit_cli.config import load_preset
 from uvit_cli.errors import UvitError
 from uvit_cli.model import UViT
 from uvit_cli.sample import (
+    SamplerSpec,
     SampleSettings,
     class_conditions,
     context_conditions,
@@ -91,6 +92,14 @@ def _pngs(out: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("[0-9]*.png"))}
 
 
+def _sample(out, *, prompts=(), classes=(), n=4, clip=None, grid=False, npz=False, progress=None, **spec):
+    """`sample_to_dir` with the SamplerSpec of `spec` (ckpt, preset, seed, settings, vae, ...)."""
+    return sample_to_dir(
+        out, SamplerSpec(**spec), prompts=prompts, classes=classes, n=n, clip=clip, grid=grid, npz=npz,
+        progress=progress,
+    )  # fmt: skip
+
+
 def _run(env, out, **kw):
     d = env["dir"]
     args = dict(
@@ -104,7 +113,7 @@ def _run(env, out, **kw):
         clip=str(d / "clip"),
     )
     args.update(kw)
-    return sample_to_dir(**args)
+    return _sample(**args)
 
 
 def _one_line_error(r) -> str:
@@ -178,7 +187,7 @@ def test_stochastic_solver_noise_is_per_image(env):
 def test_interrupted_then_resumed_run_is_identical(env, tmp_path):
     d = env["dir"]
     kw = dict(preset=d / "tiny_class.toml", ckpt=d / "cls" / "nnet_ema.pth", classes=[1, 4, 7], n=2, seed=3)
-    sample_to_dir(out=tmp_path / "full", settings={"batch_size": 3}, **kw)  # other batches than below
+    _sample(out=tmp_path / "full", settings={"batch_size": 3}, **kw)  # other batches than below
 
     part = tmp_path / "part"
 
@@ -187,20 +196,20 @@ def test_interrupted_then_resumed_run_is_identical(env, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sample_to_dir(out=part, settings={"batch_size": 2}, progress=stop_after_two_batches, **kw)
+        _sample(out=part, settings={"batch_size": 2}, progress=stop_after_two_batches, **kw)
     assert sorted(_pngs(part)) == [f"{i:05d}.png" for i in range(4)] and not list(part.glob(".*.tmp"))
-    r = sample_to_dir(out=part, settings={"batch_size": 3}, **kw)
+    r = _sample(out=part, settings={"batch_size": 3}, **kw)
     assert (r.skipped, r.written) == (4, 2)
     a, b = _pngs(tmp_path / "full"), _pngs(part)
     assert sorted(a) == sorted(b) == [f"{i:05d}.png" for i in range(6)]
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert not np.array_equal(a["00000.png"], a["00001.png"])
-    again = sample_to_dir(out=part, **kw)
+    again = _sample(out=part, **kw)
     assert (again.skipped, again.written) == (6, 0)
     # resuming with other settings would mix images: refused
     with pytest.raises(UvitError, match="different settings"):
-        sample_to_dir(out=part, settings={"cfg_scale": 3.0}, **kw)
+        _sample(out=part, settings={"cfg_scale": 3.0}, **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,13 +389,13 @@ def test_without_ckpt_or_preset_the_run_that_fits_is_used_and_named(env, tmp_pat
 def test_a_folder_made_with_another_checkpoint_is_refused(env, tmp_path):
     d = env["dir"]
     kw = dict(preset=d / "tiny_class.toml", classes=[2], n=2, seed=1)
-    sample_to_dir(out=tmp_path / "s", ckpt=d / "cls" / "nnet_ema.pth", **kw)
+    _sample(out=tmp_path / "s", ckpt=d / "cls" / "nnet_ema.pth", **kw)
     before = (tmp_path / "s" / "samples.jsonl").read_bytes()
     (tmp_path / "b").mkdir()
     other = {k: v + 0.01 for k, v in env["cls_model"].state_dict().items()}
     torch.save(other, tmp_path / "b" / "nnet_ema.pth")
     with pytest.raises(UvitError, match="different checkpoint_sha256"):
-        sample_to_dir(out=tmp_path / "s", ckpt=tmp_path / "b" / "nnet_ema.pth", **kw)
+        _sample(out=tmp_path / "s", ckpt=tmp_path / "b" / "nnet_ema.pth", **kw)
     assert (tmp_path / "s" / "samples.jsonl").read_bytes() == before  # old images keep their labels
     rec = json.loads(before.splitlines()[0])
     assert len(rec["checkpoint_sha256"]) == 64 and rec["weights"] == "ema"
@@ -395,12 +404,12 @@ def test_a_folder_made_with_another_checkpoint_is_refused(env, tmp_path):
 def test_a_truncated_png_is_made_again(env, tmp_path):
     d = env["dir"]
     kw = dict(preset=d / "tiny_class.toml", ckpt=d / "cls" / "nnet_ema.pth", classes=[2, 5], n=2, seed=1)
-    sample_to_dir(out=tmp_path / "s", **kw)
+    _sample(out=tmp_path / "s", **kw)
     want = _pngs(tmp_path / "s")
     png = tmp_path / "s" / "00001.png"
     png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])  # cut short outside our atomic writer
     (tmp_path / "s" / "00002.png").write_bytes(b"")
-    r = sample_to_dir(out=tmp_path / "s", grid=True, **kw)
+    r = _sample(out=tmp_path / "s", grid=True, **kw)
     assert (r.skipped, r.written) == (2, 2)
     got = _pngs(tmp_path / "s")
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)

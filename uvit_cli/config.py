@@ -81,6 +81,14 @@ class ModelConfig(_Strict):
 
 MANIFEST = "manifest.json"  # every prepared set's description (data.format reads and writes it)
 DATA_ROOT = "feats"  # where `uvit prepare` writes and the packaged presets read: one folder per set
+# Where each data set's originals are looked for when no root is given: an environment variable, then a
+# conventional folder under the current directory (`prepare.data_root`).
+DATA_ROOTS: dict[str, tuple[str, str]] = {
+    "coco": ("UVIT_COCO", "data/coco"),
+    "imagenet": ("UVIT_IMAGENET", "data/imagenet"),
+    "cifar10": ("UVIT_CIFAR10", "data/cifar10"),
+    "celeba": ("UVIT_CELEBA", "data/celeba"),
+}
 
 
 def dataset_name(kind: str, resolution: int, source: str | os.PathLike[str] | None = None) -> str:

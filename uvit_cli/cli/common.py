@@ -7,7 +7,7 @@ import functools
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -29,7 +29,7 @@ def option_group(*options: tuple[str, Any, Any]) -> list[inspect.Parameter]:
     return [inspect.Parameter(name, kind, annotation=t, default=d) for name, t, d in options]
 
 
-def with_options(group: list[inspect.Parameter]) -> Callable[[F], F]:
+def with_options(group: Sequence[inspect.Parameter]) -> Callable[[F], F]:
     """Append an `option_group` to a command's parameters; the command receives them in its `**options`."""
 
     def add(fn: F) -> F:
@@ -206,3 +206,51 @@ PrecisionOpt = Annotated[
     _opt("--precision", help="Network autocast (default: bf16 on CUDA, fp32 on CPU)."),
 ]
 NoCompileOpt = Annotated[bool, typer.Option("--no-compile", help="Do not torch.compile the network.")]
+
+
+# Every command that samples from a checkpoint (uvit sample, uvit fid --ckpt) takes these alike.
+SAMPLING = option_group(
+    ("ckpt", CkptOpt, None),
+    ("preset", PresetOpt, None),
+    ("seed", SeedOpt, 0),
+    ("steps", StepsOpt, None),
+    ("cfg_scale", CfgScaleOpt, None),
+    ("solver", SolverOpt, None),
+    ("guidance_interval", GuidanceIntervalOpt, None),
+    ("batch_size", SampleBatchOpt, None),
+    ("precision", PrecisionOpt, None),
+    ("no_compile", NoCompileOpt, False),
+    ("model_weights", ModelWeightsOpt, "ema"),
+    ("vae", VaeOpt, None),
+    ("set_", SetOption, None),
+)
+
+
+def sampler_spec(
+    *,
+    ckpt: str | None,
+    preset: str | None,
+    seed: int,
+    model_weights: str,
+    vae: str | None,
+    set_: list[str] | None,
+    no_compile: bool,
+    **settings: Any,
+) -> Any:
+    """The core's `SamplerSpec` of the `SAMPLING` options; `settings` (with a command's own SampleSettings
+    options) stay None where not given (the preset's), and compile is the core's choice unless --no-compile."""
+    if ckpt is not None and not os.path.exists(ckpt):  # fails in a second, before torch loads
+        raise fail(
+            f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file or a run dir)", 2
+        )
+    from uvit_cli.sample import SamplerSpec
+
+    return SamplerSpec(
+        ckpt=ckpt,
+        preset=preset,
+        overrides=list(set_ or []),
+        ema=model_weights == "ema",
+        settings={**settings, "compile": False if no_compile else None},
+        seed=seed,
+        vae=vae,
+    )

@@ -10,20 +10,8 @@ import typer
 from typer.core import TyperGroup
 
 from uvit_cli.cli.common import (
-    CfgScaleOpt,
-    CkptOpt,
+    SAMPLING,
     DeviceOpt,
-    GuidanceIntervalOpt,
-    ModelWeightsOpt,
-    NoCompileOpt,
-    PrecisionOpt,
-    PresetOpt,
-    SampleBatchOpt,
-    SeedOpt,
-    SetOption,
-    SolverOpt,
-    StepsOpt,
-    VaeOpt,
     describe_os_error,
     fail,
     handle_errors,
@@ -31,6 +19,7 @@ from uvit_cli.cli.common import (
     log_rank0,
     option_group,
     out,
+    sampler_spec,
     warn,
     with_options,
 )
@@ -208,12 +197,11 @@ def make_ref(
 
 @fid_app.command("generate")
 @handle_errors
+@with_options(SAMPLING)
 def generate(
     ref: Annotated[
         Path, typer.Argument(help="Reference .npz with mu and sigma (U-ViT fid_stats, ADM batch).")
     ],
-    ckpt: CkptOpt = None,
-    preset: PresetOpt = None,
     n: Annotated[
         int | None,
         typer.Option(
@@ -224,14 +212,6 @@ def generate(
             show_default=False,
         ),
     ] = None,
-    seed: SeedOpt = 0,
-    steps: StepsOpt = None,
-    cfg_scale: CfgScaleOpt = None,
-    solver: SolverOpt = None,
-    guidance_interval: GuidanceIntervalOpt = None,
-    batch_size: SampleBatchOpt = None,
-    model_weights: ModelWeightsOpt = "ema",
-    vae: VaeOpt = None,
     clip: Annotated[
         str | None,
         typer.Option(
@@ -251,9 +231,6 @@ def generate(
     mode: ModeOpt = "clean",
     inception_weights: InceptionWeightsOpt = None,
     device: DeviceOpt = None,
-    precision: PrecisionOpt = None,
-    no_compile: NoCompileOpt = False,
-    set_: SetOption = None,
     json_path: Annotated[
         Path | None,
         typer.Option(
@@ -264,44 +241,21 @@ def generate(
         ),
     ] = None,
     no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,
+    **sampling: Any,
 ) -> None:
     """FID of N images generated from a checkpoint, streamed into the statistics (no PNGs written).
 
     Conditions as the paper: uniform labels for class models, val-split captions for text models. Image i depends only on (seed, i): batch size and GPU count do not change the number.
     """
-
+    spec = sampler_spec(**sampling)
     from uvit_cli.fid.generated import fid_from_checkpoint
-
-    settings = dict(
-        solver=solver,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        guidance_interval=guidance_interval,
-        batch_size=batch_size,
-        precision=precision,
-        compile=False if no_compile else None,  # None: the core's choice by device
-    )
 
     bar, update = _progress_bar("generating + features")
     with bar:
         result = fid_from_checkpoint(
-            ref,
-            ckpt=ckpt,
-            preset=preset,
-            n=n,
-            seed=seed,
-            settings=settings,
-            overrides=list(set_ or []),
-            ema=model_weights == "ema",
-            vae=vae,
-            clip=clip,
-            contexts_from=contexts_from,
-            mode=mode,
-            inception_weights=inception_weights,
-            device=device,
-            progress=update,
-            log=log_rank0,
-        )
+            ref, spec, n=n, clip=clip, contexts_from=contexts_from, mode=mode,
+            inception_weights=inception_weights, device=device, progress=update, log=log_rank0,
+        )  # fmt: skip
     if not result.is_main:
         return
     for w in result.warnings:

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +26,7 @@ from uvit_cli.cli.common import (
 )
 from uvit_cli.config import (
     DATA_ROOT,
+    DATA_ROOTS,
     Crop,
     EncoderPrecision,
     FolderCaptions,
@@ -105,20 +107,28 @@ def _run(fn: Any, **kwargs: Any) -> None:
     out.print(f"wrote {result.out} in {time.perf_counter() - t0:.1f} s")
 
 
-# The encoder and storage options of the sources that run the autoencoder (coco, imagenet, folder).
-_ENCODING = option_group(
-    ("batch_size", BatchOpt, 64),
-    ("items_per_shard", ShardOpt, 1000),
-    ("dtype", DtypeOpt, "float16"),
-    ("precision", PrecisionOpt, "fp32"),
-    ("num_workers", WorkersOpt, None),
-)
+def _source_root(flag: str, kind: str, holds: str) -> Any:
+    """The option that names where data set `kind`'s originals are; its default is the core's DATA_ROOTS."""
+    env, conventional = DATA_ROOTS[kind]
+    return typer.Option(flag, help=f"{holds} (default: ${env}, else ./{conventional}).", show_default=False)
 
 
-def _passes_to(name: str, workflow: str, *, encoding: bool = False) -> Callable[[F], F]:
-    """Register a declaration as `uvit prepare NAME`: its parameters (and with `encoding`, the `_ENCODING`
-    options after them), named as the keywords of `uvit_cli.prepare.<workflow>`, all go to that function
-    under `_run` (imported when the command runs, so `--help` loads no torch). The body is the help text."""
+# Where every source's set goes; the storage options of the sources that decode images (cifar10, celeba),
+# and with the encoder options, of those that run the autoencoder (coco, imagenet, folder).
+_SET = option_group(("out", OutOpt, Path(DATA_ROOT)), ("name", NameOpt, None))
+_STORAGE = option_group(("items_per_shard", ShardOpt, 1000), ("num_workers", WorkersOpt, None))
+_ENCODING = [
+    *option_group(
+        ("batch_size", BatchOpt, 64), ("dtype", DtypeOpt, "float16"), ("precision", PrecisionOpt, "fp32")
+    ),
+    *_STORAGE,
+]
+
+
+def _passes_to(name: str, workflow: str, group: Sequence[inspect.Parameter] = ()) -> Callable[[F], F]:
+    """Register a declaration as `uvit prepare NAME`: its parameters, then --out/--name and the option
+    `group`, named as the keywords of `uvit_cli.prepare.<workflow>`, all go to that function under `_run`
+    (imported when the command runs, so `--help` loads no torch). The body is the help text."""
 
     def declare(declaration: F) -> F:
         @functools.wraps(declaration)
@@ -127,25 +137,18 @@ def _passes_to(name: str, workflow: str, *, encoding: bool = False) -> Callable[
 
             _run(getattr(uvit_cli.prepare, workflow), **options)
 
-        if encoding:
-            command = with_options(_ENCODING)(command)
+        command = with_options([*_SET, *group])(command)
         app.command(name)(handle_errors(command))
         return declaration
 
     return declare
 
 
-@_passes_to("coco", "prepare_coco", encoding=True)
+@_passes_to("coco", "prepare_coco", _ENCODING)
 def coco(
-    out: OutOpt = Path(DATA_ROOT),
-    name: NameOpt = None,
     coco_root: Annotated[
         Path | None,
-        typer.Option(
-            "--coco-root",
-            help="Holds train2014/, val2014/ and annotations/captions_*2014.json (default: $UVIT_COCO, else ./data/coco).",
-            show_default=False,
-        ),
+        _source_root("--coco-root", "coco", "Holds train2014/, val2014/ and annotations/captions_*2014.json"),
     ] = None,
     split: Annotated[PrepareSplit, typer.Option("--split", help="Which split(s) to prepare.")] = "both",
     vae: VaeOpt = None,
@@ -155,17 +158,10 @@ def coco(
     """MS-COCO 2014 as U-ViT: autoencoder moments + CLIP features of every caption, and CLIP("")."""
 
 
-@_passes_to("imagenet", "prepare_imagenet", encoding=True)
+@_passes_to("imagenet", "prepare_imagenet", _ENCODING)
 def imagenet(
-    out: OutOpt = Path(DATA_ROOT),
-    name: NameOpt = None,
     root: Annotated[
-        Path | None,
-        typer.Option(
-            "--root",
-            help="ImageNet directory holding train/<synset>/*.JPEG (default: $UVIT_IMAGENET, else ./data/imagenet).",
-            show_default=False,
-        ),
+        Path | None, _source_root("--root", "imagenet", "ImageNet directory holding train/<synset>/*.JPEG")
     ] = None,
     resolution: Annotated[
         int | None,
@@ -180,48 +176,32 @@ def imagenet(
     """ImageNet train as U-ViT: ADM centre crop, labels; moments of each image and its mirror image, or pixels."""
 
 
-@_passes_to("cifar10", "prepare_cifar10")
+@_passes_to("cifar10", "prepare_cifar10", _STORAGE)
 def cifar10(
-    out: OutOpt = Path(DATA_ROOT),
-    name: NameOpt = None,
     root: Annotated[
         Path | None,
-        typer.Option(
-            "--root",
-            help="Holds cifar-10-batches-py/ (cifar-10-python.tar.gz extracted) (default: $UVIT_CIFAR10, else ./data/cifar10).",
-            show_default=False,
-        ),
+        _source_root("--root", "cifar10", "Holds cifar-10-batches-py/ (cifar-10-python.tar.gz extracted)"),
     ] = None,
-    items_per_shard: ShardOpt = 1000,
-    num_workers: WorkersOpt = None,
 ) -> None:
     """CIFAR-10 as U-ViT: uint8 32x32 pixels with labels; train (50,000) and test (10,000) splits."""
 
 
-@_passes_to("celeba", "prepare_celeba")
+@_passes_to("celeba", "prepare_celeba", _STORAGE)
 def celeba(
-    out: OutOpt = Path(DATA_ROOT),
-    name: NameOpt = None,
     root: Annotated[
         Path | None,
-        typer.Option(
-            "--root",
-            help="Holds img_align_celeba/*.jpg and optionally list_eval_partition.txt (default: $UVIT_CELEBA, else ./data/celeba).",
-            show_default=False,
+        _source_root(
+            "--root", "celeba", "Holds img_align_celeba/*.jpg and optionally list_eval_partition.txt"
         ),
     ] = None,
     resolution: Annotated[int, typer.Option("--resolution", help="Side after the 128x128 face crop.")] = 64,
-    items_per_shard: ShardOpt = 1000,
-    num_workers: WorkersOpt = None,
 ) -> None:
     """CelebA as U-ViT: 128x128 face crop, Resize(64), uint8 pixels; the official splits if listed."""
 
 
-@_passes_to("folder", "prepare_folder", encoding=True)
+@_passes_to("folder", "prepare_folder", _ENCODING)
 def folder(
     directory: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    out: OutOpt = Path(DATA_ROOT),
-    name: NameOpt = None,
     space: Annotated[
         Space, typer.Option("--space", help="latent: autoencoder moments; pixel: uint8 images.")
     ] = "latent",
@@ -251,8 +231,6 @@ def official_features(
     src: Annotated[
         Path, typer.Argument(help="An official coco256_features/ or imagenet{256,512}_features/ directory.")
     ],
-    out: OutOpt = Path(DATA_ROOT),
-    name: NameOpt = None,
     kind: Annotated[
         OfficialKind, typer.Option("--kind", help="What SRC holds (auto: from its layout).")
     ] = "auto",

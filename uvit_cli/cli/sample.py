@@ -9,29 +9,19 @@ from typing import Annotated, Any
 import typer
 
 from uvit_cli.cli.common import (
-    CfgScaleOpt,
-    CkptOpt,
+    SAMPLING,
     ClipOpt,
-    GuidanceIntervalOpt,
-    ModelWeightsOpt,
-    NoCompileOpt,
-    PrecisionOpt,
-    PresetOpt,
-    SampleBatchOpt,
-    SeedOpt,
-    SetOption,
-    SolverOpt,
-    StepsOpt,
-    VaeOpt,
-    fail,
     handle_errors,
     image_progress,
     log_rank0,
     out,
+    sampler_spec,
+    with_options,
 )
 
 
 @handle_errors
+@with_options(SAMPLING)
 def sample(
     prompt: Annotated[
         list[str] | None,
@@ -53,78 +43,36 @@ def sample(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path(
         "samples"
     ),
-    seed: SeedOpt = 0,
-    steps: StepsOpt = None,
-    cfg_scale: CfgScaleOpt = None,
-    solver: SolverOpt = None,
-    guidance_interval: GuidanceIntervalOpt = None,
-    batch_size: SampleBatchOpt = None,
+    clip: ClipOpt = None,
     decode_batch_size: Annotated[
         int, typer.Option("--decode-batch-size", min=1, help="Latents per VAE call.")
     ] = 50,
-    grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png (first 256 images).")] = False,
-    npz: Annotated[
-        bool, typer.Option("--npz", help="Also write samples.npz (arr_0 uint8 NHWC, ADM evaluator).")
-    ] = False,
-    ckpt: CkptOpt = None,
-    preset: PresetOpt = None,
-    vae: VaeOpt = None,
-    clip: ClipOpt = None,
-    model_weights: ModelWeightsOpt = "ema",
-    precision: PrecisionOpt = None,
-    no_compile: NoCompileOpt = False,
     cuda_graphs: Annotated[
         bool,
         typer.Option("--cuda-graphs", help="CUDA graphs of the network call (compile mode reduce-overhead)."),
     ] = False,
-    set_: SetOption = None,
+    grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png (first 256 images).")] = False,
+    npz: Annotated[
+        bool, typer.Option("--npz", help="Also write samples.npz (arr_0 uint8 NHWC, ADM evaluator).")
+    ] = False,
+    **sampling: Any,
 ) -> None:
     """Generate images: text prompts, ImageNet classes or unconditional; PNGs named by index.
 
     After `uvit quickstart`: uvit sample --ckpt quickstart/run --prompt "a red circle at the top left"
     """
-    # The mistakes a first try makes fail here in a second, before torch loads.
-    if ckpt is not None and not Path(ckpt).exists():
-        raise fail(
-            f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file or a run dir)", 2
-        )
-
+    spec = sampler_spec(**sampling, decode_batch_size=decode_batch_size, cuda_graphs=cuda_graphs)
     from uvit_cli.sample import read_prompts_file, sample_to_dir
 
     prompts = list(prompt or [])
     if prompts_file is not None:
         prompts += read_prompts_file(prompts_file)
-    settings = dict(
-        solver=solver,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        guidance_interval=guidance_interval,
-        batch_size=batch_size,
-        decode_batch_size=decode_batch_size,
-        precision=precision,
-        compile=False if no_compile else None,  # None: the core's choice by device
-        cuda_graphs=cuda_graphs,
-    )
     bar, progress = _sampling_bar()
     try:
         result = sample_to_dir(
-            out=out_dir,
-            preset=preset,
-            ckpt=ckpt,
-            prompts=prompts,
-            classes=list(class_ or []),
-            n=n,
-            seed=seed,
-            settings=settings,
-            overrides=list(set_ or []),
-            ema=model_weights == "ema",
-            vae=vae,
-            clip=clip,
-            grid=grid,
-            npz=npz,
-            progress=progress,
-            log=log_rank0,
-        )
+            out_dir, spec, prompts=prompts, classes=list(class_ or []), n=n, clip=clip, grid=grid, npz=npz,
+            progress=progress, log=log_rank0,
+        )  # fmt: skip
     finally:
         bar.stop()
     if not result.is_main:

@@ -8,25 +8,18 @@ sampler.py   ResumableSampler (the seeded, resumable training order), make_loade
 seeds.py     deterministic picks from (seed, epoch, index)
 """
 
-from uvit_cli.data.check import check_files, npy_header, verify
+from uvit_cli.data.check import verify
 from uvit_cli.data.dataset import FeatureDataset, to_model
 from uvit_cli.data.format import (
-    EMPTY_CONTEXT,
-    FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    SHARD_META,
-    ManifestDamaged,
     ShardData,
-    fingerprint,
     list_shards,
     new_manifest,
     read_manifest,
     read_shard_meta,
     remove_temporaries,
     shard_name,
-    split_entry,
-    split_summary,
     to_storage,
     write_shard,
 )
@@ -35,32 +28,23 @@ from uvit_cli.data.seeds import choose, choose_many
 from uvit_cli.data.writer import ShardSetWriter, write_arrays
 
 __all__ = [
-    "EMPTY_CONTEXT",
-    "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
-    "SHARD_META",
     "FeatureDataset",
-    "ManifestDamaged",
     "ResumableSampler",
     "ShardData",
     "ShardSetWriter",
     "TimedBatches",
-    "check_files",
     "choose",
     "choose_many",
     "collate",
-    "fingerprint",
     "list_shards",
     "make_loader",
     "new_manifest",
-    "npy_header",
     "read_manifest",
     "read_shard_meta",
     "remove_temporaries",
     "shard_name",
-    "split_entry",
-    "split_summary",
     "to_model",
     "to_storage",
     "verify",

@@ -15,11 +15,14 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvit_cli.config import Preset
 from uvit_cli.errors import DataError
 from uvit_cli.fid import FidResult, fid_from_generator, load_ref_stats
+
+if TYPE_CHECKING:
+    from uvit_cli.sample.resolve import SamplerSpec
 
 __all__ = [
     "check_fid_request",
@@ -218,15 +221,9 @@ def fid_of_model(
 
 def fid_from_checkpoint(
     ref: str | os.PathLike[str],
+    spec: SamplerSpec,
     *,
-    ckpt: str | os.PathLike[str] | None = None,
-    preset: str | os.PathLike[str] | None = None,
     n: int | None = None,
-    seed: int = 0,
-    settings: dict[str, Any] | None = None,
-    overrides: Sequence[str] = (),
-    ema: bool = True,
-    vae: str | None = None,
     clip: str | None = None,
     contexts_from: str | os.PathLike[str] | None = None,
     mode: str = "clean",
@@ -237,11 +234,8 @@ def fid_from_checkpoint(
     features: Any = None,
     feature_dim: int = 2048,
 ) -> FidResult:
-    """FID of `n` images generated from a checkpoint against `ref` (mu/sigma), streamed, no files written.
-
-    ckpt/preset as `uvit sample` (our .safetensors or run dir; the paper's .pth with a preset; or the latest
-    run of the preset); `settings` are SampleSettings overrides (solver, steps, cfg_scale, guidance_interval,
-    batch_size, precision, compile, ...), None = the preset's. n defaults to the preset's sample.n_samples.
+    """FID of `n` images generated with `spec` (as `uvit sample`'s) against `ref` (mu/sigma), streamed, no
+    files written. n defaults to the preset's sample.n_samples.
     `contexts_from`: prepared shards with a val split (text models; default the preset's data.path).
     `clip`: if given, CFG's null context is CLIP('') of this encoder instead of the shards' empty_context.
     `features`/`feature_dim` replace the Inception (tests). Under torchrun rank r generates indices r::world.
@@ -252,11 +246,10 @@ def fid_from_checkpoint(
 
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
+    seed = spec.seed
     check_fid_request(ref, n, mode, inception_weights, features)  # before the model loads
     with dist.process_group():
-        sampler = load_sampler(
-            ckpt, preset, settings=settings, seed=seed, overrides=overrides, ema=ema, device=device, say=say
-        )
+        sampler = load_sampler(spec, device=device, say=say)
         loaded = sampler.loaded
         check_guidance(loaded.preset, sampler.settings)
         null_context = None
@@ -267,7 +260,7 @@ def fid_from_checkpoint(
         )
         if null_context is not None:
             cond_info["contexts"]["null"] = f"CLIP('') of {clip}"
-        autoencoder = preset_autoencoder(loaded.preset, vae, sampler.device)
+        autoencoder = preset_autoencoder(loaded.preset, spec.vae, sampler.device)
         say(loaded.note)
         result = fid_of_model(
             loaded.model,
@@ -284,7 +277,7 @@ def fid_from_checkpoint(
                 "checkpoint": str(loaded.info.path),
                 "checkpoint_sha256": loaded.info.sha256,
                 "weights": loaded.note,
-                "ema": ema,
+                "ema": spec.ema,
                 "conditions": cond_info,
             },
             mode=mode,

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from uvit_cli.config import (
+    DATA_ROOTS,
     Crop,
     EncoderPrecision,
     FolderCaptions,
@@ -51,16 +52,6 @@ __all__ = [
 ]
 
 Path_ = str | os.PathLike[str]
-
-
-# Where each data set's originals are looked for when no root is given: an environment variable, then a
-# conventional folder under the current directory.
-DATA_ROOTS: dict[str, tuple[str, str]] = {
-    "coco": ("UVIT_COCO", "data/coco"),
-    "imagenet": ("UVIT_IMAGENET", "data/imagenet"),
-    "cifar10": ("UVIT_CIFAR10", "data/cifar10"),
-    "celeba": ("UVIT_CELEBA", "data/celeba"),
-}
 
 
 def data_root(kind: str, given: Path_ | None = None) -> Path:

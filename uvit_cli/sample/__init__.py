@@ -2,7 +2,7 @@
 
 generate(model, preset, indices, conditions, uncond, seed=..., autoencoder=..., settings=...)
     -> Iterator[(indices, uint8 (B, H, W, 3))]      the library hook (`uvit fid` streams it)
-sample_to_dir(out=..., preset=..., ckpt=..., prompts=..., classes=..., n=..., seed=...)
+sample_to_dir(out, SamplerSpec(ckpt=..., preset=..., seed=...), prompts=..., classes=..., n=...)
     -> SampleResult                                   the CLI workflow: PNGs, samples.jsonl, grid, npz
 """
 
@@ -24,13 +24,14 @@ from uvit_cli.sample.generate import (
     to_uint8,
     valid_classes,
 )
-from uvit_cli.sample.resolve import load_sampler, pick_run, resolve_model
+from uvit_cli.sample.resolve import SamplerSpec, load_sampler, pick_run, resolve_model
 from uvit_cli.sample.run import SampleProgress, SampleResult, read_prompts_file, sample_to_dir
 
 __all__ = [
     "ConditionFn",
     "SampleProgress",
     "SampleResult",
+    "SamplerSpec",
     "SampleSettings",
     "check_guidance",
     "class_conditions",

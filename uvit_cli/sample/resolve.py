@@ -182,25 +182,35 @@ class ModelSampler:
         )
 
 
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What `uvit sample` and `uvit fid --ckpt` generate with: the checkpoint and/or preset (our .safetensors
+    or run dir; the paper's .pth with a preset; or the run of runs/ that fits), its `--set` overrides, EMA or
+    online weights, SampleSettings overrides (solver, steps, cfg_scale, ...; None keeps the preset's), the
+    seed of image i's noise, and the autoencoder that decodes latents (None: $UVIT_VAE, the preset's)."""
+
+    ckpt: str | os.PathLike[str] | None = None
+    preset: str | os.PathLike[str] | None = None
+    overrides: Sequence[str] = ()
+    ema: bool = True
+    settings: Mapping[str, Any] | None = None
+    seed: int = 0
+    vae: str | None = None
+
+
 def load_sampler(
-    ckpt: str | os.PathLike[str] | None,
-    preset: str | os.PathLike[str] | None,
-    *,
-    settings: Mapping[str, Any] | None,
-    seed: int,
-    overrides: Sequence[str],
-    ema: bool,
-    device: Any,
-    say: Callable[[str], None],
-    text: bool | None = None,
+    spec: SamplerSpec, *, device: Any, say: Callable[[str], None], text: bool | None = None
 ) -> ModelSampler:
-    """`resolve_model` on `device` (default: this rank's) and the preset's SampleSettings under `settings`
-    (overrides; None keeps the preset's value). Call inside `dist.process_group()`."""
+    """`resolve_model` of `spec` on `device` (default: this rank's) with the preset's SampleSettings under
+    `spec.settings`. Call inside `dist.process_group()`."""
     import torch
 
     device = torch.device(device) if device is not None else dist.device()
-    loaded = resolve_model(ckpt, preset, overrides=overrides, ema=ema, device=device, say=say, text=text)
-    return ModelSampler(loaded, SampleSettings.from_preset(loaded.preset, **(settings or {})), seed, device)
+    loaded = resolve_model(
+        spec.ckpt, spec.preset, overrides=spec.overrides, ema=spec.ema, device=device, say=say, text=text
+    )
+    settings = SampleSettings.from_preset(loaded.preset, **(spec.settings or {}))
+    return ModelSampler(loaded, settings, spec.seed, device)
 
 
 def preset_autoencoder(preset: Preset, vae: str | None, device: Any) -> Any:

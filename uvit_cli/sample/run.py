@@ -19,7 +19,7 @@ from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError, DataError, UvitError
 from uvit_cli.sample import outputs
 from uvit_cli.sample.generate import check_guidance, image_seed, valid_classes
-from uvit_cli.sample.resolve import load_sampler, preset_autoencoder, text_encoder
+from uvit_cli.sample.resolve import SamplerSpec, load_sampler, preset_autoencoder, text_encoder
 
 GRID_MAX_IMAGES = 256
 
@@ -115,18 +115,12 @@ def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
 
 
 def sample_to_dir(
-    *,
     out: str | os.PathLike[str],
-    preset: str | os.PathLike[str] | None = None,
-    ckpt: str | os.PathLike[str] | None = None,
+    spec: SamplerSpec,
+    *,
     prompts: Sequence[str] = (),
     classes: Sequence[int] = (),
     n: int = 4,
-    seed: int = 0,
-    settings: dict[str, Any] | None = None,
-    overrides: Sequence[str] = (),
-    ema: bool = True,
-    vae: str | None = None,
     clip: str | None = None,
     grid: bool = False,
     npz: bool = False,
@@ -134,23 +128,15 @@ def sample_to_dir(
     progress: Callable[[SampleProgress], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> SampleResult:
-    """Generate the planned images into `out` as <index>.png (skipping those already there), samples.jsonl,
-    and optionally grid.png and samples.npz. `settings` are SampleSettings overrides (None = preset's)."""
+    """Generate `n` images per prompt or class (in total if unconditional) with `spec` into `out` as
+    <index>.png (skipping those already there), samples.jsonl, and optionally grid.png and samples.npz.
+    `clip`: the text encoder of the prompts (None: $UVIT_CLIP, the preset's pretrained, HF cache)."""
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
+    seed = spec.seed
     with dist.process_group():
         text = True if prompts else (False if classes else None)
-        sampler = load_sampler(
-            ckpt,
-            preset,
-            settings=settings,
-            seed=seed,
-            overrides=overrides,
-            ema=ema,
-            device=device,
-            say=say,
-            text=text,
-        )
+        sampler = load_sampler(spec, device=device, say=say, text=text)
         loaded, s = sampler.loaded, sampler.settings
         resolved, weights_note = loaded.preset, loaded.note
         plan = _plan(resolved, list(prompts), list(classes), n)
@@ -182,7 +168,9 @@ def sample_to_dir(
 
         conditions = uncond = autoencoder = None
         if mine:  # encoders load only when there is work (a finished run just rewrites grid/npz)
-            conditions, uncond, autoencoder = _encoders(resolved, plan, mine, vae, clip, sampler.device, say)
+            conditions, uncond, autoencoder = _encoders(
+                resolved, plan, mine, spec.vae, clip, sampler.device, say
+            )
         say(weights_note)
         written = 0
         if mine:
