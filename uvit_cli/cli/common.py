@@ -41,11 +41,14 @@ def with_options(group: Sequence[inspect.Parameter]) -> Callable[[F], F]:
     return add
 
 
+def option(*names: str, **kw: Any) -> Any:
+    """A `typer.Option` whose help states its default itself (or that has none worth showing)."""
+    return typer.Option(*names, show_default=False, **kw)
+
+
 SetOption = Annotated[
     list[str] | None,
-    typer.Option(
-        "--set", help="Override a preset value, e.g. --set train.lr=1e-4 (repeatable).", show_default=False
-    ),
+    option("--set", help="Override a preset value, e.g. --set train.lr=1e-4 (repeatable)."),
 ]
 
 
@@ -146,55 +149,50 @@ def handle_errors(fn: F) -> F:
 # --------------------------------------------------------------------------------------------------
 # Options shared by several commands, defined once (same flag, same meaning everywhere).
 
-
-def _opt(*names: str, **kw: Any) -> Any:
-    return typer.Option(*names, show_default=False, **kw)
-
-
-DeviceOpt = Annotated[str | None, _opt("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
+DeviceOpt = Annotated[str | None, option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
 VaeOpt = Annotated[
     str | None,
-    _opt(
+    option(
         "--vae",
         help="Autoencoder weights: file, directory or hub id (default: $UVIT_VAE, the preset's pretrained, HF cache).",
     ),
 ]
 ClipOpt = Annotated[
     str | None,
-    _opt(
+    option(
         "--clip",
         help="CLIP text encoder: file, directory or hub id (default: $UVIT_CLIP, the preset's pretrained, HF cache).",
     ),
 ]
 # Sampling (uvit sample, uvit fid --ckpt): the same flags for the same settings.
 CkptOpt = Annotated[
-    str | None, _opt("--ckpt", help="Our .safetensors / run dir, or the paper's nnet_ema.pth (+ --preset).")
+    str | None, option("--ckpt", help="Our .safetensors / run dir, or the paper's nnet_ema.pth (+ --preset).")
 ]
 PresetOpt = Annotated[
-    str | None, _opt("--preset", help="Preset name or .toml: for an official .pth, or to find runs/NAME.")
+    str | None, option("--preset", help="Preset name or .toml: for an official .pth, or to find runs/NAME.")
 ]
 SeedOpt = Annotated[
     int, typer.Option("--seed", min=0, help="Image i draws from a generator seeded by (seed, i).")
 ]
-StepsOpt = Annotated[int | None, _opt("--steps", min=1, help="Solver steps (default: the preset's).")]
+StepsOpt = Annotated[int | None, option("--steps", min=1, help="Solver steps (default: the preset's).")]
 CfgScaleOpt = Annotated[
     float | None,
-    _opt(
+    option(
         "--cfg-scale",
         min=0.0,
         help="Guidance s: eps_c + s (eps_c - eps_u); 0 = none (default: the preset's).",
     ),
 ]
 SolverOpt = Annotated[
-    str | None, _opt("--solver", help=f"One of {', '.join(SOLVER_NAMES)} (default: the preset's).")
+    str | None, option("--solver", help=f"One of {', '.join(SOLVER_NAMES)} (default: the preset's).")
 ]
 GuidanceIntervalOpt = Annotated[
     tuple[float, float] | None,
-    _opt("--guidance-interval", help="Guide only for solver times t in [LO, HI] (t in (0, 1])."),
+    option("--guidance-interval", help="Guide only for solver times t in [LO, HI] (t in (0, 1])."),
 ]
 SampleBatchOpt = Annotated[
     int | None,
-    _opt(
+    option(
         "--batch-size", min=1, help="Images per batch per GPU (default: the preset's); results do not change."
     ),
 ]
@@ -203,7 +201,7 @@ ModelWeightsOpt = Annotated[
 ]
 PrecisionOpt = Annotated[
     NetworkPrecision | None,
-    _opt("--precision", help="Network autocast (default: bf16 on CUDA, fp32 on CPU)."),
+    option("--precision", help="Network autocast (default: bf16 on CUDA, fp32 on CPU)."),
 ]
 NoCompileOpt = Annotated[bool, typer.Option("--no-compile", help="Do not torch.compile the network.")]
 

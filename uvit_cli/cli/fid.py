@@ -17,6 +17,7 @@ from uvit_cli.cli.common import (
     handle_errors,
     image_progress,
     log_rank0,
+    option,
     option_group,
     out,
     sampler_spec,
@@ -68,19 +69,16 @@ ModeOpt = Annotated[
 ]
 InceptionWeightsOpt = Annotated[
     Path | None,
-    typer.Option(
+    option(
         "--inception-weights",
         help="FID Inception weights (NVIDIA .pt, fid-helper default_1.pt or pytorch-fid .pth). "
         "Else $UVIT_INCEPTION, else known cache files.",
-        show_default=False,
     ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per Inception forward.")]
 WorkersOpt = Annotated[
     int | None,
-    typer.Option(
-        "--workers", min=0, help="Decoding workers (default: 0 on CPU, up to 8 on GPU).", show_default=False
-    ),
+    option("--workers", min=0, help="Decoding workers (default: 0 on CPU, up to 8 on GPU)."),
 ]
 
 
@@ -146,11 +144,7 @@ def compare(
     ],
     json_path: Annotated[
         Path | None,
-        typer.Option(
-            "--json",
-            help="Where to write the protocol stamp (default: SAMPLES.fid-MODE.json).",
-            show_default=False,
-        ),
+        option("--json", help="Where to write the protocol stamp (default: SAMPLES.fid-MODE.json)."),
     ] = None,
     no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,
     **features: Any,
@@ -204,28 +198,25 @@ def generate(
     ],
     n: Annotated[
         int | None,
-        typer.Option(
+        option(
             "--n",
             "-n",
             min=2,
             help="Images to generate (default: the preset's sample.n_samples: 30,000 COCO, 50,000 others).",
-            show_default=False,
         ),
     ] = None,
     clip: Annotated[
         str | None,
-        typer.Option(
+        option(
             "--clip",
             help="CLIP text encoder for the CFG null context CLIP('') (default: the shards' empty_context).",
-            show_default=False,
         ),
     ] = None,
     contexts_from: Annotated[
         Path | None,
-        typer.Option(
+        option(
             "--contexts-from",
             help="Prepared shards with a val split: text models' captions (default: the preset's data.path).",
-            show_default=False,
         ),
     ] = None,
     mode: ModeOpt = "clean",
@@ -233,11 +224,10 @@ def generate(
     device: DeviceOpt = None,
     json_path: Annotated[
         Path | None,
-        typer.Option(
+        option(
             "--json",
             help="Where to write the protocol stamp (default: beside the checkpoint, "
             "CKPT.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json).",
-            show_default=False,
         ),
     ] = None,
     no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,

@@ -19,6 +19,7 @@ from uvit_cli.cli.common import (
     handle_errors,
     image_progress,
     is_rank0,
+    option,
     option_group,
     out,
     warn,
@@ -53,9 +54,7 @@ OutOpt = Annotated[
 ]
 NameOpt = Annotated[
     str | None,
-    typer.Option(
-        "--name", help="Folder of the set under --out (default: the presets' name).", show_default=False
-    ),
+    option("--name", help="Folder of the set under --out (default: the presets' name)."),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder call (per GPU).")]
 ShardOpt = Annotated[int, typer.Option("--items-per-shard", min=1, help="Images per shard.")]
@@ -110,7 +109,7 @@ def _run(fn: Any, **kwargs: Any) -> None:
 def _source_root(flag: str, kind: str, holds: str) -> Any:
     """The option that names where data set `kind`'s originals are; its default is the core's DATA_ROOTS."""
     env, conventional = DATA_ROOTS[kind]
-    return typer.Option(flag, help=f"{holds} (default: ${env}, else ./{conventional}).", show_default=False)
+    return option(flag, help=f"{holds} (default: ${env}, else ./{conventional}).")
 
 
 # Where every source's set goes; the storage options of the sources that decode images (cifar10, celeba),
@@ -249,14 +248,12 @@ def shapes(
     n: Annotated[int, typer.Option("--n", min=1, help="Training images.")] = 10000,
     n_val: Annotated[
         int | None,
-        typer.Option("--val", min=0, help="Held-out images (default: n / 10).", show_default=False),
+        option("--val", min=0, help="Held-out images (default: n / 10)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the scenes.")] = 0,
     resolution: Annotated[
         int | None,
-        typer.Option(
-            "--resolution", help="Image side in pixels (default: shapes_uvit_tiny's, 16).", show_default=False
-        ),
+        option("--resolution", help="Image side in pixels (default: shapes_uvit_tiny's, 16)."),
     ] = None,
 ) -> None:
     """Captioned shapes ("a small red circle at the top left"): pixels + toy-CLIP contexts, no downloads."""
@@ -279,9 +276,7 @@ def verify(
     directory: Annotated[
         Path, typer.Argument(help="A folder written by uvit prepare (holds manifest.json).")
     ],
-    split: Annotated[
-        str | None, typer.Option("--split", help="Check only this split (default: all).", show_default=False)
-    ] = None,
+    split: Annotated[str | None, option("--split", help="Check only this split (default: all).")] = None,
 ) -> None:
     """Recompute the sha256 of every shard file against the manifest (finds flipped bytes; slow on big sets)."""
     from rich.progress import Progress

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from uvit_cli.cli.common import SetOption, console, handle_errors, out
+from uvit_cli.cli.common import SetOption, console, handle_errors, option, out
 
 
 def quickstart_command(
@@ -22,21 +22,16 @@ def quickstart_command(
     ] = 5.0,
     steps: Annotated[
         int | None,
-        typer.Option(
-            "--train-steps",
-            min=1,
-            help="Train exactly this many steps instead (ignores --minutes).",
-            show_default=False,
-        ),
+        option("--train-steps", min=1, help="Train exactly this many steps instead (ignores --minutes)."),
     ] = None,
     images: Annotated[
         int | None,
-        typer.Option("--images", min=64, help="Training images (default: 10000).", show_default=False),
+        option("--images", min=64, help="Training images (default: 10000)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, training and sampling.")] = 0,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", min=1, help="CPU threads for torch (default: all).", show_default=False),
+        option("--threads", min=1, help="CPU threads for torch (default: all)."),
     ] = None,
     overrides: SetOption = None,
 ) -> None:

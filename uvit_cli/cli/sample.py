@@ -14,6 +14,7 @@ from uvit_cli.cli.common import (
     handle_errors,
     image_progress,
     log_rank0,
+    option,
     out,
     sampler_spec,
     with_options,
@@ -25,17 +26,15 @@ from uvit_cli.cli.common import (
 def sample(
     prompt: Annotated[
         list[str] | None,
-        typer.Option("--prompt", "-p", help="Text prompt (repeatable).", show_default=False),
+        option("--prompt", "-p", help="Text prompt (repeatable)."),
     ] = None,
     prompts_file: Annotated[
         Path | None,
-        typer.Option("--prompts-file", help="File of prompts, one per line.", show_default=False),
+        option("--prompts-file", help="File of prompts, one per line."),
     ] = None,
     class_: Annotated[
         list[int] | None,
-        typer.Option(
-            "--class", "-c", help="Class index (repeatable), e.g. 207 for ImageNet.", show_default=False
-        ),
+        option("--class", "-c", help="Class index (repeatable), e.g. 207 for ImageNet."),
     ] = None,
     n: Annotated[
         int, typer.Option("--n", "-n", min=1, help="Images per prompt/class (in total if unconditional).")

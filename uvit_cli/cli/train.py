@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from uvit_cli.cli.common import SetOption, console, fail, handle_errors, warn
+from uvit_cli.cli.common import SetOption, console, fail, handle_errors, option, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -22,19 +22,14 @@ def train(
     set_: SetOption = None,
     run_dir: Annotated[
         Path | None,
-        typer.Option(
-            "--run-dir",
-            help="Run directory (default runs/<preset name>); rerun to resume.",
-            show_default=False,
-        ),
+        option("--run-dir", help="Run directory (default runs/<preset name>); rerun to resume."),
     ] = None,
     batch_per_gpu: Annotated[
         int | None,
-        typer.Option(
+        option(
             "--batch-per-gpu",
             min=1,
             help="Micro-batch per GPU; gradient accumulation fills the rest of its share of train.batch_size.",
-            show_default=False,
         ),
     ] = None,
     no_compile: Annotated[bool, typer.Option("--no-compile", help="Do not torch.compile the model.")] = False,
@@ -43,17 +38,14 @@ def train(
     ] = False,
     max_steps: Annotated[
         int | None,
-        typer.Option(
-            "--max-steps", min=1, help="Stop after this many steps of this invocation.", show_default=False
-        ),
+        option("--max-steps", min=1, help="Stop after this many steps of this invocation."),
     ] = None,
     init: Annotated[
         Path | None,
-        typer.Option(
+        option(
             "--init",
             help="Start a new run from these weights (our checkpoint or run dir, or the paper's nnet_ema.pth): "
             "model and EMA loaded, fresh optimiser and schedule.",
-            show_default=False,
         ),
     ] = None,
 ) -> None:
