@@ -8,7 +8,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.markup import escape
 
 from uvit_cli.config import SOLVER_NAMES, ModelWeights, NetworkPrecision
 from uvit_cli.errors import UvitError
+
+if TYPE_CHECKING:
+    from uvit_cli.sample.resolve import SamplerSpec
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line in logs too
 out = Console(highlight=False, soft_wrap=True)
@@ -234,7 +237,7 @@ def sampler_spec(
     set_: list[str] | None,
     no_compile: bool,
     **settings: Any,
-) -> Any:
+) -> SamplerSpec:
     """The core's `SamplerSpec` of the `SAMPLING` options; `settings` (with a command's own SampleSettings
     options) stay None where not given (the preset's), and compile is the core's choice unless --no-compile."""
     if ckpt is not None and not os.path.exists(ckpt):  # fails in a second, before torch loads
