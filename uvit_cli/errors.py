@@ -41,3 +41,9 @@ class TrainingDiverged(UvitError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class ResourceError(UvitError):
+    """A request that cannot fit in this machine's memory or on its disk, refused before allocating."""
+
+    exit_code = 2
