@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uvit_cli.data.seeds import M64, splitmix64
 from uvit_cli.errors import DataError
+from uvit_cli.workers import worker_loader
 
 
 class ResumableSampler(Sampler):
@@ -76,7 +77,7 @@ def make_loader(
     """The training loader: batches of `batch_size` keys fetched in one `__getitems__` call each (storage
     dtype, converted on the device by `to_model`), in the sampler's order. Workers persist across epochs:
     every key carries its epoch, so nothing in a worker depends on `set_epoch`."""
-    return DataLoader(
+    return worker_loader(
         ds,
         batch_size=batch_size,
         sampler=sampler,

@@ -15,6 +15,7 @@ from uvit_cli.config import FidMode
 from uvit_cli.errors import DataError
 from uvit_cli.fid.images import ImageFiles, collate
 from uvit_cli.fid.stats import FeatureStats
+from uvit_cli.workers import worker_loader
 
 MODES: tuple[str, ...] = get_args(FidMode)  # clean, legacy_pytorch, legacy_tensorflow
 # features(x) with x (B, 3, H, W) float32 in [0, 255] after the mode's CPU resize -> (B, D)
@@ -125,7 +126,7 @@ def folder_stats(
     """Statistics of this rank's slice of `files` (rank r takes files[r::world]); also the image sizes seen."""
     rank, world = rank_world()
     mine = files[rank::world]
-    loader = torch.utils.data.DataLoader(
+    loader = worker_loader(
         ImageFiles(mine, cpu_resizer(mode)),
         batch_size=batch_size,
         num_workers=workers,

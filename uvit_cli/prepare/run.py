@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from uvit_cli import data, dist
 from uvit_cli.errors import DataError
 from uvit_cli.imageio import open_rgb
 from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source
+from uvit_cli.workers import worker_loader
 
 
 @dataclass
@@ -258,7 +259,7 @@ def _prepare_split(
         for lo in range(bufs[k].lo, bufs[k].hi, spec.batch_size)
     ]
     workers = spec.num_workers or 0  # set by PrepareSpec (None there means min(8, CPUs))
-    loader = DataLoader(
+    loader = worker_loader(
         _Decode(job.sources, spec.crop, spec.resolution),
         batch_sampler=batches,
         num_workers=workers,
