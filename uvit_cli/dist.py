@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as td
 
+from uvit_cli.errors import ConfigError
+
 
 def is_initialized() -> bool:
     return td.is_available() and td.is_initialized()
@@ -40,11 +42,32 @@ def barrier() -> None:
         td.barrier()
 
 
-def device() -> torch.device:
-    """This process's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank() % torch.cuda.device_count())
-    return torch.device("cpu")
+def device(name: str | torch.device | None = None) -> torch.device:
+    """The device a `--device` value names, checked to exist here; None: cuda:LOCAL_RANK when CUDA is
+    available, else the CPU. A name that is not a device, or a GPU this machine lacks, is a ConfigError."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank() % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"--device {name}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(
+                f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}"
+            )
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: uvit runs on cpu, cuda or cuda:N")
+    return dev
 
 
 def init_from_env() -> bool:

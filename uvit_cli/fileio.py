@@ -85,3 +85,24 @@ def save_npy_atomic(path: str | os.PathLike[str], arr: Any) -> None:
 
     with atomic_open(path, "wb") as f:
         np.save(f, arr)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """The one output-path check: refuse, before anything is written, an output that is one of the inputs
+    (or another output), whatever the spelling or a symlink in between. Keys are the option names the user typed
+    (`--json`, `REF`); None values are skipped. Raises ConfigError."""
+    from uvit_cli.errors import ConfigError
+
+    outs = [(k, Path(v)) for k, v in outputs.items() if v is not None]
+    ins = [(k, Path(v)) for k, v in inputs.items() if v is not None]
+    for i, (name, out) in enumerate(outs):
+        for other, src in ins + outs[:i]:
+            if _same_file(out, src):
+                raise ConfigError(f"{out}: {name} is the same path as {other}; writing it would overwrite it")
