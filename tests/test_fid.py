@@ -215,8 +215,8 @@ def test_paper_and_adm_reference_formats(tmp_path):
         wrong = compute_fid(tmp_path / "a", ref, mode="clean", **kw)
         assert any(f"need --mode {right}" in w for w in wrong.warnings), wrong.warnings
     ours = make_ref_stats(tmp_path / "a", tmp_path / "ours.npz", mode="legacy_pytorch", **kw).path
-    r = compute_fid(tmp_path / "a", ours, mode="clean", **kw)
-    assert any("made with --mode legacy_pytorch" in w for w in r.warnings)
+    with pytest.raises(DataError, match="made with --mode legacy_pytorch"):  # recorded: refused, not a guess
+        compute_fid(tmp_path / "a", ours, mode="clean", **kw)
     np.savez(tmp_path / "other.npz", mu=mu, sigma=sigma)  # unknown origin: no guess, no warning
     r = compute_fid(tmp_path / "a", tmp_path / "other.npz", **kw)
     assert r.stamp["reference"]["mode"] is None and not [w for w in r.warnings if "--mode" in w]

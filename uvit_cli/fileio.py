@@ -1,7 +1,9 @@
 """File I/O every writer shares: sha256 of a file and atomic writes (temp file beside the target, fsync,
 rename). A reader never sees a half-written file under the final name: after Ctrl-C, kill -9 or a full
 disk the destination holds either its old contents or nothing, and the temporary is removed (or, after
-a hard kill, left under a dot-name that no reader lists). Stdlib and numpy only.
+a hard kill, left under a dot-name that no reader lists). A temporary is created afresh (O_CREAT|O_EXCL)
+and opened with O_NOFOLLOW, and the rename replaces a symlink at the destination rather than writing
+through it: no write ever lands in a file a link points to. Stdlib and numpy only.
 """
 
 from __future__ import annotations
@@ -24,9 +26,30 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 22) -> str
     return h.hexdigest()
 
 
+# 0 where the platform has no such flag (Windows): there symlinks need privileges to create.
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
 def temp_path(path: Path) -> Path:
     """The temporary name a file is written under before it is renamed to `path`."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def open_nofollow(path: str | os.PathLike[str], flags: int, mode: int = 0o644) -> int:
+    """`os.open` that refuses to follow a symlink in the last component (OSError ELOOP)."""
+    return os.open(path, flags | O_NOFOLLOW | O_CLOEXEC, mode)
+
+
+def create_temp(path: Path) -> Path:
+    """Create `temp_path(path)` as a new, empty regular file and return its name. A leftover of that name
+    (a killed run with the same pid, or a symlink planted there) is unlinked first: unlinking removes a
+    link, never its target; O_CREAT|O_EXCL|O_NOFOLLOW then fails rather than open anything that is not new."""
+    tmp = temp_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.close(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    return tmp
 
 
 def fsync_dir(path: Path) -> None:
@@ -51,12 +74,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     keeps what it held before.
     """
     path = Path(path)
-    tmp = temp_path(path)
+    tmp = create_temp(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fd = open_nofollow(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # a symlink at `path` is replaced, its target left as it was
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -64,9 +90,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kw: Any) -> Iterator[IO[Any]]:
-    """`open(path, mode)` whose contents appear under `path` only if the block completes."""
-    with atomic_path(path) as tmp, open(tmp, mode, **kw) as f:
-        yield f
+    """`open(path, mode)` (a writing mode: "w", "wb") whose contents appear under `path` only if the block
+    completes."""
+    with atomic_path(path) as tmp:
+        fd = open_nofollow(tmp, os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -96,8 +125,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def check_outputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
     """The one output-path check: refuse, before anything is written, an output that is one of the inputs
-    (or another output), whatever the spelling or a symlink in between. Keys are the option names the user typed
-    (`--json`, `REF`); None values are skipped. Raises ConfigError."""
+    (or another output), whatever the spelling, a symlink in between or a hard link. Keys are the option names
+    the user typed (`--json`, `REF`); None values are skipped. Raises ConfigError."""
     from uvit_cli.errors import ConfigError
 
     outs = [(k, Path(v)) for k, v in outputs.items() if v is not None]
@@ -105,4 +134,7 @@ def check_outputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
     for i, (name, out) in enumerate(outs):
         for other, src in ins + outs[:i]:
             if _same_file(out, src):
-                raise ConfigError(f"{out}: {name} is the same path as {other}; writing it would overwrite it")
+                raise ConfigError(
+                    f"{out}: {name} is the same file as {other} ({src}); writing it would overwrite {other}: "
+                    f"choose another path for {name}"
+                )

@@ -3,6 +3,7 @@ from a checkpoint) and `uvit fid ref IMAGES --out REF.npz`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +26,7 @@ from uvit_cli.cli.common import (
     with_options,
 )
 from uvit_cli.config import FidMode
+from uvit_cli.fileio import check_outputs
 
 # Options that only generating from a checkpoint takes: their presence routes `uvit fid ...` to `generate`.
 _GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
@@ -115,21 +117,33 @@ def _with_features_bar(fn: Any, images: Path, target: Path, **options: Any) -> A
     return result
 
 
-def _print_result(line: str, stamp: dict[str, Any], path: Path | None) -> None:
-    """Print the FID line, with the stamp file it was recorded in; a stamp that cannot be written never
-    hides the number: the line is printed first, then the one-line error."""
+def _inputs(**paths: Any) -> dict[str, Any]:
+    """The files a `uvit fid` route reads, by the option that names them (for `check_outputs`); the Inception
+    weights come from --inception-weights, else $UVIT_INCEPTION."""
+    from uvit_cli.inception import ENV_VAR
+
+    return {**paths, f"${ENV_VAR}": os.environ.get(ENV_VAR) or None}
+
+
+def _print_result(line: str, stamp: dict[str, Any], path: Path | None, inputs: dict[str, Any]) -> None:
+    """Print the FID line, with the stamp file it was recorded in; a stamp that cannot be written (or whose
+    path is one of `inputs`) never hides the number: the line is printed first, then the one-line error."""
+    from uvit_cli.errors import ConfigError
     from uvit_cli.fid import write_stamp
 
-    error = None
+    error, code = None, 1
     if path is not None:
         try:
+            check_outputs({"the stamp (--json)": path}, inputs)
             write_stamp(path, stamp)
             line += f"  stamp {path}"
+        except ConfigError as e:
+            error, code = str(e), e.exit_code
         except OSError as e:
             error = f"cannot write the stamp {path}: {describe_os_error(e).split(': ', 1)[-1]}; pass --json FILE or --no-json"
     out.print(line, soft_wrap=True, markup=False)
     if error is not None:
-        raise fail(error)
+        raise fail(error, code)
 
 
 @fid_app.command("compare")
@@ -150,14 +164,16 @@ def compare(
     **features: Any,
 ) -> None:
     """FID of SAMPLES against REF (the default command: `uvit fid SAMPLES REF` runs it)."""
-    from uvit_cli.fid import compute_fid
+    from uvit_cli.fid import compute_fid, samples_stamp_path
 
+    inputs = _inputs(SAMPLES=samples, REF=ref, **{"--inception-weights": features["inception_weights"]})
+    stamp_path = None if no_json else json_path or samples_stamp_path(samples, features["mode"])
+    name = "--json" if json_path else "the stamp (--json, default SAMPLES.fid-MODE.json)"
+    check_outputs({name: stamp_path}, inputs)  # before any work: an output never replaces an input
     result = _with_features_bar(compute_fid, samples, ref, **features)
     if not result.is_main:
         return
-    _print_result(
-        result.summary(), result.stamp, None if no_json else json_path or result.default_stamp_path()
-    )
+    _print_result(result.summary(), result.stamp, stamp_path, inputs)
 
 
 @fid_app.command("ref")
@@ -174,8 +190,10 @@ def make_ref(
     **features: Any,
 ) -> None:
     """Reference statistics (mu, sigma float64 + meta) of a folder or .npz of images."""
-    from uvit_cli.fid import make_ref_stats, write_stamp
+    from uvit_cli.fid import make_ref_stats, stats_path, write_stamp
 
+    inputs = _inputs(IMAGES=images, **{"--inception-weights": features["inception_weights"]})
+    check_outputs({"--out": stats_path(out_path), "--json": json_path}, inputs)
     result = _with_features_bar(make_ref_stats, images, out_path, **features)
     if not result.is_main:
         return
@@ -240,6 +258,12 @@ def generate(
     spec = sampler_spec(**sampling)
     from uvit_cli.fid.generated import fid_from_checkpoint
 
+    read = {"REF": ref, "--ckpt": spec.ckpt, "--preset": spec.preset, "--vae": spec.vae}
+    read |= {"--clip": clip, "--contexts-from": contexts_from, "--inception-weights": inception_weights}
+    inputs = _inputs(**read)
+    # The default stamp path, beside the checkpoint, is known after loading: _print_result checks it.
+    check_outputs({"--json": json_path}, inputs)
+
     bar, update = _progress_bar("generating + features")
     with bar:
         result = fid_from_checkpoint(
@@ -251,7 +275,7 @@ def generate(
     for w in result.warnings:
         warn(w)
     _print_result(
-        result.summary(), result.stamp, None if no_json else json_path or result.default_stamp_path()
+        result.summary(), result.stamp, None if no_json else json_path or result.default_stamp_path(), inputs
     )
 
 

@@ -15,37 +15,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from uvit_cli import dist
 from uvit_cli.errors import DataError
 from uvit_cli.fid.stats import (
+    INCEPTION_DIM,
     FeatureStats,
+    check_stats,
     frechet_distance,
     load_ref_stats,
     read_meta,
     ref_protocol,
     save_stats,
+    stats_path,
 )
-from uvit_cli.fileio import write_json_atomic
+from uvit_cli.fileio import check_outputs, write_json_atomic
 
 __all__ = [
     "FeatureStats",
     "FidResult",
     "RefResult",
+    "check_stats",
     "compute_fid",
     "fid_from_generator",
     "frechet_distance",
     "load_ref_stats",
     "make_ref_stats",
     "save_stats",
+    "samples_stamp_path",
+    "stats_path",
     "write_stamp",
 ]
 
 MIN_IMAGES = 2048  # below the feature dimension the covariance is singular and FID is biased upward
 
 
+def samples_stamp_path(samples: str | os.PathLike, mode: str) -> Path:
+    """Where the stamp of `uvit fid SAMPLES REF` goes unless told: SAMPLES.fid-MODE.json beside the samples."""
+    p = Path(samples)
+    base = p.with_suffix("") if p.suffix == ".npz" else p
+    return base.parent / f"{base.name}.fid-{mode}.json"
+
+
 @dataclass
 class FidResult:
-    fid: float  # clamped at 0 (FID(a, a) computes as about -1e-6)
+    fid: float  # clamped at 0 when fid_raw is within round-off below it (FID(a, a) computes as about -1e-9)
     fid_raw: float
     num_images: int
     stamp: dict[str, Any]
@@ -76,9 +91,7 @@ class FidResult:
             ck = Path(g["checkpoint"])
             tag = f"{s['mode']}-n{g['n']}-{g['solver']}{g['steps']}-cfg{g['cfg_scale']:g}-seed{g['seed']}"
             return ck.with_name(f"{ck.stem}.fid-{tag}.json")
-        samples = Path(s["samples"]["path"])
-        base = samples.with_suffix("") if samples.suffix == ".npz" else samples
-        return base.parent / f"{base.name}.fid-{s['mode']}.json"
+        return samples_stamp_path(s["samples"]["path"], s["mode"])
 
 
 @dataclass
@@ -96,20 +109,14 @@ class _Setup:
     device: Any
     dim: int
     weights: dict[str, Any]
+    inception: bool = False  # the FID Inception (not a stand-in): its features are never negative
 
 
 def _setup(mode: str, inception_weights: Any, device: Any, features: Any, feature_dim: int) -> _Setup:
-    import torch
-
     from uvit_cli.fid.features import check_mode, inception_features
 
     check_mode(mode)
-    if device is None:
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        else:
-            device = torch.device("cpu")
-    device = torch.device(device)
+    device = dist.device(device)
     if features is not None:  # a stand-in extractor (tests, other feature spaces)
         return _Setup(
             features, device, feature_dim, {"path": None, "sha256": None, "note": "custom features"}
@@ -120,7 +127,11 @@ def _setup(mode: str, inception_weights: Any, device: Any, features: Any, featur
     path = resolve_weights(inception_weights, mode)
     model = load_inception(path).to(device)
     return _Setup(
-        inception_features(model, mode), device, 2048, {"path": str(path), "sha256": sha256_file(path)}
+        inception_features(model, mode),
+        device,
+        INCEPTION_DIM,
+        {"path": str(path), "sha256": sha256_file(path)},
+        inception=True,
     )
 
 
@@ -214,8 +225,27 @@ def _stamp(
     }
 
 
+def _ref_stats(
+    ref: str | os.PathLike, mode: str, features: Any, feature_dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's mu, sigma, checked against what the samples will be measured with (before any work)."""
+    from uvit_cli.fid.features import check_mode
+
+    inception = features is None
+    return load_ref_stats(
+        ref, INCEPTION_DIM if inception else feature_dim, inception=inception, mode=check_mode(mode)
+    )
+
+
 def _fid_against(
-    stats: FeatureStats, ref: str | os.PathLike, s: _Setup, mode: str, sizes: set, t0: float, source: dict
+    stats: FeatureStats,
+    ref: str | os.PathLike,
+    ref_stats: tuple[np.ndarray, np.ndarray],
+    s: _Setup,
+    mode: str,
+    sizes: set,
+    t0: float,
+    source: dict,
 ) -> FidResult:
     from uvit_cli.fid.features import rank_world
     from uvit_cli.fileio import sha256_file
@@ -223,15 +253,12 @@ def _fid_against(
     rank, world = rank_world()
     if stats.n == 0:
         raise DataError("no images to measure")
-    mu_r, sigma_r = load_ref_stats(ref, s.dim)
-    mu, sigma = stats.mu_sigma()
-    raw = frechet_distance(mu, sigma, mu_r, sigma_r)
+    mu, sigma = _checked_stats(stats, s, source.get("path", "the generated images"))
+    raw = frechet_distance(mu, sigma, *ref_stats)
     warns = _warnings(stats.n, sizes)
     ref_meta = read_meta(ref)
-    ref_mode, origin = ref_protocol(ref)
-    if ref_meta.get("mode") and ref_meta["mode"] != mode:
-        warns.append(f"the reference was made with --mode {ref_meta['mode']}, these samples with {mode}")
-    elif ref_mode is not None and ref_mode != mode:
+    ref_mode, origin = ref_protocol(ref)  # a recorded mode other than `mode` was refused by _ref_stats
+    if ref_mode is not None and ref_mode != mode:
         warns.append(
             f"the reference looks like {origin}: numbers comparable with it need --mode {ref_mode} "
             f"(these samples used {mode})"
@@ -254,6 +281,20 @@ def _fid_against(
     return FidResult(max(raw, 0.0), raw, stats.n, stamp, warns, rank == 0)
 
 
+def _checked_stats(stats: FeatureStats, s: _Setup, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """mu, sigma of features uvit extracted, through the same `check_stats` as every reference."""
+    mu, sigma = stats.mu_sigma()
+    weights = s.weights["path"] or "the feature function"
+    return check_stats(
+        mu,
+        sigma,
+        f"the features of {what}",
+        dim=s.dim,
+        inception=s.inception,
+        fix=f"{weights} does not give real features (damaged weights?)",
+    )
+
+
 def compute_fid(
     samples: str | os.PathLike,
     ref: str | os.PathLike,
@@ -273,12 +314,13 @@ def compute_fid(
     """
     t0 = time.time()
     # Fail on a bad reference or bad images before loading the Inception (and before hours of work).
-    load_ref_stats(ref, None if features is not None else 2048)
+    ref_stats = _ref_stats(ref, mode, features, feature_dim)
     _check_source(samples)
     with dist.process_group():  # torchrun's, if any; left when done if joined here
         s = _setup(mode, inception_weights, device, features, feature_dim)
         stats, sizes, kind = _images_stats(samples, s, mode, batch_size, workers, progress)
-        return _fid_against(stats, ref, s, mode, sizes, t0, {"path": str(samples), "kind": kind})
+        source = {"path": str(samples), "kind": kind}
+        return _fid_against(stats, ref, ref_stats, s, mode, sizes, t0, source)
 
 
 def fid_from_generator(
@@ -302,11 +344,12 @@ def fid_from_generator(
     from uvit_cli.fid.features import all_reduce_stats, batches_stats
 
     t0 = time.time()
-    load_ref_stats(ref, None if features is not None else 2048)
+    ref_stats = _ref_stats(ref, mode, features, feature_dim)
     s = _setup(mode, inception_weights, device, features, feature_dim)
     stats, sizes = batches_stats(batches, s.features, mode, s.device, progress, total, s.dim)
     stats = all_reduce_stats(stats, s.device)
-    return _fid_against(stats, ref, s, mode, sizes, t0, {"kind": "generator", "generator": generator or {}})
+    source = {"kind": "generator", "generator": generator or {}}
+    return _fid_against(stats, ref, ref_stats, s, mode, sizes, t0, source)
 
 
 def make_ref_stats(
@@ -322,16 +365,19 @@ def make_ref_stats(
     features: Any = None,
     feature_dim: int = 2048,
 ) -> RefResult:
-    """Reference statistics (`mu`, `sigma` float64 + `meta`) of a folder or .npz of images, written to `out`."""
+    """Reference statistics (`mu`, `sigma` float64 + `meta`) of a folder or .npz of images, written to `out`
+    (`.npz` appended unless it ends so); `out` must not be the images or the Inception weights."""
     from uvit_cli.fid.features import rank_world
 
     t0 = time.time()
+    inputs = {"IMAGES": images, "--inception-weights": inception_weights}
+    check_outputs({"--out": stats_path(out)}, inputs)
     _check_source(images)
     with dist.process_group():  # torchrun's, if any; left when done if joined here
         s = _setup(mode, inception_weights, device, features, feature_dim)
         stats, sizes, kind = _images_stats(images, s, mode, batch_size, workers, progress)
         rank, world = rank_world()
-    mu, sigma = stats.mu_sigma()
+    mu, sigma = _checked_stats(stats, s, str(images))
     warns = _warnings(stats.n, sizes)
     fields = {"mode": mode, "num_images": stats.n, "images": {"path": str(images), "kind": kind}}
     stamp = _stamp("fid_reference", fields, s, sizes, world, t0, warns)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from uvit_cli.config import Preset
 from uvit_cli.errors import DataError
 from uvit_cli.fid import FidResult, fid_from_generator, load_ref_stats
+from uvit_cli.fid.stats import INCEPTION_DIM
 
 if TYPE_CHECKING:
     from uvit_cli.sample.resolve import SamplerSpec
@@ -141,11 +142,12 @@ def fid_conditions(
 def check_fid_request(
     ref: str | os.PathLike[str], n: int | None, mode: str, inception_weights: Any, features: Any
 ) -> None:
-    """The cheap checks before a model loads: the reference, the mode, the Inception weights, n >= 2."""
+    """The cheap checks before a model loads: the mode, the reference (`load_ref_stats`: valid statistics of
+    this mode and feature size), the Inception weights, n >= 2."""
     from uvit_cli.fid.features import check_mode
 
-    check_mode(mode)
-    load_ref_stats(ref, None if features is not None else 2048)
+    inception = features is None
+    load_ref_stats(ref, INCEPTION_DIM if inception else None, inception=inception, mode=check_mode(mode))
     if features is None:
         from uvit_cli.inception import resolve_weights
 
@@ -248,6 +250,8 @@ def fid_from_checkpoint(
     say = log or (lambda _msg: None)
     seed = spec.seed
     check_fid_request(ref, n, mode, inception_weights, features)  # before the model loads
+    if device is not None:
+        device = dist.device(device)  # a --device that is not one here: one line, before the model loads
     with dist.process_group():
         sampler = load_sampler(spec, device=device, say=say)
         loaded = sampler.loaded

@@ -1,4 +1,9 @@
-"""Feature statistics (streamed sums that merge across batches and ranks), the Fréchet distance, npz I/O."""
+"""Feature statistics (streamed sums that merge across batches and ranks), the Fréchet distance, npz I/O.
+
+Every mu/sigma that uvit reads or writes passes `check_stats`: statistics that cannot come from real
+features (NaN, a sigma that is not symmetric or not positive semi-definite, a size that does not match)
+are refused in one line, never turned into a number.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,18 @@ import numpy as np
 
 from uvit_cli.errors import DataError
 from uvit_cli.fileio import atomic_open
+
+INCEPTION_DIM = 2048  # pool3 features of the FID Inception
+# Largest |S - Sᵀ| / max|S| accepted: np.cov and our sums are exactly symmetric (measured 0.0), a float32
+# GEMM on a GPU is off by ~1e-7.
+SYMMETRY_RTOL = 1e-5
+# Most negative eigenvalue / largest |eigenvalue| accepted as round-off. Measured with 2048-d features:
+# -6e-16 (float64 np.cov, 6 and 500 images), -1e-8 (the same stored as float32), -1.8e-5 (sums of xxᵀ
+# in float32 minus n·mu·muᵀ, 500 images, the worst way to compute a covariance).
+PSD_RTOL = 1e-4
+# Most negative Fréchet distance / (tr S1 + tr S2) accepted as round-off (FID(a, a) is 0 exactly in
+# theory): measured -1.9e-7 at worst for the covariances above.
+FRECHET_RTOL = 1e-5
 
 
 @dataclass
@@ -47,10 +64,76 @@ class FeatureStats:
         return mu, (sigma + sigma.T) / 2  # exact symmetry; rounding can break it by ~1e-17
 
 
-def _clip_noise(ev: np.ndarray) -> np.ndarray:
-    """Eigenvalues below LAPACK's rounding level (D * eps * max) set to 0: their square roots would add
-    ~D * 1e-8 of noise to FID (measured -2e-5 for FID(a, a) with 6 images without this)."""
-    return np.where(ev > ev.shape[0] * np.finfo(np.float64).eps * max(ev.max(), 0.0), ev, 0.0)
+def _negative_eigenvalue(ev: np.ndarray) -> float | None:
+    """The most negative eigenvalue if it is below round-off (PSD_RTOL of the largest magnitude), else None."""
+    scale = float(np.abs(ev).max(initial=0.0))
+    low = float(ev.min(initial=0.0))
+    return low if low < -PSD_RTOL * scale else None
+
+
+def check_stats(
+    mu: Any,
+    sigma: Any,
+    source: str,
+    *,
+    dim: int | None = None,
+    inception: bool = False,
+    fix: str = "make statistics with `uvit fid ref IMAGES --out REF.npz`",
+) -> tuple[np.ndarray, np.ndarray]:
+    """mu (D,), sigma (D, D) as float64 if they can be the mean and covariance of real features, else a
+    DataError naming `source`, what is wrong and `fix`. `dim`: the D the features have; `inception`: they
+    are the FID Inception's pool features, averages of ReLU outputs and so never negative."""
+    arrays = {"mu": np.asarray(mu), "sigma": np.asarray(sigma)}
+    for name, a in arrays.items():
+        if a.dtype.kind not in "fiu":
+            raise DataError(f"{source}: {name} holds {a.dtype} values, not real numbers; {fix}")
+    mu, sigma = (a.astype(np.float64) for a in arrays.values())
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if d < 1 or sigma.shape != (d, d):
+        raise DataError(
+            f"{source}: mu {mu.shape} and sigma {sigma.shape} do not fit (want (D,) and (D, D)); {fix}"
+        )
+    if dim is not None and d != dim:
+        raise DataError(
+            f"{source}: statistics of dimension {d}, but the features measured here have {dim}; {fix} "
+            "with the same feature extractor"
+        )
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise DataError(f"{source}: {name} holds {bad} NaN or infinite values; {fix}")
+    scale = float(np.abs(sigma).max())
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > SYMMETRY_RTOL * scale:
+        raise DataError(
+            f"{source}: sigma is not symmetric (max |S - S^T| = {asym:.3g}, max |S| = {scale:.3g}): "
+            f"not a covariance; {fix}"
+        )
+    ev = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    low = _negative_eigenvalue(ev)
+    if low is not None:
+        raise DataError(
+            f"{source}: sigma has a negative eigenvalue {low:.4g} (largest {ev.max():.4g}): not a covariance; "
+            f"{fix}"
+        )
+    if inception and mu.min() < 0:
+        raise DataError(
+            f"{source}: mu has negative entries (min {mu.min():.4g}), but the FID Inception's features are "
+            f"never negative: these are statistics of other features; {fix}"
+        )
+    return mu, sigma
+
+
+def _sqrt_psd(ev: np.ndarray, what: str) -> np.ndarray:
+    """Square roots of the eigenvalues of a PSD matrix. A negative one beyond round-off is an error; those
+    below LAPACK's rounding level (D * eps * max) become 0: their square roots would add ~D * 1e-8 of noise
+    to FID (measured -2e-5 for FID(a, a) with 6 images without this)."""
+    low = _negative_eigenvalue(ev)
+    if low is not None:
+        raise DataError(
+            f"{what} has a negative eigenvalue {low:.4g} (largest {ev.max():.4g}): not a covariance"
+        )
+    return np.sqrt(np.where(ev > ev.shape[0] * np.finfo(np.float64).eps * max(ev.max(), 0.0), ev, 0.0))
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -58,21 +141,43 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
     tr sqrt(S1 S2) = tr sqrt(A S2 A) with A = sqrt(S1) (same eigenvalues; A S2 A is symmetric PSD), so two
     symmetric eigendecompositions replace scipy's general `sqrtm`: ~10x faster at 2048 dims and no complex
-    parts. Tiny negative eigenvalues (rank-deficient covariances, N < D) are rounding noise and clipped to 0.
+    parts to discard. Tiny negative eigenvalues (rank-deficient covariances, N < D) are rounding noise and
+    set to 0; larger ones, and a distance below 0 beyond round-off, raise DataError (garbage in, no number out).
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     w, v = np.linalg.eigh(s1)
-    a = (v * np.sqrt(_clip_noise(w))) @ v.T
+    a = (v * _sqrt_psd(w, "sigma1")) @ v.T
     m = a @ s2 @ a
-    tr_covmean = np.sqrt(_clip_noise(np.linalg.eigvalsh((m + m.T) / 2))).sum()
+    tr_covmean = _sqrt_psd(np.linalg.eigvalsh((m + m.T) / 2), "sqrt(sigma1) sigma2 sqrt(sigma1)").sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    traces = float(np.trace(s1) + np.trace(s2))
+    fid = float(diff @ diff + traces - 2 * tr_covmean)
+    if not np.isfinite(fid) or fid < -FRECHET_RTOL * abs(traces):
+        raise DataError(
+            f"the Fréchet distance computes as {fid:.6g} (tr S1 + tr S2 = {traces:.6g}): "
+            "these statistics are not the mean and covariance of real features"
+        )
+    return fid
 
 
-def load_ref_stats(path: str | os.PathLike, dim: int | None = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """`mu`, `sigma` (float64) of a reference npz; other keys (an ADM batch's `arr_0`) are never read."""
+def stats_path(path: str | os.PathLike) -> Path:
+    """The file `save_stats(path, ...)` writes: `path`, with `.npz` appended unless it ends so (as np.savez)."""
+    p = Path(path)
+    return p if p.suffix == ".npz" else p.with_name(p.name + ".npz")
+
+
+def load_ref_stats(
+    path: str | os.PathLike,
+    dim: int | None = INCEPTION_DIM,
+    *,
+    inception: bool = False,
+    mode: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`mu`, `sigma` (float64) of a reference npz, checked by `check_stats`; other keys (an ADM batch's
+    `arr_0`) are never read. With `mode`, a reference that records another FID mode is refused: its features
+    come from another preprocessing, so a distance to it measures nothing."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"reference statistics not found: {p}")
@@ -89,36 +194,32 @@ def load_ref_stats(path: str | os.PathLike, dim: int | None = 2048) -> tuple[np.
                 raise DataError(
                     f"{p} has no `mu`/`sigma` (keys: {sorted(keys)[:6]}); make statistics with `uvit fid ref`"
                 )
-            mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+            mu, sigma = f["mu"], f["sigma"]
     except DataError:
         raise
     except Exception as e:  # zipfile.BadZipFile, ValueError (pickled object arrays), OSError
         raise DataError(
             f"cannot read reference statistics {p}: {str(e).splitlines()[0] if str(e) else e!r}"
         ) from None
-    d = mu.reshape(-1).shape[0]
-    if mu.ndim != 1 or sigma.shape != (d, d):
-        raise DataError(f"{p}: mu {mu.shape} and sigma {sigma.shape} do not fit (want (D,) and (D, D))")
-    if dim is not None and d != dim:
-        raise DataError(f"{p}: statistics of dimension {d}, but the FID Inception gives {dim}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise DataError(f"{p}: mu/sigma contain NaN or inf")
-    return mu, sigma
+    if mode is not None:
+        made = read_meta(p).get("mode")
+        if made and made != mode:
+            raise DataError(
+                f"{p} was made with --mode {made}, but these images are measured with --mode {mode}: the "
+                f"features differ, so the distance would mean nothing; pass --mode {made}, or make a "
+                f"reference with `uvit fid ref IMAGES --mode {mode} --out REF.npz`"
+            )
+    return check_stats(mu, sigma, str(p), dim=dim, inception=inception)
 
 
 def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, Any]) -> Path:
-    """Write `mu`, `sigma` (float64) and `meta` (JSON text, readable without pickle) to an npz."""
-    p = Path(path)
+    """Write `mu`, `sigma` (float64, checked by `check_stats`) and `meta` (JSON text, readable without pickle)
+    to an npz; returns the path written (`stats_path`)."""
+    p = stats_path(path)
+    mu, sigma = check_stats(mu, sigma, f"the statistics for {p}")  # float64, as computed
     p.parent.mkdir(parents=True, exist_ok=True)
-    if p.suffix != ".npz":
-        p = p.with_name(p.name + ".npz")  # np.savez would append it anyway; report the real name
     with atomic_open(p, "wb") as f:  # a full disk leaves no truncated npz under the final name
-        np.savez(
-            f,
-            mu=np.asarray(mu, np.float64),
-            sigma=np.asarray(sigma, np.float64),
-            meta=np.array(json.dumps(meta)),
-        )
+        np.savez(f, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
     return p
 
 

@@ -5,20 +5,26 @@ The lock file names its holder (host, pid, start time) and is emptied on a clean
 a dead process: it is stale and is taken over with a warning; a
 live holder makes a second `uvit train` on the same run dir refuse with one line. Where `flock` is not
 available the holder's pid is checked instead (same host only).
+
+The lock is opened with O_NOFOLLOW: a `lock` that is a symlink (or anything but a regular file) is refused
+in one line, so writing the holder's name never truncates a file elsewhere.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from uvit_cli.errors import UvitError
+from uvit_cli.fileio import open_nofollow
 
 LOCK_FILE = "lock"
 
@@ -30,6 +36,12 @@ except ImportError:  # pragma: no cover - Windows
 
 class RunDirLocked(UvitError):
     """Another live process trains in this run dir."""
+
+    exit_code = 2
+
+
+class LockNotAFile(UvitError):
+    """`RUN/lock` is a symlink, a directory or another non-regular file: never written through."""
 
     exit_code = 2
 
@@ -62,23 +74,47 @@ class RunDirLock:
         self.warn = warn or (lambda _msg: None)
         self._f: IO[str] | None = None
 
-    def _read(self) -> dict[str, Any]:
+    @staticmethod
+    def _read(f: IO[str]) -> dict[str, Any]:
         try:
-            info = json.loads(self.path.read_text())
+            f.seek(0)
+            info = json.loads(f.read())
         except (OSError, ValueError):
             return {}
         return info if isinstance(info, dict) else {}
 
+    def _not_a_file(self, what: str) -> LockNotAFile:
+        return LockNotAFile(
+            f"{self.path} is {what}, not a lock file; uvit does not write through it: delete it "
+            f"(`rm {self.path}`) and rerun"
+        )
+
+    def _open(self) -> IO[str]:
+        """The lock file, created if missing, opened read-write without following a symlink."""
+        try:
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.ELOOP or self.path.is_symlink():
+                raise self._not_a_file(f"a symbolic link (to {os.readlink(self.path)})") from None
+            if e.errno == errno.EISDIR:
+                raise self._not_a_file("a directory") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device, a socket
+            os.close(fd)
+            raise self._not_a_file("not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "r+", encoding="utf-8")
+
     def acquire(self) -> None:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        f = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        f = self._open()  # held open for the lock's lifetime
         try:
             if fcntl is not None:
                 try:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
-                    raise RunDirLocked(self._busy(self._read())) from None
-            old = self._read()
+                    raise RunDirLocked(self._busy(self._read(f))) from None
+            old = self._read(f)
             if old and fcntl is None:
                 if old.get("host") != info["host"] or _pid_alive(int(old.get("pid", -1))):
                     raise RunDirLocked(self._busy(old))
