@@ -150,16 +150,18 @@ def test_shard_written_atomically(tmp_path, monkeypatch):
         x=_pixels(2)[:, None], keys=["a", "b"], sources=3, skipped=[{"key": "c", "reason": "x"}]
     )
     # a crash while writing leaves only a temporary, which the reader never lists
-    real_save = np.save
+    from uvit_cli.data import format as shard_format
+
+    real_write = shard_format.write_npy
 
     def boom(f, arr):
-        real_save(f, arr)
+        real_write(f, arr)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "save", boom)
+    monkeypatch.setattr(shard_format, "write_npy", boom)
     with pytest.raises(KeyboardInterrupt):
         data.write_shard(split, 0, sd, "fp")
-    monkeypatch.setattr(np, "save", real_save)
+    monkeypatch.setattr(shard_format, "write_npy", real_write)
     assert data.list_shards(split) == [] and data.read_shard_meta(split, 0) is None
     assert list(split.iterdir()) == []
     # a hard kill leaves a temporary: never listed as a shard, removed at the next start

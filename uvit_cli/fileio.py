@@ -9,6 +9,7 @@ through it: no write ever lands in a file a link points to. Stdlib and numpy onl
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -113,7 +114,7 @@ def save_npy_atomic(path: str | os.PathLike[str], arr: Any) -> None:
     import numpy as np
 
     with atomic_open(path, "wb") as f:
-        np.save(f, arr)
+        write_npy(f, np.asarray(arr))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -138,3 +139,27 @@ def check_outputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
                     f"{out}: {name} is the same file as {other} ({src}); writing it would overwrite {other}: "
                     f"choose another path for {name}"
                 )
+
+
+def write_npy(f: IO[bytes], arr: Any, chunk_bytes: int = 1 << 24) -> None:
+    """The bytes `np.save(f, arr)` writes, through `f.write`, so that a full disk is OSError(ENOSPC).
+
+    numpy's own path (`ndarray.tofile`) reports a short write as "N requested and M written" with no
+    errno, which says nothing about the cause; a short write here is the full disk it means.
+    """
+    import numpy as np
+
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.hasobject:
+        raise ValueError("object arrays are not stored in shards")
+    header = np.lib.format.header_data_from_array_1_0(arr)
+    try:
+        np.lib.format.write_array_header_1_0(f, header)
+    except ValueError:  # a header over 64 KiB: np.save's format 2.0
+        np.lib.format.write_array_header_2_0(f, header)
+    data = arr.reshape(-1).view(np.uint8).data if arr.size else memoryview(b"")
+    for lo in range(0, len(data), chunk_bytes):
+        part = data[lo : lo + chunk_bytes]
+        written = f.write(part)
+        if written is not None and written < len(part):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), getattr(f, "name", None))

@@ -3,7 +3,9 @@
 A DataLoader worker blocked in a read (a slow disk, a named pipe) never reaches the check by which torch
 notices that its parent is gone, so after `kill -9` or SIGTERM of the command it lives on, orphaned,
 holding its memory. On Linux each worker asks the kernel to kill it when its parent dies
-(prctl PR_SET_PDEATHSIG); elsewhere it relies on torch's own check.
+(prctl PR_SET_PDEATHSIG); elsewhere it relies on torch's own check. The kernel sends that signal when the
+thread that started the worker ends, so a loader is iterated by a thread that outlives its use
+(tests/test_reliability_prepare.py kills the parent of blocked workers and waits for them to go).
 """
 
 from __future__ import annotations

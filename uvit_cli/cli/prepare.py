@@ -95,12 +95,16 @@ def _run(fn: Any, **kwargs: Any) -> None:
         return
     m = result.manifest
     for split, entry in m["splits"].items():
-        skipped = len(entry.get("skipped", []))
+        skipped = entry.get("skipped", [])
         out.print(
             f"{split}: {entry.get('items', 0)} items in {len(entry.get('shards', []))} shards"
             + (f", {entry['captions']} captions" if entry.get("captions") else "")
-            + (f", {skipped} unreadable images skipped (listed in manifest.json)" if skipped else "")
+            + (f", {len(skipped)} unreadable images skipped (listed in manifest.json)" if skipped else "")
         )
+        if skipped:  # named, so that a named pipe or a broken link among the images is seen
+            more = f", and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+            named = "; ".join(f"{s.get('key')} ({s.get('reason')})" for s in skipped[:3])
+            warn(f"{split}: skipped {named}{more}")
     for name, e in m.get("encoders", {}).items():
         out.print(f"{name}: {e['path']} sha256 {e['sha256'][:16]}")
     out.print(f"wrote {result.out} in {time.perf_counter() - t0:.1f} s")

@@ -207,7 +207,11 @@ class FeatureDataset(Dataset):
     def captions(self, i: int) -> list[str]:
         """The caption texts of item i (read from the shard's items.json; not for the training loop)."""
         s, j = self._locate(i // self.views)
-        items = json.loads((self.root / self.split / self._shards[s] / "items.json").read_text())
+        path = self.root / self.split / self._shards[s] / "items.json"
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise DataError(f"{path}: cannot read captions ({type(e).__name__}); {REMAKE}") from None
         return items.get("captions", [[]] * (j + 1))[j]
 
     def contexts(self, i: int) -> np.ndarray:

@@ -9,7 +9,9 @@
         context.npy          (m, 77, D)        text sets: every caption of every item, flat
         context_offsets.npy  (n + 1,) int64    captions of item j are context[off[j]:off[j + 1]]
         items.json           {"keys": [...], "captions": [[...], ...]}  source of each item
-        meta.json            fingerprint, counts, sha256 of every file, skipped sources; written last
+        meta.json            fingerprint, counts, sha256 of every file, skipped sources, and (sets made
+                             from files) `source_sha256`: per covered source, a digest of its key, label,
+                             captions and bytes, which a rerun recomputes; written last
 
 Shard k of a split covers source items [k * items_per_shard, (k + 1) * items_per_shard) of the sorted
 source list, so its contents do not depend on the number of GPUs; skipped (corrupt) sources make a
@@ -32,7 +34,7 @@ import numpy as np
 
 from uvit_cli.config import MANIFEST
 from uvit_cli.errors import DataError
-from uvit_cli.fileio import sha256_file, write_json_atomic
+from uvit_cli.fileio import sha256_file, write_json_atomic, write_npy
 
 FORMAT = "uvit-shards"
 FORMAT_VERSION = 1
@@ -88,6 +90,18 @@ class ShardData:
     contexts: list[np.ndarray] | None = None  # per item (n_captions, 77, D)
     captions: list[list[str]] | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"key", "reason"}
+    source_sha256: list[str] | None = None  # per covered source (`sources` of them), in order
+
+
+def _save_npy(path: Path, arr: np.ndarray, shown: Path) -> None:
+    """`arr` to `path`, flushed to disk; an OSError (a full disk: errno ENOSPC) names `shown`."""
+    try:
+        with open(path, "wb") as f:
+            write_npy(f, arr)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # Python's buffered writer names no file; the temporary's name means nothing
+        raise OSError(e.errno, e.strerror or str(e), str(shown)) from None
 
 
 def write_shard(split_dir: Path, index: int, data: ShardData, fp: str) -> dict[str, Any]:
@@ -112,10 +126,7 @@ def write_shard(split_dir: Path, index: int, data: ShardData, fp: str) -> dict[s
     tmp.mkdir(parents=True)
     try:
         for name, arr in arrays.items():
-            with open(tmp / name, "wb") as f:
-                np.save(f, arr)
-                f.flush()
-                os.fsync(f.fileno())
+            _save_npy(tmp / name, arr, shown=final / name)
         items: dict[str, Any] = {"keys": data.keys}
         if data.captions is not None:
             items["captions"] = data.captions
@@ -132,6 +143,10 @@ def write_shard(split_dir: Path, index: int, data: ShardData, fp: str) -> dict[s
             "skipped": data.skipped,
             "sha256": {name: sha256_file(tmp / name) for name in files},
         }
+        if data.source_sha256 is not None:
+            if len(data.source_sha256) != data.sources:
+                raise ValueError(f"{len(data.source_sha256)} source digests for {data.sources} sources")
+            meta["source_sha256"] = data.source_sha256
         write_json_atomic(tmp / SHARD_META, meta)
     except BaseException:
         # Interrupted (Ctrl-C, full disk): drop the partial shard. A hard kill leaves the temporary,
@@ -157,7 +172,7 @@ def read_shard_meta(split_dir: Path, index: int) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
         raise DataError(
             f"{path}: unreadable shard meta ({e}); delete that shard directory and rerun"
         ) from None
@@ -195,7 +210,7 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
         raise ManifestDamaged(f"{path}: unreadable manifest ({e}); {_REMAKE}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ManifestDamaged(f"{path}: not a uvit shard manifest")

@@ -3,19 +3,26 @@
     w = ShardSetWriter(out, manifest)          # refuses an --out made otherwise; resumes one made the same way
     w.check_splits({"train": (digest, n)})     # read-only: same sources, no foreign shards (every rank)
     w.begin({"train": (digest, n)}, empty)     # rank 0: folders, empty_context.npy, an incomplete manifest
-    for k in w.todo("train", n): w.write("train", k, shard_data)
+    for k in w.todo("train", n, sources): w.write("train", k, shard_data)
     w.finish("train", n)                       # rank 0: the split's entry from its shards' metas
 
 The manifest is on disk from `begin`, so an interrupted run (Ctrl-C, kill -9, a full disk) is resumed by
 rerunning the same command: `todo` keeps every finished shard whose files still hash to what its meta
 recorded and re-makes the rest (missing, truncated, edited, flipped bits). Nothing half-written is read:
 a shard appears by a directory rename once complete, the manifest and empty context by atomic writes.
+
+Whether the sources changed is decided here, twice: `check_splits` compares the split's listing digest
+(names, labels, captions; cheap, before anything is written) and `todo` compares, for every finished
+shard, the digest each of its sources has now with the one its meta recorded (`ShardData.source_sha256`:
+contents included, so other images under the same names, or one edited in place, are found). Either
+difference refuses the run rather than mixing shards of old and new sources.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +44,16 @@ from uvit_cli.data.format import (
     shard_name,
     split_summary,
     to_storage,
+    write_npy,
     write_shard,
 )
 from uvit_cli.errors import DataError
-from uvit_cli.fileio import save_npy_atomic, write_json_atomic
+from uvit_cli.fileio import atomic_open, write_json_atomic
 
 Splits = dict[str, tuple[str, int]]  # split -> (source digest, number of shards)
+# shard index -> (name, digest) of each source the shard covers, as its sources are now
+SourceDigests = Callable[[int], list[tuple[str, str]]]
+_CHANGED = "use another --out, or delete it to start over"
 
 
 class ShardSetWriter:
@@ -87,7 +98,7 @@ class ShardSetWriter:
             if isinstance(entry, dict) and entry.get("source_digest") not in (None, digest):
                 raise DataError(
                     f"{self.out}/{name}: its sources (the listed images, captions or feature files) changed since "
-                    "these shards were made; use another --out, or delete it to start over"
+                    f"these shards were made; {_CHANGED}"
                 )
             split_dir = self.out / name
             for k in list_shards(split_dir):
@@ -103,7 +114,8 @@ class ShardSetWriter:
         unfinished splits say so (rank 0 only)."""
         self.out.mkdir(parents=True, exist_ok=True)
         if empty_context is not None:
-            save_npy_atomic(self.out / EMPTY_CONTEXT, np.asarray(empty_context, np.float32))
+            with atomic_open(self.out / EMPTY_CONTEXT, "wb") as f:
+                write_npy(f, np.asarray(empty_context, np.float32))
             self.manifest["context_shape"] = list(empty_context.shape)
             self.manifest["context_dtype"] = self.manifest.get("context_dtype") or self.manifest["dtype"]
         for name, (digest, _) in splits.items():
@@ -114,16 +126,17 @@ class ShardSetWriter:
                 self.manifest["splits"][name] = {"complete": False, "source_digest": digest}
         write_json_atomic(self.out / MANIFEST, self.manifest)
 
-    def todo(self, split: str, shards: int | list[int]) -> list[int]:
+    def todo(self, split: str, shards: int | list[int], sources: SourceDigests | None = None) -> list[int]:
         """Which of `shards` (a count, or this rank's indices) to write: those missing or damaged. A damaged
         shard is removed here, so `write` puts a fresh one in its place. Hashes every finished shard, against
-        the manifest's record where the split is complete, else against the shard's own meta."""
+        the manifest's record where the split is complete, else against the shard's own meta. With `sources`,
+        a finished shard made from sources that differ from today's refuses the run (DataError)."""
         split_dir = self.out / split
         entry = self.manifest["splits"].get(split)
         recorded: dict[str, dict[str, str]] = {}
         if isinstance(entry, dict) and isinstance(entry.get("shards"), list):
             recorded = {s.get("name"): s.get("sha256") for s in entry["shards"] if isinstance(s, dict)}
-        todo = []
+        todo, kept = [], []
         for k in range(shards) if isinstance(shards, int) else shards:
             meta = _meta(split_dir, k)
             if meta is not None:
@@ -131,11 +144,30 @@ class ShardSetWriter:
                 if recorded.get(shard_name(k), want) == want and shard_is_intact(
                     split_dir / shard_name(k), want
                 ):
+                    kept.append((k, meta))
                     continue
+            todo.append(k)
+        if sources is not None:
+            for k, meta in kept:
+                self._check_sources(split, k, meta, sources)
+        for k in todo:
             if (split_dir / shard_name(k)).exists():
                 _remove_shard(split_dir, k)
-            todo.append(k)
         return todo
+
+    def _check_sources(self, split: str, index: int, meta: dict[str, Any], sources: SourceDigests) -> None:
+        made = meta.get("source_sha256")
+        if not isinstance(made, list):  # written before shards recorded their sources: nothing to compare
+            return
+        now = sources(index)
+        changed = next((name for (name, digest), old in zip(now, made, strict=False) if digest != old), None)
+        if changed is None and len(now) != len(made):
+            changed = f"{len(now)} sources where there were {len(made)}"
+        if changed is not None:
+            raise DataError(
+                f"{self.out}/{split}: its sources changed since these shards were made ({changed} is not what "
+                f"{shard_name(index)} was made from: other contents, captions or labels); {_CHANGED}"
+            )
 
     def write(self, split: str, index: int, shard: ShardData) -> dict[str, Any]:
         return write_shard(self.out / split, index, shard, self.fingerprint)
@@ -159,7 +191,7 @@ def _meta(split_dir: Path, index: int) -> dict[str, Any] | None:
 
     try:
         meta = json.loads((split_dir / shard_name(index) / SHARD_META).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return None
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 

@@ -21,6 +21,7 @@ official reader does). They are read here with an unpickler that only builds num
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -32,9 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from uvit_cli import data
+from uvit_cli import data, resources
 from uvit_cli.config import OfficialKind, dataset_name, set_dir
+from uvit_cli.data.writer import SourceDigests
 from uvit_cli.errors import DataError
+from uvit_cli.imageio import non_regular, read_regular
 from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
 from uvit_cli.safe_pickle import load_numpy_pickle
 
@@ -43,21 +46,44 @@ _ITEM = re.compile(r"^(\d+)\.npy$")
 _CAPTION = re.compile(r"^(\d+)_(\d+)\.npy$")
 
 
-def load_official_npy(path: Path) -> Any:
-    """`np.load(path, allow_pickle=True)` for the official files, without running arbitrary pickled code."""
+def load_official_npy(path: Path, raw: bytes | None = None) -> Any:
+    """`np.load(path, allow_pickle=True)` for the official files (or their bytes `raw`, already read),
+    without running arbitrary pickled code."""
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            if not dtype.hasobject:
-                f.seek(0)
-                return np.load(f)
-            return load_numpy_pickle(f)
+        f = io.BytesIO(read_regular(path) if raw is None else raw)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if not dtype.hasobject:
+            f.seek(0)
+            return np.load(f)
+        return load_numpy_pickle(f)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as e:
         raise DataError(f"{path}: not an official U-ViT feature file ({type(e).__name__}: {e})") from None
+
+
+def _item_files(kind: str, d: Path, i: int, counts: list[int]) -> list[Path]:
+    """The official files of item i: its moments, then (COCO) its captions' features in order."""
+    return [d / f"{i}.npy", *(d / f"{i}_{j}.npy" for j in range(counts[i] if kind == "coco" else 0))]
+
+
+def _read_files(paths: list[Path]) -> list[bytes]:
+    try:
+        return [read_regular(p) for p in paths]
+    except ValueError as e:  # NotARegularFile: became a named pipe or the like since `_scan`
+        raise DataError(f"{e}; the official features are files") from None
+
+
+def _files_sha256(paths: list[Path], raws: list[bytes] | None = None) -> str:
+    """What a shard records of one item (`ShardData.source_sha256`): the names and bytes of its files."""
+    raws = raws if raws is not None else _read_files(paths)
+    h = hashlib.sha256()
+    for path, raw in zip(paths, raws, strict=True):
+        h.update(path.name.encode() + b"\0")
+        h.update(raw)
+    return h.hexdigest()[:32]
 
 
 def _scan(directory: Path) -> tuple[list[int], dict[int, list[int]]]:
@@ -66,10 +92,15 @@ def _scan(directory: Path) -> tuple[list[int], dict[int, list[int]]]:
     caps: dict[int, list[int]] = {}
     with os.scandir(directory) as it:
         for e in it:
-            if m := _ITEM.match(e.name):
+            m, c = _ITEM.match(e.name), _CAPTION.match(e.name)
+            if (m or c) and not e.is_file():  # a named pipe would block the read: refused unopened
+                raise DataError(
+                    f"{e.path}: {non_regular(e.path)}, not a regular file; move it out of {directory}"
+                )
+            if m:
                 items.append(int(m[1]))
-            elif m := _CAPTION.match(e.name):
-                caps.setdefault(int(m[1]), []).append(int(m[2]))
+            elif c:
+                caps.setdefault(int(c[1]), []).append(int(c[2]))
     return sorted(items), caps
 
 
@@ -189,13 +220,15 @@ def import_official_features(
         for s, (n, counts) in listings.items()
     }
     writer.check_splits(splits)
+    _require_resources(out, listings, items_per_shard, shape, empty, dtype)
     writer.begin(splits, empty)
 
     result = PrepareResult(out, writer.manifest)
     with ThreadPoolExecutor(max(1, num_workers)) as pool:  # file reads dominate; numpy releases the GIL
         for split, (n, counts) in listings.items():
             state = Progress(split, 0, n)
-            todo = set(writer.todo(split, n_shards[split]))
+            now = _digests_now(pool, kind, dirs[split], n, counts, items_per_shard)
+            todo = set(writer.todo(split, n_shards[split], now))
             for k in range(n_shards[split]):
                 lo, hi = k * items_per_shard, min((k + 1) * items_per_shard, n)
                 if k in todo:
@@ -214,6 +247,46 @@ def import_official_features(
     return result
 
 
+def _require_resources(
+    out: Path,
+    listings: dict[str, tuple[int, list[int]]],
+    items_per_shard: int,
+    shape: list[int],
+    empty: np.ndarray | None,
+    dtype: str,
+) -> None:
+    """Refuse, before anything is written, a shard that cannot be held in memory (its items as read, stacked
+    and stored) or shards that cannot fit on disk."""
+    x, ctx = math.prod(shape), 0 if empty is None else empty.size  # values per item, per caption
+    stored = 2 if dtype == "float16" else 4
+    peak, disk = 0, 0
+    for split, (n, counts) in listings.items():
+        present = set(data.list_shards(out / split))
+        for lo in range(0, n, items_per_shard):
+            items = min(items_per_shard, n - lo)
+            caps = sum(counts[lo : lo + items])
+            peak = max(peak, items * x * (4 + 4 + stored) + caps * ctx * (4 + 4 + 2 * stored))
+            if lo // items_per_shard not in present:
+                disk += items * (x * stored + 16) + caps * ctx * stored
+    resources.require_memory(
+        f"importing {items_per_shard} items per shard", peak, fix="use a smaller --items-per-shard"
+    )
+    resources.require_disk(out, "the shards still to write", disk, fix="free space, or choose another --out")
+
+
+def _digests_now(
+    pool: ThreadPoolExecutor, kind: str, d: Path, n: int, counts: list[int], items_per_shard: int
+) -> SourceDigests:
+    """What the items of shard k hash to now, for `ShardSetWriter.todo` to compare with its record."""
+
+    def digests(k: int) -> list[tuple[str, str]]:
+        items = range(k * items_per_shard, min((k + 1) * items_per_shard, n))
+        files = [_item_files(kind, d, i, counts) for i in items]
+        return [(str(f[0]), h) for f, h in zip(files, pool.map(_files_sha256, files), strict=True)]
+
+    return digests
+
+
 def _read_shard(
     pool: ThreadPoolExecutor,
     kind: str,
@@ -227,21 +300,29 @@ def _read_shard(
 ) -> data.ShardData:
     """Items lo..hi-1 of an official directory as one shard's contents."""
 
-    def coco_item(i: int) -> tuple[np.ndarray, np.ndarray]:
-        x = _moments(load_official_npy(d / f"{i}.npy"), d / f"{i}.npy")
-        ctx = np.stack([np.asarray(load_official_npy(d / f"{i}_{j}.npy")) for j in range(counts[i])])
-        return x, ctx
+    def read(i: int) -> tuple[list[Any], str]:
+        """Item i's files parsed, and the digest of the bytes that were parsed."""
+        paths = _item_files(kind, d, i, counts)
+        raws = _read_files(paths)
+        digest = _files_sha256(paths, raws)
+        return [load_official_npy(p, raw) for p, raw in zip(paths, raws, strict=True)], digest
 
-    def imagenet_item(i: int) -> tuple[np.ndarray, int]:
-        obj = load_official_npy(d / f"{i}.npy")
+    def coco_item(i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        (moments, *captions), digest = read(i)
+        return _moments(moments, d / f"{i}.npy"), np.stack([np.asarray(c) for c in captions]), digest
+
+    def imagenet_item(i: int) -> tuple[np.ndarray, int, str]:
+        (obj,), digest = read(i)
         if not (isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == (2,)):
             raise DataError(f"{d / f'{i}.npy'}: expected a pickled (moments, label) pair")
         label = int(obj[1])
         if not 0 <= label < IMAGENET_CLASSES:
             raise DataError(f"{d / f'{i}.npy'}: label {label} outside 0..{IMAGENET_CLASSES - 1}")
-        return _moments(obj[0], d / f"{i}.npy"), label
+        return _moments(obj[0], d / f"{i}.npy"), label, digest
 
-    rows = list(pool.map(coco_item if kind == "coco" else imagenet_item, range(lo, hi)))
+    rows: list[tuple[Any, ...]] = list(
+        pool.map(coco_item if kind == "coco" else imagenet_item, range(lo, hi))
+    )
     xs = np.stack([r[0] for r in rows])  # (n, 8, h, w) float32
     if list(xs.shape[1:]) != shape:
         raise DataError(
@@ -262,4 +343,5 @@ def _read_shard(
         sources=hi - lo,
         y=np.array([r[1] for r in rows], np.int64) if kind == "imagenet" else None,
         contexts=contexts,
+        source_sha256=[r[2] for r in rows],
     )

@@ -13,6 +13,7 @@ in its DataLoader workers where they are.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from uvit_cli.errors import DataError
-from uvit_cli.prepare.sources import Source
+from uvit_cli.imageio import NotARegularFile, non_regular, read_regular
+from uvit_cli.prepare.sources import Source, read_text
 from uvit_cli.safe_pickle import load_numpy_pickle
 
 CIFAR10_DIR = "cifar-10-batches-py"
@@ -51,11 +53,14 @@ def cifar10_dir(root: str | os.PathLike[str]) -> Path:
 
 def _unpickle(path: Path) -> Any:
     try:
-        with open(path, "rb") as f:
-            # The files are Python 2 pickles: latin1 is how numpy arrays in them load (as torchvision does).
-            return load_numpy_pickle(f, encoding="latin1")
+        raw = read_regular(path)
+    except NotARegularFile as e:
+        raise DataError(f"{e}; a CIFAR-10 batch must be a file") from None
     except FileNotFoundError:
         raise DataError(f"{path}: CIFAR-10 batch not found (extract all of cifar-10-python.tar.gz)") from None
+    try:
+        # The files are Python 2 pickles: latin1 is how numpy arrays in them load (as torchvision does).
+        return load_numpy_pickle(io.BytesIO(raw), encoding="latin1")
     except Exception as e:  # truncated download, another file under that name
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
 
@@ -110,6 +115,11 @@ def cifar10_sources(root: str | os.PathLike[str], split: str) -> list[Source]:
 # CelebA
 
 
+def _celeba_source(images: Path, name: str) -> Source:
+    """One aligned image; an entry that is not a regular file is listed to be skipped unopened."""
+    return Source(name, str(images / name), skip=non_regular(images / name))
+
+
 def celeba_sources(root: str | os.PathLike[str]) -> dict[str, list[Source]]:
     """`img_align_celeba/*.jpg` sorted by name: all as train, or the splits of list_eval_partition.txt."""
     root = Path(root)
@@ -122,11 +132,11 @@ def celeba_sources(root: str | os.PathLike[str]) -> dict[str, list[Source]]:
     if not names:
         raise DataError(f"{images}: no .jpg images")
     partition = root / "list_eval_partition.txt"
-    if not partition.is_file():
-        return {"train": [Source(n, str(images / n)) for n in names]}
+    if not os.path.lexists(partition):
+        return {"train": [_celeba_source(images, n) for n in names]}
 
     split_of: dict[str, str] = {}
-    for n, line in enumerate(partition.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(partition, "CelebA partition list").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
@@ -142,7 +152,7 @@ def celeba_sources(root: str | os.PathLike[str]) -> dict[str, list[Source]]:
         )
     out: dict[str, list[Source]] = {}
     for split in CELEBA_SPLITS.values():
-        sources = [Source(f, str(images / f)) for f in sorted(split_of) if split_of[f] == split]
+        sources = [_celeba_source(images, f) for f in sorted(split_of) if split_of[f] == split]
         if sources:
             out[split] = sources
     return out

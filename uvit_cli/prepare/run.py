@@ -4,6 +4,11 @@ Resumable by construction (`data.ShardSetWriter`): shard k covers sources [k*S, 
 shard whose files still hash to what was recorded is kept, anything missing or damaged is made again,
 and rank r of W writes the shards k with k % W == r. Rank 0 writes the manifest: first as "incomplete"
 (it holds the settings a rerun is checked against), then complete once every shard of the split exists.
+
+Each shard records a digest of every source it covers (`sources.source_sha256`: the bytes the decode
+worker decoded, with the key, label and captions); a rerun hashes the sources of the finished shards
+again, in threads, and refuses if any changed. Before anything is written, the run's peak memory and
+the bytes it will add on disk are estimated and refused in one line if they cannot fit (`resources`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +29,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from uvit_cli import data, dist
-from uvit_cli.errors import DataError
-from uvit_cli.imageio import open_rgb
-from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source
+from uvit_cli import data, dist, resources
+from uvit_cli.data.writer import SourceDigests
+from uvit_cli.errors import DataError, ResourceError
+from uvit_cli.imageio import decode_rgb, read_regular
+from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source, source_sha256
 from uvit_cli.workers import worker_loader
 
 
@@ -97,7 +104,7 @@ ProgressFn = Callable[[Progress], None]
 
 
 class _Decode(Dataset):
-    """Source index -> (index, uint8 HWC image or None, error text)."""
+    """Source index -> (index, uint8 HWC image or None, error text, `source_sha256` of what was decoded)."""
 
     def __init__(self, sources: list[Source], crop: str, resolution: int) -> None:
         self.sources, self.resolution = sources, resolution
@@ -106,13 +113,20 @@ class _Decode(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str, str]:
+        src = self.sources[i]
+        if src.skip is not None:  # a named pipe, socket, device or broken link: never opened
+            return i, None, f"{src.skip}, not a regular file: skipped unopened", source_sha256(src)
+        raw = None
         try:
-            src = self.sources[i]
-            image = Image.fromarray(src.pixels) if src.pixels is not None else open_rgb(src.path)
-            return i, self.crop(image, self.resolution), ""
+            if src.pixels is not None:
+                image = Image.fromarray(src.pixels)
+            else:
+                raw = read_regular(src.path)  # the bytes hashed are the bytes decoded
+                image = decode_rgb(raw)
+            return i, self.crop(image, self.resolution), "", source_sha256(src, raw)
         except Exception as e:  # corrupt, truncated, unsupported, missing: skip and report, never crash
-            return i, None, f"{type(e).__name__}: {str(e)[:200]}"
+            return i, None, f"{type(e).__name__}: {str(e)[:200]}", source_sha256(src, raw)
 
 
 def _as_list(batch: list[Any]) -> list[Any]:
@@ -204,6 +218,7 @@ class _ShardBuffer:
         self.index, self.lo, self.hi = index, lo, hi
         self.rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self.skipped: dict[int, str] = {}
+        self.digests: dict[int, str] = {}
 
     @property
     def full(self) -> bool:
@@ -234,6 +249,7 @@ def _finish_shard(
             {"key": sources[i].key, "path": sources[i].path, "reason": r}
             for i, r in sorted(buf.skipped.items())
         ],
+        source_sha256=[buf.digests[i] for i in range(buf.lo, buf.hi)],
     )
     return writer.write(split, buf.index, shard)
 
@@ -271,8 +287,9 @@ def _prepare_split(
     if progress:
         progress(state)
     for batch in loader:
-        ok = [(i, img) for i, img, _ in batch if img is not None]
-        for i, img, err in batch:
+        ok = [(i, img) for i, img, _, _ in batch if img is not None]
+        for i, img, err, digest in batch:
+            bufs[owner[i]].digests[i] = digest
             if img is None:
                 bufs[owner[i]].skipped[i] = err
                 state.skipped += 1
@@ -281,7 +298,13 @@ def _prepare_split(
                 state.skipped += 1
         ok = [(i, img) for i, img in ok if i not in bufs[owner[i]].skipped]
         if ok:
-            feats = enc.images([img for _, img in ok])
+            try:
+                feats = enc.images([img for _, img in ok])  # (B, V, C, h, w)
+            except torch.cuda.OutOfMemoryError:
+                raise ResourceError(
+                    f"the autoencoder ran out of GPU memory on a batch of {len(ok)} images at "
+                    f"{spec.resolution} px: use a smaller --batch-size"
+                ) from None
             ctx: list[np.ndarray | None] = [None] * len(ok)
             if spec.conditioning == "text":
                 caps = [c for i, _ in ok for c in job.sources[i].captions or []]
@@ -291,7 +314,7 @@ def _prepare_split(
             for (i, _), f, c in zip(ok, feats, ctx, strict=True):
                 bufs[owner[i]].rows[i] = (f, c)
         state.done += len(batch)
-        for k in sorted({owner[i] for i, _, _ in batch}):
+        for k in sorted({owner[i] for i, _, _, _ in batch}):
             if k in bufs and bufs[k].full:
                 _finish_shard(bufs.pop(k), job.sources, spec, writer, job.name)
                 state.shards_written += 1
@@ -302,6 +325,71 @@ def _prepare_split(
             f"{writer.out / job.name}: shards {sorted(bufs)} incomplete after the run; rerun the command"
         )
     return state.shards_written
+
+
+def _digests_now(job: SplitJob, items_per_shard: int, pool: ThreadPoolExecutor) -> SourceDigests:
+    """What the sources of shard k hash to now, for `ShardSetWriter.todo` to compare with its record."""
+
+    def digests(k: int) -> list[tuple[str, str]]:
+        part = job.sources[k * items_per_shard : (k + 1) * items_per_shard]
+        return [(src.path, d) for src, d in zip(part, pool.map(source_sha256, part), strict=True)]
+
+    return digests
+
+
+# Peak memory of the autoencoder's encoder on the CPU: per image about 6 float32 maps of its first width at
+# full resolution, the mid-block attention weights ((h*w)^2 floats at 1/8 resolution) included, plus about
+# 60 MiB of kernel workspace (measured with `ru_maxrss`, ch=32 and 128, 1-8 images of 128 and 256 px:
+# 6.1 maps at 256 px). Planned with margin: 7 maps and 3 copies of the attention weights.
+_VAE_MAPS = 7
+_ATTENTION_COPIES = 3
+_VAE_WORKSPACE = 64 << 20
+_PREFETCH = 4  # batches each decoding worker keeps ready (DataLoader prefetch_factor)
+
+
+def _require_resources(
+    out: Path, spec: PrepareSpec, jobs: list[SplitJob], enc: _Encoders, device: torch.device
+) -> None:
+    """Refuse, before anything is written, a run whose peak memory or the shard bytes it adds cannot fit.
+
+    The peak is one shard's buffer (features as computed, plus the stacked and stored copies), the decoded
+    batches in flight, and on the CPU the encoders' activations; it does not grow with the number of images.
+    """
+    S, R, views = spec.items_per_shard, spec.resolution, 2 if spec.flip else 1
+    pixel = spec.space == "pixel"
+    stored = 1 if pixel else np.dtype(spec.dtype).itemsize
+    feat = views * (3 * R * R if pixel else 8 * (R // 8) ** 2)  # values per item
+    ctx = 0  # values per caption
+    if enc.clip is not None:
+        ctx = enc.clip.config.max_position_embeddings * enc.clip.config.hidden_size
+    shard_peak, disk = 0, 0
+    for job in jobs:
+        present = set(data.list_shards(out / job.name))
+        for k in range(math.ceil(len(job.sources) / S)):
+            part = job.sources[k * S : (k + 1) * S]
+            caps = sum(len(s.captions or []) for s in part) if ctx else 0
+            rows = len(part) * feat * (2 if pixel else 4 + 4 + stored)  # computed, stacked, stored
+            shard_peak = max(shard_peak, rows + caps * ctx * (4 + 2 * stored))
+            if k not in present:  # x, y, context offsets and keys, contexts
+                disk += len(part) * (feat * stored + 8 + 8 + 64) + caps * ctx * stored
+    batch = min(spec.batch_size, S, max(len(j.sources) for j in jobs))
+    in_flight = (spec.num_workers or 0) * _PREFETCH + 1
+    decode = in_flight * batch * 3 * R * R * 3  # the crop, its resize and the batch
+    encode = 0
+    if device.type == "cpu":
+        if enc.vae is not None:
+            maps = _VAE_MAPS * enc.vae.encoder.conv_in.out_channels * R * R  # its first width
+            encode = batch * views * 4 * (maps + _ATTENTION_COPIES * (R // 8) ** 4) + _VAE_WORKSPACE
+        if enc.clip is not None:
+            encode = max(encode, spec.text_batch_size * ctx * 4 * 8)
+    resources.require_memory(
+        f"preparing {out} ({R} px, {S} items per shard, batches of {batch})",
+        shard_peak + decode + encode,
+        fix="use a smaller --resolution, --items-per-shard or --batch-size (or fewer --workers)",
+    )
+    resources.require_disk(
+        out, "the shards still to write", disk, fix="free space, or choose another --out on a larger disk"
+    )
 
 
 def run(
@@ -356,6 +444,7 @@ def _run(
     n = {job.name: math.ceil(len(job.sources) / spec.items_per_shard) for job in jobs}
     splits = {job.name: (source_digest(job.sources), n[job.name]) for job in jobs}
     writer.check_splits(splits)
+    _require_resources(out, spec, jobs, enc, device)
 
     dist.barrier()  # every rank has checked --out before rank 0 writes to it
     if rank == 0:
@@ -364,13 +453,15 @@ def _run(
     dist.barrier()
 
     result = PrepareResult(out, writer.manifest)
-    for job in jobs:
-        mine = [k for k in range(n[job.name]) if k % world == rank]
-        pending = writer.todo(job.name, mine)
-        result.reused[job.name] = len(mine) - len(pending)
-        result.written[job.name] = _prepare_split(
-            writer, job, spec, enc, pending, progress, result.reused[job.name]
-        )
+    # re-hashing finished shards' sources reads files: threads, as hashlib and reads release the GIL
+    with ThreadPoolExecutor(max(1, spec.num_workers or 1)) as pool:
+        for job in jobs:
+            mine = [k for k in range(n[job.name]) if k % world == rank]
+            pending = writer.todo(job.name, mine, _digests_now(job, spec.items_per_shard, pool))
+            result.reused[job.name] = len(mine) - len(pending)
+            result.written[job.name] = _prepare_split(
+                writer, job, spec, enc, pending, progress, result.reused[job.name]
+            )
     dist.barrier()
     if rank == 0:
         for job in jobs:

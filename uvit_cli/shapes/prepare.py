@@ -8,11 +8,12 @@ of both captions of each item, and the empty caption's features as the CFG null 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from uvit_cli import data
+from uvit_cli import data, resources
 from uvit_cli.config import set_dir
 from uvit_cli.errors import DataError
 from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
@@ -93,19 +94,20 @@ def prepare_shapes(
     writer = data.ShardSetWriter(out, manifest)
     splits = {s: (manifest["fingerprint"], k) for s, k in n_shards.items()}
     writer.check_splits(splits)
+    _require_resources(out, resolution, items_per_shard, counts, dtype)
     with torch.no_grad():
         empty = encoder.encode([""])[0].numpy()  # (L, D) float32: the CFG null condition
     writer.begin(splits, empty)
 
     result = PrepareResult(out, writer.manifest)
     for split, count in counts.items():
-        scenes = render.sample_scenes(count, seed, split)
         todo = writer.todo(split, n_shards[split])
         state = Progress(split, 0, count, shards_reused=n_shards[split] - len(todo))
         if todo:
-            features = _encode_all(encoder, sorted({c for s in scenes for c in s.captions()}))
+            features = _encode_all(encoder, _distinct_captions(count, seed, split, items_per_shard))
         for k in todo:
-            part = scenes[k * items_per_shard : (k + 1) * items_per_shard]
+            lo = k * items_per_shard
+            part = render.sample_scenes(min(items_per_shard, count - lo), seed, split, start=lo)
             captions = [s.captions() for s in part]
             shard = data.ShardData(
                 x=render.render_many(part, resolution)[:, None],  # (n, 1, 3, R, R) uint8
@@ -125,6 +127,46 @@ def prepare_shapes(
         result.written[split], result.reused[split] = len(todo), n_shards[split] - len(todo)
     result.manifest = writer.manifest
     return result
+
+
+def _distinct_captions(count: int, seed: int, split: str, chunk: int) -> list[str]:
+    """The sorted captions of the split's scenes, drawn a chunk at a time (memory does not grow with count)."""
+    found: set[str] = set()
+    for lo in range(0, count, chunk):
+        found.update(
+            c for s in render.sample_scenes(min(chunk, count - lo), seed, split, lo) for c in s.captions()
+        )
+    return sorted(found)
+
+
+def _require_resources(
+    out: Path, resolution: int, items_per_shard: int, counts: dict[str, int], dtype: str
+) -> None:
+    """Refuse, before anything is written, a set whose peak memory or bytes on disk cannot fit: the peak is
+    one shard (pixels, contexts as computed, stored and concatenated) and one supersampled canvas."""
+    pixels = 3 * resolution * resolution
+    context = 2 * text.CONTEXT_LENGTH * text.WIDTH  # values per item: two captions
+    stored = np.dtype(dtype).itemsize
+    shard = min(items_per_shard, max(counts.values()))
+    resources.require_memory(
+        f"prepare shapes at {resolution} px ({shard} images per shard)",
+        shard * (pixels + context * (4 + 2 * stored)) + render.render_peak_bytes(resolution),
+        fix="use a smaller --resolution",
+    )
+    todo = 0  # images of the shards not on disk yet
+    for split, c in counts.items():
+        present = set(data.list_shards(out / split))
+        todo += sum(
+            min(items_per_shard, c - lo)
+            for lo in range(0, c, items_per_shard)
+            if lo // items_per_shard not in present
+        )
+    resources.require_disk(
+        out,
+        f"{todo} images of {resolution} px with their caption features",
+        todo * (pixels + context * stored + 160),  # + offsets, keys and caption text
+        fix="free space, choose another --out, or use a smaller --n or --resolution",
+    )
 
 
 def _encode_all(encoder: CLIPTextEncoder, captions: list[str], batch: int = 256) -> dict[str, np.ndarray]:

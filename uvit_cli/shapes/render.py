@@ -58,15 +58,20 @@ class Scene:
         return [self.caption(), "the" + self.caption()[1:]]
 
 
-def _rng(seed: int, split: str) -> np.random.Generator:
+def _rng(seed: int, split: str, skip: int = 0) -> np.random.Generator:
+    """The split's stream (`np.random.default_rng` of a digest), `skip` 64-bit draws ahead."""
     # A split's stream is independent of every other split's: the held-out set is not a prefix of train.
     digest = hashlib.sha256(f"uvit-shapes:{seed}:{split}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    bits = np.random.PCG64(int.from_bytes(digest[:8], "little"))  # what default_rng(seed) builds
+    bits.advance(skip)
+    return np.random.Generator(bits)
 
 
-def sample_scenes(n: int, seed: int = 0, split: str = "train") -> list[Scene]:
-    """n scenes with attributes drawn uniformly and independently; deterministic in (seed, split)."""
-    u = _rng(seed, split).random((n, 6))  # one row per scene: scene i does not depend on n
+def sample_scenes(n: int, seed: int = 0, split: str = "train", start: int = 0) -> list[Scene]:
+    """Scenes start..start+n-1 of the split, attributes drawn uniformly and independently; deterministic in
+    (seed, split), and scene i is the same whichever chunk it is drawn in (so a set is made shard by shard)."""
+    # one 64-bit draw per float64, one row of six per scene: scene i does not depend on n or start
+    u = _rng(seed, split, skip=6 * start).random((n, 6))
     colours, positions, sizes = list(COLOURS), list(POSITIONS), list(SIZES)
 
     def pick(options: list[str] | tuple[str, ...], col: int, i: int) -> str:
@@ -107,10 +112,18 @@ def render(scene: Scene, resolution: int = 32) -> np.ndarray:
 
 
 def render_many(scenes: list[Scene], resolution: int = 32) -> np.ndarray:
-    """(n, 3, H, W) uint8, the layout of pixel shards."""
-    if not scenes:
-        return np.zeros((0, 3, resolution, resolution), np.uint8)
-    return np.stack([render(s, resolution) for s in scenes]).transpose(0, 3, 1, 2).copy()
+    """(n, 3, H, W) uint8, the layout of pixel shards (filled in place: one copy of the images in memory)."""
+    out = np.empty((len(scenes), 3, resolution, resolution), np.uint8)
+    for i, s in enumerate(scenes):
+        out[i] = render(s, resolution).transpose(2, 0, 1)
+    return out
+
+
+def render_peak_bytes(resolution: int) -> int:
+    """Memory one `render` holds at its peak: the supersampled canvas (Pillow keeps RGB in 4 bytes a pixel),
+    the box-filtered image and its array."""
+    big = resolution * SUPERSAMPLE
+    return 4 * big * big + 2 * 4 * resolution * resolution
 
 
 @dataclass(frozen=True)
