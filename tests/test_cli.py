@@ -105,7 +105,7 @@ def test_error_text_in_brackets_is_not_eaten_as_markup():
 def test_help_shows_the_defaults_written_in_brackets():
     r = runner.invoke(app, ["quickstart", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0
-    assert "default: 10000" in r.output and "default: all" in r.output
+    assert "default: 10000" in r.output and "else 1 for the tiny model" in r.output
 
 
 def test_train_interrupt_says_what_was_kept(tmp_path, monkeypatch):

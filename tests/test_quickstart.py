@@ -1,6 +1,7 @@
 """`uvit quickstart` end to end on the CPU: prepare -> train -> sample -> score, through the real workflows."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ def test_quickstart_cli_runs_and_resumes(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "trained 3 steps" in res.output and "samples:" in res.output
+    assert re.search(r"setup \d+ CPU threads? for torch \(OMP_NUM_THREADS=", res.output)  # conftest sets it
     assert "note:" not in res.output  # a fixed number of steps is never called short
     grid = np.asarray(Image.open(out / "samples.png"))
     assert grid.shape[0] > 16 * 4 * len(PROMPTS)  # one row per prompt

@@ -58,7 +58,7 @@ def short_run_note(steps: int, minutes: float) -> str | None:
 
 @dataclass
 class QuickstartEvent:
-    """stage: prepare | train | sample | done; `message` is one line for a human."""
+    """stage: setup | prepare | train | sample | done; `message` is one line for a human."""
 
     stage: str
     message: str
@@ -172,7 +172,9 @@ def quickstart(
     on_event: Callable[[QuickstartEvent], None] | None = None,
 ) -> QuickstartResult:
     """Run the whole pipeline on the shapes preset in `out`; `steps` fixes the training length instead of
-    `minutes` (reproducible across machines). Re-running continues the same run (more training)."""
+    `minutes` (reproducible across machines). Re-running continues the same run (more training).
+    `threads`: torch's CPU threads (None: `dist.choose_cpu_threads`, one for the tiny model unless
+    $OMP_NUM_THREADS says otherwise)."""
     t_start = time.perf_counter()  # the budget includes importing torch
     import numpy as np
     import torch
@@ -184,17 +186,23 @@ def quickstart(
     emit = on_event or (lambda _e: None)
     if minutes <= 0 and steps is None:
         raise ConfigError("--minutes must be > 0 (or give --train-steps)")
-    if threads is not None:
-        torch.set_num_threads(threads)
     deadline = t_start + 60.0 * minutes - SAMPLE_RESERVE_S
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
     seconds: dict[str, float] = {}
-
-    # ---- Prepare --------------------------------------------------------------------------------------
     preset = load_preset(
         PRESET, [f"data.path={data_dir.as_posix()}", f"train.seed={seed}", *(overrides or [])]
     )
+
+    # ---- Setup: CPU threads ---------------------------------------------------------------------------
+    from uvit_cli import dist
+    from uvit_cli.model import UViT
+
+    with torch.device("meta"):  # the parameter count only: no memory, no init
+        params = sum(p.numel() for p in UViT(**preset.model).parameters())
+    emit(QuickstartEvent("setup", dist.use_cpu_threads(params, threads)))
+
+    # ---- Prepare --------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     prep = prepare_shapes(
         out, name=data_dir.name, n=images or DEFAULT_IMAGES, seed=seed, resolution=preset.data.resolution

@@ -13,18 +13,21 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from uvit_cli import dist
 from uvit_cli.bench.measure import Measurement, device_name, peak_tflops
 from uvit_cli.bench.recipes import OFFICIAL, OURS, SAMPLE_LADDER, TRAIN_LADDER
-from uvit_cli.bench.tasks import bench_fid, bench_prepare, bench_sample, bench_train, default_device
+from uvit_cli.bench.tasks import bench_fid, bench_prepare, bench_sample, bench_train
 from uvit_cli.config import Preset
-from uvit_cli.errors import ConfigError
+from uvit_cli.errors import ConfigError, ResourceError
 from uvit_cli.fileio import write_text_atomic
+from uvit_cli.resources import require_disk, require_memory
 
 TASKS = ("train", "sample", "prepare", "fid", "data")
 Progress = Callable[[str], None]
@@ -81,26 +84,27 @@ def run_bench(
     """Run one benchmark task and return its report (our recipe and, by default, the official one)."""
     if task not in TASKS:
         raise ConfigError(f"unknown bench task '{task}' (choose from {', '.join(TASKS)})")
-    device = device or default_device()
+    for flag, value in (("--batch", batch), ("--repeats", steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be 1 or more")
+    if workers is not None and any(w < 0 for w in workers):
+        raise ConfigError(f"--workers {','.join(map(str, workers))}: worker counts are 0 or more")
+    device = dist.device(device)  # a device this machine lacks: one line, before anything is built
+    batch = (
+        batch
+        or DEFAULT_BATCH.get(task)
+        or (preset.sample.batch_size if task == "sample" else preset.train.batch_size)
+    )
+    _check_resources(task, preset, batch, steps, decode=decode, device=device)
     kw: dict[str, Any] = {"device": device, "progress": progress}
     if steps is not None:
         kw["steps"] = steps
-    if task == "train":
-        recipes = TRAIN_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
-        ms = bench_train(preset, batch=batch, recipes=recipes, data_dir=data_dir, **kw)
-    elif task == "sample":
-        recipes = SAMPLE_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
-        if device.type != "cuda":
-            recipes = [r for r in recipes if not r.cuda_graphs]
-        ms = bench_sample(preset, batch=batch, recipes=recipes, decode=decode, **kw)
-    elif task == "data":
-        from uvit_cli.bench.data import bench_data
-
-        ms = bench_data(preset, batch=batch, data_dir=data_dir, workers=workers, **kw)
-    elif task == "prepare":
-        ms = bench_prepare(preset, batch=batch or 64, **kw)
-    else:
-        ms = bench_fid(batch=batch or 200, **kw)
+    try:
+        ms = _run_task(task, preset, batch, compare, official, decode, data_dir, workers, kw)
+    except torch.OutOfMemoryError:
+        raise ResourceError(
+            f"bench {task} at batch {batch} does not fit in the memory of {device}: pass a smaller --batch"
+        ) from None
     name = device_name(device)
     return BenchReport(
         task=task,
@@ -118,6 +122,80 @@ def run_bench(
             "data": str(data_dir) if data_dir is not None else None,
         },
     )
+
+
+def _run_task(
+    task: str,
+    preset: Preset,
+    batch: int,
+    compare: bool,
+    official: bool,
+    decode: bool,
+    data_dir: str | Path | None,
+    workers: list[int] | None,
+    kw: dict[str, Any],
+) -> list[Measurement]:
+    device = kw["device"]
+    if task == "train":
+        recipes = TRAIN_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
+        ms = bench_train(preset, batch=batch, recipes=recipes, data_dir=data_dir, **kw)
+    elif task == "sample":
+        recipes = SAMPLE_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
+        if device.type != "cuda":
+            recipes = [r for r in recipes if not r.cuda_graphs]
+        ms = bench_sample(preset, batch=batch, recipes=recipes, decode=decode, **kw)
+    elif task == "data":
+        from uvit_cli.bench.data import bench_data
+
+        ms = bench_data(preset, batch=batch, data_dir=data_dir, workers=workers, **kw)
+    elif task == "prepare":
+        ms = bench_prepare(preset, batch=batch, **kw)
+    else:
+        ms = bench_fid(batch=batch, **kw)
+    return ms
+
+
+# Batches of the tasks whose preset has none: the encoders' and Inception's.
+DEFAULT_BATCH = {"prepare": 64, "fid": 200}
+# Peak memory per image beyond the weights, measured on the CPU: the FID Inception at 299x299 (21 MiB), and
+# a training step keeping every block's activations for the backward (9.6x sampling's peak: 3.9 GiB for
+# cifar10_uvit_s2 at batch 32).
+_INCEPTION_BYTES_PER_IMAGE = 24 << 20
+_TRAIN_OVER_SAMPLE = 10
+
+
+def _check_resources(
+    task: str, preset: Preset, batch: int, steps: int | None, *, decode: bool, device: torch.device
+) -> None:
+    """Refuse, before anything is allocated, a batch that cannot fit in this machine's memory (on the CPU; a
+    GPU's out-of-memory error is turned into one line), and `bench data`'s items that cannot fit on disk."""
+    from uvit_cli.sample.generate import DECODE_FLOATS_PER_PIXEL, SampleSettings, batch_memory_bytes
+
+    what = f"bench {task} at batch {batch:,}"
+    fix = "pass a smaller --batch"
+    if task == "data":
+        m, d = preset.model, preset.data
+        # bytes of one item as stored: uint8 pixels, or float16 moments (mean | logvar) of up to two views
+        item = 3 * d.resolution**2 if d.space == "pixel" else 2 * 2 * m.in_chans * m.img_size**2 * 2
+        if m.conditioning == "text":
+            item += 5 * 77 * (m.clip_dim or 0) * 2  # five captions' float16 contexts
+        n = batch * ((steps or 10) + 2)
+        require_memory(what, n * item, fix=fix + " or --repeats")
+        # float16 shards of ours and float32 files of the official layout
+        require_disk(tempfile.gettempdir(), what, 3 * n * item, fix=fix + " or --repeats")
+        return
+    if device.type != "cpu":
+        return
+    if task == "sample":  # guided as the preset samples, decoding 50 at a time as both recipes do
+        settings = SampleSettings(batch_size=batch, decode_batch_size=50, cfg_scale=preset.sample.cfg_scale)
+        need = batch_memory_bytes(preset, settings, decode=decode)
+    elif task == "train":
+        need = _TRAIN_OVER_SAMPLE * batch_memory_bytes(preset, SampleSettings(batch_size=batch), decode=False)
+    elif task == "prepare":  # the VAE encoder at full resolution, as its decoder
+        need = 4 * DECODE_FLOATS_PER_PIXEL * batch * preset.data.resolution**2
+    else:
+        need = _INCEPTION_BYTES_PER_IMAGE * batch
+    require_memory(what, need, fix=fix)
 
 
 def write_json(report: BenchReport, path: str | Path) -> Path:

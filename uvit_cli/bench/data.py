@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from uvit_cli.bench.measure import Measurement
 from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError
+from uvit_cli.workers import worker_loader
 
 Progress = Callable[[str], None]
 CONTEXT_LEN = 77
@@ -273,8 +274,8 @@ def bench_data(
                     random.seed(0)
                     if recipe == "official":
                         ods = official(tc.p_uncond)
-                        loader = DataLoader(ods, batch_size=batch, shuffle=True, drop_last=True, num_workers=w,
-                                            pin_memory=pin, persistent_workers=w > 0)  # fmt: skip
+                        loader = worker_loader(ods, batch_size=batch, shuffle=True, drop_last=True,
+                                               num_workers=w, pin_memory=pin, persistent_workers=w > 0)  # fmt: skip
                     else:
                         ds = FeatureDataset(ours_root, "train", seed=tc.seed)
                         sampler = ResumableSampler(n, batch, seed=tc.seed, with_epoch=True)

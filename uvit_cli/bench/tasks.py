@@ -21,7 +21,10 @@ Progress = Callable[[str], None]
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`dist.device()`: this rank's GPU when CUDA is available, else the CPU."""
+    from uvit_cli import dist
+
+    return dist.device()
 
 
 def conditions(preset: Preset, batch: int, device: torch.device, g: torch.Generator) -> tuple[dict, dict]:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from uvit_cli.cli.common import SetOption, console, handle_errors, out
+from uvit_cli.cli.common import DeviceOpt, SetOption, console, handle_errors, out
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -35,7 +35,7 @@ def bench(
         str, typer.Argument(help="What to time: train, sample, prepare, fid or data (the loader).")
     ],
     preset: Annotated[str, typer.Option("--preset", help="Preset name or .toml path.")] = "coco_uvit_s2_deep",
-    batch: Annotated[int | None, typer.Option(help="Batch size (default: the preset's).")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="Batch size (default: the preset's).")] = None,
     repeats: Annotated[
         int | None, typer.Option("--repeats", min=1, help="Timed repetitions (steps, batches) after warm-up.")
     ] = None,
@@ -58,9 +58,7 @@ def bench(
             help="data, train: a prepared folder to read (default: random data of the preset's shapes).",
         ),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")
-    ] = None,
+    device: DeviceOpt = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
     ] = None,
@@ -68,14 +66,18 @@ def bench(
 ) -> None:
     """Time the real code paths (random weights of the real sizes) against the official recipe."""
     from uvit_cli import config
+    from uvit_cli.fileio import check_outputs
 
     p = config.load_preset(preset, set_ or [])  # validate before importing torch
+    counts = _counts(workers)
+    check_outputs(
+        {"--json": json_path}, {"--preset": preset if Path(preset).is_file() else None, "--data": data}
+    )
 
-    import torch
-
+    from uvit_cli import dist
     from uvit_cli.bench import run_bench, write_json
 
-    dev = torch.device(device) if device else None
+    dev = dist.device(device) if device else None  # one line for a device this machine lacks
     with console.status("benchmarking…") as status:
         report = run_bench(
             task,
@@ -86,7 +88,7 @@ def bench(
             official=official,
             decode=decode,
             data_dir=data,
-            workers=_counts(workers),
+            workers=counts,
             device=dev,
             progress=lambda msg: status.update(f"benchmarking {msg}…"),
         )

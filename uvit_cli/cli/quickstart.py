@@ -31,7 +31,11 @@ def quickstart_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, training and sampling.")] = 0,
     threads: Annotated[
         int | None,
-        option("--threads", min=1, help="CPU threads for torch (default: all)."),
+        option(
+            "--threads",
+            min=1,
+            help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else 1 for the tiny model).",
+        ),
     ] = None,
     overrides: SetOption = None,
 ) -> None:

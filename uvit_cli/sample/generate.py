@@ -14,7 +14,8 @@ which other images share its batch, or on the number of GPUs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ import torch
 
 from uvit_cli import solvers
 from uvit_cli.config import NetworkPrecision, Preset
-from uvit_cli.errors import ConfigError
+from uvit_cli.errors import ConfigError, ResourceError
+from uvit_cli.resources import fmt_bytes, require_memory
 from uvit_cli.schedule import make_schedule
 
 # indices of a batch -> the model's conditioning keywords for those images ({"y": (B,)}, {"context": (B,L,D)}, {})
@@ -69,8 +71,10 @@ class SampleSettings:
             raise ConfigError(f"unknown solver '{self.solver}' (choose one of {', '.join(solvers.SOLVERS)})")
         if self.steps < 1 or self.batch_size < 1 or self.decode_batch_size < 1:
             raise ConfigError("steps, batch size and decode batch size must be >= 1")
-        if self.cfg_scale < 0:
-            raise ConfigError(f"cfg scale must be >= 0 (official convention), got {self.cfg_scale}")
+        if not (0 <= self.cfg_scale < float("inf")):  # NaN fails every comparison
+            raise ConfigError(
+                f"cfg scale must be a finite number >= 0 (official convention), got {self.cfg_scale}"
+            )
         if self.guidance_interval is not None:
             lo, hi = self.guidance_interval
             if not 0 <= lo <= hi <= 1:
@@ -213,6 +217,42 @@ def latent_shape(preset: Preset) -> tuple[int, int, int]:
     return (m.in_chans, m.img_size, m.img_size)
 
 
+def image_side(preset: Preset) -> int:
+    """Height (= width) of the 8-bit images: the latent side times the autoencoder's 8, or the pixel side."""
+    return preset.model.img_size * (8 if preset.data.space == "latent" else 1)
+
+
+def effective_precision(settings: SampleSettings, device: torch.device) -> dict[str, str]:
+    """The arithmetic that makes the pixels on `device`: the network's autocast and the decoder's (fp16 on
+    CUDA unless fp32 is asked for, as `decode_latents`)."""
+    amp = _autocast_dtype(settings.precision, device)
+    network = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp]
+    decode = "fp16" if device.type == "cuda" and settings.precision != "fp32" else "fp32"
+    return {"network": network, "decode": decode}
+
+
+# Decoding one image holds about this many float32 values per output pixel at its peak (KL-f8 decoder: 128
+# channels at full resolution, several live at once). Measured: 272 MiB per 256x256 image on the CPU.
+DECODE_FLOATS_PER_PIXEL = 1088
+
+
+def batch_memory_bytes(preset: Preset, settings: SampleSettings, *, decode: bool = True) -> int:
+    """Peak memory of one batch beyond the loaded weights: the network's activations (the long skips kept,
+    one block's qkv, MLP and attention scores; twice the batch under guidance) and the decoder's chunk.
+    Measured on the CPU: 420 MiB for cifar10_uvit_s2 at batch 32 (estimate 417 MiB)."""
+    m = preset.model
+    b = settings.batch_size * (2 if settings.cfg_scale > 0 else 1)
+    extras = 1 + (m.num_clip_token if m.clip_dim else 1 if m.num_classes > 0 else 0)
+    t = extras + (m.img_size // m.patch_size) ** 2
+    hidden = int(m.mlp_ratio * m.embed_dim)
+    per_image = t * m.embed_dim * (m.depth // 2 + 12) + t * hidden + m.num_heads * t * t
+    need = 4 * b * per_image
+    if decode and preset.data.space == "latent":
+        chunk = min(settings.decode_batch_size, settings.batch_size)
+        need += 4 * DECODE_FLOATS_PER_PIXEL * chunk * image_side(preset) ** 2
+    return need
+
+
 # --------------------------------------------------------------------------------------------------
 # Sampling, decoding, 8-bit conversion
 
@@ -293,10 +333,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
 
 
+def check_batch_memory(preset: Preset, settings: SampleSettings, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a batch that cannot fit in this machine's memory (`resources`,
+    the one estimate). On the CPU only: a GPU's memory is its own, and there `generate` turns an
+    out-of-memory error into the same one line."""
+    if device.type == "cpu":
+        require_memory(
+            f"sampling a batch of {settings.batch_size} images",
+            batch_memory_bytes(preset, settings),
+            fix="pass a smaller --batch-size",
+        )
+
+
 def generate(
     model: torch.nn.Module,
     preset: Preset,
-    indices: Sequence[int],
+    indices: Iterable[int],
     conditions: ConditionFn | None = None,
     uncond: Mapping[str, torch.Tensor] | None = None,
     *,
@@ -306,7 +358,8 @@ def generate(
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Yield (indices, uint8 images (B, H, W, 3)) for `indices` in batches of `settings.batch_size`.
+    """Yield (indices, uint8 images (B, H, W, 3)) for `indices` in batches of `settings.batch_size`;
+    `indices` is read a batch at a time (a `range` or a generator of any length holds one batch in memory).
 
     model: a UViT in eval mode on `device`; conditions: indices -> model keywords (None: unconditional);
     uncond: the guidance input (`null_condition`), needed when cfg_scale > 0; autoencoder: required for
@@ -319,27 +372,39 @@ def generate(
     if preset.data.space == "latent" and autoencoder is None:
         raise ValueError(f"preset '{preset.name}' samples latents: pass the autoencoder to decode them")
     check_guidance(preset, settings)
+    check_batch_memory(preset, settings, device)
     net = sampling_network(model, settings, device)
-    indices = [int(i) for i in indices]
     bs = settings.batch_size
+    # Indices are taken a batch at a time, so a plan of any length holds one batch of them.
     # A compiled network is specialised to the batch shape (dynamic=False): a last partial batch would compile
     # (and with CUDA graphs record) it all again. Pad it with copies of its last index instead and drop them;
-    # rows do not interact and each has its own generator, so the kept rows are the same images.
-    pad = _compiled(settings, device) and len(indices) > bs
-    for start in range(0, len(indices), bs):
-        batch = indices[start : start + bs]
+    # rows do not interact and each has its own generator, so the kept rows are the same images. A partial
+    # first batch is the only batch: nothing was compiled for the full size, so it runs as it is.
+    compiled = _compiled(settings, device)
+    stream = iter(indices)
+    for start in itertools.count(0, bs):
+        batch = [int(i) for i in itertools.islice(stream, bs)]
+        if not batch:
+            return
+        pad = compiled and start > 0
         run = batch + [batch[-1]] * (bs - len(batch)) if pad else batch
-        x = sample_latents(
-            model, preset, run, conditions, uncond, seed=seed, settings=settings, device=device, network=net
-        )[: len(batch)]
-        images = to_uint8(
-            decode_latents(
-                autoencoder if preset.data.space == "latent" else None,
-                x,
-                settings.decode_batch_size,
-                settings.precision,
+        try:
+            x = sample_latents(model, preset, run, conditions, uncond, seed=seed, settings=settings,
+                               device=device, network=net)[: len(batch)]  # fmt: skip
+            images = to_uint8(
+                decode_latents(
+                    autoencoder if preset.data.space == "latent" else None,
+                    x,
+                    settings.decode_batch_size,
+                    settings.precision,
+                )
             )
-        )
+        except torch.OutOfMemoryError:
+            need = fmt_bytes(batch_memory_bytes(preset, settings))
+            raise ResourceError(
+                f"a batch of {bs} images (about {need} beyond the weights) does not fit in the memory of "
+                f"{device}: pass a smaller --batch-size"
+            ) from None
         if progress is not None:
             progress(len(batch))
         yield batch, images

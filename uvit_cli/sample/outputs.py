@@ -6,24 +6,63 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from uvit_cli.errors import UvitError
+from uvit_cli.errors import ConfigError, UvitError
 from uvit_cli.fileio import atomic_open, atomic_path
 from uvit_cli.imageio import read_rgb
 
 INDEX_DIGITS = 5
 JSONL = "samples.jsonl"
+# The disk a PNG of a generated image is planned to take: half its raw pixels (photographic samples compress
+# to 40-70%, flat ones to less) and the PNG chunks around them.
+PNG_OVERHEAD_BYTES = 128
 
 
 def png_name(index: int) -> str:
     """`00000.png`, ... (zero-padded to 5 digits, wider past 99999) so names sort in index order."""
     return f"{index:0{INDEX_DIGITS}d}.png"
+
+
+def png_bytes_estimate(side: int) -> int:
+    """The disk an RGB PNG of side x side pixels is planned to take (see PNG_OVERHEAD_BYTES above)."""
+    return side * side * 3 // 2 + PNG_OVERHEAD_BYTES
+
+
+def count_pngs(out: Path, total: int) -> int:
+    """How many of the images 0..total-1 have a PNG in `out` (complete or not: an estimate of what is done)."""
+    count = 0
+    try:
+        with os.scandir(out) as entries:
+            for e in entries:
+                stem, _, ext = e.name.partition(".")
+                if ext == "png" and stem.isdigit() and int(stem) < total and e.name == png_name(int(stem)):
+                    count += 1
+    except OSError:  # no folder yet
+        return 0
+    return count
+
+
+def check_not_in_checkpoints(out: Path) -> None:
+    """Refuse an `out` inside a training run's checkpoint folder (`RUN/ckpts/...`): training prunes old step
+    folders with everything in them, so the images would be lost. Symlinks are followed."""
+    from uvit_cli.checkpoint import CKPTS, LATEST, PRESET_FILE, list_checkpoints
+
+    where = out.resolve()
+    for d in (where, *where.parents):
+        if d.name != CKPTS:
+            continue
+        run = d.parent
+        if (run / PRESET_FILE).is_file() or (d / LATEST).is_file() or list_checkpoints(run):
+            raise ConfigError(
+                f"--out {out}: inside {d}, the checkpoint folder of the run {run}, where training deletes old "
+                f"checkpoints with everything in them; choose an --out outside {d}"
+            )
 
 
 def check_writable(out: Path) -> None:
@@ -40,10 +79,10 @@ def check_writable(out: Path) -> None:
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
 
 
-def done_indices(out: Path, indices: Iterable[int]) -> set[int]:
-    """Indices whose PNG is there and complete. Ours are written atomically; a file cut short some other
-    way (a copy, a sync, a disk error) lacks the closing IEND chunk and is made again."""
-    return {i for i in indices if _complete_png(out / png_name(i))}
+def png_done(out: Path, index: int) -> bool:
+    """Whether image `index` has its PNG there, complete. Ours are written atomically; a file cut short some
+    other way (a copy, a sync, a disk error) lacks the closing IEND chunk and is made again."""
+    return _complete_png(out / png_name(index))
 
 
 def _complete_png(path: Path) -> bool:
@@ -70,8 +109,8 @@ def read_png(out: Path, index: int) -> np.ndarray:
     return read_rgb(out / png_name(index))
 
 
-def write_jsonl(out: Path, records: Sequence[dict[str, Any]]) -> Path:
-    """One JSON object per image (index order); replaced atomically."""
+def write_jsonl(out: Path, records: Iterable[dict[str, Any]]) -> Path:
+    """One JSON object per image (index order), written as `records` yields them; replaced atomically."""
     path = out / JSONL
     with atomic_open(path, "w", encoding="utf-8") as f:
         for r in records:
@@ -79,21 +118,20 @@ def write_jsonl(out: Path, records: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
-def read_jsonl(out: Path) -> dict[int, dict[str, Any]]:
-    """Existing records by index ({} when there is no samples.jsonl)."""
+def iter_jsonl(out: Path) -> Iterator[dict[str, Any]]:
+    """The existing records, one line at a time (nothing when there is no samples.jsonl)."""
     path = out / JSONL
     if not path.is_file():
-        return {}
-    records: dict[int, dict[str, Any]] = {}
+        return
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if raw.strip():
                 try:
                     r = json.loads(raw.decode("utf-8"))
-                    records[int(r["index"])] = r
+                    int(r["index"])
                 except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
                     raise UvitError(f"{path}:{n}: not a samples.jsonl record; use another --out") from None
-    return records
+                yield r
 
 
 def write_grid(out: Path, indices: Sequence[int], path: Path, padding: int = 2) -> Path:

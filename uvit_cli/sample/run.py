@@ -6,9 +6,11 @@ Reports through callbacks (`progress`, `log`); prints nothing. Under torchrun ev
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +19,25 @@ from typing import Any
 from uvit_cli import dist
 from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError, DataError, UvitError
+from uvit_cli.resources import require_disk, require_memory
 from uvit_cli.sample import outputs
-from uvit_cli.sample.generate import check_guidance, image_seed, valid_classes
-from uvit_cli.sample.resolve import SamplerSpec, load_sampler, preset_autoencoder, text_encoder
+from uvit_cli.sample.generate import (
+    SampleSettings,
+    check_batch_memory,
+    check_guidance,
+    effective_precision,
+    image_seed,
+    image_side,
+    valid_classes,
+)
+from uvit_cli.sample.resolve import (
+    SamplerSpec,
+    autoencoder_identity,
+    load_sampler,
+    preset_autoencoder,
+    text_encoder,
+    text_encoder_identity,
+)
 
 GRID_MAX_IMAGES = 256
 
@@ -59,11 +77,41 @@ class SampleResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# The plan: one record per image index
+# The plan: image i is the (i % n)-th image of condition i // n; held per condition, never per image
 
 
-def _plan(preset: Preset, prompts: Sequence[str], classes: Sequence[int], n: int) -> list[dict[str, Any]]:
-    """Condition-major: image c * n + j is the j-th image of condition c."""
+@dataclass(frozen=True)
+class Plan:
+    """Condition-major: image c * n + j is the j-th image of condition c (`{"prompt": p}`, `{"class": k}`, or
+    `{}` for an unconditional model). O(conditions) memory whatever `n` is."""
+
+    conditions: tuple[dict[str, Any], ...]
+    n: int
+
+    def __len__(self) -> int:
+        return len(self.conditions) * self.n
+
+    def condition(self, index: int) -> dict[str, Any]:
+        return self.conditions[index // self.n]
+
+
+class _ByCondition(Mapping[int, int]):
+    """Image index -> `values[index // n]`: a per-image view of per-condition values (labels, context rows)."""
+
+    def __init__(self, values: Sequence[int], n: int) -> None:
+        self.values, self.n = values, n
+
+    def __getitem__(self, index: int) -> int:
+        return self.values[index // self.n]
+
+    def __len__(self) -> int:
+        return len(self.values) * self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self)))
+
+
+def _plan(preset: Preset, prompts: Sequence[str], classes: Sequence[int], n: int) -> Plan:
     cond = preset.model.conditioning
     if cond == "text":
         if classes:
@@ -72,7 +120,7 @@ def _plan(preset: Preset, prompts: Sequence[str], classes: Sequence[int], n: int
             raise ConfigError(
                 f"preset '{preset.name}' is text-conditional: pass --prompt TEXT or --prompts-file"
             )
-        return [{"prompt": p} for p in prompts for _ in range(n)]
+        return Plan(tuple({"prompt": p} for p in prompts), n)
     if cond == "class":
         if prompts:
             raise ConfigError(f"preset '{preset.name}' is class-conditional: use --class N, not --prompt")
@@ -87,10 +135,10 @@ def _plan(preset: Preset, prompts: Sequence[str], classes: Sequence[int], n: int
                     else ""
                 )
                 raise ConfigError(f"unknown class {c} for '{preset.name}' (valid: 0..{ok[-1]}{null})")
-        return [{"class": int(c)} for c in classes for _ in range(n)]
+        return Plan(tuple({"class": int(c)} for c in classes), n)
     if prompts or classes:
         raise ConfigError(f"preset '{preset.name}' is unconditional: drop --prompt/--class")
-    return [{} for _ in range(n)]
+    return Plan(({},), n)
 
 
 def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
@@ -130,10 +178,13 @@ def sample_to_dir(
 ) -> SampleResult:
     """Generate `n` images per prompt or class (in total if unconditional) with `spec` into `out` as
     <index>.png (skipping those already there), samples.jsonl, and optionally grid.png and samples.npz.
-    `clip`: the text encoder of the prompts (None: $UVIT_CLIP, the preset's pretrained, HF cache)."""
+    `clip`: the text encoder of the prompts (None: $UVIT_CLIP, the preset's pretrained, HF cache).
+    Memory does not grow with `n`: the plan, the records and the indices are streamed, a batch at a time."""
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
     seed = spec.seed
+    out_dir = Path(out)
+    outputs.check_not_in_checkpoints(out_dir)  # before the model loads
     with dist.process_group():
         text = True if prompts else (False if classes else None)
         sampler = load_sampler(spec, device=device, say=say, text=text)
@@ -141,43 +192,46 @@ def sample_to_dir(
         resolved, weights_note = loaded.preset, loaded.note
         plan = _plan(resolved, list(prompts), list(classes), n)
         check_guidance(resolved, s)
-
-        out_dir = Path(out)
+        identity = {
+            "preset": resolved.name,
+            "checkpoint": weights_note,
+            "checkpoint_sha256": loaded.info.sha256,
+            "weights": loaded.info.weights,
+            "settings": _settings_record(s, sampler.device),
+            "schedule": resolved.schedule.model_dump(mode="json"),
+            "vae": autoencoder_identity(resolved, spec.vae),
+            "clip": text_encoder_identity(resolved, clip),
+        }
+        _check_disk(out_dir, resolved, plan, seed, identity, npz=npz)  # before anything is written
+        check_batch_memory(resolved, s, sampler.device)
         outputs.check_writable(out_dir)
-        records = [
-            {
-                "index": i,
-                "file": outputs.png_name(i),
-                **cond,
-                "seed": seed,
-                "noise_seed": image_seed(seed, i),
-                "preset": resolved.name,
-                "checkpoint": weights_note,
-                "checkpoint_sha256": loaded.info.sha256,
-                "weights": loaded.info.weights,
-                "settings": s.to_dict(),
-            }
-            for i, cond in enumerate(plan)
-        ]
-        _check_same_run(out_dir, records)
-        all_indices = list(range(len(plan)))
-        done = outputs.done_indices(out_dir, all_indices)
-        mine = [i for i in all_indices[dist.rank() :: dist.world_size()] if i not in done]
+        _check_same_run(out_dir, plan, seed, identity)
+
+        # This rank's indices; the finished ones are counted now and skipped as they come up.
+        total = len(plan)
+        ours = range(dist.rank(), total, dist.world_size())
+        todo, needed = 0, set()
+        for i in ours:
+            if not outputs.png_done(out_dir, i):
+                todo += 1
+                needed.add(i // plan.n)
+        skipped = sum(dist.all_gather_object(len(ours) - todo))
         if dist.is_main():
-            outputs.write_jsonl(out_dir, records)
+            outputs.write_jsonl(out_dir, _records(plan, seed, identity))
 
         conditions = uncond = autoencoder = None
-        if mine:  # encoders load only when there is work (a finished run just rewrites grid/npz)
+        if todo:  # encoders load only when there is work (a finished run just rewrites grid/npz)
             conditions, uncond, autoencoder = _encoders(
-                resolved, plan, mine, spec.vae, clip, sampler.device, say
+                resolved, plan, needed, spec.vae, clip, sampler.device, say
             )
         say(weights_note)
         written = 0
-        if mine:
+        if todo:
+            mine = (i for i in ours if not outputs.png_done(out_dir, i))
             with ThreadPoolExecutor(max_workers=4) as pool:
-                pending: list[Future[None]] = []
+                pending: deque[Future[None]] = deque()
                 if progress:
-                    progress(SampleProgress(0, len(mine), len(done)))
+                    progress(SampleProgress(0, todo, skipped))
                 for batch, images in sampler.generate(mine, conditions, uncond, autoencoder):
                     pending += [
                         pool.submit(outputs.write_png, out_dir, i, img)
@@ -185,10 +239,10 @@ def sample_to_dir(
                     ]
                     # keep at most ~2 batches of PNGs in flight; surface write errors as they happen
                     while len(pending) > 2 * s.batch_size:
-                        pending.pop(0).result()
+                        pending.popleft().result()
                     written += len(batch)
                     if progress:
-                        progress(SampleProgress(written, len(mine), len(done)))
+                        progress(SampleProgress(written, todo, skipped))
                 for f in pending:
                     f.result()
 
@@ -198,17 +252,17 @@ def sample_to_dir(
         if dist.is_main():
             files.append(out_dir / outputs.JSONL)
             if grid:
-                shown = all_indices[:GRID_MAX_IMAGES]
+                shown = range(min(total, GRID_MAX_IMAGES))
                 files.append(outputs.write_grid(out_dir, shown, out_dir / "grid.png"))
-                if len(shown) < len(all_indices):
-                    say(f"grid.png shows the first {len(shown)} of {len(all_indices)} images")
+                if len(shown) < total:
+                    say(f"grid.png shows the first {len(shown)} of {total} images")
             if npz:
-                files.append(outputs.write_npz(out_dir, all_indices, out_dir / "samples.npz"))
+                files.append(outputs.write_npz(out_dir, range(total), out_dir / "samples.npz"))
         return SampleResult(
             out=out_dir,
-            total=len(plan),
+            total=total,
             written=written_all,
-            skipped=len(done),
+            skipped=skipped,
             weights=weights_note,
             settings=s.to_dict(),
             seed=seed,
@@ -218,32 +272,107 @@ def sample_to_dir(
         )
 
 
-def _check_same_run(out_dir: Path, records: list[dict[str, Any]]) -> None:
-    """Resuming into a folder made with other settings would mix images: refuse, naming the difference."""
-    old = outputs.read_jsonl(out_dir)
-    keys = ("prompt", "class", "seed", "preset", "checkpoint_sha256", "weights", "settings")
-    for r in records:
-        prev = old.get(r["index"])
-        if prev is None:
+def _settings_record(settings: SampleSettings, device: Any) -> dict[str, Any]:
+    """The settings that make the pixels, the precision as it is on `device` (None means bf16 on CUDA, fp32 on
+    the CPU) and the decoder's arithmetic beside it."""
+    arithmetic = effective_precision(settings, device)
+    return {
+        **settings.to_dict(),
+        "precision": arithmetic["network"],
+        "decode_precision": arithmetic["decode"],
+    }
+
+
+def _records(plan: Plan, seed: int, identity: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """samples.jsonl, one record per image in index order, made as it is written."""
+    for i in range(len(plan)):
+        yield {
+            "index": i,
+            "file": outputs.png_name(i),
+            **plan.condition(i),
+            "seed": seed,
+            "noise_seed": image_seed(seed, i),
+            **identity,
+        }
+
+
+# What must match for an image already in the folder to count as one of this request. The encoders are
+# compared by content (sha256) and scale, not by where their file lies.
+_SAME_RUN_KEYS = ("prompt", "class", "seed", "preset", "checkpoint_sha256", "weights", "settings", "schedule",
+                  "vae", "clip")  # fmt: skip
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key in ("vae", "clip") and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "path"}
+    return value
+
+
+def _encoder_change(key: str, old: Any, new: Any) -> str:
+    """`vae (sha256 0123abcd4567 there, 89abcdef0123 now)`: which part of an encoder differs."""
+    was, now = old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}
+    if not was or not now:
+        return f"{key} ({'none' if not was else 'one'} recorded there, {'none' if not now else 'one'} now)"
+    parts = [
+        f"{k} {str(was.get(k))[:12]} there, {str(now.get(k))[:12]} now"
+        for k in sorted((set(was) | set(now)) - {"path"})
+        if was.get(k) != now.get(k)
+    ]
+    return f"{key} ({'; '.join(parts)})"
+
+
+def _check_same_run(out_dir: Path, plan: Plan, seed: int, identity: dict[str, Any]) -> None:
+    """Resuming into a folder made by another request would mix images: refuse, naming the difference. The
+    old records are read one line at a time."""
+    total = len(plan)
+    for prev in outputs.iter_jsonl(out_dir):
+        i = int(prev["index"])
+        if not 0 <= i < total:
             continue
-        diff = [k for k in keys if prev.get(k) != r.get(k)]
+        new = {**plan.condition(i), "seed": seed, **identity}
+        diff = [
+            _encoder_change(k, prev.get(k), new.get(k)) if k in ("vae", "clip") else k
+            for k in _SAME_RUN_KEYS
+            if _comparable(k, prev.get(k)) != _comparable(k, new.get(k))
+        ]
         if diff:
             raise UvitError(
-                f"--out {out_dir} holds image {r['file']} made with different {', '.join(diff)} "
+                f"--out {out_dir} holds image {outputs.png_name(i)} made with different {', '.join(diff)} "
                 f"(see {outputs.JSONL}); use another --out or delete the folder"
             )
 
 
+def _check_disk(
+    out_dir: Path, preset: Preset, plan: Plan, seed: int, identity: dict[str, Any], *, npz: bool
+) -> None:
+    """Refuse a plan whose PNGs, records (and npz) cannot fit on the disk of `out_dir` (those already there
+    count as written)."""
+    total = len(plan)
+    side = image_side(preset)
+    longest = max(plan.conditions, key=lambda c: len(str(c.get("prompt", ""))))
+    record = next(_records(Plan((longest,), 1), seed, identity))
+    record_bytes = len(json.dumps(record, ensure_ascii=False).encode()) + 8  # wider indices and seeds
+    need = (total - outputs.count_pngs(out_dir, total)) * outputs.png_bytes_estimate(side)
+    need += total * record_bytes + (total * side * side * 3 if npz else 0)
+    require_disk(
+        out_dir,
+        f"{total:,} images of {side}x{side}" + (" and their samples.npz" if npz else ""),
+        need,
+        fix="ask for fewer images (--n) or choose an --out on a larger disk",
+    )
+
+
 def _encoders(
     preset: Preset,
-    plan: list[dict[str, Any]],
-    mine: list[int],
+    plan: Plan,
+    needed: set[int],
     vae: str | None,
     clip: str | None,
     device: Any,
     say: Callable[[str], None],
 ) -> tuple[Any, Any, Any]:
-    """(conditions, uncond, autoencoder) for this rank's images; CLIP is freed after encoding."""
+    """(conditions, uncond, autoencoder) for the plan's conditions `needed` by this rank; CLIP encodes the
+    prompts once each and is freed after."""
     import torch
 
     from uvit_cli.sample.generate import class_conditions, context_conditions, null_condition
@@ -251,17 +380,25 @@ def _encoders(
     conditions = uncond = None
     cond = preset.model.conditioning
     if cond == "class":
-        conditions = class_conditions({i: plan[i]["class"] for i in mine})
+        conditions = class_conditions(_ByCondition([c["class"] for c in plan.conditions], plan.n))
         uncond = null_condition(preset)
     elif cond == "text":
+        # the prompts of the conditions this rank still makes, each once, in order
+        prompts = list(dict.fromkeys(plan.conditions[c]["prompt"] for c in sorted(needed)))
+        m = preset.model
+        require_memory(
+            f"the text contexts of {len(prompts):,} prompts",
+            4 * len(prompts) * m.num_clip_token * (m.clip_dim or 0),
+            fix="sample fewer prompts per run (split the prompts file, one --out each)",
+        )
         encoder = text_encoder(preset, clip, device)
-        prompts = list(dict.fromkeys(plan[i]["prompt"] for i in mine))  # unique, in order
         for p, cut in zip(prompts, encoder.tokenizer(prompts).truncated, strict=True):
             if cut:
                 say(f"warning: prompt longer than 77 CLIP tokens, truncated: {p[:60]!r}...")
         row = {p: k for k, p in enumerate(prompts)}
         contexts = torch.cat([encoder.encode(prompts[k : k + 64]) for k in range(0, len(prompts), 64)])
-        conditions = context_conditions(contexts, {i: row[plan[i]["prompt"]] for i in mine})
+        rows = [row.get(c["prompt"], 0) for c in plan.conditions]  # conditions not needed are never asked for
+        conditions = context_conditions(contexts, _ByCondition(rows, plan.n))
         uncond = null_condition(preset, encoder.encode([""]))  # CLIP('') as the official empty_context
         del encoder
         if torch.cuda.is_available():
