@@ -1,6 +1,7 @@
 """Checkpoints: safetensors weights with the resolved preset in their metadata, and the training state.
 
     <run_dir>/preset.toml                     the resolved preset the run was started with
+    <run_dir>/data.json                       the identity of the prepared set it trains on (train.rundir)
     <run_dir>/metrics.jsonl                   one JSON object per log interval
     <run_dir>/ckpts/<step:08d>/model.safetensors   online weights  } metadata: format, preset (TOML),
     <run_dir>/ckpts/<step:08d>/ema.safetensors     EMA weights     } step, weights, uvit_version
@@ -9,17 +10,21 @@
     <run_dir>/samples/<step:08d>.png          sample grids of the EMA model
 
 A step directory appears (rename) only when all its files are written, so a killed run never leaves a
-half checkpoint under a step name; `latest` is replaced atomically after that. Official `nnet.pth` /
+half checkpoint under a step name; `latest` is replaced atomically after that. A step directory's step is
+the one its weights record, not its name (`list_checkpoints`). Official `nnet.pth` /
 `nnet_ema.pth` files (plain state dicts) load too: with the preset they belong to, or recognised by their
 shapes among the packaged presets.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +50,7 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES = "samples"
 _STEP_RE = re.compile(r"^\d{8,}$")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+_MAX_HEADER_BYTES = 100 << 20  # safetensors refuses larger headers too
 
 
 RUNS_DIR = Path("runs")
@@ -88,7 +94,7 @@ def save_weights(
         meta["preset"] = preset.to_toml()
     # safetensors wants contiguous, unshared CPU tensors; the copy also detaches from the live model.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
+    with write_errors(path), atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
 
@@ -137,11 +143,39 @@ def _first_line(e: BaseException) -> str:
 
 
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete step directories of a run, oldest first (temporaries are ignored)."""
+    """(step, directory) of a run's complete step directories, oldest first (temporaries are ignored).
+
+    The step is the one the checkpoint records (`stored_step`), not its directory's name: a folder renamed
+    to a higher number sorts where its contents belong. The name counts only where nothing is recorded."""
     d = Path(run_dir) / CKPTS
     if not d.is_dir():
         return []
-    return sorted((int(p.name), p) for p in d.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
+    found = [p for p in d.iterdir() if _STEP_RE.match(p.name) and p.is_dir()]
+    return sorted((_step_of(p), p) for p in found)
+
+
+def _step_of(step_dir: Path) -> int:
+    stored = stored_step(step_dir)
+    return int(step_dir.name) if stored is None else stored
+
+
+def stored_step(step_dir: Path) -> int | None:
+    """The step a step directory's weights record (safetensors metadata, read from the header only), or
+    None when neither weights file records one."""
+    for name in (MODEL_FILE, EMA_FILE):
+        try:
+            with open(step_dir / name, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size <= _MAX_HEADER_BYTES:
+                    continue
+                header = json.loads(f.read(size))
+        except (OSError, ValueError, RecursionError):
+            continue
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        step = meta.get("step") if isinstance(meta, dict) else None
+        if isinstance(step, str) and step.isdigit():
+            return int(step)
+    return None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -295,9 +329,39 @@ def save_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
     import torch
 
     path = Path(path)
-    with atomic_open(path, "wb") as f:
+    with write_errors(path), atomic_open(path, "wb") as f:
         torch.save(dict(state), f)
     return path
+
+
+# torch.save's zip writer reports a failed write as a RuntimeError ("PytorchStreamWriter failed writing
+# file ...", "unexpected pos N vs M"); safetensors as a SafetensorError naming the OS error code.
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def write_errors(path: Path) -> Iterator[None]:
+    """Raise a failed write of `path` as an OSError naming `path`, so the CLI says what happened in one line
+    (`PATH: the disk is full: ...`). The writers' own exceptions carry the OS error as their context or in
+    their message; where torch's carries none, the write failed mid-file, which is a full disk."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    except Exception as e:
+        text = str(e)
+        torch_failed = isinstance(e, RuntimeError) and any(m in text for m in _TORCH_WRITE_FAILED)
+        code = _OS_ERROR_CODE.search(text) if type(e).__name__ == "SafetensorError" else None
+        if not torch_failed and code is None:
+            raise
+        cause = e.__context__
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, os.strerror(cause.errno), str(path)) from None
+        no = int(code[1]) if code is not None else errno.ENOSPC
+        raise OSError(no, os.strerror(no), str(path)) from None
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -307,8 +371,9 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         state = torch_load_tensors(path)
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable training state ({_first_line(e)})") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path}: not a uvit training state")
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: not a uvit training state (no step count)")
     return state
 
 

@@ -11,9 +11,9 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from uvit_cli.errors import ConfigError
 from uvit_cli.toml_writer import dumps_toml
@@ -24,6 +24,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PRESETS_ENV = "UVIT_PRESETS"
+
+# Seeds reach torch.Generator.manual_seed (which takes [-2**63, 2**64)) and numpy's SeedSequence (which takes
+# non-negative integers); [0, 2**63) fits both and an int64.
+SEED_MAX = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="a seed in 0 .. 2**63 - 1")]
 
 
 class _Strict(BaseModel):
@@ -173,7 +178,7 @@ class TrainConfig(_Strict):
         description="weight each sample's loss by min(SNR, gamma) / SNR (Min-SNR, Hang et al. 2023); "
         "unset: the paper's unweighted loss",
     )
-    seed: int = 1234
+    seed: Seed = 1234
     log_interval: int = Field(10, gt=0)
     sample_interval: int = Field(5000, gt=0)
     save_interval: int = Field(50000, gt=0)
@@ -223,7 +228,7 @@ class EvalConfig(_Strict):
     n: int = Field(10000, ge=2, description="images per evaluation")
     steps: int | None = Field(None, gt=0, description="solver steps (unset: [sample].steps)")
     mode: FidMode = "clean"
-    seed: int = 0
+    seed: Seed = 0
     keep_best: bool = True  # the EMA weights of the best FID so far in RUN/best/
 
 
@@ -244,6 +249,23 @@ class TextEncoderConfig(_Strict):
     )
 
 
+def check_run_name(name: str) -> str:
+    """`name` if it can be one directory under runs/ (runs/<name>), else ValueError saying why.
+
+    The one rule for a run's name: a single path component, so the run dir is always a child of runs/."""
+    if not name or name.strip() != name:
+        raise ValueError(f"name {name!r} must be a non-empty word without leading or trailing spaces")
+    if name in (".", ".."):
+        raise ValueError(f"name {name!r} is not a directory name")
+    bad = sorted({c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"name {name!r} holds {shown}: it names one directory under runs/, so no path")
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise ValueError("name is longer than 255 bytes, the most a directory name can be")
+    return name
+
+
 class Preset(_Strict):
     """A complete, validated configuration: what `uvit train/sample/bench` run from."""
 
@@ -257,6 +279,11 @@ class Preset(_Strict):
     eval: EvalConfig = EvalConfig()
     autoencoder: AutoencoderConfig | None = None
     text_encoder: TextEncoderConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        return check_run_name(name)
 
     @model_validator(mode="after")
     def _check(self) -> Preset:
@@ -309,17 +336,32 @@ def resolve_preset_path(name_or_path: str | os.PathLike[str]) -> Path:
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); the value is parsed as a TOML value, else a string."""
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line (decoded as surrogates)
+        raise ConfigError(f"--set {_shown(item)!r}: not UTF-8 text") from None
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        raise ConfigError(f"--set {_shown(item)!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
     key, raw = item.split("=", 1)
     path = [k.strip() for k in key.strip().split(".")]
     if not all(path):
-        raise ConfigError(f"--set {item!r}: empty key")
+        raise ConfigError(f"--set {_shown(item)!r}: empty key")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise ConfigError(f"--set {_shown(item)!r}: {_TOO_DEEP}") from None
     return path, value
+
+
+# tomllib, json and pydantic recurse once per level of nesting; a preset nests two levels deep.
+_TOO_DEEP = "lists or tables nested too deeply to be a preset value (a preset nests two levels at most)"
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """`text`, cut to `limit` characters for an error line."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -329,7 +371,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for k in path[:-1]:
             nxt = node.setdefault(k, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: '{k}' is not a table")
+                raise ConfigError(f"--set {_shown(item)!r}: '{k}' is not a table")
             node = nxt
         node[path[-1]] = value
     return data
@@ -358,7 +400,7 @@ def _format_validation_error(source: str, err: ValidationError, overrides: Seque
     for item in overrides:  # blame the --set that put the bad value there, not the file
         path = ".".join(parse_override(item)[0])
         if loc == path or loc.startswith(path + ".") or path.startswith(loc + "."):
-            source = f"--set {item}"
+            source = f"--set {_shown(item)}"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
 
@@ -368,6 +410,8 @@ def preset_from_dict(data: dict[str, Any], source: str = "preset", overrides: Se
         return Preset.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(source, err, overrides)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: {_TOO_DEEP}") from None
 
 
 def load_preset(name_or_path: str | os.PathLike[str], overrides: list[str] | None = None) -> Preset:
@@ -394,3 +438,5 @@ def _toml_table(text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: {_TOO_DEEP}") from None

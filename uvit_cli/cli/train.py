@@ -48,6 +48,13 @@ def train(
             "model and EMA loaded, fresh optimiser and schedule.",
         ),
     ] = None,
+    data_changed: Annotated[
+        bool,
+        typer.Option(
+            "--data-changed",
+            help="Resume although data.path now gives another prepared set than the one the run trained on.",
+        ),
+    ] = False,
 ) -> None:
     """Train a preset's U-ViT on its prepared shards; rerunning the same command resumes exactly.
 
@@ -76,6 +83,7 @@ def train(
             force=force,
             max_steps=max_steps,
             init=init,
+            data_changed=data_changed,
             on_event=display,
         )
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ import torch
 
 from uvit_cli.checkpoint import EMA_FILE, save_weights
 from uvit_cli.config import Preset
+from uvit_cli.errors import CheckpointError
 from uvit_cli.fileio import write_json_atomic
 
 BEST_DIR = "best"
@@ -54,7 +55,7 @@ class FidEvaluator:
         self.conditions, self.uncond, self.cond_info = fid_conditions(preset, ev.seed)
         self.autoencoder = preset_autoencoder(preset, None, device)  # $UVIT_VAE > preset > HF cache
         best = run_dir / BEST_DIR / BEST_FILE
-        self.best = json.loads(best.read_text())["fid"] if best.is_file() else math.inf
+        self.best = _best_fid(best) if best.is_file() else math.inf
 
     def due(self, step: int, end_step: int) -> bool:
         return step % self.preset.eval.interval == 0 or step == end_step
@@ -109,3 +110,16 @@ class FidEvaluator:
             "fid_best": self.best,
             "fid_is_best": best,
         }
+
+
+def _best_fid(path: Path) -> float:
+    """The FID recorded in RUN/best/fid.json; one line if the file is not what this module wrote."""
+    try:
+        fid = json.loads(path.read_bytes())["fid"]
+    except (OSError, ValueError, RecursionError, TypeError, KeyError, IndexError):
+        fid = None
+    if type(fid) not in (int, float) or not math.isfinite(fid) or fid < 0:
+        raise CheckpointError(
+            f"{path}: unreadable record of the best FID; delete {path.parent} to start the record afresh"
+        )
+    return float(fid)

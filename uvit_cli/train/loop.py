@@ -19,8 +19,15 @@ from uvit_cli.train.lock import RunDirLock, RunDirLocked
 from uvit_cli.train.objective import step_seed
 from uvit_cli.train.report import ReportWriter
 from uvit_cli.train.resume import capture, check_init, initialise, resume
-from uvit_cli.train.rundir import MetricsLog, check_data_fits, claim_run_dir
-from uvit_cli.train.step import setup_step, train_step
+from uvit_cli.train.rundir import (
+    MetricsLog,
+    check_data,
+    check_data_fits,
+    check_run_dir,
+    data_identity,
+    record_run_dir,
+)
+from uvit_cli.train.step import require_training_memory, setup_step, train_step
 from uvit_cli.train.stop import StopRequest
 
 
@@ -167,6 +174,7 @@ def train(
     force: bool = False,
     max_steps: int | None = None,
     init: str | Path | None = None,
+    data_changed: bool = False,
     on_event: Callable[[TrainEvent], None] | None = None,
     fid_features: dict[str, Any] | None = None,
 ) -> TrainResult:
@@ -174,7 +182,9 @@ def train(
 
     `batch_per_gpu` splits each rank's share of the global batch into micro-batches (gradient accumulation);
     `compile` overrides `train.compile` (CUDA only); `max_steps` stops after that many steps of this call;
-    `init` starts a new run from those weights (fine-tuning; see `train.resume.initialise`).
+    `init` starts a new run from those weights (fine-tuning; see `train.resume.initialise`);
+    `data_changed` lets a run resume on another prepared set than the one it trained on (`rundir.check_data`).
+    Nothing in `run_dir` is written before the start has succeeded (model built, checkpoint loaded).
     `fid_features` ({"features": fn, "feature_dim": d}) replaces the Inception of [eval] (tests).
     """
     tc = preset.train
@@ -203,6 +213,7 @@ def train(
         # ---- Batch geometry ----------------------------------------------------------------------
         global_batch = tc.batch_size
         per_rank, micro, accum = _batch_geometry(global_batch, world, batch_per_gpu)
+        require_training_memory(preset, device)  # a model that cannot fit is refused before it is built
 
         # ---- Data -----------------------------------------------------------------------------------
         from uvit_cli.data import FeatureDataset, ResumableSampler, TimedBatches, make_loader, to_model
@@ -216,11 +227,13 @@ def train(
         null_class = ds.null_class if preset.model.conditioning == "class" else None
         empty_context = ds.empty_context.to(device) if preset.model.conditioning == "text" else None
 
-        # ---- Run directory: rank 0 locks it (one process per run dir) and writes; every rank checks ----
+        # ---- Run directory: rank 0 locks it (one process per run dir); every rank checks; written once
+        # the start has succeeded (record_run_dir below), so a failed start blocks no rerun ----------------
         lock = _lock(run_dir, main, world, warn=lambda m: emit("warning", 0, m))
-        changed = claim_run_dir(run_dir, preset, force, write=main)
-        for note in changed:
-            emit("warning", 0, note)
+        claim = check_run_dir(run_dir, preset, force)
+        data = data_identity(ds)
+        has_checkpoints = bool(ck.list_checkpoints(run_dir))
+        claim.notes += check_data(run_dir, data, resuming=has_checkpoints, data_changed=data_changed)
         dist.barrier()
 
         # ---- Model, EMA, the step's state (DDP over ranks, then torch.compile), resume ---------------
@@ -240,7 +253,13 @@ def train(
         if batch_in_epoch >= sampler.batches_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
         end_step = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
+        if main:
+            record_run_dir(run_dir, preset, claim, data)
+        for note in claim.notes:
+            emit("warning", 0, note)
         metrics = MetricsLog(run_dir, step) if main else None
+        if metrics is not None and metrics.note:
+            emit("warning", step, metrics.note)
         grid, evaluator = _observers(preset, ds, run_dir, device, main, fid_features)
         report = ReportWriter(run_dir) if main else None  # RUN/report.html
 

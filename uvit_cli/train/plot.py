@@ -59,7 +59,8 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
     first = math.ceil(lo / step - 1e-9)
-    return [round(k * step, 12) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
+    digits = 12 - math.floor(math.log10(step))  # 12 significant digits of the step, whatever its size
+    return [round(k * step, digits) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
@@ -81,7 +82,7 @@ ML, MR, MT, MB = 58, 14, 10, 28
 def svg_plot(s: Series, xs: list[float], ys: list[float], x_max: float) -> str:
     """One series as an inline SVG: axes, ticks and grid lines, a polyline, a marker on the last point."""
     xs, ys = downsample(xs, ys)
-    log = s.log and min(ys) > 0
+    log = s.log and min(ys) >= 1e-100  # a log axis down to 1e-100 (its padding stays a float)
     f = math.log10 if log else float
     lo, hi = min(ys), max(ys)
     if log:
@@ -90,7 +91,7 @@ def svg_plot(s: Series, xs: list[float], ys: list[float], x_max: float) -> str:
         yticks = log_ticks(lo, hi)
     else:
         if hi - lo <= 1e-12 * max(abs(hi), 1e-300):
-            lo, hi = (lo - abs(lo) * 0.1, hi + abs(hi) * 0.1) if lo else (-1.0, 1.0)
+            lo, hi = (lo - abs(lo) * 0.1, hi + abs(hi) * 0.1) if abs(lo) >= 1e-100 else (-1.0, 1.0)
         yticks = nice_ticks(lo, hi)
         step = yticks[1] - yticks[0] if len(yticks) > 1 else hi - lo
         lo, hi = min(lo, math.floor(lo / step + 1e-9) * step), max(hi, math.ceil(hi / step - 1e-9) * step)

@@ -26,6 +26,7 @@ from uvit_cli.checkpoint import METRICS_FILE, PRESET_FILE, SAMPLES
 from uvit_cli.errors import ConfigError
 from uvit_cli.fileio import write_text_atomic
 from uvit_cli.train.plot import MAX_POINTS, Series, fmt_number, svg_plot
+from uvit_cli.train.rundir import metrics_record
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +48,7 @@ SERIES = (
 )
 _KEYS = tuple(s.key for s in SERIES)
 _GRID_RE = re.compile(r"^(\d{8,})\.png$")
+_MAX_TIME = 253402300799  # 9999-12-31 23:59:59 UTC: later Unix times are no date
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -59,18 +61,27 @@ def _parse_lines(lines: list[bytes]) -> list[Any]:
     lines = [line for line in lines if line.strip()]
     try:  # one parse for all lines: 3x faster than one per line
         return list(json.loads(b"[" + b",".join(lines) + b"]"))
-    except (json.JSONDecodeError, UnicodeDecodeError):  # a line cut short by a kill
+    except (ValueError, RecursionError):  # a line cut short by a kill, not UTF-8, nested absurdly deep
         out = []
         for line in lines:
             try:
                 out.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):
                 continue
         return out
 
 
+# The largest magnitude a curve draws (and the smallest positive value of a log axis): the axes' arithmetic
+# (spans, padding, ticks) stays finite within it. A record beyond it is no point of that curve.
+PLOT_LIMIT = 1e100
+
+
 def _finite(v: Any) -> TypeGuard[float]:
     return (type(v) is float or type(v) is int) and math.isfinite(v)  # type(): a bool is not a number
+
+
+def _plottable(v: Any) -> TypeGuard[float]:
+    return _finite(v) and abs(v) <= PLOT_LIMIT
 
 
 class Metrics:
@@ -116,18 +127,19 @@ class Metrics:
 
     def _add(self, rows: list[Any]) -> None:
         xs, ys, unsorted = self._xs, self._ys, self._unsorted
-        for r in rows:
-            if type(r) is not dict:
+        for value in rows:
+            r = metrics_record(value)
+            if r is None:
                 continue
-            x, t = r.get("step"), r.get("time")
-            if _finite(t):
+            x, t = r["step"], r.get("time")
+            if _finite(t) and 0 <= t <= _MAX_TIME:
                 self.last_time = t if self.last_time is None else max(self.last_time, t)
-            if not _finite(x):
+            if not _plottable(x):
                 continue
             self.last_step = x if self.last_step is None else max(self.last_step, x)
             for k in _KEYS:
                 y = r.get(k)
-                if _finite(y):
+                if _plottable(y):
                     if xs[k] and x < xs[k][-1]:
                         unsorted.add(k)
                     xs[k].append(float(x))
@@ -246,7 +258,7 @@ def _preset_info(text: str | None, fallback: str) -> tuple[str, int | None]:
     """(run name, train.steps) from the preset text; the dir name and None if it does not parse."""
     try:
         doc = tomllib.loads(text or "")
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return fallback, None
     steps = doc.get("train", {}).get("steps") if isinstance(doc.get("train"), dict) else None
     name = doc.get("name")

@@ -94,6 +94,14 @@ def resume(
         except CheckpointError as e:
             warn(f"checkpoint {step_dir.name} is unreadable ({e}); trying the previous one")
             continue
+        # The step the state records is the step; a directory's name is only a label (one renamed to a
+        # higher number would otherwise be taken for the newest on every rerun, which then redoes it).
+        if int(saved["step"]) != int(step_dir.name):
+            warn(
+                f"{step_dir} holds step {int(saved['step'])} (recorded in its {ck.STATE_FILE}), not the step "
+                f"its name says; resuming from step {int(saved['step'])} (rename it to "
+                f"{ck.step_dir_name(int(saved['step']))} to silence this)"
+            )
         ck.check_state_dict(model.state_dict(), model_sd, str(step_dir / ck.MODEL_FILE))
         ck.check_state_dict(ema.state_dict(), ema_sd, str(step_dir / ck.EMA_FILE))
         model.load_state_dict(model_sd)
@@ -153,9 +161,9 @@ def check_init(run_dir: Path, source: str | Path) -> bool:
     file = ck.find_checkpoint(source, ema=True)
     try:
         recorded = json.loads((run_dir / INIT_RECORD).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         recorded = None
-    if recorded is None or recorded.get("sha256") != sha256_file(file):
+    if not isinstance(recorded, dict) or recorded.get("sha256") != sha256_file(file):
         raise CheckpointError(
             f"{run_dir} already holds checkpoints of a run that did not start from {file}: it resumes "
             "without --init; pass another --run-dir to fine-tune"

@@ -204,3 +204,37 @@ def setup_step(
         loss_sum=torch.zeros((), device=device),  # on the device: no host sync until it is read
     )
     return state, ema
+
+
+# --------------------------------------------------------------------------------------------------
+# What a run needs
+
+# Bytes per parameter that training holds whatever the batch: fp32 weights, their fp32 EMA copy, fp32
+# gradients and AdamW's two fp32 moments. Activations come on top, so this is a lower bound.
+TRAIN_BYTES_PER_PARAM = 4 + 4 + 4 + 8
+
+
+def require_training_memory(preset: Any, device: torch.device) -> int:
+    """Refuse, before anything is allocated, a model whose training state cannot fit (`resources`, the one
+    estimate; ResourceError, one line with the numbers). Returns the number of parameters."""
+    from uvit_cli.errors import ResourceError
+    from uvit_cli.model import UViT
+    from uvit_cli.resources import MEMORY_SHARE, fmt_bytes, require_memory
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        n = sum(p.numel() for p in UViT(**preset.model).parameters())
+    m = preset.model
+    what = f"training a U-ViT of {n / 1e6:,.1f}M parameters (model.embed_dim {m.embed_dim}, depth {m.depth})"
+    fix = "choose a smaller model (model.embed_dim, model.depth)"
+    on_gpu = device.type == "cuda"
+    # A GPU run builds the weights on the host first, then keeps everything on the GPU.
+    require_memory(what, n * (4 if on_gpu else TRAIN_BYTES_PER_PARAM), fix=fix)
+    if on_gpu:
+        free, _ = torch.cuda.mem_get_info(device)
+        need = n * TRAIN_BYTES_PER_PARAM
+        if need > MEMORY_SHARE * free:
+            raise ResourceError(
+                f"{what} needs about {fmt_bytes(need)} of GPU memory, and {fmt_bytes(free)} is free on "
+                f"{device}: {fix}"
+            )
+    return n
