@@ -453,3 +453,10 @@ def test_a_full_disk_while_writing_a_shard_is_the_disk_full_line_and_the_rerun_r
     res = _run(*args)
     assert res.exit_code == 0, res.output
     assert len(data.FeatureDataset(out / "shapes")) == 8
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/abs/set", "", "a/b", ".."])
+def test_a_set_name_is_one_folder_under_out(tmp_path, name):
+    r = _run("prepare", "shapes", "--out", str(tmp_path / "feats"), "--name", name, "--n", "8")
+    assert r.exit_code == 2 and "--name" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "feats").exists()

@@ -110,6 +110,10 @@ def dataset_name(kind: str, resolution: int, source: str | os.PathLike[str] | No
 def set_dir(out: str | os.PathLike[str], name: str) -> Path:
     """Where `uvit prepare --out OUT` writes the set `name`: OUT/name, unless OUT already is that set
     (it is called `name`, or it holds a prepared set's manifest.json)."""
+    try:
+        check_run_name(name, under=f"{out}/")
+    except ValueError as e:
+        raise ConfigError(f"--name: {e}") from None
     out = Path(out)
     if out.name == name or (out / "manifest.json").is_file():
         return out
@@ -249,10 +253,10 @@ class TextEncoderConfig(_Strict):
     )
 
 
-def check_run_name(name: str) -> str:
-    """`name` if it can be one directory under runs/ (runs/<name>), else ValueError saying why.
+def check_run_name(name: str, under: str = "runs/") -> str:
+    """`name` if it can be one directory under `under` (runs/<name>, a data root's set), else ValueError.
 
-    The one rule for a run's name: a single path component, so the run dir is always a child of runs/."""
+    The one rule for a name that becomes a folder: a single path component, so it is always a child."""
     if not name or name.strip() != name:
         raise ValueError(f"name {name!r} must be a non-empty word without leading or trailing spaces")
     if name in (".", ".."):
@@ -260,7 +264,7 @@ def check_run_name(name: str) -> str:
     bad = sorted({c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127})
     if bad:
         shown = ", ".join(repr(c) for c in bad)
-        raise ValueError(f"name {name!r} holds {shown}: it names one directory under runs/, so no path")
+        raise ValueError(f"name {name!r} holds {shown}: it names one directory under {under}, so no path")
     if len(name.encode("utf-8", "surrogatepass")) > 255:
         raise ValueError("name is longer than 255 bytes, the most a directory name can be")
     return name
