@@ -9,8 +9,10 @@ from typing import Annotated, Any
 import typer
 
 from uvit_cli.cli.common import (
+    CLASSES_HELP,
     SAMPLING,
     ClipOpt,
+    LabelProtocolName,
     handle_errors,
     image_progress,
     log_rank0,
@@ -34,10 +36,21 @@ def sample(
     ] = None,
     class_: Annotated[
         list[int] | None,
-        option("--class", "-c", help="Class index (repeatable), e.g. 207 for ImageNet."),
+        option("--class", "-c", help="Class index (repeatable), e.g. 207 for ImageNet; --n images of each."),
+    ] = None,
+    classes: Annotated[
+        LabelProtocolName | None,
+        option(
+            "--classes",
+            help=f"{CLASSES_HELP}; --n is then the total. Class-conditional presets take --class or --classes "
+            "(no default); `uvit fid --ckpt` uses random.",
+        ),
     ] = None,
     n: Annotated[
-        int, typer.Option("--n", "-n", min=1, help="Images per prompt/class (in total if unconditional).")
+        int,
+        typer.Option(
+            "--n", "-n", min=1, help="Images per prompt/class (in total if unconditional or with --classes)."
+        ),
     ] = 4,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path(
         "samples"
@@ -59,6 +72,8 @@ def sample(
     """Generate images: text prompts, ImageNet classes or unconditional; PNGs named by index.
 
     After `uvit quickstart`: uvit sample --ckpt quickstart/run --prompt "a red circle at the top left"
+
+    An FID set of a class model: --classes random -n 50000 (the paper's labels) or --classes balanced.
     """
     spec = sampler_spec(**sampling, decode_batch_size=decode_batch_size, cuda_graphs=cuda_graphs)
     from uvit_cli.sample import read_prompts_file, sample_to_dir
@@ -69,8 +84,8 @@ def sample(
     bar, progress = _sampling_bar()
     try:
         result = sample_to_dir(
-            out_dir, spec, prompts=prompts, classes=list(class_ or []), n=n, clip=clip, grid=grid, npz=npz,
-            progress=progress, log=log_rank0,
+            out_dir, spec, prompts=prompts, classes=list(class_ or []), label_protocol=classes, n=n, clip=clip,
+            grid=grid, npz=npz, progress=progress, log=log_rank0,
         )  # fmt: skip
     finally:
         bar.stop()

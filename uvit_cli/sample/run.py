@@ -22,9 +22,12 @@ from uvit_cli.errors import ConfigError, DataError, UvitError
 from uvit_cli.resources import require_disk, require_memory
 from uvit_cli.sample import outputs
 from uvit_cli.sample.generate import (
+    LABEL_PROTOCOLS,
+    LabelProtocol,
     SampleSettings,
     check_batch_memory,
     check_guidance,
+    class_label,
     effective_precision,
     image_seed,
     image_side,
@@ -63,36 +66,53 @@ class SampleResult:
     seconds: float
     files: list[Path] = field(default_factory=list)  # grid / npz / samples.jsonl (rank 0)
     is_main: bool = True
+    label_protocol: LabelProtocol | None = None  # --classes: how each image's class follows from its index
 
     def summary(self) -> str:
-        """The one result line: images, where, new and kept, time and rate, solver, guidance, seed."""
+        """The one result line: images, where, new and kept, time and rate, solver, guidance, seed, labels."""
         st = self.settings
         gi = f", guidance interval {st['guidance_interval']}" if st["guidance_interval"] else ""
         rate = f", {self.written / self.seconds:.2f} img/s overall" if self.written else ""
+        labels = f", {self.label_protocol} labels" if self.label_protocol else ""
         return (
             f"{self.total} images in {self.out} ({self.written} new, {self.skipped} already there) "
             f"in {self.seconds:.1f} s{rate}; {st['solver']} {st['steps']} steps, cfg {st['cfg_scale']:g}{gi}, "
-            f"seed {self.seed}"
+            f"seed {self.seed}{labels}"
         )
 
 
 # --------------------------------------------------------------------------------------------------
-# The plan: image i is the (i % n)-th image of condition i // n; held per condition, never per image
+# The plan: image i is the (i % n)-th image of condition i // n, or (--classes) of the class its index gives;
+# held per condition, never per image
 
 
 @dataclass(frozen=True)
 class Plan:
     """Condition-major: image c * n + j is the j-th image of condition c (`{"prompt": p}`, `{"class": k}`, or
-    `{}` for an unconditional model). O(conditions) memory whatever `n` is."""
+    `{}` for an unconditional model). With a `label_protocol` (--classes) there are no listed conditions: the
+    `n` images each take the class `class_label` gives their index among the `num_classes` real classes.
+    O(conditions) memory whatever `n` is."""
 
     conditions: tuple[dict[str, Any], ...]
     n: int
+    label_protocol: LabelProtocol | None = None
+    num_classes: int = 0
+    seed: int = 0  # the labels' seed ("random" protocol)
 
     def __len__(self) -> int:
-        return len(self.conditions) * self.n
+        return self.n if self.label_protocol else len(self.conditions) * self.n
 
     def condition(self, index: int) -> dict[str, Any]:
+        if self.label_protocol:
+            k = class_label(self.label_protocol, self.seed, self.num_classes, index)
+            return {"class": k, "label_protocol": self.label_protocol}
         return self.conditions[index // self.n]
+
+    def widest(self) -> dict[str, Any]:
+        """The condition with the longest record (the disk estimate)."""
+        if self.label_protocol:
+            return {"class": self.num_classes - 1, "label_protocol": self.label_protocol}
+        return max(self.conditions, key=lambda c: len(str(c.get("prompt", ""))))
 
 
 class _ByCondition(Mapping[int, int]):
@@ -111,8 +131,35 @@ class _ByCondition(Mapping[int, int]):
         return iter(range(len(self)))
 
 
-def _plan(preset: Preset, prompts: Sequence[str], classes: Sequence[int], n: int) -> Plan:
+def _check_labels(classes: Sequence[int], label_protocol: str | None) -> None:
+    """--classes is a known protocol and excludes --class (checked before the model loads)."""
+    if label_protocol is None:
+        return
+    if label_protocol not in LABEL_PROTOCOLS:
+        raise ConfigError(
+            f"--classes {label_protocol}: unknown label protocol (choose one of {', '.join(LABEL_PROTOCOLS)})"
+        )
+    if classes:
+        raise ConfigError(
+            f"--classes {label_protocol} and --class exclude each other: --classes labels every image by its "
+            "index (--n is the total), --class makes --n images of each class given; pass one of them"
+        )
+
+
+def _plan(
+    preset: Preset,
+    prompts: Sequence[str],
+    classes: Sequence[int],
+    n: int,
+    label_protocol: LabelProtocol | None = None,
+    seed: int = 0,
+) -> Plan:
     cond = preset.model.conditioning
+    if label_protocol is not None and cond != "class":
+        kind = "text-conditional: use --prompt" if cond == "text" else "unconditional: drop it"
+        raise ConfigError(
+            f"--classes {label_protocol} needs a class-conditional preset; '{preset.name}' is {kind}"
+        )
     if cond == "text":
         if classes:
             raise ConfigError(f"preset '{preset.name}' is text-conditional: use --prompt, not --class")
@@ -124,8 +171,13 @@ def _plan(preset: Preset, prompts: Sequence[str], classes: Sequence[int], n: int
     if cond == "class":
         if prompts:
             raise ConfigError(f"preset '{preset.name}' is class-conditional: use --class N, not --prompt")
+        if label_protocol is not None:
+            return Plan((), n, label_protocol, len(valid_classes(preset)), seed)
         if not classes:
-            raise ConfigError(f"preset '{preset.name}' is class-conditional: pass --class N (repeatable)")
+            raise ConfigError(
+                f"preset '{preset.name}' is class-conditional: pass --class N (repeatable), or --classes "
+                "random|balanced to label --n images by their index (FID sets)"
+            )
         ok = valid_classes(preset)
         for c in classes:
             if c not in ok:
@@ -168,6 +220,7 @@ def sample_to_dir(
     *,
     prompts: Sequence[str] = (),
     classes: Sequence[int] = (),
+    label_protocol: LabelProtocol | None = None,
     n: int = 4,
     clip: str | None = None,
     grid: bool = False,
@@ -176,21 +229,24 @@ def sample_to_dir(
     progress: Callable[[SampleProgress], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> SampleResult:
-    """Generate `n` images per prompt or class (in total if unconditional) with `spec` into `out` as
-    <index>.png (skipping those already there), samples.jsonl, and optionally grid.png and samples.npz.
+    """Generate `n` images per prompt or class (in total if unconditional or with `label_protocol`) with
+    `spec` into `out` as <index>.png (skipping those already there), samples.jsonl, and optionally grid.png and
+    samples.npz. `label_protocol` ("random" | "balanced", exclusive with `classes`): image i of a
+    class-conditional model takes the class `class_label` gives i, recorded as `label_protocol`.
     `clip`: the text encoder of the prompts (None: $UVIT_CLIP, the preset's pretrained, HF cache).
     Memory does not grow with `n`: the plan, the records and the indices are streamed, a batch at a time."""
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
     seed = spec.seed
     out_dir = Path(out)
-    outputs.check_not_in_checkpoints(out_dir)  # before the model loads
+    _check_labels(classes, label_protocol)  # before the model loads
+    outputs.check_not_in_checkpoints(out_dir)
     with dist.process_group():
-        text = True if prompts else (False if classes else None)
+        text = True if prompts else (False if classes or label_protocol else None)
         sampler = load_sampler(spec, device=device, say=say, text=text)
         loaded, s = sampler.loaded, sampler.settings
         resolved, weights_note = loaded.preset, loaded.note
-        plan = _plan(resolved, list(prompts), list(classes), n)
+        plan = _plan(resolved, list(prompts), list(classes), n, label_protocol, seed)
         check_guidance(resolved, s)
         identity = {
             "preset": resolved.name,
@@ -269,6 +325,7 @@ def sample_to_dir(
             seconds=time.perf_counter() - t0,
             files=files,
             is_main=dist.is_main(),
+            label_protocol=plan.label_protocol,
         )
 
 
@@ -298,8 +355,9 @@ def _records(plan: Plan, seed: int, identity: dict[str, Any]) -> Iterator[dict[s
 
 # What must match for an image already in the folder to count as one of this request. The encoders are
 # compared by content (sha256) and scale, not by where their file lies.
-_SAME_RUN_KEYS = ("prompt", "class", "seed", "preset", "checkpoint_sha256", "weights", "settings", "schedule",
-                  "vae", "clip")  # fmt: skip
+# A folder made with --class records no label_protocol; one made with --classes records its protocol.
+_SAME_RUN_KEYS = ("prompt", "class", "label_protocol", "seed", "preset", "checkpoint_sha256", "weights",
+                  "settings", "schedule", "vae", "clip")  # fmt: skip
 
 
 def _comparable(key: str, value: Any) -> Any:
@@ -349,8 +407,7 @@ def _check_disk(
     count as written)."""
     total = len(plan)
     side = image_side(preset)
-    longest = max(plan.conditions, key=lambda c: len(str(c.get("prompt", ""))))
-    record = next(_records(Plan((longest,), 1), seed, identity))
+    record = next(_records(Plan((plan.widest(),), 1), seed, identity))
     record_bytes = len(json.dumps(record, ensure_ascii=False).encode()) + 8  # wider indices and seeds
     need = (total - outputs.count_pngs(out_dir, total)) * outputs.png_bytes_estimate(side)
     need += total * record_bytes + (total * side * side * 3 if npz else 0)
@@ -375,12 +432,20 @@ def _encoders(
     prompts once each and is freed after."""
     import torch
 
-    from uvit_cli.sample.generate import class_conditions, context_conditions, null_condition
+    from uvit_cli.sample.generate import (
+        class_conditions,
+        context_conditions,
+        label_conditions,
+        null_condition,
+    )
 
     conditions = uncond = None
     cond = preset.model.conditioning
     if cond == "class":
-        conditions = class_conditions(_ByCondition([c["class"] for c in plan.conditions], plan.n))
+        if plan.label_protocol:
+            conditions = label_conditions(plan.label_protocol, plan.seed, plan.num_classes)
+        else:
+            conditions = class_conditions(_ByCondition([c["class"] for c in plan.conditions], plan.n))
         uncond = null_condition(preset)
     elif cond == "text":
         # the prompts of the conditions this rank still makes, each once, in order
