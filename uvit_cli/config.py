@@ -207,6 +207,9 @@ NetworkPrecision = Literal["bf16", "fp16", "fp32"]  # autocast of the network wh
 ModelWeights = Literal["ema", "model"]  # which weights of a checkpoint
 # clean-fid's protocols (fid.features.MODES)
 FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
+# How a class-conditional FID set labels its images: "random" (uniform from (seed, index), the paper's) or
+# "balanced" (index % K: N/K of each class, as RAE / REPA-E sample FID-50K).
+LabelProtocol = Literal["random", "balanced"]
 
 SolverName = Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"]
 SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # = uvit_cli.solvers.SOLVERS, without importing torch

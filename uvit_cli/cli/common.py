@@ -8,13 +8,13 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from uvit_cli.config import SOLVER_NAMES, ModelWeights, NetworkPrecision
+from uvit_cli.config import SOLVER_NAMES, LabelProtocol, ModelWeights, NetworkPrecision
 from uvit_cli.errors import UvitError
 
 if TYPE_CHECKING:
@@ -207,9 +207,7 @@ PrecisionOpt = Annotated[
     option("--precision", help="Network autocast (default: bf16 on CUDA, fp32 on CPU)."),
 ]
 NoCompileOpt = Annotated[bool, typer.Option("--no-compile", help="Do not torch.compile the network.")]
-# The label protocols of class-conditional sampling, by their recorded names (= uvit_cli.sample.LABEL_PROTOCOLS,
-# without importing torch; a test keeps the two equal).
-LabelProtocolName = Literal["random", "balanced"]
+LabelProtocolName = LabelProtocol  # the label protocols of class-conditional sampling (config.LabelProtocol)
 CLASSES_HELP = (
     "Label every image by its index: balanced (class = index % K, N/K of each class: RAE/REPA-E's FID-50K, "
     "about 0.1 FID lower on strong models) or random (uniform from (seed, index): U-ViT's ImageNet FID)"

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
 from uvit_cli import solvers
-from uvit_cli.config import NetworkPrecision, Preset
+from uvit_cli.config import LabelProtocol, NetworkPrecision, Preset
 from uvit_cli.errors import ConfigError, ResourceError
 from uvit_cli.resources import fmt_bytes, require_memory
 from uvit_cli.schedule import make_schedule
@@ -129,7 +129,6 @@ def class_conditions(labels: Sequence[int] | Mapping[int, int]) -> ConditionFn:
 # (`sample_label`) and DiT's, SiT's and ADM's FID-50K. "balanced": class = index % K, so N = m K images hold
 # m of each class (RAE's and REPA-E's FID-50K: 50 per class); on strong models it reads about 0.1 FID lower
 # than random labels, so the protocol is stated beside every number.
-LabelProtocol = Literal["random", "balanced"]
 LABEL_PROTOCOLS: tuple[str, ...] = get_args(LabelProtocol)
 
 
