@@ -6,6 +6,8 @@ Stable helper API (other tests import it):
     ldm_to_diffusers(sd, config, legacy=False) -> dict       ldm keys -> diffusers keys by diffusers' converter
     tiny_text_encoder(seed=0, hidden_size=32, ...) -> CLIPTextEncoder
     save_text_encoder(clip, directory, layout=..., fmt=..., tokenizer=True) -> Path (the directory)
+    tiny_clip_model(seed=0, text=None, ...) -> CLIPModel      both towers (vision at the real 224 px, patch 14)
+    save_clip_model(model, directory, fmt=..., tokenizer=True) -> Path   the Hugging Face CLIPModel layout
     write_tokenizer_files(directory) -> Path                 HF vocab.json + merges.txt from the bundled .gz
 All writers use only torch/safetensors/json (no transformers or diffusers needed).
 """
@@ -22,6 +24,7 @@ from safetensors.torch import save_file
 
 from uvit_cli.encoders.autoencoder import AutoencoderKL
 from uvit_cli.encoders.clip import CLIPTextConfig, CLIPTextEncoder
+from uvit_cli.encoders.clip_vision import CLIPModel, CLIPVisionConfig
 from uvit_cli.encoders.tokenizer import BUNDLED_BPE, NUM_MERGES, _merges_from_gz, _vocab_from_merges
 
 TINY_VAE = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
@@ -35,7 +38,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             noise = torch.randn(p.shape, generator=g)
             if name.endswith("bias"):
                 p.copy_(0.05 * noise)
-            elif p.ndim == 1:  # GroupNorm / LayerNorm gains
+            elif p.ndim <= 1:  # GroupNorm / LayerNorm gains (and CLIP's class token, logit scale)
                 p.copy_(1.0 + 0.1 * noise)
             elif "embedding" in name:
                 p.copy_(0.5 * noise)
@@ -163,32 +166,89 @@ def save_text_encoder(
     """Write a HF-style folder: `model.safetensors` (fmt "safetensors") or `pytorch_model.bin` ("bin").
 
     layout: "text_model" (CLIPTextModel, transformers 4: `text_model.` prefix + a position_ids buffer),
-    "unprefixed" (what transformers 5 save_pretrained writes), "clipmodel" (full CLIPModel: adds vision
-    tensors, projections and logit_scale, with a nested text_config).
+    "unprefixed" (what transformers 5 save_pretrained writes), "clipmodel" (a full, loadable CLIPModel:
+    `clip` plus `tiny_clip_model`'s seeded vision tower and projections, by `save_clip_model`).
     """
+    if layout == "clipmodel":
+        return save_clip_model(tiny_clip_model(text=clip), directory, fmt, tokenizer, config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().clone().contiguous() for k, v in clip.state_dict().items()}
-    cfg = {k: getattr(clip.config, k) for k in clip.config.__dataclass_fields__}
-    if layout in ("text_model", "clipmodel"):
+    cfg: dict = {k: getattr(clip.config, k) for k in clip.config.__dataclass_fields__}
+    if layout == "text_model":
         sd = {f"text_model.{k}": v for k, v in sd.items()}
         sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    if layout == "clipmodel":
-        d = clip.config.hidden_size
-        sd["vision_model.embeddings.class_embedding"] = torch.zeros(d)
-        sd["vision_model.post_layernorm.weight"] = torch.ones(d)
-        sd["visual_projection.weight"] = torch.zeros(d, d)
-        sd["text_projection.weight"] = torch.zeros(d, d)
-        sd["logit_scale"] = torch.tensor(2.6592)
-        cfg = {"architectures": ["CLIPModel"], "model_type": "clip", "text_config": cfg, "vision_config": {}}
-    else:
-        cfg = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **cfg}
+    cfg = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **cfg}
+    _write_weights(sd, directory, fmt)
+    if config:
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer:
+        write_tokenizer_files(directory)
+    return directory
+
+
+def _write_weights(sd: dict[str, torch.Tensor], directory: Path, fmt: str) -> None:
     if fmt == "safetensors":
         save_file(sd, str(directory / "model.safetensors"))
     elif fmt == "bin":
         torch.save(sd, directory / "pytorch_model.bin")
     else:
         raise ValueError(f"unknown format {fmt!r}")
+
+
+def tiny_clip_model(
+    seed: int = 0,
+    text: CLIPTextEncoder | None = None,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    intermediate_size: int = 64,
+    projection_dim: int = 24,
+) -> CLIPModel:
+    """A small seeded CLIPModel: `text` (else `tiny_text_encoder(seed)`) plus a vision tower of these sizes at
+    the real input (224 px, patch 14, so 257 tokens) and projections to `projection_dim`."""
+    text = text if text is not None else tiny_text_encoder(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+    )
+    with torch.device("meta"):
+        model = CLIPModel(text.config, vision, projection_dim)
+    randomize_(model.to_empty(device="cpu"), seed + 1000)
+    model.text_model.load_state_dict(text.state_dict())
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.07))  # CLIP's initial temperature, as the hub files hold
+    return model.eval().requires_grad_(False)
+
+
+def save_clip_model(
+    model: CLIPModel,
+    directory: str | Path,
+    fmt: str = "safetensors",
+    tokenizer: bool = True,
+    config: bool = True,
+) -> Path:
+    """Write a Hugging Face `CLIPModel` folder as transformers 4 saved the hub files: `text_model.` /
+    `vision_model.` keys with their `position_ids` buffers, the projections, `logit_scale`, a nested config."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    num_positions = model.vision_model.embeddings.position_embedding.num_embeddings
+    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd["vision_model.embeddings.position_ids"] = torch.arange(num_positions)[None]
+    _write_weights(sd, directory, fmt)
+    text = {k: getattr(model.text_model.config, k) for k in CLIPTextConfig.__dataclass_fields__}
+    vision = {k: getattr(model.vision_model.config, k) for k in CLIPVisionConfig.__dataclass_fields__}
+    cfg = {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": model.visual_projection.out_features,
+        "logit_scale_init_value": 2.6592,
+        "text_config": {**text, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},  # as the hub file
+        "vision_config": vision,
+    }
     if config:
         (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     if tokenizer:

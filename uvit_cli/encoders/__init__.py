@@ -1,10 +1,12 @@
-"""Pretrained encoders U-ViT builds on: SD KL-f8 autoencoder, CLIP ViT-L/14 text encoder, CLIP tokenizer.
+"""Pretrained encoders U-ViT builds on: SD KL-f8 autoencoder, CLIP ViT-L/14 text encoder, CLIP tokenizer, and
+the full CLIP ViT-L/14 (both towers) that CLIP score uses.
 
 Torch-only reimplementations that load the published weight files (docs/encoders.md). Importing this package
 is cheap; the submodules load on first use.
 
     vae = load_autoencoder(None, scale_factor=0.23010)        # flag > $UVIT_VAE > preset > HF cache
     clip = load_text_encoder("openai/clip-vit-large-patch14")  # .encode(texts) -> (B, 77, 768)
+    model = load_clip_model(None)   # both towers, for uvit_cli.encoders.clip_score.clip_score(images, prompts, model)
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ if TYPE_CHECKING:
 
     from uvit_cli.encoders.autoencoder import AutoencoderKL
     from uvit_cli.encoders.clip import CLIPTextConfig, CLIPTextEncoder
+    from uvit_cli.encoders.clip_vision import CLIPModel, CLIPVisionConfig
     from uvit_cli.encoders.tokenizer import CLIPTokenizer, TokenBatch
     from uvit_cli.encoders.weights import ResolvedWeights, resolve_weights
 
 __all__ = [
     "AutoencoderKL",
+    "CLIPModel",
     "CLIPTextConfig",
     "CLIPTextEncoder",
     "CLIPTokenizer",
+    "CLIPVisionConfig",
     "ResolvedWeights",
     "TokenBatch",
     "load_autoencoder",
+    "load_clip_model",
     "load_state_dict_file",
     "load_text_encoder",
     "load_tokenizer",
@@ -42,8 +48,10 @@ __all__ = [
 
 _LAZY = {
     "AutoencoderKL": "autoencoder",
+    "CLIPModel": "clip_vision",
     "CLIPTextConfig": "clip",
     "CLIPTextEncoder": "clip",
+    "CLIPVisionConfig": "clip_vision",
     "CLIPTokenizer": "tokenizer",
     "TokenBatch": "tokenizer",
     "ResolvedWeights": "weights",
@@ -90,7 +98,9 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def _finish(module: torch.nn.Module, weights: Path, device: str | torch.device) -> None:
+def _finish(
+    module: AutoencoderKL | CLIPTextEncoder | CLIPModel, weights: Path, device: str | torch.device
+) -> None:
     from uvit_cli.fileio import sha256_file
 
     module.eval().requires_grad_(False).to(device)
@@ -159,3 +169,21 @@ def load_text_encoder(
     clip = build_text_encoder(sd, path.parent / "config.json", load_tokenizer(path.parent))
     _finish(clip, path, device)
     return clip
+
+
+def load_clip_model(
+    spec: str | Path | None, device: str | torch.device = "cpu", *, preset: str | None = None
+) -> CLIPModel:
+    """Resolve (`spec` > $UVIT_CLIP > `preset` > HF cache, as the text encoder) and load the full CLIP model,
+    both towers and projections, for CLIP score; eval, no grad. A text-only file is one clear error.
+
+    Sizes come from a `config.json` beside the weights when present, else from the tensor shapes.
+    """
+    from uvit_cli.encoders.clip_vision import build_clip_model
+    from uvit_cli.encoders.weights import resolve_weights
+
+    path = resolve_weights(None if spec is None else str(spec), "clip_model", preset=preset).path
+    sd = load_state_dict_file(path)
+    model = build_clip_model(sd, path.parent / "config.json", load_tokenizer(path.parent), source=str(path))
+    _finish(model, path, device)
+    return model

@@ -1,5 +1,7 @@
 """CLIP ViT-L/14 text transformer (Radford et al. 2021), torch only: `last_hidden_state` as U-ViT stored it.
 
+The attention, MLP and layer modules serve the vision tower too (`clip_vision.py`), non-causal there.
+
 Module names equal the unprefixed Hugging Face `CLIPTextModel` keys (what transformers 5 writes), so a hub file
 loads key by key once an optional `text_model.` / `cond_stage_model.transformer.text_model.` prefix is removed.
 Forward: token + position embedding, pre-LN blocks with causal attention and quick_gelu, final layer norm.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +38,40 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
 
 
+class TowerSizes(Protocol):
+    """What the shared encoder modules read from a tower's config (the text and the vision config have it)."""
+
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def intermediate_size(self) -> int: ...
+    @property
+    def num_hidden_layers(self) -> int: ...
+    @property
+    def num_attention_heads(self) -> int: ...
+    @property
+    def hidden_act(self) -> str: ...
+    @property
+    def layer_norm_eps(self) -> float: ...
+
+
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig) -> None:
+    def __init__(self, cfg: TowerSizes, causal: bool = True) -> None:
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
+        self.causal = causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         h = self.num_heads
+        if not self.causal:  # vision: SDPA, transformers 5's default (bit-identical to it on the CPU)
+            q, k, v = (
+                f(x).view(b, n, h, d // h).transpose(1, 2) for f in (self.q_proj, self.k_proj, self.v_proj)
+            )
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D/heads), scale (D/heads)^-0.5
+            return self.out_proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
         # transformers 4.23.1's order (U-ViT's pin): scale q, add a finfo.min causal mask, softmax, bmm. On the
         # CPU this is bit-identical to it; SDPA(is_causal=True), which transformers 5 uses, differs by ~2e-6.
         q = (
@@ -58,7 +85,7 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig) -> None:
+    def __init__(self, cfg: TowerSizes) -> None:
         super().__init__()
         if cfg.hidden_act not in ("quick_gelu", "gelu"):
             raise CheckpointError(f"unsupported CLIP hidden_act {cfg.hidden_act!r} (quick_gelu or gelu)")
@@ -73,10 +100,10 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig) -> None:
+    def __init__(self, cfg: TowerSizes, causal: bool = True) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
@@ -86,9 +113,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig) -> None:
+    def __init__(self, cfg: TowerSizes, causal: bool = True) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg.num_hidden_layers))
 
 
 class CLIPEmbeddings(nn.Module):
@@ -177,7 +204,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], overrides: dict | None =
     except KeyError as e:
         raise CheckpointError(f"not a CLIP text encoder state dict: no {e.args[0]}") from None
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-    cfg = dict(
+    cfg: dict[str, Any] = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=inter,

@@ -63,6 +63,17 @@ KINDS = {
         default_repos=("openai/clip-vit-large-patch14",),
         download_patterns=("config.json", "model.safetensors", "vocab.json", "merges.txt", "*.json"),
     ),
+    # CLIP score's network: the same file and variable as the text encoder, but only a full CLIPModel serves
+    # (an SD pipeline's `text_encoder/` has no vision tower, so it is not looked into).
+    "clip_model": WeightKind(
+        name="CLIP model (CLIP score)",
+        env_var="UVIT_CLIP",
+        flag="--clip",
+        files=("model.safetensors", "pytorch_model.bin"),
+        subfolders=(),
+        default_repos=("openai/clip-vit-large-patch14",),
+        download_patterns=("config.json", "model.safetensors", "vocab.json", "merges.txt", "*.json"),
+    ),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -185,7 +196,7 @@ def resolve_weights(
     *,
     preset: str | None = None,
 ) -> ResolvedWeights:
-    """Find the weights file for `kind` ("vae" or "clip") by the module's rule: `spec` (a command's flag),
+    """Find the weights file for `kind` ("vae", "clip" or "clip_model") by the module's rule: `spec` (a command's flag),
     then the environment variable, then `preset` (the preset's `pretrained`), then the default hub repos.
 
     The first one given decides: one that names a missing file or directory is an error (no silent fallback
