@@ -1,4 +1,4 @@
-"""STYLE.md dependency rules, enforced: the math core stays pure, config stays torch-free, nothing imports cli."""
+"""docs/architecture.md's dependency rules, enforced: a pure math core, a torch-free config, no imports of cli."""
 
 import ast
 from pathlib import Path

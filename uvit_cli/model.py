@@ -4,7 +4,7 @@ One class for the unconditional, class-conditional and text-conditional networks
 token layout, init and state-dict keys follow the official `libs/uvit.py` / `libs/uvit_t2i.py`, so
 the released `nnet.pth` / `nnet_ema.pth` files load with `load_state_dict(strict=True)`.
 
-Read leaf to root: embeddings -> attention -> MLP -> block -> model; named sizes at the bottom.
+Read leaf to root: embeddings -> attention -> MLP -> block -> model. Sizes come from the preset (`[model]`).
 Shapes: B batch, L patch tokens, T all tokens (extras + L), D width, H heads, Dh head width.
 
 Which conditioning: `clip_dim` given -> text (context tokens); else `num_classes > 0` -> class

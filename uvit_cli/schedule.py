@@ -4,7 +4,7 @@ Two views of the same schedules:
 * training (used by `train/objective.py`): `DiscreteSchedule` (float64 alpha_bar indexed by the integer step n = 0..N, spec §3.1) and
   `ContinuousVPSchedule.sample_t` (t ~ U(0,1), spec §3.2);
 * sampling: `DiscreteVPSchedule` / `ContinuousVPSchedule`, the `NoiseScheduleVP('discrete' | 'linear')`
-  of DPM-Solver (Lu et al. 2022) that every solver in `solvers.py` reads through one interface
+  of DPM-Solver (Lu et al. 2022) that every solver in `solvers/` reads through one interface
   (`NoiseSchedule`): alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t), its inverse, and what the
   network is fed for a solver time t.
 Time grids for the solvers are pure functions at the bottom.
