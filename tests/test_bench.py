@@ -1,6 +1,9 @@
 """`uvit bench` on the CPU: the real code paths run, the table and JSON are sound, FLOPs are counted right."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,6 +48,9 @@ def test_cli_train_and_sample_write_valid_json(tiny, tmp_path):
         assert [m["recipe"] for m in report["measurements"]] == ["official", "uvit"]
         for m in report["measurements"]:
             assert m["images_per_s"] > 0 and m["flops_per_step"] > 0 and m["mfu"] is None  # no MFU on CPU
+            assert m["warmup_s"] >= 0
+        streamed, table = r.output.split(f"uvit bench {task} ·")
+        assert f"{task} · official:" in streamed and "warm-up" in table
         assert report["speedup"] == pytest.approx(
             report["measurements"][1]["images_per_s"] / report["measurements"][0]["images_per_s"]
         )
@@ -98,3 +104,135 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("Some Future GPU") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming, warm-up, the CUDA settings of each recipe, the device and attention probes
+
+
+def test_rows_stream_into_the_report_and_carry_their_warm_up(tiny):
+    from uvit_cli.bench import run_bench
+
+    p = preset_from_toml(tiny.read_text())
+    seen = []
+    report = run_bench(
+        "train", p, batch=2, steps=1, on_row=lambda rep, row: seen.append((len(rep.measurements), row))
+    )
+    assert [(n, row.recipe) for n, row in seen] == [(1, "official"), (2, "uvit")]
+    assert all(m.warmup_s is not None and m.warmup_s >= 0 for m in report.measurements)
+
+
+def test_a_killed_bench_keeps_every_row_it_printed(tiny, tmp_path):
+    """`uvit bench --json` writes each row before printing it: killed after the first row, the file holds it."""
+    out = tmp_path / "train.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvit_cli",
+        "bench",
+        "train",
+        "--preset",
+        str(tiny),
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    printed = None
+    try:
+        printed = next(line for line in proc.stdout if line.startswith("train · official:"))
+        proc.kill()  # before the uvit row
+    finally:
+        proc.kill()
+        proc.wait()
+    report = json.loads(out.read_text())
+    first = report["measurements"][0]
+    assert first["recipe"] == "official" and first["images_per_s"] > 0 and first["warmup_s"] >= 0
+    assert "warm-up" in printed
+
+
+def test_the_table_shows_the_warm_up(tiny):
+    r = CliRunner().invoke(app, ["bench", "fid", "--batch", "1", "--repeats", "1"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    streamed, table = r.output.split("uvit bench fid ·")
+    assert "fid · uvit:" in streamed and "TF32 off" in streamed and "warm-up" in table
+
+
+def test_cuda_defaults_sets_the_backend_flags():
+    from uvit_cli.dist import cuda_defaults
+
+    flags = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        assert cuda_defaults(torch.device("cpu")) == ""
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark) == flags[::2]
+        line = cuda_defaults(torch.device("cuda"))  # the flags are process-wide: no GPU needed to set them
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+        assert line == "TF32 matmuls, TF32 convolutions, cuDNN autotuning"
+        cuda_defaults(torch.device("cuda"), tf32=False, autotune=False)  # uvit prepare, the official recipes
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.allow_tf32  # convolutions: cuDNN's default either way
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        ) = flags
+
+
+def test_each_recipe_runs_its_code_base_cuda_settings(monkeypatch):
+    from uvit_cli import dist
+    from uvit_cli.bench.recipes import OURS, TRAIN_LADDER
+    from uvit_cli.bench.tasks import use_recipe_settings
+
+    calls = []
+    monkeypatch.setattr(dist, "cuda_defaults", lambda device, **kw: calls.append(kw) or "")
+    for r in (OFFICIAL, OURS, TRAIN_LADDER[-1]):
+        use_recipe_settings(r, torch.device("cuda"))
+    on = {"tf32": True, "autotune": True}
+    assert calls == [{"tf32": False, "autotune": False}, on, on]  # the official code ran torch's defaults
+
+
+def test_attention_shapes_are_the_presets():
+    from uvit_cli.bench.device import attention_shape
+    from uvit_cli.config import load_preset
+
+    assert attention_shape(load_preset("coco_uvit_s2_deep"), 256) == (256, 8, 334, 64)
+    assert attention_shape(load_preset("imagenet256_uvit_h2"), 128) == (128, 16, 258, 72)
+
+
+def test_kernel_family_reads_the_aten_op():
+    from uvit_cli.bench.device import kernel_family
+
+    assert kernel_family({"aten._scaled_dot_product_cudnn_attention.default"}) == "cudnn"
+    assert kernel_family({"aten._scaled_dot_product_flash_attention_backward.default"}) == "flash"
+    assert kernel_family({"aten._scaled_dot_product_efficient_attention.default"}) == "efficient"
+    assert kernel_family({"aten.bmm.default", "aten._softmax.default"}) == "math"
+    assert kernel_family({"aten.add.Tensor"}) == "?"
+
+
+def test_attention_probe_on_the_cpu(tiny):
+    from uvit_cli.bench import run_bench
+
+    report = run_bench("attention", preset_from_toml(tiny.read_text()), batch=2, steps=1)
+    rows = {m.recipe: m for m in report.measurements}
+    assert "forward flash, backward flash" in rows["default"].note  # the CPU's flash kernel
+    assert {"default", "flash", "math"} <= set(rows) and all(m.tflops for m in rows.values())
+    skipped = report.settings["skipped"]
+    assert any(k.startswith("cudnn") for k in skipped) and "official (fp32 q, k, v)" in skipped
+
+
+def test_device_probe_says_what_needs_cuda(tmp_path):
+    out = tmp_path / "device.json"
+    r = CliRunner().invoke(app, ["bench", "device", "--json", str(out)], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert [m["recipe"] for m in report["measurements"]] == ["matmul fp32 512³", "copy device→device 32 MiB"]
+    assert report["measurements"][1]["gb_per_s"] > 0
+    assert "copy host→device 32 MiB (pinned): skipped: no CUDA" in r.output
+    assert "matmul bf16 512³: skipped: no CUDA" in r.output

@@ -1,5 +1,6 @@
 """Where a process computes: torch.distributed helpers (rank, world size, barrier, gathering, the process
-group's lifetime), the `--device` a command runs on, and how many CPU threads torch uses.
+group's lifetime), the `--device` a command runs on, how many CPU threads torch uses, and the CUDA backend
+settings (TF32, cuDNN autotuning) every command that runs a network applies (`cuda_defaults`).
 
 Every helper works without an initialised process group (one process: rank 0 of 1), so workflows call
 them unconditionally. `init_from_env` reads the variables `torchrun` sets.
@@ -162,3 +163,36 @@ def use_cpu_threads(params: int, requested: int | None = None) -> str:
         torch.set_num_threads(choice.threads)
     n = torch.get_num_threads()
     return f"{n} CPU thread{'s' if n != 1 else ''} for torch ({choice.why})"
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA set-up
+
+
+def cuda_defaults(device: torch.device, *, tf32: bool = True, autotune: bool = True) -> str:
+    """The one CUDA set-up of every command that runs a network on `device` (process-wide; a no-op off CUDA).
+
+    `tf32`: fp32 matmuls on TF32 tensor cores (inputs rounded to 10 mantissa bits); False keeps them in full
+    fp32, torch's default. Convolutions use TF32 either way, cuDNN's default and the official code's.
+    `autotune`: `cudnn.benchmark`, the fastest convolution algorithm per shape, picked by timing, so the
+    last bits can differ from run to run. Who passes what (docs/benchmarks.md, *CUDA settings*):
+
+        train, sample, bench's uvit recipes   tf32, autotune: the network runs under bf16 autocast;
+                                              TF32 reaches only what autocast leaves in fp32
+                                              (`sample --precision fp32`: no tf32)
+        fid                                   autotune, no tf32: features and metrics in fp32 (and
+                                              in `exact_fp32()`); `--ckpt` generates as sample does
+        prepare, bench's official recipes     neither: stored features within fp16 storage rounding of
+                                              fp32 (CLIP under TF32 measured 2.4e-4 relative RMS, the
+                                              storage 2.1e-4) and the same kernels on a rerun;
+                                              torch's defaults are what the official code ran
+
+    Returns one line saying what is set ("" off CUDA).
+    """
+    if device.type != "cuda":
+        return ""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = autotune
+    matmul = "TF32 matmuls" if tf32 else "fp32 matmuls"
+    return f"{matmul}, TF32 convolutions, cuDNN {'autotuning' if autotune else 'heuristics'}"

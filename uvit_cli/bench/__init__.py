@@ -6,6 +6,11 @@ real shapes, and times whole steps after warm-up (and compilation). FLOPs are co
 forward; recomputation by gradient checkpointing is not counted, as MFU conventionally does not).
 
     report = run_bench("train", load_preset("coco_uvit_s2_deep"), batch=256, steps=20)
+
+A report streams: `on_row(report, row)` is called the moment each row is measured, with the report so far,
+so a run cut short (a time limit, Ctrl-C) keeps every row it measured (`uvit bench --json` rewrites its file
+each time). Each row carries `warmup_s`, the seconds of its warm-up calls (compilation, autotuning): the wait
+before a run's first step.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ import torch
 from uvit_cli import dist
 from uvit_cli.bench.measure import Measurement, device_name, peak_tflops
 from uvit_cli.bench.recipes import OFFICIAL, OURS, SAMPLE_LADDER, TRAIN_LADDER
-from uvit_cli.bench.tasks import bench_fid, bench_prepare, bench_sample, bench_train
+from uvit_cli.bench.tasks import bench_sample, bench_train
 from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError, ResourceError
 from uvit_cli.fileio import write_text_atomic
 from uvit_cli.resources import require_disk, require_memory
 
-TASKS = ("train", "sample", "prepare", "fid", "data")
+TASKS = ("train", "sample", "prepare", "fid", "data", "attention", "device")
 Progress = Callable[[str], None]
 
 
@@ -42,7 +47,7 @@ class BenchReport:
     peak_bf16_tflops: float | None
     date: str
     measurements: list[Measurement]
-    settings: dict[str, Any]
+    settings: dict[str, Any]  # how it ran; "skipped": {probe: why} for probes that could not run here
 
     @property
     def speedup(self) -> float | None:
@@ -80,8 +85,10 @@ def run_bench(
     workers: list[int] | None = None,
     device: torch.device | None = None,
     progress: Progress | None = None,
+    on_row: Callable[[BenchReport, Measurement], None] | None = None,
 ) -> BenchReport:
-    """Run one benchmark task and return its report (our recipe and, by default, the official one)."""
+    """Run one benchmark task and return its report (our recipe and, by default, the official one);
+    `on_row(report, row)` the moment each row is measured."""
     if task not in TASKS:
         raise ConfigError(f"unknown bench task '{task}' (choose from {', '.join(TASKS)})")
     for flag, value in (("--batch", batch), ("--repeats", steps)):
@@ -96,32 +103,42 @@ def run_bench(
         or (preset.sample.batch_size if task == "sample" else preset.train.batch_size)
     )
     _check_resources(task, preset, batch, steps, decode=decode, device=device)
-    kw: dict[str, Any] = {"device": device, "progress": progress}
-    if steps is not None:
-        kw["steps"] = steps
-    try:
-        ms = _run_task(task, preset, batch, compare, official, decode, data_dir, workers, kw)
-    except torch.OutOfMemoryError:
-        raise ResourceError(
-            f"bench {task} at batch {batch} does not fit in the memory of {device}: pass a smaller --batch"
-        ) from None
     name = device_name(device)
-    return BenchReport(
+    report = BenchReport(
         task=task,
         preset=preset.name,
         device=name,
         torch_version=torch.__version__,
         peak_bf16_tflops=peak_tflops(name) if device.type == "cuda" else None,
         date=datetime.date.today().isoformat(),
-        measurements=ms,
+        measurements=[],
         settings={
-            "batch": ms[0].batch if ms else batch,
+            "batch": None if task == "device" else batch,
             "steps": steps,
             "compare": compare,
             "decode": decode,
             "data": str(data_dir) if data_dir is not None else None,
         },
     )
+
+    def add(row: Measurement) -> None:
+        report.measurements.append(row)
+        if on_row:
+            on_row(report, row)
+
+    def skip(what: str, why: str) -> None:
+        report.settings.setdefault("skipped", {})[what] = why
+
+    kw: dict[str, Any] = {"device": device, "progress": progress, "on_row": add}
+    if steps is not None:
+        kw["steps"] = steps
+    try:
+        _run_task(task, preset, batch, compare, official, decode, data_dir, workers, kw, skip)
+    except torch.OutOfMemoryError:
+        raise ResourceError(
+            f"bench {task} at batch {batch} does not fit in the memory of {device}: pass a smaller --batch"
+        ) from None
+    return report
 
 
 def _run_task(
@@ -134,29 +151,41 @@ def _run_task(
     data_dir: str | Path | None,
     workers: list[int] | None,
     kw: dict[str, Any],
-) -> list[Measurement]:
+    skip: Callable[[str, str], None],
+) -> None:
     device = kw["device"]
     if task == "train":
         recipes = TRAIN_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
-        ms = bench_train(preset, batch=batch, recipes=recipes, data_dir=data_dir, **kw)
+        bench_train(preset, batch=batch, recipes=recipes, data_dir=data_dir, **kw)
     elif task == "sample":
         recipes = SAMPLE_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
         if device.type != "cuda":
             recipes = [r for r in recipes if not r.cuda_graphs]
-        ms = bench_sample(preset, batch=batch, recipes=recipes, decode=decode, **kw)
+        bench_sample(preset, batch=batch, recipes=recipes, decode=decode, **kw)
     elif task == "data":
         from uvit_cli.bench.data import bench_data
 
-        ms = bench_data(preset, batch=batch, data_dir=data_dir, workers=workers, **kw)
+        bench_data(preset, batch=batch, data_dir=data_dir, workers=workers, **kw)
     elif task == "prepare":
-        ms = bench_prepare(preset, batch=batch, **kw)
+        from uvit_cli.bench.encoders import bench_prepare
+
+        bench_prepare(preset, batch=batch, **kw)
+    elif task == "fid":
+        from uvit_cli.bench.encoders import bench_fid
+
+        bench_fid(batch=batch, **kw)
+    elif task == "attention":
+        from uvit_cli.bench.device import bench_attention
+
+        bench_attention(preset, batch=batch, skip=skip, **kw)
     else:
-        ms = bench_fid(batch=batch, **kw)
-    return ms
+        from uvit_cli.bench.device import bench_device
+
+        bench_device(skip=skip, **kw)
 
 
-# Batches of the tasks whose preset has none: the encoders' and Inception's.
-DEFAULT_BATCH = {"prepare": 64, "fid": 200}
+# Batches of the tasks whose preset has none: the encoders' and Inception's (the device probe has none).
+DEFAULT_BATCH = {"prepare": 64, "fid": 200, "device": 1}
 # Peak memory per image beyond the weights, measured on the CPU: the FID Inception at 299x299 (21 MiB), and
 # a training step keeping every block's activations for the backward (9.6x sampling's peak: 3.9 GiB for
 # cifar10_uvit_s2 at batch 32).
@@ -184,7 +213,13 @@ def _check_resources(
         # float16 shards of ours and float32 files of the official layout
         require_disk(tempfile.gettempdir(), what, 3 * n * item, fix=fix + " or --repeats")
         return
-    if device.type != "cpu":
+    if device.type != "cpu" or task == "device":  # the device probe's CPU sizes are fixed and small
+        return
+    if task == "attention":  # q, k, v, out and their gradients; the math path keeps two (T, T) maps per head
+        from uvit_cli.bench.device import attention_shape
+
+        B, H, T, Dh = attention_shape(preset, batch)
+        require_memory(what, 4 * B * H * (8 * T * Dh + 4 * T * T), fix=fix)
         return
     if task == "sample":  # guided as the preset samples, decoding 50 at a time as both recipes do
         settings = SampleSettings(batch_size=batch, decode_batch_size=50, cfg_scale=preset.sample.cfg_scale)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from uvit_cli.bench.measure import Measurement
+from uvit_cli.bench.measure import Measurement, OnRow
 from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError
 from uvit_cli.workers import worker_loader
@@ -211,17 +211,18 @@ def _drop_cache(*roots: Path) -> None:
                     os.close(fd)
 
 
-def _time(loader: DataLoader, steps: int, warmup: int) -> float:
-    """Seconds per batch over `steps` batches after `warmup` (worker start-up not counted)."""
+def _time(loader: DataLoader, steps: int, warmup: int) -> tuple[float, float]:
+    """(seconds per batch over `steps` batches, seconds of worker start-up and the `warmup` batches before)."""
+    t0 = time.perf_counter()
     it = iter(loader)
     for _ in range(warmup):
         next(it)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     for _ in range(steps):
         next(it)
-    sec = (time.perf_counter() - t0) / steps
+    sec = (time.perf_counter() - t1) / steps
     del it
-    return sec
+    return sec, t1 - t0
 
 
 def bench_data(
@@ -235,9 +236,11 @@ def bench_data(
     cold: bool = True,
     device: torch.device | None = None,
     progress: Progress | None = None,
+    on_row: OnRow | None = None,
 ) -> list[Measurement]:
     """Samples/s of our training loader and of the official reader on the same items, per worker count
-    (default: 0, 2 and the preset's `train.num_workers`) and page-cache state."""
+    (default: 0, 2 and the preset's `train.num_workers`) and page-cache state; `on_row` gets each row as
+    soon as it is measured."""
     from uvit_cli.data import FeatureDataset, ResumableSampler, make_loader
 
     say = progress or (lambda _: None)
@@ -286,9 +289,11 @@ def bench_data(
                         _time(loader, steps, warmup)  # one pass: the real folder may be far larger than n
                     else:
                         _warm(ours_root if recipe == "uvit" else official_root)
-                    sec = _time(loader, steps, warmup)
+                    sec, warmup_s = _time(loader, steps, warmup)
                     extra = ", items in memory" if recipe == "official" and in_memory else ""
                     out.append(Measurement.from_timing("data", recipe, batch, sec, None, None,
-                                                       torch.device("cpu"), note + extra))  # fmt: skip
+                                                       torch.device("cpu"), note + extra, warmup_s))  # fmt: skip
+                    if on_row:
+                        on_row(out[-1])
                     del loader
     return out

@@ -32,6 +32,9 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
 ]
 
 
+OnRow = Callable[["Measurement"], None]  # called with each row the moment it is measured
+
+
 def peak_tflops(device_name: str) -> float | None:
     """The dense bf16 peak of a known GPU, else None (then no MFU is reported)."""
     for key, tflops in PEAK_BF16_TFLOPS:
@@ -53,16 +56,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call of `fn`, after `warmup` calls (compilation, autotuning, allocator warm-up)."""
+def time_steps(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per call of `fn`, seconds of the `warmup` calls before: compilation, autotuning, allocator
+    warm-up, the wait before a run's first step)."""
+    synchronize(device)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
     synchronize(device)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     for _ in range(steps):
         fn()
     synchronize(device)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t1) / steps, t1 - t0
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -97,6 +103,8 @@ class Measurement:
     mfu: float | None = None
     peak_mem_gb: float | None = None
     note: str = ""
+    warmup_s: float | None = None  # the warm-up calls before timing (compilation, autotuning)
+    gb_per_s: float | None = None  # bytes moved per second (`uvit bench device` copies)
 
     @classmethod
     def from_timing(
@@ -109,6 +117,7 @@ class Measurement:
         peak: float | None,
         device: torch.device,
         note: str = "",
+        warmup_s: float | None = None,
     ) -> Measurement:
         tflops = flops_per_step / seconds_per_step / 1e12 if flops_per_step else None
         return cls(
@@ -122,6 +131,7 @@ class Measurement:
             mfu=tflops / peak if tflops is not None and peak else None,
             peak_mem_gb=peak_memory_gb(device),
             note=note,
+            warmup_s=warmup_s,
         )
 
 
@@ -140,6 +150,6 @@ def measure(
     """One row: `fn` timed by `time_steps` from a reset peak-memory counter; MFU against the device's dense
     bf16 peak (known GPUs only)."""
     reset_peak_memory(device)
-    sec = time_steps(fn, steps, warmup, device)
+    sec, warmup_s = time_steps(fn, steps, warmup, device)
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
-    return Measurement.from_timing(task, recipe, batch, sec, flops, peak, device, note)
+    return Measurement.from_timing(task, recipe, batch, sec, flops, peak, device, note, warmup_s)

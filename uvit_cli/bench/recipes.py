@@ -3,7 +3,8 @@
 A recipe is a set of switches over the *same* network and objective, so a ratio measures the
 switches and nothing else. `official` reproduces how baofff/U-ViT runs (spec §1.3, §3.5, §4.2):
 fp16 autocast with a grad scaler (`accelerate --mixed_precision fp16`), attention upcast to fp32,
-eager, non-fused AdamW, a per-parameter EMA loop; sampling with cond and uncond as two passes.
+eager, non-fused AdamW, a per-parameter EMA loop; sampling with cond and uncond as two passes; torch's
+CUDA defaults (fp32 matmuls without TF32, no cuDNN autotuning), where ours runs `dist.cuda_defaults`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Recipe:
     compile: bool = False
     batched_cfg: bool = True  # sampling: cond and uncond in one forward
     cuda_graphs: bool = False  # sampling: torch.compile mode="reduce-overhead"
+    tuned: bool = False  # CUDA: TF32 matmuls, cuDNN autotuning (`dist.cuda_defaults`); else torch's
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -33,7 +35,7 @@ class Recipe:
 
 
 OFFICIAL = Recipe("official", amp="fp16", official_attention=True, batched_cfg=False)
-OURS = Recipe("uvit", amp="bf16", official_attention=False, fused_adamw=True, compile=True)
+OURS = Recipe("uvit", amp="bf16", official_attention=False, fused_adamw=True, compile=True, tuned=True)
 
 # `--compare`: switch one optimisation on at a time, from the official recipe to ours.
 TRAIN_LADDER = [
@@ -59,7 +61,9 @@ def for_device(recipe: Recipe, device: torch.device) -> Recipe:
     """What a recipe becomes on the CPU: fp32 (CPU autocast is not what either code base runs), eager."""
     if device.type == "cuda":
         return recipe
-    return dataclasses.replace(recipe, amp=None, compile=False, cuda_graphs=False, fused_adamw=False)
+    return dataclasses.replace(
+        recipe, amp=None, compile=False, cuda_graphs=False, fused_adamw=False, tuned=False
+    )
 
 
 class OfficialAttention(Attention):

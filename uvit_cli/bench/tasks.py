@@ -1,6 +1,7 @@
-"""The timed tasks of `uvit bench`: the real training step, generator, encoders and Inception, each built
-from a preset with random weights of the real size and inputs of the real shapes, our recipe beside the
-official one (bench/recipes.py). `uvit_cli.bench.run_bench` picks one and wraps the result in a report."""
+"""The timed tasks of `uvit bench` that run the network: the real training step and generator, each built from
+a preset with random weights of the real size and inputs of the real shapes, our recipe beside the official
+one (bench/recipes.py). The encoders are timed in bench/encoders.py, the device in bench/device.py;
+`uvit_cli.bench.run_bench` picks a task and wraps the result in a report."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from typing import Any
 
 import torch
 
-from uvit_cli.bench.measure import Measurement, count_flops, measure
+from uvit_cli import dist
+from uvit_cli.bench.measure import Measurement, OnRow, count_flops, measure
 from uvit_cli.bench.recipes import OFFICIAL, OURS, Recipe, apply_attention, for_device, official_ema_update
 from uvit_cli.config import Preset
 from uvit_cli.data import to_model
-from uvit_cli.errors import ConfigError
 from uvit_cli.model import UViT
 
 Progress = Callable[[str], None]
@@ -22,9 +23,12 @@ Progress = Callable[[str], None]
 
 def default_device() -> torch.device:
     """`dist.device()`: this rank's GPU when CUDA is available, else the CPU."""
-    from uvit_cli import dist
-
     return dist.device()
+
+
+def use_recipe_settings(r: Recipe, device: torch.device) -> None:
+    """The CUDA settings a recipe's code base runs with: ours `dist.cuda_defaults`, the official torch's."""
+    dist.cuda_defaults(device, tf32=r.tuned, autotune=r.tuned)
 
 
 def conditions(preset: Preset, batch: int, device: torch.device, g: torch.Generator) -> tuple[dict, dict]:
@@ -79,10 +83,11 @@ def bench_train(
     data_dir: str | Path | None = None,
     device: torch.device | None = None,
     progress: Progress | None = None,
+    on_row: OnRow | None = None,
 ) -> list[Measurement]:
     """Images/s of full training steps (noising, forward, backward, optimiser, EMA) for each recipe; with
     `data_dir`, every step takes its batch from the loader `uvit train` builds over that prepared folder,
-    and the note says how long the steps waited for it."""
+    and the note says how long the steps waited for it. `on_row` gets each row as soon as it is measured."""
     device = device or default_device()
     batch = batch or preset.train.batch_size
     m = preset.model
@@ -98,6 +103,7 @@ def bench_train(
         if progress:
             progress(f"train / {recipe.name}")
         r = for_device(recipe, device)
+        use_recipe_settings(r, device)
         feed = data_feed(preset, data_dir, batch, device) if data_dir is not None else None
         step = make_train_step(r, preset, {"x": x, **cond}, null, device, feed)
         row = measure("train", recipe.name, step, batch=batch, flops=flops, steps=steps, warmup=warmup,
@@ -107,6 +113,8 @@ def bench_train(
             share = min(wait * 1e3 / row.ms_per_step, 1)
             row.note += f"; data {data_dir}: waited {wait * 1e3:.1f} ms/step ({share:.0%})"
         results.append(row)
+        if on_row:
+            on_row(row)
         del step
         free_memory(device)
     return results
@@ -166,6 +174,8 @@ def recipe_note(r: Recipe) -> str:
         parts.append("compiled")
     if r.cuda_graphs:
         parts.append("CUDA graphs")
+    if r.tuned:
+        parts.append("TF32 matmuls, cuDNN autotuning")
     return ", ".join(parts)
 
 
@@ -184,6 +194,7 @@ def bench_sample(
     recipes: Sequence[Recipe] = (OFFICIAL, OURS),
     device: torch.device | None = None,
     progress: Progress | None = None,
+    on_row: OnRow | None = None,
 ) -> list[Measurement]:
     """Images/s of guided sampling with the preset's solver, VAE decoding included (latent presets).
 
@@ -221,10 +232,13 @@ def bench_sample(
         if progress:
             progress(f"sample / {recipe.name}")
         r = for_device(recipe, device)
+        use_recipe_settings(r, device)
         run = make_sample_run(r, preset, cond, null, vae, schedule, scale, solver_steps, batch, device)
         note = recipe_note(r) + (", batched CFG" if r.batched_cfg and scale > 0 else "")
         results.append(measure("sample", recipe.name, run, batch=batch, flops=flops, steps=steps,
                                warmup=warmup, device=device, note=note))  # fmt: skip
+        if on_row:
+            on_row(results[-1])
         del run
         free_memory(device)
     return results
@@ -306,95 +320,3 @@ def make_sample_run(
             to_uint8(decode_latents(vae, x, 50, "fp16" if device.type == "cuda" else "fp32"))
 
     return run_official
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoders (prepare) and Inception (fid)
-
-
-def bench_prepare(
-    preset: Preset,
-    *,
-    batch: int = 64,
-    steps: int = 3,
-    warmup: int = 1,
-    captions_per_image: int = 5,
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-) -> list[Measurement]:
-    """Encoder throughput of `uvit prepare` (VAE moments + CLIP of every caption), random real-size weights.
-
-    Official: one image per call, fp32 (scripts/extract_mscoco_feature.py). Ours: batched, VAE under bf16
-    autocast on CUDA. Image decoding is not included (it runs in DataLoader workers in `uvit prepare`).
-    """
-    from uvit_cli.encoders import AutoencoderKL, CLIPTextConfig, CLIPTextEncoder
-
-    device = device or default_device()
-    if preset.data.space != "latent":
-        raise ConfigError(f"bench prepare needs a latent preset; '{preset.name}' is pixel-space")
-    torch.manual_seed(0)
-    vae = AutoencoderKL().to(device).eval()
-    text = preset.model.conditioning == "text"
-    clip = CLIPTextEncoder(CLIPTextConfig()).to(device).eval() if text else None
-    res = preset.data.resolution
-    images = torch.rand(batch, 3, res, res, device=device) * 2 - 1
-    tokens = torch.randint(0, 49406, (batch * captions_per_image, 77), device=device)
-    with torch.device("meta"):
-        meta_vae = AutoencoderKL()
-        flops = count_flops(lambda: meta_vae.encode_moments(torch.randn(batch, 3, res, res)))
-        if text:
-            meta_clip = CLIPTextEncoder(CLIPTextConfig())
-            flops += count_flops(
-                lambda: meta_clip(torch.zeros(batch * captions_per_image, 77, dtype=torch.long))
-            )
-
-    def official() -> None:
-        with torch.no_grad():
-            for i in range(batch):
-                vae.encode_moments(images[i : i + 1])
-                if clip is not None:
-                    clip(tokens[i * captions_per_image : (i + 1) * captions_per_image])
-
-    def ours() -> None:
-        amp = device.type == "cuda"
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            vae.encode_moments(images)
-        if clip is not None:
-            with torch.no_grad():
-                clip(tokens)
-
-    results = []
-    for name, fn, note in [("official", official, "1 image per call, fp32"), ("uvit", ours, "batched")]:
-        if progress:
-            progress(f"prepare / {name}")
-        results.append(measure("prepare", name, fn, batch=batch, flops=flops, steps=steps, warmup=warmup,
-                               device=device, note=note))  # fmt: skip
-    return results
-
-
-def bench_fid(
-    *,
-    batch: int = 200,
-    steps: int = 3,
-    warmup: int = 1,
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-) -> list[Measurement]:
-    """Inception feature throughput at 299x299 (random weights of the real FID Inception), fp32."""
-    from uvit_cli.inception import FIDInception
-
-    device = device or default_device()
-    net = FIDInception().to(device).eval()
-    x = torch.rand(batch, 3, 299, 299, device=device) * 255
-    with torch.device("meta"):
-        meta = FIDInception()
-        flops = count_flops(lambda: meta(torch.rand(batch, 3, 299, 299)))
-
-    def run() -> None:
-        with torch.no_grad():
-            net(x)
-
-    if progress:
-        progress("fid / uvit")
-    return [measure("fid", "uvit", run, batch=batch, flops=flops, steps=steps, warmup=warmup, device=device,
-                    note="fp32, TF32 off")]  # fmt: skip

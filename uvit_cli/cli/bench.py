@@ -1,4 +1,5 @@
-"""`uvit bench train|sample|prepare|fid|data`."""
+"""`uvit bench train|sample|prepare|fid|data|attention|device`: each row printed (and `--json` rewritten) the
+moment it is measured, the table after the last."""
 
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def _counts(text: str | None) -> list[int] | None:
 @handle_errors
 def bench(
     task: Annotated[
-        str, typer.Argument(help="What to time: train, sample, prepare, fid or data (the loader).")
+        str,
+        typer.Argument(
+            help="What to time: train, sample, prepare, fid, data (the loader), attention (the SDPA kernels "
+            "of the preset's attention) or device (matmul and copy ceilings)."
+        ),
     ],
     preset: Annotated[str, typer.Option("--preset", help="Preset name or .toml path.")] = "coco_uvit_s2_deep",
     batch: Annotated[int | None, typer.Option(min=1, help="Batch size (default: the preset's).")] = None,
@@ -79,6 +84,14 @@ def bench(
 
     dev = dist.device(device) if device else None  # one line for a device this machine lacks
     with console.status("benchmarking…") as status:
+
+        def on_row(report: Any, row: Any) -> None:  # stream: a run cut short keeps what it measured
+            if json_path:  # first, so a printed row is always in the file
+                write_json(report, json_path)
+            status.stop()
+            out.print(_row_line(row), markup=False)
+            status.start()
+
         report = run_bench(
             task,
             p,
@@ -91,30 +104,68 @@ def bench(
             workers=counts,
             device=dev,
             progress=lambda msg: status.update(f"benchmarking {msg}…"),
+            on_row=on_row,
         )
 
     if task == "data":
         _print_data(report, p.name)
+    elif task == "device":
+        _print_device(report)
     else:
         _print_timing(report, p.name, task)
+    for what, why in report.settings.get("skipped", {}).items():
+        out.print(f"{what}: skipped: {why}", markup=False)
     if json_path:
         out.print(f"wrote {write_json(report, json_path)}")
 
 
+def _row_line(m: Any) -> str:
+    """One measured row as one line, printed the moment it is measured."""
+    parts = [f"{m.images_per_s:,.1f} img/s" if m.task != "device" else "", f"{m.ms_per_step:,.2f} ms/step"]
+    if m.tflops is not None:
+        parts.append(f"{m.tflops:,.1f} TFLOP/s" + (f" (MFU {100 * m.mfu:.1f}%)" if m.mfu else ""))
+    if m.gb_per_s is not None:
+        parts.append(f"{m.gb_per_s:,.1f} GB/s")
+    if m.peak_mem_gb is not None:
+        parts.append(f"peak {m.peak_mem_gb:.1f} GB")
+    if m.warmup_s is not None:
+        parts.append(f"warm-up {m.warmup_s:.1f} s")
+    return f"{m.task} · {m.recipe}: {', '.join(p for p in parts if p)} · {m.note}"
+
+
 def _print_data(report: Any, name: str) -> None:
     """The loader table: samples/s of each reader and worker count, and the speed-up."""
-    table = Table("reader", "samples/s", "ms/batch", "what", title=f"uvit bench data · {name} · batch "
-                  f"{report.settings['batch']}", caption=f"{report.device} · torch {report.torch_version} · "
+    table = Table("reader", "samples/s", "ms/batch", "warm-up s", "what", title=f"uvit bench data · {name} · "
+                  f"batch {report.settings['batch']}", caption=f"{report.device} · torch {report.torch_version} · "
                   f"{report.date}")  # fmt: skip
     for m in report.measurements:
-        table.add_row(m.recipe, f"{m.images_per_s:,.0f}", f"{m.ms_per_step:,.2f}", m.note)
+        table.add_row(
+            m.recipe, f"{m.images_per_s:,.0f}", f"{m.ms_per_step:,.2f}", _fmt(m.warmup_s, ".1f"), m.note
+        )
     out.print(table)
     if report.speedup is not None:
         out.print(f"speed-up over the official reader: [bold]{report.speedup:.2f}x[/bold] (workers 0, warm)")
 
 
+def _print_device(report: Any) -> None:
+    """The ceilings: matmul TFLOP/s (and the share of the data-sheet peak), copy GB/s."""
+    table = Table("probe", "ms", "TFLOP/s", "of bf16 peak", "GB/s", "what", title="uvit bench device",
+                  caption=f"{report.device} · torch {report.torch_version} · {report.date}")  # fmt: skip
+    for m in report.measurements:
+        table.add_row(
+            m.recipe,
+            f"{m.ms_per_step:,.3f}",
+            _fmt(m.tflops, ",.1f"),
+            _fmt(m.mfu and 100 * m.mfu, ".1f") + ("%" if m.mfu else ""),
+            _fmt(m.gb_per_s, ",.1f"),
+            m.note,
+        )
+    out.print(table)
+
+
 def _print_timing(report: Any, name: str, task: str) -> None:
-    """The recipe table of train / sample / prepare / fid: img/s, ms/step, TFLOP/s, MFU, peak memory."""
+    """The recipe table of train / sample / prepare / fid / attention: img/s, ms/step, TFLOP/s, MFU, peak
+    memory, warm-up seconds (compilation, autotuning: the wait before the first step)."""
     table = Table(
         "recipe",
         "img/s",
@@ -122,6 +173,7 @@ def _print_timing(report: Any, name: str, task: str) -> None:
         "TFLOP/s",
         "MFU",
         "peak mem GB",
+        "warm-up s",
         "what",
         title=f"uvit bench {task} · {name} · batch {report.settings['batch']}",
         caption=f"{report.device} · torch {report.torch_version} · {report.date}",
@@ -134,6 +186,7 @@ def _print_timing(report: Any, name: str, task: str) -> None:
             _fmt(m.tflops, ".1f"),
             _fmt(m.mfu and 100 * m.mfu, ".1f") + ("%" if m.mfu else ""),
             _fmt(m.peak_mem_gb, ".1f"),
+            _fmt(m.warmup_s, ".1f"),
             m.note,
         )
     out.print(table)

@@ -414,6 +414,9 @@ def _run(
     distributed: bool,
 ) -> PrepareResult:
     device = device or dist.device()
+    # Full fp32 matmuls (CLIP under TF32 would add about the fp16 storage rounding again) and no autotuning
+    # (a rerun or another rank picks the same kernels): what the official extraction ran
+    dist.cuda_defaults(device, tf32=False, autotune=False)
     rank, world = dist.rank(), dist.world_size()
     enc = _Encoders(spec, device)
     vae_sha = enc.vae.weights_sha256 if enc.vae is not None else None

@@ -202,10 +202,7 @@ def train(
         if main and on_event is not None:
             on_event(TrainEvent(kind, at_step, tc.steps, message, metrics))
 
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    dist.cuda_defaults(device)  # TF32 for any fp32 matmul left outside autocast, cuDNN autotuning
     amp_dtype, use_compile, fused = _recipe(preset, device, compile)
     lock: RunDirLock | None = None
 
