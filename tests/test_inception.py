@@ -204,3 +204,36 @@ def test_golden_values_with_real_weights(tmp_path, real_inception, side, mode):
     assert f.norm().item() == pytest.approx(l2, abs=1e-4)
     assert f.argmax().item() == argmax
     np.testing.assert_allclose(f[:4].numpy(), head, atol=5e-5)
+
+
+def test_the_classifier_head_is_found_in_both_layouts_and_checked(tmp_path, monkeypatch):
+    """NVIDIA's `output.weight` and pytorch-fid's `fc.weight` (1008, 2048) become `logits_weight`; a head
+    of another shape is one line; looking for IS weights skips fid-helper's default_1.pt (no head)."""
+    sd = FIDInception().state_dict()
+    w = torch.randn(1008, 2048)
+    torch.save(sd | {"output.weight": w, "output.bias": torch.ones(1008)}, tmp_path / "nv.pt")
+    assert torch.equal(load_inception(tmp_path / "nv.pt").logits_weight, w)
+    assert load_inception(tmp_path / "nv.pt").outputs(torch.zeros(1, 3, 299, 299), logits=True)[
+        "logits"
+    ].shape == (1, 1008)
+    torch.save(sd | {"output.weight": w[:10]}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"output.weight has shape \(10, 2048\)"):
+        load_inception(tmp_path / "bad.pt")
+    headless = load_inception(_save(tmp_path / "plain.pt", sd))
+    assert headless.logits_weight is None
+    with pytest.raises(WeightsNotFoundError, match="no classifier head"):
+        headless.outputs(torch.zeros(1, 3, 299, 299), logits=True)
+    helper = [p for p in inc.known_weight_paths() if p.name == inc.FID_HELPER_FILE]
+    if helper:
+        assert helper[0] not in inc.known_weight_paths(need_head=True)
+    monkeypatch.delenv(inc.ENV_VAR, raising=False)
+    monkeypatch.setattr(
+        inc, "known_weight_paths", lambda mode="clean", need_head=False: [tmp_path / "none.pt"]
+    )
+    with pytest.raises(WeightsNotFoundError, match="classifier head .*serves every metric but `is`"):
+        resolve_weights(None, "legacy_tensorflow", need_head=True)
+
+
+def _save(path, sd):
+    torch.save(sd, path)
+    return path

@@ -48,6 +48,11 @@ class _TinyInception(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1) @ self.w)
 
+    def outputs(self, x: torch.Tensor, *, spatial: bool = False, logits: bool = False) -> dict:
+        """FIDInception.outputs: pool, and sFID's 2023 spatial features (the first 2023 pool ones here)."""
+        pool = self(x)
+        return {"pool": pool, "spatial": pool[:, :2023]} if spatial else {"pool": pool}
+
 
 @pytest.fixture()
 def tiny_inception(monkeypatch, tmp_path):
@@ -130,6 +135,36 @@ def test_a_reference_that_cannot_come_from_real_features_is_refused(case, tmp_pa
     assert str(ref) in line and not re.search(r"^FID \d", res.output, re.M)
     assert re.search(message, line), line
     assert ref.read_bytes() == before
+
+
+def _bad_extras() -> dict[str, tuple[str, dict, str]]:
+    ds = 2023
+    indefinite = np.eye(ds)
+    indefinite[3, 3] = -2.0
+    pool = np.full((8, D), 0.5)
+    nan_pool = pool.copy()
+    nan_pool[2, 5] = np.nan
+    return {
+        "spatial sigma not a covariance": ("sfid", {"mu_s": np.full(ds, 0.5), "sigma_s": indefinite}, "sigma has a negative eigenvalue -2"),
+        "spatial statistics of 2048": ("sfid", {"mu_s": np.full(D, 0.5), "sigma_s": np.eye(D)}, "dimension 2048, but the features .* 2023"),
+        "pool features with NaN": ("pr", {"pool_features": nan_pool}, "pool_features holds NaN"),
+        "pool features of 64 dims": ("pr", {"pool_features": pool[:, :64]}, r"pool_features is float64 \(8, 64\), want real numbers \(M, 2048\)"),
+        "pool features negative": ("pr", {"pool_features": -pool}, "pool_features has negative entries"),
+        "three reference images": ("pr", {"pool_features": pool[:3]}, "more than 3"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_bad_extras()))
+def test_adm_parts_of_a_reference_that_cannot_be_real_are_refused(case, tmp_path, tiny_inception):
+    """sFID's mu_s/sigma_s and precision/recall's pool_features pass the checks FID's mu/sigma pass."""
+    metric, arrays, message = _bad_extras()[case]
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.full(D, 0.5), sigma=np.eye(D), **arrays)
+    res = _run("fid", _images(tmp_path / "s"), ref, "--metrics", metric, "--no-json")
+    assert res.exit_code == 2, res.output
+    line = _error_line(res)
+    assert str(ref) in line and re.search(message, line), line
+    assert not re.search(r"^(FID|sFID|precision) \d", res.output, re.M)
 
 
 def test_a_good_reference_still_measures(tmp_path, tiny_inception):

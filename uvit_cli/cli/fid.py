@@ -1,5 +1,5 @@
 """`uvit fid SAMPLES REF.npz` (default: compare), `uvit fid --ckpt PATH --n N REF.npz` (generate: FID straight
-from a checkpoint) and `uvit fid ref IMAGES --out REF.npz`."""
+from a checkpoint) and `uvit fid ref IMAGES --out REF.npz`; `--metrics` picks the numbers on each."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ from uvit_cli.cli.common import (
 from uvit_cli.config import FidMode
 from uvit_cli.fileio import check_outputs
 
+_REF_HELP = (
+    "Reference .npz: mu/sigma (fid), mu_s/sigma_s (sfid), pool_features or arr_0 images (pr); made by "
+    "`uvit fid ref`, U-ViT's fid_stats, an ADM reference batch."
+)
 # Options that only generating from a checkpoint takes: their presence routes `uvit fid ...` to `generate`.
 _GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
 
@@ -55,18 +59,40 @@ fid_app = typer.Typer(
     cls=_DefaultToCompare,
     no_args_is_help=True,
     help=(
-        "FID with clean-fid's protocols and a local Inception (never downloads).\n\n"
-        "uvit fid SAMPLES REF.npz  compares a folder or .npz of images with reference mu/sigma;\n\n"
+        "FID with clean-fid's protocols and the ADM evaluator's table (IS, FID, sFID, precision, recall), with a "
+        "local Inception (never downloads).\n\n"
+        "uvit fid SAMPLES REF.npz [--metrics fid,sfid,is,pr,clip|all]  measures a folder or .npz of images "
+        "against a reference;\n\n"
         "uvit fid --ckpt PATH --n N REF.npz  generates from a checkpoint and measures on the fly (no PNGs);\n\n"
-        "uvit fid ref IMAGES --out REF.npz  makes reference statistics."
+        "uvit fid ref IMAGES --out REF.npz [--metrics ...]  makes a reference;\n\n"
+        "uvit fid pack FOLDER --out SAMPLES.npz  writes an ADM sample batch for openai's evaluator.py."
     ),
 )
 
 ModeOpt = Annotated[
-    FidMode,
-    typer.Option(
+    FidMode | None,
+    option(
         "--mode",
-        help="clean (clean-fid), legacy_pytorch (pytorch-fid: U-ViT's paper numbers), legacy_tensorflow (TF/ADM).",
+        help="clean (clean-fid), legacy_pytorch (pytorch-fid: U-ViT's paper numbers), legacy_tensorflow (TF "
+        "graph's resize: ADM's evaluator). Default: legacy_tensorflow when --metrics asks for sfid, is or pr "
+        "(they are ADM's numbers and need it), else clean.",
+    ),
+]
+MetricsOpt = Annotated[
+    str,
+    option(
+        "--metrics",
+        help="Comma list of fid (default), sfid, is (Inception Score), pr (precision and recall, k=3), clip "
+        "(CLIP score, text-to-image); all = fid,sfid,is,pr, the ADM evaluator's table (DiT, SiT, REPA, RAE). "
+        "One Inception pass gives them all.",
+    ),
+]
+ClipModelOpt = Annotated[
+    str | None,
+    option(
+        "--clip-model",
+        help="CLIP ViT-L/14 (both towers) for --metrics clip: a path or hub id (default: $UVIT_CLIP, then the "
+        "Hugging Face cache of openai/clip-vit-large-patch14).",
     ),
 ]
 InceptionWeightsOpt = Annotated[
@@ -86,7 +112,8 @@ WorkersOpt = Annotated[
 
 # How images become Inception statistics, as `compute_fid` and `make_ref_stats` take it (compare, ref).
 _FEATURES = option_group(
-    ("mode", ModeOpt, "clean"),
+    ("metrics", MetricsOpt, "fid"),
+    ("mode", ModeOpt, None),
     ("inception_weights", InceptionWeightsOpt, None),
     ("batch_size", BatchOpt, 50),
     ("workers", WorkersOpt, None),
@@ -115,6 +142,36 @@ def _with_features_bar(fn: Any, images: Path, target: Path, **options: Any) -> A
         for w in result.warnings:
             warn(w)
     return result
+
+
+def _resolve_metrics(metrics: str, mode: str | None) -> tuple[tuple[str, ...], str]:
+    """The metrics asked and the mode they run in (the flag, else the one they need)."""
+    from uvit_cli.fid.metrics import default_mode, parse_metrics
+
+    names = parse_metrics(metrics)
+    return names, mode or default_mode(names)
+
+
+def _clip_scorer(names: tuple[str, ...], spec: str | None, device: Any) -> Any:
+    """For --metrics clip: uint8 images + prompts -> per-image CLIP scores with CLIP ViT-L/14's two towers,
+    loaded at the first batch (after the reference and the images have been checked)."""
+    if "clip" not in names:
+        return None
+    from uvit_cli import dist
+    from uvit_cli.encoders.weights import resolve_weights
+
+    resolve_weights(spec, "clip_model")  # a missing file is one line now, not after the Inception pass
+    model: list[Any] = []
+
+    def score(images: Any, prompts: Any) -> Any:
+        from uvit_cli.encoders import load_clip_model
+        from uvit_cli.encoders.clip_score import clip_score
+
+        if not model:
+            model.append(load_clip_model(spec, dist.device(device)))
+        return clip_score(images, prompts, model[0]).numpy()
+
+    return score
 
 
 def _inputs(**paths: Any) -> dict[str, Any]:
@@ -154,23 +211,27 @@ def compare(
         Path, typer.Argument(help="Folder of images, or .npz with uint8 NHWC images in arr_0.")
     ],
     ref: Annotated[
-        Path, typer.Argument(help="Reference .npz with mu and sigma (U-ViT fid_stats, ADM batch).")
+        Path,
+        typer.Argument(help=_REF_HELP),
     ],
     json_path: Annotated[
         Path | None,
         option("--json", help="Where to write the protocol stamp (default: SAMPLES.fid-MODE.json)."),
     ] = None,
     no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,
+    clip_model: ClipModelOpt = None,
     **features: Any,
 ) -> None:
-    """FID of SAMPLES against REF (the default command: `uvit fid SAMPLES REF` runs it)."""
+    """FID (and --metrics) of SAMPLES against REF (the default command: `uvit fid SAMPLES REF` runs it)."""
     from uvit_cli.fid import compute_fid, samples_stamp_path
 
+    names, features["mode"] = _resolve_metrics(features.pop("metrics"), features["mode"])
     inputs = _inputs(SAMPLES=samples, REF=ref, **{"--inception-weights": features["inception_weights"]})
     stamp_path = None if no_json else json_path or samples_stamp_path(samples, features["mode"])
     name = "--json" if json_path else "the stamp (--json, default SAMPLES.fid-MODE.json)"
     check_outputs({name: stamp_path}, inputs)  # before any work: an output never replaces an input
-    result = _with_features_bar(compute_fid, samples, ref, **features)
+    clip_score = _clip_scorer(names, clip_model, features["device"])
+    result = _with_features_bar(compute_fid, samples, ref, metrics=names, clip_score=clip_score, **features)
     if not result.is_main:
         return
     _print_result(result.summary(), result.stamp, stamp_path, inputs)
@@ -189,22 +250,44 @@ def make_ref(
     ] = None,
     **features: Any,
 ) -> None:
-    """Reference statistics (mu, sigma float64 + meta) of a folder or .npz of images."""
+    """A reference of a folder or .npz of images: mu, sigma (float64) + meta, and what --metrics need
+    (sfid: mu_s, sigma_s; pr: the images' pool features)."""
     from uvit_cli.fid import make_ref_stats, stats_path, write_stamp
 
+    names, features["mode"] = _resolve_metrics(features.pop("metrics"), features["mode"])
     inputs = _inputs(IMAGES=images, **{"--inception-weights": features["inception_weights"]})
     check_outputs({"--out": stats_path(out_path), "--json": json_path}, inputs)
-    result = _with_features_bar(make_ref_stats, images, out_path, **features)
+    result = _with_features_bar(make_ref_stats, images, out_path, metrics=names, **features)
     if not result.is_main:
         return
     if json_path is not None:
         write_stamp(json_path, result.stamp)
-    inc = (result.stamp["inception"]["sha256"] or "custom")[:12]
+    s = result.stamp
+    inc = (s["inception"]["sha256"] or "custom")[:12]
+    score = f"  IS {s['inception_score']:.3f}" if "inception_score" in s else ""
     out.print(
-        f"wrote {result.path}  mode {features['mode']}  images {result.num_images}  inception {inc}",
+        f"wrote {result.path} ({', '.join(s['stored'])})  mode {features['mode']}  images {result.num_images}"
+        f"{score}  inception {inc}",
         soft_wrap=True,
         markup=False,
     )
+
+
+@fid_app.command("pack")
+@handle_errors
+def pack(
+    images: Annotated[Path, typer.Argument(help="Folder of images (one size), e.g. a `uvit sample` folder.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the sample batch (.npz).")],
+) -> None:
+    """An ADM sample batch (`arr_0` uint8 NHWC, sorted file order) of a folder, for openai/guided-diffusion's
+    evaluator.py or any tool that reads ADM batches; `uvit fid` reads it too."""
+    from uvit_cli.fid.images import write_adm_batch
+
+    check_outputs({"--out": out_path}, {"IMAGES": images})
+    bar, update = _progress_bar("packing")
+    with bar:
+        path, shape = write_adm_batch(images, out_path, progress=update)
+    out.print(f"wrote {path}  arr_0 uint8 {shape}", soft_wrap=True, markup=False)
 
 
 @fid_app.command("generate")
@@ -212,7 +295,8 @@ def make_ref(
 @with_options(SAMPLING)
 def generate(
     ref: Annotated[
-        Path, typer.Argument(help="Reference .npz with mu and sigma (U-ViT fid_stats, ADM batch).")
+        Path,
+        typer.Argument(help=_REF_HELP),
     ],
     n: Annotated[
         int | None,
@@ -237,9 +321,11 @@ def generate(
             help="Prepared shards with a val split: text models' captions (default: the preset's data.path).",
         ),
     ] = None,
-    mode: ModeOpt = "clean",
+    metrics: MetricsOpt = "fid",
+    mode: ModeOpt = None,
     inception_weights: InceptionWeightsOpt = None,
     device: DeviceOpt = None,
+    clip_model: ClipModelOpt = None,
     json_path: Annotated[
         Path | None,
         option(
@@ -251,12 +337,16 @@ def generate(
     no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,
     **sampling: Any,
 ) -> None:
-    """FID of N images generated from a checkpoint, streamed into the statistics (no PNGs written).
+    """FID (and --metrics) of N images generated from a checkpoint, streamed into the statistics (no PNGs).
 
-    Conditions as the paper: uniform labels for class models, val-split captions for text models. Image i depends only on (seed, i): batch size and GPU count do not change the number.
+    Conditions as the paper: uniform labels for class models, val-split captions for text models (CLIP score
+    compares each image with its caption). Image i depends only on (seed, i): batch size and GPU count do
+    not change the number.
     """
     spec = sampler_spec(**sampling)
     from uvit_cli.fid.generated import fid_from_checkpoint
+
+    names, fid_mode = _resolve_metrics(metrics, mode)
 
     read = {"REF": ref, "--ckpt": spec.ckpt, "--preset": spec.preset, "--vae": spec.vae}
     read |= {"--clip": clip, "--contexts-from": contexts_from, "--inception-weights": inception_weights}
@@ -264,11 +354,13 @@ def generate(
     # The default stamp path, beside the checkpoint, is known after loading: _print_result checks it.
     check_outputs({"--json": json_path}, inputs)
 
+    clip_score = _clip_scorer(names, clip_model, device)
     bar, update = _progress_bar("generating + features")
     with bar:
         result = fid_from_checkpoint(
-            ref, spec, n=n, clip=clip, contexts_from=contexts_from, mode=mode,
+            ref, spec, n=n, clip=clip, contexts_from=contexts_from, mode=fid_mode,
             inception_weights=inception_weights, device=device, progress=update, log=log_rank0,
+            metrics=names, clip_score=clip_score,
         )  # fmt: skip
     if not result.is_main:
         return

@@ -1,138 +1,122 @@
-"""`uvit fid`: FID against `mu`/`sigma` reference statistics, with clean-fid's protocols and a local Inception.
+"""`uvit fid`: FID with clean-fid's protocols and the ADM evaluator's table (IS, FID, sFID, precision, recall),
+with a local Inception; CLIP score through a hook.
 
 Entry points (each returns a result with a protocol stamp; none prints):
-  compute_fid(samples, ref)          folder or .npz of images vs reference npz
+  compute_fid(samples, ref)          folder or .npz of images vs a reference npz
   make_ref_stats(images, out)        reference npz from a folder or .npz of images
   fid_from_generator(batches, ref)   a stream of uint8 (B, H, W, 3) batches (the sampler's hook)
+`metrics=` (`fid`, `sfid`, `is`, `pr`, `clip`; `parse_metrics` reads "all" and comma lists) picks the
+numbers; one Inception pass over the images gives all of them (`features.Collector`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from uvit_cli import dist
-from uvit_cli.errors import DataError
+from uvit_cli.errors import ConfigError, DataError
+from uvit_cli.fid.measure import Setup, check_pr_memory, checked_stats, fid_result
+from uvit_cli.fid.metrics import (
+    ClipScoreFn,
+    check_metrics_mode,
+    needs_logits,
+    needs_pool_features,
+    needs_spatial,
+    parse_metrics,
+)
+from uvit_cli.fid.reference import Reference, load_reference
+from uvit_cli.fid.result import (
+    MIN_IMAGES,
+    FidResult,
+    RefResult,
+    make_stamp,
+    samples_stamp_path,
+    size_warnings,
+    write_stamp,
+)
 from uvit_cli.fid.stats import (
     INCEPTION_DIM,
     FeatureStats,
     check_stats,
     frechet_distance,
     load_ref_stats,
-    read_meta,
-    ref_protocol,
     save_stats,
     stats_path,
 )
-from uvit_cli.fileio import check_outputs, write_json_atomic
+from uvit_cli.fileio import check_outputs
+from uvit_cli.inception import SPATIAL_DIM
 
 __all__ = [
+    "MIN_IMAGES",
     "FeatureStats",
     "FidResult",
     "RefResult",
+    "check_request",
     "check_stats",
     "compute_fid",
     "fid_from_generator",
     "frechet_distance",
     "load_ref_stats",
     "make_ref_stats",
+    "parse_metrics",
     "save_stats",
     "samples_stamp_path",
     "stats_path",
     "write_stamp",
 ]
 
-MIN_IMAGES = 2048  # below the feature dimension the covariance is singular and FID is biased upward
 
-
-def samples_stamp_path(samples: str | os.PathLike, mode: str) -> Path:
-    """Where the stamp of `uvit fid SAMPLES REF` goes unless told: SAMPLES.fid-MODE.json beside the samples."""
-    p = Path(samples)
-    base = p.with_suffix("") if p.suffix == ".npz" else p
-    return base.parent / f"{base.name}.fid-{mode}.json"
-
-
-@dataclass
-class FidResult:
-    fid: float  # clamped at 0 when fid_raw is within round-off below it (FID(a, a) computes as about -1e-9)
-    fid_raw: float
-    num_images: int
-    stamp: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-    is_main: bool = True  # rank 0 under torchrun: the one that prints and writes
-
-    def summary(self) -> str:
-        """The one result line: FID, protocol, what was measured against what (and how, when generated)."""
-        s = self.stamp
-        inc = (s["inception"]["sha256"] or "custom")[:12]
-        line = f"FID {self.fid:.4f}  mode {s['mode']}  images {s['num_images']}  inception {inc}  ref {s['reference']['sha256'][:12]}"
-        g = s["samples"].get("generator")
-        if g:
-            gi = f" interval {g['guidance_interval']}" if g["guidance_interval"] else ""
-            rate = self.num_images / max(s["seconds"], 1e-9)
-            line += (
-                f"  {g['preset']} {g['solver']} {g['steps']} steps cfg {g['cfg_scale']:g}{gi} seed {g['seed']}  "
-                f"ckpt {g['checkpoint_sha256'][:12]}  {rate:.2f} img/s"
-            )
-        return line
-
-    def default_stamp_path(self) -> Path:
-        """Where the stamp goes unless told: beside the samples (SAMPLES.fid-MODE.json), or for a checkpoint
-        beside it, named by what changes the number (<ckpt>.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json)."""
-        s = self.stamp
-        g = s["samples"].get("generator")
-        if g:
-            ck = Path(g["checkpoint"])
-            tag = f"{s['mode']}-n{g['n']}-{g['solver']}{g['steps']}-cfg{g['cfg_scale']:g}-seed{g['seed']}"
-            return ck.with_name(f"{ck.stem}.fid-{tag}.json")
-        return samples_stamp_path(s["samples"]["path"], s["mode"])
-
-
-@dataclass
-class RefResult:
-    path: Path | None  # None on ranks other than 0
-    num_images: int
-    stamp: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-    is_main: bool = True
-
-
-@dataclass
-class _Setup:
-    features: Any
-    device: Any
-    dim: int
-    weights: dict[str, Any]
-    inception: bool = False  # the FID Inception (not a stand-in): its features are never negative
-
-
-def _setup(mode: str, inception_weights: Any, device: Any, features: Any, feature_dim: int) -> _Setup:
+def _setup(
+    mode: str, inception_weights: Any, device: Any, features: Any, feature_dim: int, metrics: Sequence[str]
+) -> Setup:
     from uvit_cli.fid.features import check_mode, inception_features
 
     check_mode(mode)
     device = dist.device(device)
     if features is not None:  # a stand-in extractor (tests, other feature spaces)
-        return _Setup(
-            features, device, feature_dim, {"path": None, "sha256": None, "note": "custom features"}
-        )
+        return Setup(features, device, feature_dim, {"path": None, "sha256": None, "note": "custom features"})
     from uvit_cli.fileio import sha256_file
-    from uvit_cli.inception import load_inception, resolve_weights
+    from uvit_cli.inception import load_inception, no_head_error, resolve_weights
 
-    path = resolve_weights(inception_weights, mode)
+    path = resolve_weights(inception_weights, mode, need_head=needs_logits(metrics))
     model = load_inception(path).to(device)
-    return _Setup(
-        inception_features(model, mode),
-        device,
-        INCEPTION_DIM,
-        {"path": str(path), "sha256": sha256_file(path)},
-        inception=True,
-    )
+    head = getattr(model, "logits_weight", None) is not None
+    if needs_logits(metrics) and not head:
+        raise no_head_error(path)
+    fn = inception_features(model, mode, spatial=needs_spatial(metrics), logits=needs_logits(metrics))
+    weights = {"path": str(path), "sha256": sha256_file(path), "classifier_head": head}
+    return Setup(fn, device, INCEPTION_DIM, weights, inception=True, spatial_dim=SPATIAL_DIM)
+
+
+def check_request(
+    ref: str | os.PathLike,
+    metrics: str | Iterable[str],
+    mode: str,
+    *,
+    features: Any = None,
+    feature_dim: int | None = INCEPTION_DIM,
+    clip_score: ClipScoreFn | None = None,
+) -> tuple[tuple[str, ...], Reference]:
+    """The cheap checks before the Inception loads (and before hours of sampling): the metrics and their
+    mode, the CLIP scorer when asked, and a reference that has what each metric needs."""
+    from uvit_cli.fid.features import check_mode
+
+    names = parse_metrics(metrics)
+    check_metrics_mode(names, check_mode(mode))
+    if "clip" in names and clip_score is None:
+        raise ConfigError("--metrics clip: no CLIP image encoder was given to score the images with")
+    inception = features is None
+    reference = load_reference(
+        ref, names, mode=mode, dim=INCEPTION_DIM if inception else feature_dim,
+        spatial_dim=SPATIAL_DIM if inception else None, inception=inception,
+    )  # fmt: skip
+    return names, reference
 
 
 def _default_workers(device: Any) -> int:
@@ -140,24 +124,28 @@ def _default_workers(device: Any) -> int:
     return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
-def _check_source(images: str | os.PathLike) -> None:
-    """Fail on a missing/empty folder, stray files or a bad npz before loading the Inception."""
+def _count_images(images: str | os.PathLike) -> int:
+    """The number of images of a folder or npz; a missing/empty folder, stray files or a bad npz fail here,
+    before the Inception loads."""
     from uvit_cli.fid.images import list_images, npz_images_info
 
     p = Path(images)
     if p.is_file() and p.suffix == ".npz":
-        if npz_images_info(p)[0] == 0:
+        n = npz_images_info(p)[0]
+        if n == 0:
             raise DataError(f"{p}: arr_0 holds no images")
-    elif not p.exists():
+        return n
+    if not p.exists():
         raise DataError(f"no such folder or .npz: {p}")
-    else:
-        list_images(p)
+    return len(list_images(p))
 
 
 def _images_stats(
-    images: str | os.PathLike, s: _Setup, mode: str, batch_size: int, workers: int | None, progress: Any
-) -> tuple[FeatureStats, set[tuple[int, int]], str]:
-    """This rank's statistics of a folder or an npz of images, merged over ranks; also sizes and the kind."""
+    images: str | os.PathLike, s: Setup, mode: str, batch_size: int, workers: int | None, progress: Any,
+    collector: Any,
+) -> tuple[FeatureStats, set[tuple[int, int]], str]:  # fmt: skip
+    """Pool statistics of a folder or an npz of images, this rank's share merged over ranks, the image sizes
+    and the kind of source; the other metrics' state goes to `collector`."""
     from uvit_cli.fid.features import all_reduce_stats, batches_stats, folder_stats, rank_world
     from uvit_cli.fid.images import list_images, npz_batches, npz_images_info
 
@@ -170,135 +158,44 @@ def _images_stats(
         lo, hi = n * rank // world, n * (rank + 1) // world  # contiguous share: the stream never seeks back
         stream = npz_batches(p, batch_size, lo, hi)
         prog = None if progress is None else (lambda done, _t: progress(done * world, n))
-        stats, sizes = batches_stats(stream, s.features, mode, s.device, prog, n, s.dim)
+        stats, sizes = batches_stats(
+            stream, s.features, mode, s.device, prog, n, s.dim, collector=collector, indices=range(lo, hi)
+        )
         kind = "npz"
     elif not p.exists():
         raise DataError(f"no such folder or .npz: {p}")
     else:
         files = list_images(p)
         w = _default_workers(s.device) if workers is None else workers
-        stats, sizes = folder_stats(files, s.features, mode, s.device, batch_size, w, progress, s.dim)
+        stats, sizes = folder_stats(
+            files, s.features, mode, s.device, batch_size, w, progress, s.dim, collector=collector
+        )
         kind = "folder"
     return all_reduce_stats(stats, s.device), sizes, kind
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+def _collector(metrics: Sequence[str], clip: ClipScoreFn | None, prompts: Any) -> Any:
+    from uvit_cli.fid.features import Collector
 
-    out = {}
-    for pkg in ("uvit", "clean-fid", "torch", "numpy", "scipy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "?"
-    return out
+    return Collector(metrics, clip=clip, prompts=prompts)
 
 
-def _warnings(n: int, sizes: set[tuple[int, int]]) -> list[str]:
-    out = []
-    if n < MIN_IMAGES:
-        out.append(
-            f"only {n} images: below {MIN_IMAGES} the covariance is singular and FID is biased upward "
-            "(the paper uses 50,000; 30,000 for MS-COCO)"
-        )
-    if len(sizes) > 1:
-        shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
-        out.append(f"images of {len(sizes)} sizes ({shown}...): each was resized to 299x299 on its own")
-    return out
-
-
-def _stamp(
-    metric: str, fields: dict, s: _Setup, sizes: set, world: int, t0: float, warns: list[str]
-) -> dict[str, Any]:
-    """A protocol stamp: `metric`, `fields`, then what every stamp records (Inception, image sizes, device,
-    ranks, seconds since `t0`, package versions, warnings)."""
-    return {
-        "metric": metric,
-        **fields,
-        "inception": s.weights,
-        "image_sizes": [f"{h}x{w}" for h, w in sorted(sizes)[:8]],
-        "device": str(s.device),
-        "world_size": world,
-        "seconds": round(time.time() - t0, 2),
-        "versions": _versions(),
-        "warnings": warns,
-    }
-
-
-def _ref_stats(
-    ref: str | os.PathLike, mode: str, features: Any, feature_dim: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's mu, sigma, checked against what the samples will be measured with (before any work)."""
-    from uvit_cli.fid.features import check_mode
-
-    inception = features is None
-    return load_ref_stats(
-        ref, INCEPTION_DIM if inception else feature_dim, inception=inception, mode=check_mode(mode)
-    )
-
-
-def _fid_against(
-    stats: FeatureStats,
-    ref: str | os.PathLike,
-    ref_stats: tuple[np.ndarray, np.ndarray],
-    s: _Setup,
-    mode: str,
-    sizes: set,
-    t0: float,
-    source: dict,
-) -> FidResult:
-    from uvit_cli.fid.features import rank_world
-    from uvit_cli.fileio import sha256_file
-
-    rank, world = rank_world()
-    if stats.n == 0:
-        raise DataError("no images to measure")
-    mu, sigma = _checked_stats(stats, s, source.get("path", "the generated images"))
-    raw = frechet_distance(mu, sigma, *ref_stats)
-    warns = _warnings(stats.n, sizes)
-    ref_meta = read_meta(ref)
-    ref_mode, origin = ref_protocol(ref)  # a recorded mode other than `mode` was refused by _ref_stats
-    if ref_mode is not None and ref_mode != mode:
-        warns.append(
-            f"the reference looks like {origin}: numbers comparable with it need --mode {ref_mode} "
-            f"(these samples used {mode})"
-        )
-    fields = {
-        "fid": max(raw, 0.0),
-        "fid_raw": raw,
-        "mode": mode,
-        "num_images": stats.n,
-        "samples": source,
-        "reference": {
-            "path": str(ref),
-            "sha256": sha256_file(ref),
-            "num_images": ref_meta.get("num_images"),
-            "mode": ref_mode,  # recorded, or implied by a known origin (None: unknown)
-            "mode_from": origin,
-        },
-    }
-    stamp = _stamp("fid", fields, s, sizes, world, t0, warns)
-    return FidResult(max(raw, 0.0), raw, stats.n, stamp, warns, rank == 0)
-
-
-def _checked_stats(stats: FeatureStats, s: _Setup, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """mu, sigma of features uvit extracted, through the same `check_stats` as every reference."""
-    mu, sigma = stats.mu_sigma()
-    weights = s.weights["path"] or "the feature function"
-    return check_stats(
-        mu,
-        sigma,
-        f"the features of {what}",
-        dim=s.dim,
-        inception=s.inception,
-        fix=f"{weights} does not give real features (damaged weights?)",
-    )
+def _reference_features(
+    ref: Reference, s: Setup, mode: str, batch_size: int, progress: Any
+) -> np.ndarray | None:
+    """The reference's pool features for precision/recall: stored ones, or those of its `arr_0` images."""
+    if ref.pool_features is not None or not ref.images:
+        return ref.pool_features
+    col = _collector(("pr",), None, None)
+    _images_stats(ref.path, s, mode, batch_size, 0, progress, col)
+    return col.merged(s.device, s.dim).pool_features
 
 
 def compute_fid(
     samples: str | os.PathLike,
     ref: str | os.PathLike,
     *,
+    metrics: str | Iterable[str] = ("fid",),
     mode: str = "clean",
     inception_weights: str | os.PathLike | None = None,
     device: Any = None,
@@ -307,26 +204,54 @@ def compute_fid(
     progress: Any = None,
     features: Any = None,
     feature_dim: int = 2048,
+    clip_score: ClipScoreFn | None = None,
 ) -> FidResult:
-    """FID of a folder or .npz of images against reference `mu`/`sigma`. Under torchrun each rank takes a slice.
-
-    `features` replaces the Inception by any `(B,3,H,W) float [0,255] -> (B, feature_dim)` function.
-    """
+    """The `metrics` of a folder or .npz of images against a reference npz. Under torchrun each rank takes a
+    slice. `features` replaces the Inception by any `(B,3,H,W) float [0,255] -> (B, feature_dim)` function
+    (or a dict with `pool`, `spatial`, `logits`); `clip_score` scores images against the prompts of the folder's
+    samples.jsonl."""
     t0 = time.time()
-    # Fail on a bad reference or bad images before loading the Inception (and before hours of work).
-    ref_stats = _ref_stats(ref, mode, features, feature_dim)
-    _check_source(samples)
+    # Fail on a bad request, reference or images before loading the Inception (and before hours of work).
+    names, reference = check_request(
+        ref, metrics, mode, features=features, feature_dim=feature_dim, clip_score=clip_score
+    )
+    n = _count_images(samples)
+    prompts = _prompts(samples) if "clip" in names else None
     with dist.process_group():  # torchrun's, if any; left when done if joined here
-        s = _setup(mode, inception_weights, device, features, feature_dim)
-        stats, sizes, kind = _images_stats(samples, s, mode, batch_size, workers, progress)
+        s = _setup(mode, inception_weights, device, features, feature_dim, names)
+        if needs_pool_features(names):
+            check_pr_memory(
+                n,
+                len(reference.pool_features) if reference.pool_features is not None else reference.images,
+                s.dim,
+                s.device,
+            )
+        col = _collector(names, clip_score, prompts)
+        stats, sizes, kind = _images_stats(samples, s, mode, batch_size, workers, progress, col)
+        collected = col.merged(s.device, s.dim)
+        ref_feats = _reference_features(reference, s, mode, batch_size, progress) if "pr" in names else None
         source = {"path": str(samples), "kind": kind}
-        return _fid_against(stats, ref, ref_stats, s, mode, sizes, t0, source)
+        return fid_result(stats, collected, reference, ref_feats, s, mode, names, sizes, t0, source)
+
+
+def _prompts(samples: str | os.PathLike) -> Callable[[Sequence[int]], list[str]]:
+    """The prompt of each image of a `uvit sample` folder, by its position in the sorted file list."""
+    from uvit_cli.fid.images import folder_prompts, list_images
+
+    p = Path(samples)
+    if not p.is_dir():
+        raise DataError(
+            f"{p}: CLIP score needs prompts; measure the folder `uvit sample` wrote (its samples.jsonl has them)"
+        )
+    texts = folder_prompts(p, list_images(p))
+    return lambda index: [texts[i] for i in index]
 
 
 def fid_from_generator(
     batches: Iterable[Any],
     ref: str | os.PathLike,
     *,
+    metrics: str | Iterable[str] = ("fid",),
     mode: str = "clean",
     inception_weights: str | os.PathLike | None = None,
     device: Any = None,
@@ -335,27 +260,45 @@ def fid_from_generator(
     generator: dict[str, Any] | None = None,
     features: Any = None,
     feature_dim: int = 2048,
+    indices: Iterable[int] | None = None,
+    prompts: Callable[[Sequence[int]], list[str]] | None = None,
+    clip_score: ClipScoreFn | None = None,
 ) -> FidResult:
-    """FID of images streamed as uint8 (B, H, W, 3) batches (numpy or torch), no PNGs written.
+    """The `metrics` of images streamed as uint8 (B, H, W, 3) batches (numpy or torch), no PNGs written.
 
     `generator` (checkpoint, sampler, steps, cfg_scale, ema, seed, ...) goes into the stamp as is. Under
     torchrun every rank passes its own share of the batches; the statistics are summed over ranks.
+    `indices`: each image's global index in stream order (default rank, rank + world, ..., the share
+    `fid_of_model` generates); `prompts(indices)`: their prompts, for `clip_score`. `total`: this rank's images.
     """
-    from uvit_cli.fid.features import all_reduce_stats, batches_stats
+    from uvit_cli.fid.features import all_reduce_stats, batches_stats, rank_world
 
     t0 = time.time()
-    ref_stats = _ref_stats(ref, mode, features, feature_dim)
-    s = _setup(mode, inception_weights, device, features, feature_dim)
-    stats, sizes = batches_stats(batches, s.features, mode, s.device, progress, total, s.dim)
+    names, reference = check_request(
+        ref, metrics, mode, features=features, feature_dim=feature_dim, clip_score=clip_score
+    )
+    if "clip" in names and prompts is None:
+        raise ConfigError("--metrics clip: these images come without prompts (a text-to-image model's do)")
+    s = _setup(mode, inception_weights, device, features, feature_dim, names)
+    if needs_pool_features(names) and total is not None:
+        n_ref = len(reference.pool_features) if reference.pool_features is not None else reference.images
+        check_pr_memory(total * rank_world()[1], n_ref, s.dim, s.device)
+    col = _collector(names, clip_score, prompts)
+    stats, sizes = batches_stats(
+        batches, s.features, mode, s.device, progress, total, s.dim, collector=col, indices=indices
+    )
     stats = all_reduce_stats(stats, s.device)
+    collected = col.merged(s.device, s.dim)
+    ref_feats = _reference_features(reference, s, mode, 50, None) if "pr" in names else None
     source = {"kind": "generator", "generator": generator or {}}
-    return _fid_against(stats, ref, ref_stats, s, mode, sizes, t0, source)
+    return fid_result(stats, collected, reference, ref_feats, s, mode, names, sizes, t0, source)
 
 
 def make_ref_stats(
     images: str | os.PathLike,
     out: str | os.PathLike,
     *,
+    metrics: str | Iterable[str] = ("fid",),
     mode: str = "clean",
     inception_weights: str | os.PathLike | None = None,
     device: Any = None,
@@ -365,30 +308,45 @@ def make_ref_stats(
     features: Any = None,
     feature_dim: int = 2048,
 ) -> RefResult:
-    """Reference statistics (`mu`, `sigma` float64 + `meta`) of a folder or .npz of images, written to `out`
-    (`.npz` appended unless it ends so); `out` must not be the images or the Inception weights."""
-    from uvit_cli.fid.features import rank_world
+    """A reference npz of a folder or .npz of images, written to `out` (`.npz` appended unless it ends so;
+    `out` must not be the images or the Inception weights): `mu`, `sigma` (float64) and `meta` always, and
+    what `metrics` need: `mu_s`/`sigma_s` (sfid), `pool_features` (N, 2048) float32 (pr). With `is` the
+    stamp records the images' Inception Score."""
+    from uvit_cli.fid.features import check_mode, rank_world
 
     t0 = time.time()
+    names = parse_metrics(metrics)
+    check_metrics_mode(names, check_mode(mode))
+    if "clip" in names:
+        raise ConfigError(
+            "--metrics clip: CLIP score compares samples with their prompts; a reference holds nothing for it"
+        )
     inputs = {"IMAGES": images, "--inception-weights": inception_weights}
     check_outputs({"--out": stats_path(out)}, inputs)
-    _check_source(images)
+    n = _count_images(images)
     with dist.process_group():  # torchrun's, if any; left when done if joined here
-        s = _setup(mode, inception_weights, device, features, feature_dim)
-        stats, sizes, kind = _images_stats(images, s, mode, batch_size, workers, progress)
+        s = _setup(mode, inception_weights, device, features, feature_dim, names)
+        if needs_pool_features(names):
+            check_pr_memory(n, 0, s.dim, s.device)
+        col = _collector(names, None, None)
+        stats, sizes, kind = _images_stats(images, s, mode, batch_size, workers, progress, col)
+        collected = col.merged(s.device, s.dim)
         rank, world = rank_world()
-    mu, sigma = _checked_stats(stats, s, str(images))
-    warns = _warnings(stats.n, sizes)
-    fields = {"mode": mode, "num_images": stats.n, "images": {"path": str(images), "kind": kind}}
-    stamp = _stamp("fid_reference", fields, s, sizes, world, t0, warns)
+    mu, sigma = checked_stats(stats, s, str(images), s.dim, "features")
+    extra: dict[str, np.ndarray] = {}
+    fields: dict[str, Any] = {"metrics": list(names), "mode": mode, "num_images": stats.n}
+    if "sfid" in names:
+        extra["mu_s"], extra["sigma_s"] = checked_stats(
+            collected.spatial, s, str(images), s.spatial_dim, "spatial features"
+        )
+    if "pr" in names:
+        extra["pool_features"] = collected.pool_features
+    if "is" in names:
+        fields["inception_score"] = collected.is_chunks.score()
+    fields["stored"] = ["mu", "sigma", *extra]
+    fields["images"] = {"path": str(images), "kind": kind}
+    warns = size_warnings(stats.n, sizes, names)
+    stamp = make_stamp("fid_reference", fields, s.weights, s.device, sizes, world, t0, warns)
     is_main = rank == 0
-    path = save_stats(out, mu, sigma, stamp) if is_main else None
+    path = save_stats(out, mu, sigma, stamp, extra) if is_main else None
     return RefResult(path, stats.n, stamp, warns, is_main)
-
-
-def write_stamp(path: str | os.PathLike, stamp: dict[str, Any]) -> Path:
-    """The protocol stamp as indented JSON."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(p, stamp, indent=2)
-    return p

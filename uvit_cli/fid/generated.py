@@ -1,4 +1,5 @@
-"""FID straight from a checkpoint: generate with the paper's conditions, stream images into the statistics.
+"""FID (and the other metrics) straight from a checkpoint: generate with the paper's conditions, stream images
+into the statistics.
 
 No PNGs are written. Conditions follow the official eval scripts (spec §4.2-4.3, §5.4, §6):
   class models  labels uniform over the real classes, drawn from (seed, index) (ImageNet's `sample_label`)
@@ -13,14 +14,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uvit_cli.config import Preset
 from uvit_cli.errors import DataError
-from uvit_cli.fid import FidResult, fid_from_generator, load_ref_stats
-from uvit_cli.fid.stats import INCEPTION_DIM
+from uvit_cli.fid import FidResult, check_request, fid_from_generator
+from uvit_cli.fid.metrics import ClipScoreFn
 
 if TYPE_CHECKING:
     from uvit_cli.sample.resolve import SamplerSpec
@@ -32,6 +33,7 @@ __all__ = [
     "fid_of_model",
     "paper_num_images",
     "val_context_conditions",
+    "val_prompts",
 ]
 
 # progress(images done over all ranks (estimated from this rank's share), total)
@@ -65,10 +67,9 @@ def val_context_conditions(
     the one `choose(seed, i // N, item)` picks. The null condition is the set's empty_context.npy (CLIP('')
     from the same encoder as the captions).
     """
-    import numpy as np
     import torch
 
-    from uvit_cli.data import MANIFEST, FeatureDataset, read_manifest
+    from uvit_cli.data import MANIFEST, read_manifest
 
     root = Path(root)
     if not (root / MANIFEST).is_file():
@@ -89,10 +90,8 @@ def val_context_conditions(
             f"{root}: contexts of shape {got}, but preset '{preset.name}' takes {want} "
             "(prepared with another text encoder?); pass --contexts-from with matching shards"
         )
-    ds = FeatureDataset(root, "val", seed=seed)
+    ds, perm = _val_order(root, seed)
     n_val = ds.num_images
-    # a stream of its own ([seed, tag]), apart from the per-image noise ([seed, i]) and labels ([seed, i, 1])
-    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x7A1, 2])).permutation(n_val)
 
     def conditions(indices: Sequence[int]) -> dict[str, Any]:
         rows = []
@@ -110,6 +109,43 @@ def val_context_conditions(
         "null": "empty_context.npy of the shards",
     }
     return conditions, ds.empty_context, info
+
+
+def _val_order(root: Path, seed: int) -> tuple[Any, Any]:
+    """The val split and the order its images are used in: a permutation seeded by `seed`."""
+    import numpy as np
+
+    from uvit_cli.data import FeatureDataset
+
+    ds = FeatureDataset(root, "val", seed=seed)
+    # a stream of its own ([seed, tag]), apart from the per-image noise ([seed, i]) and labels ([seed, i, 1])
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x7A1, 2])).permutation(ds.num_images)
+    return ds, perm
+
+
+def val_prompts(root: str | os.PathLike[str], seed: int) -> Callable[[Sequence[int]], list[str]]:
+    """The caption text of each generated image, the one `val_context_conditions` gives it as context
+    (what CLIP score compares the image with)."""
+    root = Path(root)
+    ds, perm = _val_order(root, seed)
+    n_val = ds.num_images
+    texts: dict[int, list[str]] = {}
+
+    def prompts(indices: Sequence[int]) -> list[str]:
+        out = []
+        for i in indices:
+            item = int(perm[int(i) % n_val]) * ds.views
+            if item not in texts:
+                texts[item] = ds.captions(item)
+            j = ds.caption_index(item, int(i) // n_val)
+            if j >= len(texts[item]):
+                raise DataError(
+                    f"{root}: the val split stores no caption texts, which CLIP score needs; prepare it again"
+                )
+            out.append(texts[item][j])
+        return out
+
+    return prompts
 
 
 def fid_conditions(
@@ -140,20 +176,30 @@ def fid_conditions(
 
 
 def check_fid_request(
-    ref: str | os.PathLike[str], n: int | None, mode: str, inception_weights: Any, features: Any
-) -> None:
-    """The cheap checks before a model loads: the mode, the reference (`load_ref_stats`: valid statistics of
-    this mode and feature size), the Inception weights, n >= 2."""
-    from uvit_cli.fid.features import check_mode
+    ref: str | os.PathLike[str],
+    n: int | None,
+    mode: str,
+    inception_weights: Any,
+    features: Any,
+    *,
+    metrics: str | Iterable[str] = ("fid",),
+    clip_score: ClipScoreFn | None = None,
+) -> tuple[str, ...]:
+    """The cheap checks before a model loads: the metrics and their mode, the reference (it has what each
+    metric needs: `fid.check_request`), the Inception weights (with the classifier head for `is`), n.
+    Returns the metrics in canonical order."""
+    from uvit_cli.fid.metrics import PR_K, needs_logits
 
-    inception = features is None
-    load_ref_stats(ref, INCEPTION_DIM if inception else None, inception=inception, mode=check_mode(mode))
+    names, _ = check_request(ref, metrics, mode, features=features, feature_dim=None, clip_score=clip_score)
     if features is None:
         from uvit_cli.inception import resolve_weights
 
-        resolve_weights(inception_weights, mode)
+        resolve_weights(inception_weights, mode, need_head=needs_logits(names))
     if n is not None and n < 2:
         raise DataError(f"--n {n}: FID needs at least 2 images (the paper uses 50,000; 30,000 for MS-COCO)")
+    if n is not None and "pr" in names and n <= PR_K:
+        raise DataError(f"--n {n}: precision/recall need more than {PR_K} images")
+    return names
 
 
 def fid_of_model(
@@ -174,9 +220,14 @@ def fid_of_model(
     progress: Progress | None = None,
     features: Any = None,
     feature_dim: int = 2048,
+    metrics: str | Iterable[str] = ("fid",),
+    prompts: Callable[[Sequence[int]], list[str]] | None = None,
+    clip_score: ClipScoreFn | None = None,
 ) -> FidResult:
-    """FID of `n` images of `model` (eval mode) streamed into the statistics; this rank makes indices r::world
-    and the sums are all-reduced. `settings` is a SampleSettings; `generator` describes the source in the stamp."""
+    """The `metrics` of `n` images of `model` (eval mode) streamed into the statistics; this rank makes
+    indices r::world and the sums are all-reduced. `settings` is a SampleSettings; `generator` describes the
+    source in the stamp; `prompts(indices)` the images' texts (CLIP score, `val_prompts`). The one function
+    `uvit fid --ckpt` and training's [eval] call."""
     from uvit_cli import dist
     from uvit_cli.sample.generate import generate
 
@@ -218,6 +269,10 @@ def fid_of_model(
         },
         features=features,
         feature_dim=feature_dim,
+        metrics=metrics,
+        indices=mine,
+        prompts=prompts,
+        clip_score=clip_score,
     )
 
 
@@ -235,9 +290,12 @@ def fid_from_checkpoint(
     log: Callable[[str], None] | None = None,
     features: Any = None,
     feature_dim: int = 2048,
+    metrics: str | Iterable[str] = ("fid",),
+    clip_score: ClipScoreFn | None = None,
 ) -> FidResult:
-    """FID of `n` images generated with `spec` (as `uvit sample`'s) against `ref` (mu/sigma), streamed, no
-    files written. n defaults to the preset's sample.n_samples.
+    """The `metrics` (FID by default) of `n` images generated with `spec` (as `uvit sample`'s) against `ref`,
+    streamed, no files written. n defaults to the preset's sample.n_samples.
+    `clip_score`: the CLIP scorer for `--metrics clip` (text models; prompts are the val captions used).
     `contexts_from`: prepared shards with a val split (text models; default the preset's data.path).
     `clip`: if given, CFG's null context is CLIP('') of this encoder instead of the shards' empty_context.
     `features`/`feature_dim` replace the Inception (tests). Under torchrun rank r generates indices r::world.
@@ -249,7 +307,9 @@ def fid_from_checkpoint(
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
     seed = spec.seed
-    check_fid_request(ref, n, mode, inception_weights, features)  # before the model loads
+    names = check_fid_request(
+        ref, n, mode, inception_weights, features, metrics=metrics, clip_score=clip_score
+    )  # before the model loads
     if device is not None:
         device = dist.device(device)  # a --device that is not one here: one line, before the model loads
     with dist.process_group():
@@ -264,6 +324,12 @@ def fid_from_checkpoint(
         )
         if null_context is not None:
             cond_info["contexts"]["null"] = f"CLIP('') of {clip}"
+        prompts = None
+        if "clip" in names:
+            if loaded.preset.model.conditioning != "text":
+                raise DataError(f"--metrics clip: preset '{loaded.preset.name}' is not a text-to-image model")
+            root = Path(contexts_from) if contexts_from is not None else loaded.preset.data.set_path()
+            prompts = val_prompts(root, seed)
         autoencoder = preset_autoencoder(loaded.preset, spec.vae, sampler.device)
         say(loaded.note)
         result = fid_of_model(
@@ -289,6 +355,9 @@ def fid_from_checkpoint(
             progress=progress,
             features=features,
             feature_dim=feature_dim,
+            metrics=names,
+            prompts=prompts,
+            clip_score=clip_score,
         )
         result.stamp["seconds"] = round(time.perf_counter() - t0, 2)  # model loading and sampling included
         return result

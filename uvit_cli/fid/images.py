@@ -59,40 +59,52 @@ def read_image(path: Path) -> np.ndarray:
 class ImageFiles:
     """Map-style dataset for a DataLoader: decode + the mode's CPU resize in the workers.
 
-    Returns (image float32 (3,H,W) in [0,255], original (H, W), error text). Errors travel as text so the
+    Returns (image float32 (3,H,W) in [0,255], original (H, W), error text, the decoded uint8 (H, W, 3)
+    image when `keep_original` (CLIP scores it at its own size) else None). Errors travel as text so the
     main process can raise one clean line (DataLoader would wrap a worker's exception in a traceback).
     """
 
-    def __init__(self, files: list[Path], resize: Callable[[np.ndarray], np.ndarray]):
-        self.files, self.resize = files, resize
+    def __init__(
+        self, files: list[Path], resize: Callable[[np.ndarray], np.ndarray], keep_original: bool = False
+    ):
+        self.files, self.resize, self.keep_original = files, resize, keep_original
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[Any, tuple[int, int], str]:
+    def __getitem__(self, i: int) -> tuple[Any, tuple[int, int], str, Any]:
         import torch
 
         try:
             img = read_image(self.files[i])
         except Exception as e:
-            return None, (0, 0), f"cannot decode {self.files[i]} as an image: {str(e).splitlines()[0]}"
+            return None, (0, 0), f"cannot decode {self.files[i]} as an image: {str(e).splitlines()[0]}", None
         out = np.asarray(self.resize(img), dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), img.shape[:2], ""
+        x = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+        return x, img.shape[:2], "", img if self.keep_original else None
 
 
-def collate(items: list[tuple[Any, tuple[int, int], str]]) -> tuple[Any, list[tuple[int, int]], str]:
+def collate(
+    items: list[tuple[Any, tuple[int, int], str, Any]],
+) -> tuple[Any, list[tuple[int, int]], str, list[np.ndarray] | None]:
     """Stack a batch; a decode error or two tensor sizes in one batch come back as text instead."""
     import torch
 
-    errors = [e for _, _, e in items if e]
-    sizes = [s for _, s, _ in items]
+    errors = [e for _, _, e, _ in items if e]
+    sizes = [s for _, s, _, _ in items]
     if errors:
-        return None, sizes, errors[0]
-    shapes = {tuple(t.shape) for t, _, _ in items}
+        return None, sizes, errors[0], None
+    shapes = {tuple(t.shape) for t, _, _, _ in items}
     if len(shapes) > 1:
         # only legacy_tensorflow leaves images unresized here (it resizes inside the network)
-        return None, sizes, f"legacy_tensorflow needs images of one size, found {sorted(set(sizes))[:3]}"
-    return torch.stack([t for t, _, _ in items]), sizes, ""
+        return (
+            None,
+            sizes,
+            f"legacy_tensorflow needs images of one size, found {sorted(set(sizes))[:3]}",
+            None,
+        )
+    originals = [o for _, _, _, o in items] if items[0][3] is not None else None
+    return torch.stack([t for t, _, _, _ in items]), sizes, "", originals
 
 
 def npz_images_info(path: str | os.PathLike) -> tuple[int, tuple[int, ...]]:
@@ -151,3 +163,60 @@ def npz_batches(
             if len(buf) != k * row:
                 raise DataError(f"{path}: arr_0 ends early (truncated file?)")
             yield np.frombuffer(buf, np.uint8).reshape(k, *shape[1:])
+
+
+def folder_prompts(folder: Path, files: list[Path]) -> list[str]:
+    """The prompt of each image file of a `uvit sample` folder, from its samples.jsonl (index -> PNG name)."""
+    from uvit_cli.sample.outputs import JSONL, iter_jsonl, png_name
+
+    by_name = {png_name(int(r["index"])): r.get("prompt") for r in iter_jsonl(folder)}
+    if not by_name:
+        raise DataError(f"{folder}: no {JSONL} with the images' prompts, which CLIP score needs")
+    out = []
+    for f in files:
+        text = by_name.get(f.name) if f.parent == folder else None
+        if not isinstance(text, str):
+            raise DataError(f"{f}: no prompt for this image in {folder / JSONL}, which CLIP score needs")
+        out.append(text)
+    return out
+
+
+def write_adm_batch(
+    folder: str | os.PathLike, out: str | os.PathLike, progress: Callable[[int, int], None] | None = None
+) -> tuple[Path, tuple[int, ...]]:
+    """A folder of images as an ADM sample batch: `arr_0` uint8 (N, H, W, 3) in sorted file order, the layout
+    `np.savez` writes and ADM's evaluator streams (uncompressed zip member, .npy header 1.0). Written one
+    image at a time, atomically; every image must have the first one's size. Returns (path, shape)."""
+    from uvit_cli.fileio import atomic_path
+    from uvit_cli.resources import require_disk
+
+    root, path = Path(folder), Path(out)
+    files = list_images(root)
+    first = read_image(files[0])
+    shape = (len(files), *first.shape)
+    require_disk(
+        path.parent,
+        "the ADM sample batch",
+        int(np.prod(shape)) + 4096,
+        fix="free space or pass another --out",
+    )
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+        "fortran_order": False,
+        "shape": shape,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for k, file in enumerate(files):
+                img = first if k == 0 else read_image(file)
+                if img.shape != first.shape:
+                    raise DataError(
+                        f"{file}: {img.shape[1]}x{img.shape[0]}, but {files[0].name} is "
+                        f"{first.shape[1]}x{first.shape[0]}: an ADM batch holds images of one size"
+                    )
+                f.write(np.ascontiguousarray(img, np.uint8).tobytes())
+                if progress is not None:
+                    progress(k + 1, len(files))
+    return path, shape

@@ -202,24 +202,41 @@ def load_ref_stats(
             f"cannot read reference statistics {p}: {str(e).splitlines()[0] if str(e) else e!r}"
         ) from None
     if mode is not None:
-        made = read_meta(p).get("mode")
-        if made and made != mode:
-            raise DataError(
-                f"{p} was made with --mode {made}, but these images are measured with --mode {mode}: the "
-                f"features differ, so the distance would mean nothing; pass --mode {made}, or make a "
-                f"reference with `uvit fid ref IMAGES --mode {mode} --out REF.npz`"
-            )
+        check_ref_mode(p, mode)
     return check_stats(mu, sigma, str(p), dim=dim, inception=inception)
 
 
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, Any]) -> Path:
-    """Write `mu`, `sigma` (float64, checked by `check_stats`) and `meta` (JSON text, readable without pickle)
-    to an npz; returns the path written (`stats_path`)."""
+def check_ref_mode(path: str | os.PathLike, mode: str) -> None:
+    """Refuse a reference whose `meta` records another FID mode: its features come from another preprocessing."""
+    made = read_meta(path).get("mode")
+    if made and made != mode:
+        raise DataError(
+            f"{path} was made with --mode {made}, but these images are measured with --mode {mode}: the "
+            f"features differ, so the distance would mean nothing; pass --mode {made}, or make a "
+            f"reference with `uvit fid ref IMAGES --mode {mode} --out REF.npz`"
+        )
+
+
+def save_stats(
+    path: str | os.PathLike,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    meta: dict[str, Any],
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write `mu`, `sigma` (float64, checked by `check_stats`), `extra` arrays (ADM's `mu_s`/`sigma_s`,
+    checked the same way; `pool_features`) and `meta` (JSON text, readable without pickle) to an npz;
+    returns the path written (`stats_path`)."""
     p = stats_path(path)
     mu, sigma = check_stats(mu, sigma, f"the statistics for {p}")  # float64, as computed
+    arrays = dict(extra or {})
+    if "mu_s" in arrays:
+        arrays["mu_s"], arrays["sigma_s"] = check_stats(
+            arrays["mu_s"], arrays["sigma_s"], f"the spatial statistics for {p}"
+        )
     p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(p, "wb") as f:  # a full disk leaves no truncated npz under the final name
-        np.savez(f, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
+        np.savez(f, mu=mu, sigma=sigma, **arrays, meta=np.array(json.dumps(meta)))
     return p
 
 
