@@ -287,10 +287,10 @@ def test_bad_image_sources(tmp_path):
 # ------------------------------------------------------------------------------------------ CLI
 @pytest.fixture()
 def no_weights(monkeypatch, tmp_path):
-    import uvit_cli.inception as inc
+    import uvit_cli.inception.weights as incw
 
     monkeypatch.delenv("UVIT_INCEPTION", raising=False)
-    monkeypatch.setattr(inc, "known_weight_paths", lambda mode="clean": [tmp_path / "nothing-here.pt"])
+    monkeypatch.setattr(incw, "known_weight_paths", lambda mode="clean": [tmp_path / "nothing-here.pt"])
 
 
 def test_cli_missing_weights_one_line(tmp_path, no_weights):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import uvit_cli.inception as inc
+import uvit_cli.inception.weights  # noqa: F401  (inc.weights: where the lookup lives, patched below)
 from uvit_cli.errors import CheckpointError, WeightsNotFoundError
 from uvit_cli.inception import FIDInception, load_inception, resolve_weights, tf_bilinear_resize
 
@@ -128,7 +129,7 @@ def test_tf_resize_matches_tf1_resize_bilinear(hw):
 def test_resolution_order_and_truncated_file(tmp_path, monkeypatch):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     b.write_bytes(b"x")
-    monkeypatch.setattr(inc, "known_weight_paths", lambda mode="clean": [a, b])
+    monkeypatch.setattr(inc.weights, "known_weight_paths", lambda mode="clean": [a, b])
     monkeypatch.delenv(inc.ENV_VAR, raising=False)
     assert resolve_weights() == b  # first existing known file
     monkeypatch.setenv(inc.ENV_VAR, str(a))
@@ -228,7 +229,7 @@ def test_the_classifier_head_is_found_in_both_layouts_and_checked(tmp_path, monk
         assert helper[0] not in inc.known_weight_paths(need_head=True)
     monkeypatch.delenv(inc.ENV_VAR, raising=False)
     monkeypatch.setattr(
-        inc, "known_weight_paths", lambda mode="clean", need_head=False: [tmp_path / "none.pt"]
+        inc.weights, "known_weight_paths", lambda mode="clean", need_head=False: [tmp_path / "none.pt"]
     )
     with pytest.raises(WeightsNotFoundError, match="classifier head .*serves every metric but `is`"):
         resolve_weights(None, "legacy_tensorflow", need_head=True)

@@ -79,6 +79,7 @@ def _setup(
 
     check_mode(mode)
     device = dist.device(device)
+    dist.cuda_defaults(device, tf32=False)  # autotuned convolutions; features and metrics stay fp32
     if features is not None:  # a stand-in extractor (tests, other feature spaces)
         return Setup(features, device, feature_dim, {"path": None, "sha256": None, "note": "custom features"})
     from uvit_cli.fileio import sha256_file

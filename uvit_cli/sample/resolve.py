@@ -209,6 +209,7 @@ def load_sampler(
         spec.ckpt, spec.preset, overrides=spec.overrides, ema=spec.ema, device=device, say=say, text=text
     )
     settings = SampleSettings.from_preset(loaded.preset, **(spec.settings or {}))
+    dist.cuda_defaults(device, tf32=settings.precision != "fp32")  # --precision fp32 keeps fp32 matmuls
     return ModelSampler(loaded, settings, spec.seed, device)
 
 
