@@ -146,9 +146,26 @@ def test_train_without_prepared_data_names_the_prepare_command(tmp_path):
     assert "uvit prepare imagenet --resolution 256 --out" in r.output
 
 
+def _workflow_call(command, workflow):
+    """The call `prepare.<workflow>(...)` in the body of a command function (under `handle_errors`)."""
+    import ast
+    import inspect
+    import textwrap
+
+    fn = inspect.unwrap(command.callback)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    calls = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == workflow
+    ]
+    assert len(calls) == 1, (fn.__name__, workflow, len(calls))
+    return calls[0]
+
+
 def test_prepare_commands_pass_keywords_their_workflow_takes_with_its_defaults():
-    """`uvit prepare SOURCE` hands its options to `uvit_cli.prepare.<workflow>` by name: a renamed keyword
-    or a CLI default that drifts from the core's fails here, not on a user's first run."""
+    """`uvit prepare SOURCE` calls `uvit_cli.prepare.<workflow>` by name with every option under its own
+    name: a renamed keyword, an option not passed on, or a CLI default that drifts from the core's fails here,
+    not on a user's first run."""
+    import ast
     import inspect
 
     import typer.main
@@ -168,12 +185,53 @@ def test_prepare_commands_pass_keywords_their_workflow_takes_with_its_defaults()
             default = core[p.name].default
             if default is not inspect.Parameter.empty:
                 assert str(p.default) == str(default), (name, p.name, p.default, default)
+        call = _workflow_call(group.commands[name], workflow)
+        positional = [core_name for core_name, c in core.items() if c.default is inspect.Parameter.empty]
+        passed = dict(zip(positional, call.args, strict=True))
+        passed |= {k.arg: k.value for k in call.keywords}
+        for p in params:  # each option reaches the keyword of its name, unchanged
+            value = passed.get(p.name)
+            assert isinstance(value, ast.Name) and value.id == p.name, (name, p.name)
+        assert set(passed) == {p.name for p in params} | {"progress"}, (name, set(passed))
     assert {p.name for p in group.commands["imagenet"].params} >= {"batch_size", "dtype", "precision"}
 
 
+def test_sample_options_reach_the_sampler_spec(tmp_path, monkeypatch):
+    """`uvit sample` hands each sampling option to the core's SamplerSpec (the settings by their names)."""
+    import uvit_cli.sample
+
+    seen = {}
+
+    def capture(out_dir, spec, **kw):
+        seen["spec"] = spec
+        raise KeyboardInterrupt  # stops before anything loads
+
+    monkeypatch.setattr(uvit_cli.sample, "sample_to_dir", capture)
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"")
+    args = ["sample", "--ckpt", str(ckpt), "--preset", "p.toml", "--seed", "7", "--steps", "3", "--cfg-scale",
+            "1.5", "--solver", "ddim", "--guidance-interval", "0.1", "0.9", "--batch-size", "2", "--precision",
+            "fp32", "--no-compile", "--model-weights", "model", "--vae", "v", "--set", "sample.steps=9",
+            "--decode-batch-size", "5", "--cuda-graphs", "--out", str(tmp_path / "s")]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 130
+    spec = seen["spec"]
+    assert (spec.ckpt, spec.preset, spec.seed, spec.ema, spec.vae) == (str(ckpt), "p.toml", 7, False, "v")
+    assert list(spec.overrides) == ["sample.steps=9"]
+    assert dict(spec.settings) == {
+        "solver": "ddim", "steps": 3, "cfg_scale": 1.5, "guidance_interval": (0.1, 0.9), "batch_size": 2,
+        "decode_batch_size": 5, "precision": "fp32", "compile": False, "cuda_graphs": True,
+    }  # fmt: skip
+    assert runner.invoke(app, ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s")]).exit_code == 130
+    assert seen["spec"].ema and seen["spec"].seed == 0 and seen["spec"].overrides == []
+    assert dict(seen["spec"].settings) == {
+        "solver": None, "steps": None, "cfg_scale": None, "guidance_interval": None, "batch_size": None,
+        "decode_batch_size": 50, "precision": None, "compile": None, "cuda_graphs": False,
+    }  # fmt: skip
+
+
 def test_every_option_of_every_command_has_its_declared_flags_and_help():
-    """Options declared once and appended to several commands (`cli.common.with_options`) keep their flags,
-    short forms and help: a lost `Annotated` shows up here as an option without help."""
+    """Options declared once as `Annotated` aliases and used by several commands keep their flags, short
+    forms and help: a lost `Annotated` shows up here as an option without help."""
     import typer.main
 
     def commands(group, path=()):
@@ -191,5 +249,8 @@ def test_every_option_of_every_command_has_its_declared_flags_and_help():
             seen[(*path, p.name)] = p.opts
     assert seen[("prepare", "coco", "out")] == ["--out", "-o"]
     assert seen[("prepare", "imagenet", "num_workers")] == ["--workers"]
+    assert seen[("prepare", "official-features", "num_workers")] == ["--workers"]
+    assert seen[("sample", "set_")] == ["--set"] and seen[("sample", "cfg_scale")] == ["--cfg-scale"]
+    assert seen[("sample", "class_")] == ["--class", "-c"]
     assert seen[("fid", "compare", "json_path")] == ["--json"]
     assert seen[("fid", "ref", "mode")] == ["--mode"]

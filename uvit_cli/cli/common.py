@@ -1,4 +1,5 @@
-"""What every subcommand shares: the console, error rendering, and the `--set` option."""
+"""What every subcommand shares: the console, error rendering, the options several commands take (`Annotated`
+aliases, declared once) and `sampler_spec`."""
 
 from __future__ import annotations
 
@@ -24,24 +25,6 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, 
 out = Console(highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def option_group(*options: tuple[str, Any, Any]) -> list[inspect.Parameter]:
-    """Options several commands take alike, declared once as (parameter name, Annotated type, default)."""
-    kind = inspect.Parameter.KEYWORD_ONLY
-    return [inspect.Parameter(name, kind, annotation=t, default=d) for name, t, d in options]
-
-
-def with_options(group: Sequence[inspect.Parameter]) -> Callable[[F], F]:
-    """Append an `option_group` to a command's parameters; the command receives them in its `**options`."""
-
-    def add(fn: F) -> F:
-        signature = inspect.signature(fn, eval_str=True)  # the Annotated objects, not their strings
-        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        fn.__signature__ = signature.replace(parameters=[*own, *group])  # type: ignore[attr-defined]
-        return fn
-
-    return add
 
 
 def option(*names: str, **kw: Any) -> Any:
@@ -218,7 +201,27 @@ ClassesOpt = Annotated[
 ]
 
 
-# Every command that samples from a checkpoint (uvit sample, uvit fid --ckpt) takes these alike.
+def option_group(*options: tuple[str, Any, Any]) -> list[inspect.Parameter]:
+    """Options several commands take alike, declared once as (parameter name, Annotated type, default).
+    Used only by cli/fid.py, with `with_options`; the other commands declare each parameter."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(name, kind, annotation=t, default=d) for name, t, d in options]
+
+
+def with_options(group: Sequence[inspect.Parameter]) -> Callable[[F], F]:
+    """Append an `option_group` to a command's parameters; the command receives them in its `**options`.
+    Used only by cli/fid.py."""
+
+    def add(fn: F) -> F:
+        signature = inspect.signature(fn, eval_str=True)  # the Annotated objects, not their strings
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = signature.replace(parameters=[*own, *group])  # type: ignore[attr-defined]
+        return fn
+
+    return add
+
+
+# The sampling options of `uvit fid --ckpt` (cli/fid.py), as `uvit sample` declares them.
 SAMPLING = option_group(
     ("ckpt", CkptOpt, None),
     ("preset", PresetOpt, None),
@@ -241,26 +244,44 @@ def sampler_spec(
     ckpt: str | None,
     preset: str | None,
     seed: int,
-    model_weights: str,
+    steps: int | None,
+    cfg_scale: float | None,
+    solver: str | None,
+    guidance_interval: tuple[float, float] | None,
+    batch_size: int | None,
+    precision: NetworkPrecision | None,
+    no_compile: bool,
+    model_weights: ModelWeights,
     vae: str | None,
     set_: list[str] | None,
-    no_compile: bool,
-    **settings: Any,
+    decode_batch_size: int | None = None,
+    cuda_graphs: bool = False,
 ) -> SamplerSpec:
-    """The core's `SamplerSpec` of the `SAMPLING` options; `settings` (with a command's own SampleSettings
-    options) stay None where not given (the preset's), and compile is the core's choice unless --no-compile."""
+    """The core's `SamplerSpec` of the sampling options: the settings left None keep the preset's (or the
+    core's default), and compiling is the core's choice unless --no-compile."""
     if ckpt is not None and not os.path.exists(ckpt):  # fails in a second, before torch loads
         raise fail(
             f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file or a run dir)", 2
         )
     from uvit_cli.sample import SamplerSpec
 
+    settings = {
+        "solver": solver,
+        "steps": steps,
+        "cfg_scale": cfg_scale,
+        "guidance_interval": guidance_interval,
+        "batch_size": batch_size,
+        "decode_batch_size": decode_batch_size,
+        "precision": precision,
+        "compile": False if no_compile else None,
+        "cuda_graphs": cuda_graphs,
+    }
     return SamplerSpec(
         ckpt=ckpt,
         preset=preset,
         overrides=list(set_ or []),
         ema=model_weights == "ema",
-        settings={**settings, "compile": False if no_compile else None},
+        settings=settings,
         seed=seed,
         vae=vae,
     )

@@ -10,21 +10,31 @@ import typer
 
 from uvit_cli.cli.common import (
     CLASSES_HELP,
-    SAMPLING,
+    CfgScaleOpt,
+    CkptOpt,
     ClipOpt,
+    GuidanceIntervalOpt,
     LabelProtocolName,
+    ModelWeightsOpt,
+    NoCompileOpt,
+    PrecisionOpt,
+    PresetOpt,
+    SampleBatchOpt,
+    SeedOpt,
+    SetOption,
+    SolverOpt,
+    StepsOpt,
+    VaeOpt,
     handle_errors,
     image_progress,
     log_rank0,
     option,
     out,
     sampler_spec,
-    with_options,
 )
 
 
 @handle_errors
-@with_options(SAMPLING)
 def sample(
     prompt: Annotated[
         list[str] | None,
@@ -67,7 +77,19 @@ def sample(
     npz: Annotated[
         bool, typer.Option("--npz", help="Also write samples.npz (arr_0 uint8 NHWC, ADM evaluator).")
     ] = False,
-    **sampling: Any,
+    ckpt: CkptOpt = None,
+    preset: PresetOpt = None,
+    seed: SeedOpt = 0,
+    steps: StepsOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    solver: SolverOpt = None,
+    guidance_interval: GuidanceIntervalOpt = None,
+    batch_size: SampleBatchOpt = None,
+    precision: PrecisionOpt = None,
+    no_compile: NoCompileOpt = False,
+    model_weights: ModelWeightsOpt = "ema",
+    vae: VaeOpt = None,
+    set_: SetOption = None,
 ) -> None:
     """Generate images: text prompts, ImageNet classes or unconditional; PNGs named by index.
 
@@ -75,7 +97,12 @@ def sample(
 
     An FID set of a class model: --classes random -n 50000 (the paper's labels) or --classes balanced.
     """
-    spec = sampler_spec(**sampling, decode_batch_size=decode_batch_size, cuda_graphs=cuda_graphs)
+    spec = sampler_spec(
+        ckpt=ckpt, preset=preset, seed=seed, steps=steps, cfg_scale=cfg_scale, solver=solver,
+        guidance_interval=guidance_interval, batch_size=batch_size, precision=precision, no_compile=no_compile,
+        model_weights=model_weights, vae=vae, set_=set_, decode_batch_size=decode_batch_size,
+        cuda_graphs=cuda_graphs,
+    )  # fmt: skip
     from uvit_cli.sample import read_prompts_file, sample_to_dir
 
     prompts = list(prompt or [])
