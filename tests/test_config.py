@@ -225,3 +225,34 @@ def test_errors_suggest_the_close_name_and_blame_the_set_that_caused_them():
         load_preset("coco_uvit_s2", ["model.depth=x"])
     with pytest.raises(ConfigError, match=r"unknown key$"):  # nothing close: no suggestion
         load_preset("coco_uvit_s2", ["sample.zzzzzz=1"])
+
+
+def test_eval_metrics_and_classes():
+    """[eval] metrics: the names of `uvit fid --metrics` (one list), fid always among them, canonical order;
+    classes: the label protocol of a class model's FID set. The paper presets keep FID alone, random labels."""
+    from typing import get_args
+
+    from uvit_cli.fid.metrics import METRICS
+
+    assert METRICS == get_args(config.FidMetric) == ("fid", "sfid", "is", "pr", "clip")
+    for name in PAPER_PRESETS:
+        ev = load_preset(name).eval
+        assert (ev.metrics, ev.classes, ev.n, ev.steps) == (["fid"], "random", 10000, 50)
+    p = load_preset("imagenet64_uvit_m4", ['eval.metrics=["pr", "fid", "is", "pr"]', "eval.classes=balanced"])
+    assert p.eval.metrics == ["fid", "is", "pr"] and p.eval.classes == "balanced"
+    assert config.preset_from_toml(p.to_toml()) == p  # checkpoints carry them
+    assert load_preset("imagenet64_uvit_m4", ["eval.metrics=sfid, fid"]).eval.metrics == ["fid", "sfid"]
+    assert load_preset("coco_uvit_s2", ["eval.metrics=fid,clip"]).eval.metrics == ["fid", "clip"]
+
+    def error(*overrides: str, preset: str = "imagenet64_uvit_m4") -> str:
+        with pytest.raises(ConfigError) as e:
+            load_preset(preset, list(overrides))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "must include 'fid'" in error("eval.metrics=is,pr") and "RUN/best" in error("eval.metrics=is")
+    assert "eval.metrics.1" in error("eval.metrics=fid,kid") and "'clip'" in error("eval.metrics=fid,kid")
+    assert "eval.classes" in error("eval.classes=sorted")
+    assert "class-conditional" in error("eval.classes=balanced", preset="coco_uvit_s2")
+    assert "text-conditional" in error("eval.classes=balanced", preset="coco_uvit_s2")
+    assert "clip" in error("eval.metrics=fid,clip") and "class-conditional" in error("eval.metrics=fid,clip")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
+import itertools
 import json
 import os
 import re
@@ -173,6 +175,84 @@ def test_batch_size_and_rank_slices_do_not_change_the_result(env, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # batch-shape rounding: <= 4.9e-7 measured
 
 
+def test_ranks_generate_a_range_of_indices_whatever_n(env, monkeypatch):
+    """Rank r of w generates range(r, n, w), never a list of all n: n = 10**12 costs no memory."""
+    sample_generate = importlib.import_module("uvit_cli.sample.generate")  # the package exports a `generate`
+
+    real, seen = sample_generate.generate, []
+
+    def first_batch(model, preset, indices, *args, **kw):
+        seen.append(indices)
+        return real(model, preset, itertools.islice(indices, 4), *args, **kw)
+
+    monkeypatch.setattr(sample_generate, "generate", first_batch)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
+    r = _cls_fid(env, n=10**12, settings={"batch_size": 4})
+    assert seen == [range(1, 10**12, 3)] and r.num_images == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# --classes balanced: class = index % K
+
+
+def _labels_of_runs(monkeypatch) -> list:
+    """The labels each run's conditions give its indices."""
+    sample_generate = importlib.import_module("uvit_cli.sample.generate")  # the package exports a `generate`
+
+    real, labels = sample_generate.generate, []
+
+    def spy(model, preset, indices, conditions, *args, **kw):
+        indices = list(indices)
+        labels.append(conditions(indices)["y"].tolist())
+        return real(model, preset, indices, conditions, *args, **kw)
+
+    monkeypatch.setattr(sample_generate, "generate", spy)
+    return labels
+
+
+def test_balanced_labels_ignore_the_batch_size_and_name_their_protocol(
+    env, tmp_path, monkeypatch, standin_cli
+):
+    d = env["dir"]
+    _, images = _captured_stats(monkeypatch)
+    labels = _labels_of_runs(monkeypatch)
+    base = ["fid", "--ckpt", str(d / "cls" / "nnet_ema.pth"), "--preset", str(d / "tiny_class.toml"),
+            str(env["ref"]), "-n", "13", "--seed", "2", "--classes", "balanced"]  # fmt: skip
+    stamps = []
+    for bs in ("1", "5"):
+        out = tmp_path / f"bs{bs}.json"
+        r = runner.invoke(app, [*base, "--batch-size", bs, "--json", str(out)], terminal_width=300)
+        assert r.exit_code == 0, r.output
+        stamps.append(json.loads(out.read_text()))
+    assert labels[0] == labels[1] == [i % 10 for i in range(13)]  # K = 10 real classes (11 with the null)
+    np.testing.assert_array_equal(images[0], images[1])  # the same 13 images, bit for bit
+    one, five = stamps
+    assert one["fid_raw"] == pytest.approx(five["fid_raw"], rel=2e-5)  # batch-shape rounding of the features
+    for s in stamps:
+        assert s["protocol"]["label_protocol"] == "balanced" and s["num_images"] == 13
+        c = s["samples"]["generator"]["conditions"]
+        assert c["label_protocol"] == "balanced" and c["labels"].startswith("balanced: class = index % 10")
+
+    # the protocol matters: random labels (the default) make other images from the same seeds
+    out = tmp_path / "random.json"
+    r = runner.invoke(app, [*base[:-2], "--batch-size", "5", "--json", str(out)], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    assert labels[2] == random_class_conditions(2, 10)(range(13))["y"].tolist() != labels[0]
+    assert json.loads(out.read_text())["protocol"]["label_protocol"] == "random"
+    assert not np.array_equal(images[2], images[0])
+
+
+def test_balanced_on_a_text_model_is_one_line(env, standin_cli):
+    d = env["dir"]
+    args = ["fid", "--ckpt", str(d / "txt" / "nnet_ema.pth"), "--preset", str(d / "tiny_t2i_px.toml")]
+    line = _one_line_error(runner.invoke(app, [*args, "-n", "4", "--classes", "balanced", str(env["ref"])]))
+    assert "--classes balanced" in line and "text-conditional" in line and "tiny_t2i_px" in line
+    r = runner.invoke(app, ["fid", "generate", "--help"])
+    shown = " ".join(w for w in r.output.split() if w != "│")  # the help column wraps at 80
+    assert "--classes <random|balanced>" in shown and "Default: random" in shown
+
+
 # --------------------------------------------------------------------------------------------------
 # Text models: val-split contexts
 
@@ -254,7 +334,12 @@ def test_cli_stamp(env, tmp_path, standin_cli):
     assert g["checkpoint"] == str(ckpt) and g["checkpoint_sha256"] == _sha(ckpt)
     assert (g["preset"], g["solver"], g["steps"], g["cfg_scale"]) == ("tiny_class", "ddim", 2, 0.25)
     assert g["guidance_interval"] == [0.1, 0.9] and g["ema"] is True and g["seed"] == 2 and g["n"] == 6
-    assert g["conditions"] == {"kind": "class", "labels": "uniform over 0..9 from (seed, index)"}
+    assert g["conditions"] == {
+        "kind": "class",
+        "labels": "uniform over 0..9 from (seed, index)",
+        "label_protocol": "random",
+    }
+    assert s["protocol"]["label_protocol"] == "random"  # the default, the paper's
     assert "batch_size" not in g  # it does not change the number
 
     # defaults: the preset's settings and n_samples; the stamp beside the checkpoint

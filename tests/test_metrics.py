@@ -411,7 +411,7 @@ def test_pytorch_fid_layout_gives_the_same_inception_score(real_format, tmp_path
 
 def _to_pytorch_fid(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our `layers.*` state dict in pytorch-fid's torchvision names (BN gamma 1, as the TF graph's)."""
-    import uvit_cli.inception as inc
+    import uvit_cli.inception.weights as inc  # the torchvision names live beside the loaders
 
     names = {}
     for tv, ours in inc._TV_STEM.items():
@@ -725,6 +725,45 @@ def test_cli_metrics_all_with_a_reference_made_by_uvit_fid_ref(tmp_path, tiny_in
     assert res.exit_code == 2 and "`mu_s`/`sigma_s`" in res.output and "--metrics sfid" in res.output, (
         res.output
     )
+
+
+def test_entries_that_are_not_regular_files_are_skipped_and_named(tmp_path, tiny_inception):
+    """A named pipe, a socket's stand-in (another pipe) or a broken link among the images is never opened: the
+    folder is measured without it and `uvit fid` names the first few in one warning line."""
+    from PIL import Image
+
+    from uvit_cli.fid.images import list_images, scan_images
+
+    d = tmp_path / "s"
+    (d / "sub").mkdir(parents=True)
+    for i, im in enumerate(_images(6, 1)):
+        Image.fromarray(im).save(d / f"{i}.png")
+    os.mkfifo(d / "pipe.png")
+    os.mkfifo(d / "sub" / "pipe2.png")
+    os.mkfifo(d / "notes")  # no image extension: still not a stray file to refuse, only skipped
+    (d / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    listing = scan_images(d)
+    assert listing.images == list_images(d) == [d / f"{i}.png" for i in range(6)]
+    assert listing.skipped == [
+        (d / "gone.png", "a broken symbolic link"),
+        (d / "notes", "a named pipe"),
+        (d / "pipe.png", "a named pipe"),
+        (d / "sub" / "pipe2.png", "a named pipe"),
+    ]
+    for args in (["ref", str(d), "--out", str(tmp_path / "ref.npz")], [str(d), str(tmp_path / "ref.npz")]):
+        res = runner.invoke(app, ["fid", *args], terminal_width=300)
+        assert res.exit_code == 0, res.output
+        warnings = [ln for ln in res.output.splitlines() if ln.startswith("warning:") and "regular" in ln]
+        assert warnings == [
+            f"warning: {d}: skipped 4 entries that are not regular files, never opened: gone.png (a broken "
+            "symbolic link); notes (a named pipe); pipe.png (a named pipe), and 1 more"
+        ], res.output
+        assert "images 6" in res.output
+    # a folder of nothing but such entries says so in its one error line
+    (tmp_path / "empty").mkdir()
+    os.mkfifo(tmp_path / "empty" / "p.png")
+    res = runner.invoke(app, ["fid", str(tmp_path / "empty"), str(tmp_path / "ref.npz")], terminal_width=300)
+    assert res.exit_code == 2 and "no images in" in res.output and "skipped 1 entry that" in res.output
 
 
 def test_cli_help_shows_the_metrics():

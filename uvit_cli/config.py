@@ -210,6 +210,9 @@ FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
 # How a class-conditional FID set labels its images: "random" (uniform from (seed, index), the paper's) or
 # "balanced" (index % K: N/K of each class, as RAE / REPA-E sample FID-50K).
 LabelProtocol = Literal["random", "balanced"]
+# The numbers `uvit fid --metrics` and [eval] metrics report (fid.metrics.METRICS is this list): FID, sFID,
+# Inception Score, precision and recall (ADM's evaluator), CLIP score (text-to-image).
+FidMetric = Literal["fid", "sfid", "is", "pr", "clip"]
 
 SolverName = Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"]
 SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # = uvit_cli.solvers.SOLVERS, without importing torch
@@ -237,6 +240,32 @@ class EvalConfig(_Strict):
     mode: FidMode = "clean"
     seed: Seed = 0
     keep_best: bool = True  # the EMA weights of the best FID so far in RUN/best/
+    metrics: list[FidMetric] = Field(
+        ["fid"],
+        description="numbers measured in the one Inception pass, logged beside fid: sfid, is, pr need mode "
+        "legacy_tensorflow, clip a text model; fid is always one (it picks RUN/best)",
+    )
+    classes: LabelProtocol = Field(
+        "random", description="labels of a class model's images: random (the paper's) or balanced (index % K)"
+    )
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """`--set eval.metrics=fid,is` (a string on the command line) as the list it names."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _fid_first(cls, value: list[FidMetric]) -> list[FidMetric]:
+        if "fid" not in value:
+            raise ValueError(
+                "must include 'fid': FID picks the best checkpoint (RUN/best); list the others beside it, "
+                'e.g. ["fid", "is"]'
+            )
+        return [m for m in get_args(FidMetric) if m in value]  # canonical order, each once
 
 
 class AutoencoderConfig(_Strict):
@@ -298,6 +327,14 @@ class Preset(_Strict):
             raise ValueError("a latent-space preset needs an [autoencoder] table")
         if self.model.conditioning == "text" and self.text_encoder is None:
             raise ValueError("a text-conditional model needs a [text_encoder] table")
+        kind = {"none": "unconditional", "class": "class-conditional", "text": "text-conditional"}
+        cond = kind[self.model.conditioning]
+        if self.eval.classes == "balanced" and cond != kind["class"]:
+            raise ValueError(
+                f"eval.classes = 'balanced' labels a class-conditional model's images; this one is {cond}"
+            )
+        if "clip" in self.eval.metrics and cond != kind["text"]:
+            raise ValueError(f"eval.metrics: clip scores images against their captions; this model is {cond}")
         return self
 
     def to_toml(self) -> str:

@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 
 from uvit_cli.cli.common import (
     SAMPLING,
+    ClassesOpt,
     DeviceOpt,
     describe_os_error,
     fail,
@@ -153,25 +154,24 @@ def _resolve_metrics(metrics: str, mode: str | None) -> tuple[tuple[str, ...], s
 
 
 def _clip_scorer(names: tuple[str, ...], spec: str | None, device: Any) -> Any:
-    """For --metrics clip: uint8 images + prompts -> per-image CLIP scores with CLIP ViT-L/14's two towers,
-    loaded at the first batch (after the reference and the images have been checked)."""
+    """For --metrics clip: the CLIP scorer (`fid.metrics.clip_scorer`), its weights found now, else None."""
     if "clip" not in names:
         return None
-    from uvit_cli import dist
-    from uvit_cli.encoders.weights import resolve_weights
+    from uvit_cli.fid.metrics import clip_scorer
 
-    resolve_weights(spec, "clip_model")  # a missing file is one line now, not after the Inception pass
-    model: list[Any] = []
+    return clip_scorer(spec, device)
 
-    def score(images: Any, prompts: Any) -> Any:
-        from uvit_cli.encoders import load_clip_model
-        from uvit_cli.encoders.clip_score import clip_score
 
-        if not model:
-            model.append(load_clip_model(spec, dist.device(device)))
-        return clip_score(images, prompts, model[0]).numpy()
+def _warn_skipped(folder: Path) -> None:
+    """One warning line naming the first entries of an image folder that are not regular files (named pipes,
+    sockets, broken links): they are skipped, never opened."""
+    if not folder.is_dir():
+        return
+    from uvit_cli.fid.images import scan_images, skipped_note
 
-    return score
+    note = skipped_note(folder, scan_images(folder).skipped)
+    if note is not None:
+        warn(note)
 
 
 def _inputs(**paths: Any) -> dict[str, Any]:
@@ -231,6 +231,7 @@ def compare(
     name = "--json" if json_path else "the stamp (--json, default SAMPLES.fid-MODE.json)"
     check_outputs({name: stamp_path}, inputs)  # before any work: an output never replaces an input
     clip_score = _clip_scorer(names, clip_model, features["device"])
+    _warn_skipped(samples)
     result = _with_features_bar(compute_fid, samples, ref, metrics=names, clip_score=clip_score, **features)
     if not result.is_main:
         return
@@ -257,6 +258,7 @@ def make_ref(
     names, features["mode"] = _resolve_metrics(features.pop("metrics"), features["mode"])
     inputs = _inputs(IMAGES=images, **{"--inception-weights": features["inception_weights"]})
     check_outputs({"--out": stats_path(out_path), "--json": json_path}, inputs)
+    _warn_skipped(images)
     result = _with_features_bar(make_ref_stats, images, out_path, metrics=names, **features)
     if not result.is_main:
         return
@@ -284,6 +286,7 @@ def pack(
     from uvit_cli.fid.images import write_adm_batch
 
     check_outputs({"--out": out_path}, {"IMAGES": images})
+    _warn_skipped(images)
     bar, update = _progress_bar("packing")
     with bar:
         path, shape = write_adm_batch(images, out_path, progress=update)
@@ -321,6 +324,7 @@ def generate(
             help="Prepared shards with a val split: text models' captions (default: the preset's data.path).",
         ),
     ] = None,
+    classes: ClassesOpt = "random",
     metrics: MetricsOpt = "fid",
     mode: ModeOpt = None,
     inception_weights: InceptionWeightsOpt = None,
@@ -339,9 +343,9 @@ def generate(
 ) -> None:
     """FID (and --metrics) of N images generated from a checkpoint, streamed into the statistics (no PNGs).
 
-    Conditions as the paper: uniform labels for class models, val-split captions for text models (CLIP score
-    compares each image with its caption). Image i depends only on (seed, i): batch size and GPU count do
-    not change the number.
+    Conditions as the paper: uniform labels for class models (--classes balanced: class = index % K), val-split
+    captions for text models (CLIP score compares each image with its caption). Image i depends only on
+    (seed, i): batch size and GPU count do not change the number.
     """
     spec = sampler_spec(**sampling)
     from uvit_cli.fid.generated import fid_from_checkpoint
@@ -360,7 +364,7 @@ def generate(
         result = fid_from_checkpoint(
             ref, spec, n=n, clip=clip, contexts_from=contexts_from, mode=fid_mode,
             inception_weights=inception_weights, device=device, progress=update, log=log_rank0,
-            metrics=names, clip_score=clip_score,
+            metrics=names, clip_score=clip_score, classes=classes,
         )  # fmt: skip
     if not result.is_main:
         return

@@ -2,7 +2,8 @@
 into the statistics.
 
 No PNGs are written. Conditions follow the official eval scripts (spec §4.2-4.3, §5.4, §6):
-  class models  labels uniform over the real classes, drawn from (seed, index) (ImageNet's `sample_label`)
+  class models  labels uniform over the real classes, drawn from (seed, index) (ImageNet's `sample_label`);
+                `classes="balanced"` gives image i class i % K instead (RAE / REPA-E's 50 per class)
   text models   contexts of the prepared **val** split, one caption per image chosen from (seed, index)
                 (eval_t2i_discrete.py: shuffled val features, one random caption each); CFG's null is CLIP('')
   unconditional nothing
@@ -18,8 +19,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uvit_cli.config import Preset
-from uvit_cli.errors import DataError
+from uvit_cli.config import LabelProtocol, Preset
+from uvit_cli.errors import ConfigError, DataError
 from uvit_cli.fid import FidResult, check_request, fid_from_generator
 from uvit_cli.fid.metrics import ClipScoreFn
 
@@ -152,20 +153,31 @@ def fid_conditions(
     preset: Preset,
     seed: int,
     *,
+    classes: LabelProtocol = "random",
     contexts_from: str | os.PathLike[str] | None = None,
     null_context: Any = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(conditions, CFG's null condition, info) of the paper's FID runs for `preset` (module docstring).
 
-    Text models take contexts from the val split of `contexts_from` (default the preset's data set) and, as
-    null, `null_context` (e.g. CLIP('')) else the shards' empty_context; None, None for unconditional ones."""
-    from uvit_cli.sample.generate import null_condition, random_class_conditions, valid_classes
+    Class models label image i by `classes` (`config.LabelProtocol`; info names it as `label_protocol`, the
+    key of samples.jsonl); "balanced" on another model is one line. Text models take contexts from the val
+    split of `contexts_from` (default the preset's data set) and, as null, `null_context` (e.g. CLIP(''))
+    else the shards' empty_context; None, None for unconditional ones."""
+    from uvit_cli.sample.generate import describe_labels, label_conditions, null_condition, valid_classes
 
-    info: dict[str, Any] = {"kind": preset.model.conditioning}
-    if preset.model.conditioning == "class":
+    cond = preset.model.conditioning
+    info: dict[str, Any] = {"kind": cond}
+    if classes != "random" and cond != "class":
+        kind = "text-conditional" if cond == "text" else "unconditional"
+        raise ConfigError(
+            f"--classes {classes}: labels a class-conditional model's images, but preset '{preset.name}' is "
+            f"{kind}; drop --classes"
+        )
+    if cond == "class":
         k = len(valid_classes(preset))
-        info["labels"] = f"uniform over 0..{k - 1} from (seed, index)"
-        return random_class_conditions(seed, k), null_condition(preset), info
+        info["labels"] = describe_labels(classes, k)
+        info["label_protocol"] = classes
+        return label_conditions(classes, seed, k), null_condition(preset), info
     if preset.model.conditioning == "text":
         root = Path(contexts_from) if contexts_from is not None else preset.data.set_path()
         conditions, empty, info["contexts"] = val_context_conditions(root, seed, preset)
@@ -223,16 +235,18 @@ def fid_of_model(
     metrics: str | Iterable[str] = ("fid",),
     prompts: Callable[[Sequence[int]], list[str]] | None = None,
     clip_score: ClipScoreFn | None = None,
+    label_protocol: LabelProtocol | None = None,
 ) -> FidResult:
     """The `metrics` of `n` images of `model` (eval mode) streamed into the statistics; this rank makes
     indices r::world and the sums are all-reduced. `settings` is a SampleSettings; `generator` describes the
-    source in the stamp; `prompts(indices)` the images' texts (CLIP score, `val_prompts`). The one function
-    `uvit fid --ckpt` and training's [eval] call."""
+    source in the stamp; `prompts(indices)` the images' texts (CLIP score, `val_prompts`); `label_protocol`
+    how `conditions` labels a class model's images (`fid_conditions`), recorded in the stamp's protocol.
+    The one function `uvit fid --ckpt` and training's [eval] call."""
     from uvit_cli import dist
     from uvit_cli.sample.generate import generate
 
     world = dist.world_size()
-    mine = list(range(n))[dist.rank() :: world]
+    mine = range(dist.rank(), n, world)  # a range, not a list: memory does not grow with n
     done = 0
 
     def advance(k: int) -> None:
@@ -250,7 +264,7 @@ def fid_of_model(
 
     if progress is not None:
         progress(0, n)
-    return fid_from_generator(
+    result = fid_from_generator(
         batches(),
         ref,
         mode=mode,
@@ -274,6 +288,9 @@ def fid_of_model(
         prompts=prompts,
         clip_score=clip_score,
     )
+    if label_protocol is not None:
+        result.stamp["protocol"]["label_protocol"] = label_protocol  # the key samples.jsonl records it by
+    return result
 
 
 def fid_from_checkpoint(
@@ -292,9 +309,11 @@ def fid_from_checkpoint(
     feature_dim: int = 2048,
     metrics: str | Iterable[str] = ("fid",),
     clip_score: ClipScoreFn | None = None,
+    classes: LabelProtocol = "random",
 ) -> FidResult:
     """The `metrics` (FID by default) of `n` images generated with `spec` (as `uvit sample`'s) against `ref`,
     streamed, no files written. n defaults to the preset's sample.n_samples.
+    `classes`: a class model's labels, random (the paper's) or balanced (`sample.label_conditions`).
     `clip_score`: the CLIP scorer for `--metrics clip` (text models; prompts are the val captions used).
     `contexts_from`: prepared shards with a val split (text models; default the preset's data.path).
     `clip`: if given, CFG's null context is CLIP('') of this encoder instead of the shards' empty_context.
@@ -320,7 +339,7 @@ def fid_from_checkpoint(
         if clip is not None and loaded.preset.model.conditioning == "text":
             null_context = text_encoder(loaded.preset, clip, sampler.device).encode([""])
         conditions, uncond, cond_info = fid_conditions(
-            loaded.preset, seed, contexts_from=contexts_from, null_context=null_context
+            loaded.preset, seed, classes=classes, contexts_from=contexts_from, null_context=null_context
         )
         if null_context is not None:
             cond_info["contexts"]["null"] = f"CLIP('') of {clip}"
@@ -358,6 +377,7 @@ def fid_from_checkpoint(
             metrics=names,
             prompts=prompts,
             clip_score=clip_score,
+            label_protocol=cond_info.get("label_protocol"),
         )
         result.stamp["seconds"] = round(time.perf_counter() - t0, 2)  # model loading and sampling included
         return result

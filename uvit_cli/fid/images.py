@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,36 @@ SIDECAR_EXTENSIONS = {".json", ".jsonl", ".toml", ".txt", ".yaml", ".yml", ".log
 SAMPLE_FOLDER_EXTRAS = {"grid.png", "samples.npz"}
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under `folder` (recursive, sorted like clean-fid); any other non-sidecar file is an error."""
+@dataclass
+class ImageListing:
+    """An image folder as `uvit fid` reads it: the image files in order, and the entries skipped unopened
+    because they are not regular files (named pipes, sockets, devices, broken links), with what each is."""
+
+    images: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
+def scan_images(folder: str | os.PathLike) -> ImageListing:
+    """Image files under `folder` (recursive, sorted like clean-fid) and the non-regular entries skipped; any
+    other regular non-sidecar file is an error. Entries are only stat'ed here: a named pipe is never opened."""
+    from uvit_cli.imageio import non_regular
+
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"not a folder or .npz: {root}")
     try:
-        paths = sorted(p for p in root.rglob("*") if p.is_file())
+        paths = sorted(root.rglob("*"))
     except OSError as e:
         raise DataError(f"cannot read folder {root}: {e.strerror or e}") from None
-    images, strays = [], []
+    images, strays, skipped = [], [], []
     for p in paths:
         if any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        what = non_regular(p)  # None: a regular file, or a link to one
+        if what == "a directory":
+            continue
+        if what is not None:
+            skipped.append((p, what))
             continue
         if p.name in SAMPLE_FOLDER_EXTRAS and (p.parent / "samples.jsonl").is_file():
             continue
@@ -44,8 +63,28 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         more = f" and {len(strays) - 1} more" if len(strays) > 1 else ""
         raise DataError(f"not an image file among the images: {strays[0]}{more}; move it out of {root}")
     if not images:
-        raise DataError(f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return images
+        also = f"; skipped {_entries(len(skipped))} that are not regular files" if skipped else ""
+        raise DataError(f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}){also}")
+    return ImageListing(images, skipped)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files of `scan_images`, in order."""
+    return scan_images(folder).images
+
+
+def skipped_note(folder: str | os.PathLike, skipped: list[tuple[Path, str]], shown: int = 3) -> str | None:
+    """One line naming the first `shown` skipped entries and what each is; None when none was skipped."""
+    if not skipped:
+        return None
+    root = Path(folder)
+    named = "; ".join(f"{p.relative_to(root)} ({what})" for p, what in skipped[:shown])
+    more = f", and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"{root}: skipped {_entries(len(skipped))} that are not regular files, never opened: {named}{more}"
+
+
+def _entries(n: int) -> str:
+    return "1 entry" if n == 1 else f"{n} entries"
 
 
 def read_image(path: Path) -> np.ndarray:

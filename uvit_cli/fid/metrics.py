@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, get_args
 
 import numpy as np
 
+from uvit_cli.config import FidMetric
 from uvit_cli.errors import ConfigError
 
-METRICS = ("fid", "sfid", "is", "pr", "clip")
+METRICS: tuple[str, ...] = get_args(FidMetric)  # the one list: config.FidMetric ([eval] metrics) names them
 ADM_TABLE = ("fid", "sfid", "is", "pr")  # `--metrics all`: what DiT, SiT, REPA, RAE report
 # Metrics whose definition is ADM's evaluator, which feeds images to the TF graph (resize inside the network):
 # legacy_tensorflow is that path, so they are computed there only.
@@ -121,3 +123,23 @@ def _xlogx(p: np.ndarray) -> np.ndarray:
 def frechet_key(metric: str) -> tuple[str, str]:
     """The reference npz keys a Fréchet metric compares with: FID mu/sigma, sFID mu_s/sigma_s (ADM's names)."""
     return ("mu", "sigma") if metric == "fid" else ("mu_s", "sigma_s")
+
+
+def clip_scorer(weights: str | None, device: Any, *, preset: str | None = None) -> ClipScoreFn:
+    """CLIP score with CLIP ViT-L/14's two towers (`weights` > $UVIT_CLIP > `preset` > the Hugging Face cache):
+    the file is found now, so a missing one is one line before any work; the model loads at the first batch."""
+    from uvit_cli.encoders.weights import resolve_weights
+
+    resolve_weights(weights, "clip_model", preset=preset)
+    model: list[Any] = []
+
+    def score(images: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray:
+        from uvit_cli import dist
+        from uvit_cli.encoders import load_clip_model
+        from uvit_cli.encoders.clip_score import clip_score
+
+        if not model:
+            model.append(load_clip_model(weights, dist.device(device), preset=preset))
+        return clip_score(images, prompts, model[0]).numpy()
+
+    return score

@@ -1,10 +1,12 @@
 """FID while training (the preset's [eval] table): the EMA weights sampled with the [sample] solver and guidance,
 streamed into the Inception statistics on every rank (`uvit fid --ckpt`'s machinery), logged to metrics.jsonl.
 
-The conditions are those of `uvit fid --ckpt` (fid.generated.fid_conditions): uniform labels for class models,
-the val split's captions for text models, all drawn from (eval.seed, image index), so successive evaluations
-compare the same requests. With `keep_best`, the EMA weights of the best FID so far are kept in RUN/best/
-(ema.safetensors, loadable by `uvit sample --ckpt RUN/best`, and fid.json).
+The conditions are those of `uvit fid --ckpt` (fid.generated.fid_conditions): labels by `eval.classes` for class
+models (random: uniform, the paper's; balanced: index % K), the val split's captions for text models, all
+drawn from (eval.seed, image index), so successive evaluations compare the same requests. `eval.metrics` adds
+numbers of the same Inception pass (sFID, Inception Score, precision/recall, CLIP score), logged beside `fid`
+under the stamp's keys; FID alone picks the best. With `keep_best`, the EMA weights of the best FID so far are
+kept in RUN/best/ (ema.safetensors, loadable by `uvit sample --ckpt RUN/best`, and fid.json).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +23,9 @@ from uvit_cli.config import Preset
 from uvit_cli.errors import CheckpointError
 from uvit_cli.fileio import write_json_atomic
 
+if TYPE_CHECKING:
+    from uvit_cli.fid.metrics import ClipScoreFn
+
 BEST_DIR = "best"
 BEST_FILE = "fid.json"
 
@@ -28,8 +33,9 @@ BEST_FILE = "fid.json"
 class FidEvaluator:
     """FID of the EMA model at the steps [eval] names; construct it on every rank (the sums are all-reduced).
 
-    The reference, mode and Inception weights are checked on construction, so a wrong path fails at the start
-    of the run, not after the first `interval` steps. `features`/`feature_dim` replace the Inception (tests)."""
+    The reference, mode, metrics and Inception weights are checked on construction, so a wrong path (or an ADM
+    metric outside legacy_tensorflow) fails at the start of the run, not after the first `interval` steps.
+    `features`/`feature_dim` replace the Inception and `clip_score` the CLIP scorer (tests)."""
 
     def __init__(
         self,
@@ -39,8 +45,10 @@ class FidEvaluator:
         *,
         features: Any = None,
         feature_dim: int = 2048,
+        clip_score: ClipScoreFn | None = None,
     ) -> None:
-        from uvit_cli.fid.generated import check_fid_request, fid_conditions
+        from uvit_cli.fid.generated import check_fid_request, fid_conditions, val_prompts
+        from uvit_cli.fid.metrics import clip_scorer
         from uvit_cli.sample.generate import SampleSettings, check_guidance
         from uvit_cli.sample.resolve import preset_autoencoder
 
@@ -48,11 +56,18 @@ class FidEvaluator:
         assert ev.ref is not None, "FidEvaluator is built only when [eval] ref is set"
         self.preset, self.run_dir, self.device, self.ref = preset, run_dir, device, ev.ref
         self.features, self.feature_dim = features, feature_dim
-        check_fid_request(ev.ref, ev.n, ev.mode, None, features)
+        if "clip" in ev.metrics and clip_score is None:
+            clip_score = clip_scorer(None, device)  # $UVIT_CLIP, else the Hugging Face cache: found now
+        self.clip_score = clip_score
+        self.metrics = check_fid_request(
+            ev.ref, ev.n, ev.mode, None, features, metrics=ev.metrics, clip_score=clip_score
+        )
         # compile=False: a network compiled for sampling would recompile at every evaluation
         self.settings = SampleSettings.from_preset(preset, steps=ev.steps, compile=False)
         check_guidance(preset, self.settings)
-        self.conditions, self.uncond, self.cond_info = fid_conditions(preset, ev.seed)
+        self.conditions, self.uncond, self.cond_info = fid_conditions(preset, ev.seed, classes=ev.classes)
+        # the captions each image was generated from, which CLIP score compares it with
+        self.prompts = val_prompts(preset.data.set_path(), ev.seed) if "clip" in self.metrics else None
         self.autoencoder = preset_autoencoder(preset, None, device)  # $UVIT_VAE > preset > HF cache
         best = run_dir / BEST_DIR / BEST_FILE
         self.best = _best_fid(best) if best.is_file() else math.inf
@@ -62,8 +77,9 @@ class FidEvaluator:
 
     @torch.no_grad()
     def __call__(self, ema: torch.nn.Module, step: int, *, write: bool) -> dict[str, Any]:
-        """Measure the EMA model at `step`; the metrics record (step, fid, fid_n, fid_seconds, fid_best).
-        With `write` (rank 0), a new best FID's EMA weights go to RUN/best/."""
+        """Measure the EMA model at `step`; the metrics record (step, fid, fid_n, fid_seconds, fid_best,
+        fid_is_best, and each other metric by its stamp key: sfid, inception_score, precision, recall,
+        clip_score). With `write` (rank 0), a new best FID's EMA weights go to RUN/best/."""
         from uvit_cli.fid.generated import fid_of_model
 
         ev = self.preset.eval
@@ -89,6 +105,10 @@ class FidEvaluator:
                 mode=ev.mode,
                 features=self.features,
                 feature_dim=self.feature_dim,
+                metrics=self.metrics,
+                prompts=self.prompts,
+                clip_score=self.clip_score,
+                label_protocol=self.cond_info.get("label_protocol"),
             )
         finally:
             ema.train(was_training)
@@ -102,6 +122,7 @@ class FidEvaluator:
                 save_weights(d / EMA_FILE, ema.state_dict(), self.preset, step, "ema")
                 write_json_atomic(d / BEST_FILE, {"step": step, "fid": fid, "n": ev.n, "mode": ev.mode,
                                                   "ref": str(self.ref), "stamp": result.stamp})  # fmt: skip
+        others = {k: float(v) for k, v in result.metrics.items() if k != "fid"}
         return {
             "step": step,
             "fid": fid,
@@ -109,6 +130,7 @@ class FidEvaluator:
             "fid_seconds": float(result.stamp.get("seconds", 0.0)),
             "fid_best": self.best,
             "fid_is_best": best,
+            **others,
         }
 
 
