@@ -485,3 +485,17 @@ def test_two_torchrun_processes_match_one(env, tmp_path):
 def test_n_below_two_is_refused(env):
     with pytest.raises(DataError, match="at least 2 images"):
         _cls_fid(env, n=1)
+
+
+def test_the_default_stamp_of_balanced_labels_does_not_replace_the_random_one(tmp_path):
+    from uvit_cli.fid.result import FidResult
+
+    gen = {"checkpoint": str(tmp_path / "model.safetensors"), "n": 100, "solver": "dpm_solver_pp", "steps": 25,
+           "cfg_scale": 0.4, "seed": 0}  # fmt: skip
+    paths = {
+        labels: FidResult(1.0, 1.0, 100, {"mode": "clean", "samples": {"generator": gen},
+                                          "protocol": {"label_protocol": labels}}).default_stamp_path()
+        for labels in ("random", "balanced")
+    }  # fmt: skip
+    assert paths["random"].name == "model.fid-clean-n100-dpm_solver_pp25-cfg0.4-seed0.json"
+    assert paths["balanced"] != paths["random"] and paths["balanced"].name.endswith("-balanced.json")

@@ -67,6 +67,10 @@ class FidResult:
         if g:
             ck = Path(g["checkpoint"])
             tag = f"{s['mode']}-n{g['n']}-{g['solver']}{g['steps']}-cfg{g['cfg_scale']:g}-seed{g['seed']}"
+            if (
+                s.get("protocol", {}).get("label_protocol") == "balanced"
+            ):  # random (the paper's) keeps its name
+                tag += "-balanced"
             return ck.with_name(f"{ck.stem}.fid-{tag}.json")
         return samples_stamp_path(s["samples"]["path"], s["mode"])
 

@@ -160,6 +160,12 @@ def _interval(
 
 def _fid_line(fid: dict[str, Any], preset: Preset, run_dir: Path) -> str:
     line = f"FID {fid['fid']:.4f} of {fid['fid_n']} EMA samples in {fid['fid_seconds']:.0f} s"
+    others = [
+        f"{k} {fid[k]:.4f}"
+        for k in ("sfid", "inception_score", "precision", "recall", "clip_score")
+        if k in fid
+    ]
+    line += f" ({', '.join(others)})" if others else ""
     if not fid["fid_is_best"]:
         return f"{line} (best {fid['fid_best']:.4f})"
     return f"{line}, the best so far" + (f" (kept in {run_dir / 'best'})" if preset.eval.keep_best else "")
