@@ -4,9 +4,9 @@ Stable helper API (other tests import it):
     tiny_autoencoder(seed=0, ...) -> AutoencoderKL           f8 (4 levels), ch 32, 1 resnet per level
     save_autoencoder(vae, path, fmt) -> Path                 fmt: "uvit" | "sd_ckpt" | "diffusers" | "diffusers_legacy"
     ldm_to_diffusers(sd, config, legacy=False) -> dict       ldm keys -> diffusers keys by diffusers' converter
-    tiny_text_encoder(seed=0, hidden_size=32, ...) -> CLIPTextEncoder
+    tiny_text_encoder(seed=0, **sizes) -> CLIPTextEncoder     sizes override TINY_TOWER
     save_text_encoder(clip, directory, layout=..., fmt=..., tokenizer=True) -> Path (the directory)
-    tiny_clip_model(seed=0, text=None, ...) -> CLIPModel      both towers (vision at the real 224 px, patch 14)
+    tiny_clip_model(seed=0, text=None, **sizes) -> CLIPModel  both towers (vision at the real 224 px, patch 14)
     save_clip_model(model, directory, fmt=..., tokenizer=True) -> Path   the Hugging Face CLIPModel layout
     write_tokenizer_files(directory) -> Path                 HF vocab.json + merges.txt from the bundled .gz
 All writers use only torch/safetensors/json (no transformers or diffusers needed).
@@ -28,6 +28,11 @@ from uvit_cli.encoders.clip_vision import CLIPModel, CLIPVisionConfig
 from uvit_cli.encoders.tokenizer import BUNDLED_BPE, NUM_MERGES, _merges_from_gz, _vocab_from_merges
 
 TINY_VAE = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
+# The sizes of a tiny CLIP tower, text or vision (the real vocabulary, context, image size and patch kept).
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+# transformers' CLIPTextConfig arguments for the same tiny text tower, the real values written out (parity
+# references are built from these, not from transformers' defaults).
+TINY_TEXT_HF = dict(TINY_TOWER, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -118,22 +123,11 @@ def ldm_to_diffusers(
     return out
 
 
-def tiny_text_encoder(
-    seed: int = 0,
-    hidden_size: int = 32,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    intermediate_size: int = 64,
-) -> CLIPTextEncoder:
-    """A small seeded CLIP text tower with the real vocabulary (49408) and context (77)."""
-    cfg = CLIPTextConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-    )
-    with torch.device("meta"):
-        clip = CLIPTextEncoder(cfg)
+def tiny_text_encoder(seed: int = 0, **sizes: int) -> CLIPTextEncoder:
+    """A small seeded CLIP text tower with the real vocabulary (49408) and context (77); sizes override
+    TINY_TOWER."""
+    with torch.device("meta"):  # skip the default init: randomize_ sets every weight
+        clip = CLIPTextEncoder(CLIPTextConfig(**{**TINY_TOWER, **sizes}))
     return randomize_(clip.to_empty(device="cpu"), seed).eval().requires_grad_(False)
 
 
@@ -197,23 +191,13 @@ def _write_weights(sd: dict[str, torch.Tensor], directory: Path, fmt: str) -> No
 
 
 def tiny_clip_model(
-    seed: int = 0,
-    text: CLIPTextEncoder | None = None,
-    hidden_size: int = 32,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    intermediate_size: int = 64,
-    projection_dim: int = 24,
+    seed: int = 0, text: CLIPTextEncoder | None = None, projection_dim: int = 24, **sizes: int
 ) -> CLIPModel:
-    """A small seeded CLIPModel: `text` (else `tiny_text_encoder(seed)`) plus a vision tower of these sizes at
-    the real input (224 px, patch 14, so 257 tokens) and projections to `projection_dim`."""
+    """A small seeded CLIPModel: `text` (else `tiny_text_encoder(seed)`) plus a vision tower of `sizes`
+    (overriding TINY_TOWER) at the real input (224 px, patch 14, so 257 tokens) and projections to
+    `projection_dim`."""
     text = text if text is not None else tiny_text_encoder(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-    )
+    vision = CLIPVisionConfig(**{**TINY_TOWER, **sizes})
     with torch.device("meta"):
         model = CLIPModel(text.config, vision, projection_dim)
     randomize_(model.to_empty(device="cpu"), seed + 1000)

@@ -11,17 +11,14 @@ from typing import get_args
 
 import numpy as np
 import pytest
-import torch
-from encoder_fixtures import randomize_
 from PIL import Image
+from sample_fixtures import class_toml, save_tiny_uvit, t2i_toml
 from train_fixtures import tiny_toml
 from typer.testing import CliRunner
 
 from uvit_cli.cli import app
 from uvit_cli.cli.common import LabelProtocolName
-from uvit_cli.config import load_preset
 from uvit_cli.errors import ConfigError, UvitError
-from uvit_cli.model import UViT
 from uvit_cli.sample import (
     LABEL_PROTOCOLS,
     SamplerSpec,
@@ -37,24 +34,10 @@ from uvit_cli.sample import (
     valid_classes,
 )
 
-CLASS = tiny_toml(
-    "tiny_class",
-    {"kind": "imagenet64", "path": "unused", "space": "pixel", "resolution": 8},
-    model={"num_classes": 11},  # 10 real classes and the null class 10 (p_uncond 0.1)
-    sample={"solver": "euler_maruyama", "steps": 2, "cfg_scale": 0.5, "batch_size": 4},
-)
 UNCOND = tiny_toml(
     "tiny_unc",
     {"kind": "cifar10", "path": "unused", "space": "pixel", "resolution": 8},
     sample={"solver": "ddim", "steps": 2, "batch_size": 4},
-)
-T2I = tiny_toml(
-    "tiny_t2i",
-    {"kind": "coco", "path": "unused", "space": "latent", "resolution": 32},
-    model={"img_size": 4, "in_chans": 4, "depth": 2, "clip_dim": 32, "num_clip_token": 77},
-    sample={"solver": "dpm_solver_pp", "steps": 2, "cfg_scale": 1.0, "batch_size": 4},
-    autoencoder={"scale_factor": 0.5},
-    text_encoder={"kind": "clip"},
 )
 
 
@@ -152,14 +135,9 @@ def test_protocol_names_descriptions_and_bad_values():
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("balanced")
-    for name, text in (("class", CLASS), ("unc", UNCOND), ("t2i", T2I)):
-        (d / f"{name}.toml").write_text(text)
-        (d / name).mkdir()
-        p = load_preset(d / f"{name}.toml")
-        model = randomize_(UViT(**p.model.model_dump()), seed=2).eval()
-        torch.save(model.state_dict(), d / name / "nnet_ema.pth")
-        if name == "class":
-            cls, cls_model = p, model
+    cls, cls_model = save_tiny_uvit(class_toml(), d / "class.toml", d / "class" / "nnet_ema.pth", seed=2)
+    for name, text in (("unc", UNCOND), ("t2i", t2i_toml())):
+        save_tiny_uvit(text, d / f"{name}.toml", d / name / "nnet_ema.pth", seed=2)
     return dict(dir=d, cls=cls, cls_model=cls_model)
 
 

@@ -6,7 +6,13 @@ import json
 
 import pytest
 import torch
-from encoder_fixtures import randomize_, save_text_encoder, tiny_text_encoder, write_tokenizer_files
+from encoder_fixtures import (
+    TINY_TEXT_HF,
+    randomize_,
+    save_text_encoder,
+    tiny_text_encoder,
+    write_tokenizer_files,
+)
 from safetensors.torch import load_file, save_file
 
 from uvit_cli.encoders import CLIPTextEncoder, load_text_encoder
@@ -33,16 +39,7 @@ def _offline(monkeypatch):
 def reference(tmp_path_factory):
     """A tiny transformers CLIPTextModel saved by transformers itself (the v5 unprefixed layout)."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-    )
-    ref = randomize_(transformers.CLIPTextModel(cfg), 11).eval()
+    ref = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_TEXT_HF)), 11).eval()
     folder = tmp_path_factory.mktemp("clip_t5")
     ref.save_pretrained(folder)
     write_tokenizer_files(folder)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from encoder_fixtures import (
+    TINY_TEXT_HF,
     randomize_,
     save_clip_model,
     save_text_encoder,
@@ -74,31 +75,20 @@ def _processor():
     return cls()  # the defaults are openai/clip-vit-large-patch14's preprocessor_config.json
 
 
+def _vision_hf(**sizes: int) -> dict:
+    """transformers' CLIPVisionConfig arguments: these sizes at CLIP ViT-L/14's input and activation."""
+    return dict(sizes, image_size=224, patch_size=14, hidden_act="quick_gelu")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A tiny transformers CLIPModel, seeded, saved by transformers itself; and the folder."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=0,
-            eos_token_id=2,  # as the hub's config.json: transformers pools at input_ids.argmax
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=224,
-            patch_size=14,
-            hidden_act="quick_gelu",
+        # eos_token_id 2 as the hub's config.json: transformers pools at input_ids.argmax
+        text_config=dict(TINY_TEXT_HF, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        vision_config=_vision_hf(
+            hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
         ),
         projection_dim=24,
     )
@@ -119,12 +109,8 @@ def test_real_size_keys_and_shapes_equal_transformers_clipmodel():
         text_config=dict(
             hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
         ),
-        vision_config=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            patch_size=14,
+        vision_config=_vision_hf(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16
         ),
         projection_dim=768,
     )

@@ -12,15 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from encoder_fixtures import (
-    randomize_,
-    save_autoencoder,
-    save_text_encoder,
-    tiny_autoencoder,
-    tiny_text_encoder,
-)
 from PIL import Image
-from train_fixtures import tiny_toml
+from sample_fixtures import class_toml, save_tiny_encoders, save_tiny_uvit, t2i_toml
 from typer.testing import CliRunner
 
 from uvit_cli import dist, resources
@@ -37,20 +30,7 @@ from uvit_cli.sample import (
     sample_to_dir,
 )
 
-T2I = tiny_toml(
-    "tiny_t2i",
-    {"kind": "coco", "path": "unused", "space": "latent", "resolution": 32},
-    model={"img_size": 4, "in_chans": 4, "depth": 2, "clip_dim": 32, "num_clip_token": 77},
-    sample={"solver": "dpm_solver_pp", "steps": 2, "cfg_scale": 1.0, "batch_size": 4},
-    autoencoder={"scale_factor": 0.5},
-    text_encoder={"kind": "clip"},
-)
-CLASS = tiny_toml(
-    "tiny_class",
-    {"kind": "imagenet64", "path": "unused", "space": "pixel", "resolution": 8},
-    model={"num_classes": 11},
-    sample={"solver": "euler_maruyama", "steps": 2, "cfg_scale": 0.5, "batch_size": 4},
-)
+T2I, CLASS = t2i_toml(), class_toml()
 GiB = 1 << 30
 
 
@@ -58,17 +38,12 @@ GiB = 1 << 30
 def env(tmp_path_factory):
     """Two presets with a seeded model each (the official .pth layout), and two VAEs and two CLIPs."""
     d = tmp_path_factory.mktemp("reliability_sample")
-    (d / "t2i.toml").write_text(T2I)
-    (d / "class.toml").write_text(CLASS)
-    t2i, cls = load_preset(d / "t2i.toml"), load_preset(d / "class.toml")
-    (d / "t2i").mkdir()
-    (d / "cls").mkdir()
-    torch.save(randomize_(UViT(**t2i.model.model_dump()), seed=1).state_dict(), d / "t2i" / "nnet_ema.pth")
-    cls_model = randomize_(UViT(**cls.model.model_dump()), seed=2).eval()
-    torch.save(cls_model.state_dict(), d / "cls" / "nnet_ema.pth")
+    t2i, _ = save_tiny_uvit(T2I, d / "t2i.toml", d / "t2i" / "nnet_ema.pth", seed=1)
+    cls, cls_model = save_tiny_uvit(CLASS, d / "class.toml", d / "cls" / "nnet_ema.pth", seed=2)
     for k in (1, 2):
-        save_autoencoder(tiny_autoencoder(seed=2 + k), d / f"vae{k}" / "autoencoder_kl.pth", "uvit")
-        save_text_encoder(tiny_text_encoder(seed=4 + k), d / f"clip{k}")
+        save_tiny_encoders(
+            d / f"vae{k}" / "autoencoder_kl.pth", d / f"clip{k}", vae_seed=2 + k, clip_seed=4 + k
+        )
     return dict(dir=d, t2i=t2i, cls=cls, cls_model=cls_model)
 
 

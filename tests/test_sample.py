@@ -12,15 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from encoder_fixtures import (
-    randomize_,
-    save_autoencoder,
-    save_text_encoder,
-    tiny_autoencoder,
-    tiny_text_encoder,
-)
 from PIL import Image
-from train_fixtures import tiny_toml
+from sample_fixtures import class_toml, save_tiny_encoders, save_tiny_uvit, t2i_toml
 from typer.testing import CliRunner
 
 from uvit_cli import solvers
@@ -47,44 +40,16 @@ from uvit_cli.schedule import make_schedule
 runner = CliRunner()
 
 
-def t2i_toml(name: str = "tiny_t2i", depth: int = 2) -> str:
-    return tiny_toml(
-        name,
-        {"kind": "coco", "path": "unused", "space": "latent", "resolution": 32},
-        model={"img_size": 4, "in_chans": 4, "depth": depth, "clip_dim": 32, "num_clip_token": 77},
-        sample={"solver": "dpm_solver_pp", "steps": 2, "cfg_scale": 1.0, "batch_size": 4},
-        autoencoder={"scale_factor": 0.5},
-        text_encoder={"kind": "clip"},
-    )
-
-
-CLASS_TOML = tiny_toml(
-    "tiny_class",
-    {"kind": "imagenet64", "path": "unused", "space": "pixel", "resolution": 8},
-    model={"num_classes": 11},
-    sample={"solver": "euler_maruyama", "steps": 4, "cfg_scale": 0.5, "batch_size": 4},
-)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Preset files, a seeded model of each, and the tiny VAE / CLIP written in their real formats."""
     d = tmp_path_factory.mktemp("sample_env")
-    (d / "tiny_t2i.toml").write_text(t2i_toml())
     (d / "tiny_t2i_deep.toml").write_text(t2i_toml("tiny_t2i_deep", depth=4))
-    (d / "tiny_class.toml").write_text(CLASS_TOML)
-    t2i = load_preset(d / "tiny_t2i.toml")
-    cls = load_preset(d / "tiny_class.toml")
-    torch.manual_seed(0)
-    t2i_model = randomize_(UViT(**t2i.model.model_dump()), seed=1).eval()
-    cls_model = randomize_(UViT(**cls.model.model_dump()), seed=2).eval()
-    torch.save(t2i_model.state_dict(), d / "nnet_ema.pth")  # the official layout: a plain state dict
-    (d / "cls").mkdir()
-    torch.save(cls_model.state_dict(), d / "cls" / "nnet_ema.pth")
-    vae = tiny_autoencoder(seed=3)
-    save_autoencoder(vae, d / "autoencoder_kl.pth", "uvit")
-    clip = tiny_text_encoder(seed=4)
-    save_text_encoder(clip, d / "clip")
+    t2i, t2i_model = save_tiny_uvit(t2i_toml(), d / "tiny_t2i.toml", d / "nnet_ema.pth", seed=1)
+    cls, cls_model = save_tiny_uvit(
+        class_toml(steps=4), d / "tiny_class.toml", d / "cls" / "nnet_ema.pth", seed=2
+    )
+    vae, clip = save_tiny_encoders(d / "autoencoder_kl.pth", d / "clip", vae_seed=3, clip_seed=4)
     return dict(dir=d, t2i=t2i, cls=cls, t2i_model=t2i_model, cls_model=cls_model, vae=vae, clip=clip)
 
 

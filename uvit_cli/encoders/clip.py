@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from torch import nn
 
 from uvit_cli.encoders.tokenizer import CLIPTokenizer
 from uvit_cli.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from uvit_cli.encoders.clip_vision import CLIPVisionConfig
 
 
 @dataclass(frozen=True)
@@ -38,25 +41,12 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
 
 
-class TowerSizes(Protocol):
-    """What the shared encoder modules read from a tower's config (the text and the vision config have it)."""
-
-    @property
-    def hidden_size(self) -> int: ...
-    @property
-    def intermediate_size(self) -> int: ...
-    @property
-    def num_hidden_layers(self) -> int: ...
-    @property
-    def num_attention_heads(self) -> int: ...
-    @property
-    def hidden_act(self) -> str: ...
-    @property
-    def layer_norm_eps(self) -> float: ...
+# The config the shared attention, MLP and layer modules read their sizes from: either tower's.
+TowerConfig: TypeAlias = "CLIPTextConfig | CLIPVisionConfig"
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: TowerSizes, causal: bool = True) -> None:
+    def __init__(self, cfg: TowerConfig, causal: bool = True) -> None:
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
@@ -85,7 +75,7 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, cfg: TowerSizes) -> None:
+    def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
         if cfg.hidden_act not in ("quick_gelu", "gelu"):
             raise CheckpointError(f"unsupported CLIP hidden_act {cfg.hidden_act!r} (quick_gelu or gelu)")
@@ -100,7 +90,7 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: TowerSizes, causal: bool = True) -> None:
+    def __init__(self, cfg: TowerConfig, causal: bool = True) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = CLIPAttention(cfg, causal)
@@ -113,7 +103,7 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: TowerSizes, causal: bool = True) -> None:
+    def __init__(self, cfg: TowerConfig, causal: bool = True) -> None:
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg.num_hidden_layers))
 
