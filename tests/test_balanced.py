@@ -21,6 +21,7 @@ from uvit_cli.cli.common import LabelProtocolName
 from uvit_cli.errors import ConfigError, UvitError
 from uvit_cli.sample import (
     LABEL_PROTOCOLS,
+    SampleOptions,
     SamplerSpec,
     SampleSettings,
     balanced_class_conditions,
@@ -143,7 +144,7 @@ def env(tmp_path_factory):
 
 def _spec(env, name: str = "class", **kw) -> SamplerSpec:
     d = env["dir"]
-    kw.setdefault("settings", {"compile": False})
+    kw.setdefault("settings", SampleOptions(compile=False))
     return SamplerSpec(ckpt=d / name / "nnet_ema.pth", preset=d / f"{name}.toml", **kw)
 
 
@@ -158,16 +159,16 @@ def _records(out: Path) -> list[dict]:
 def test_balanced_images_are_the_same_for_any_batch_size_and_rank_split(env, tmp_path):
     p, model = env["cls"], env["cls_model"]
     n = 7
-    r2 = sample_to_dir(tmp_path / "b2", _spec(env, seed=3, settings={"batch_size": 2, "compile": False}),
+    r2 = sample_to_dir(tmp_path / "b2", _spec(env, seed=3, settings=SampleOptions(batch_size=2, compile=False)),
                        label_protocol="balanced", n=n)  # fmt: skip
-    sample_to_dir(tmp_path / "b3", _spec(env, seed=3, settings={"batch_size": 3, "compile": False}),
+    sample_to_dir(tmp_path / "b3", _spec(env, seed=3, settings=SampleOptions(batch_size=3, compile=False)),
                   label_protocol="balanced", n=n)  # fmt: skip
     assert r2.total == n and r2.label_protocol == "balanced" and "balanced labels" in r2.summary()
     got = _pngs(tmp_path / "b2", n)
     assert np.array_equal(got, _pngs(tmp_path / "b3", n))
     # the images are those of the core with class = index % 10, also when two ranks take 0::2 and 1::2
-    settings = SampleSettings.from_preset(p, batch_size=2, compile=False)
-    labels, unc = balanced_class_conditions(10), null_condition(p)
+    settings = SampleSettings.from_preset(p, SampleOptions(batch_size=2, compile=False))
+    labels, unc = balanced_class_conditions(10), null_condition(p.model)
     by_rank: dict[int, np.ndarray] = {}
     for r in (1, 0):
         for idx, images in generate(model, p, range(r, n, 2), labels, unc, seed=3, settings=settings):
@@ -182,9 +183,9 @@ def test_random_labels_make_the_images_uvit_fid_ckpt_makes(env, tmp_path):
     p, model = env["cls"], env["cls_model"]
     r = sample_to_dir(tmp_path / "r", _spec(env, seed=4), label_protocol="random", n=5)
     assert "random labels" in r.summary()
-    settings = SampleSettings.from_preset(p, compile=False)
+    settings = SampleSettings.from_preset(p, SampleOptions(compile=False))
     want = np.concatenate([b for _, b in generate(model, p, range(5), random_class_conditions(4, 10),
-                                                    null_condition(p), seed=4, settings=settings)])  # fmt: skip
+                                                    null_condition(p.model), seed=4, settings=settings)])  # fmt: skip
     assert np.array_equal(_pngs(tmp_path / "r", 5), want)
     recs = _records(tmp_path / "r")
     assert [x["class"] for x in recs] == _labels(random_class_conditions(4, 10), range(5))

@@ -1,8 +1,10 @@
 """The `uvit` command: fast start, presets, one-line errors."""
 
+import dataclasses
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from uvit_cli import data
@@ -108,12 +110,17 @@ def test_help_shows_the_defaults_written_in_brackets():
     assert "default: 10000" in r.output and "else 1 for the tiny model" in r.output
 
 
-def test_train_interrupt_says_what_was_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["signal", "keyboard_interrupt"])
+def test_train_interrupt_says_what_was_kept(tmp_path, monkeypatch, how):
+    """A stop (Ctrl-C or SIGTERM: the loop saves and returns a result naming the signal) and a hard
+    interrupt (a second Ctrl-C) both end `uvit train` with status 130 and the line of what was kept."""
     import uvit_cli.train
 
     run = tmp_path / "run"
 
     def interrupted(*args, **kwargs):
+        if how == "signal":
+            return uvit_cli.train.TrainResult(run, 30, None, None, stopped="SIGTERM")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(uvit_cli.train, "train", interrupted)
@@ -217,13 +224,13 @@ def test_sample_options_reach_the_sampler_spec(tmp_path, monkeypatch):
     spec = seen["spec"]
     assert (spec.ckpt, spec.preset, spec.seed, spec.ema, spec.vae) == (str(ckpt), "p.toml", 7, False, "v")
     assert list(spec.overrides) == ["sample.steps=9"]
-    assert dict(spec.settings) == {
+    assert dataclasses.asdict(spec.settings) == {
         "solver": "ddim", "steps": 3, "cfg_scale": 1.5, "guidance_interval": (0.1, 0.9), "batch_size": 2,
         "decode_batch_size": 5, "precision": "fp32", "compile": False, "cuda_graphs": True,
     }  # fmt: skip
     assert runner.invoke(app, ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s")]).exit_code == 130
     assert seen["spec"].ema and seen["spec"].seed == 0 and seen["spec"].overrides == []
-    assert dict(seen["spec"].settings) == {
+    assert dataclasses.asdict(seen["spec"].settings) == {
         "solver": None, "steps": None, "cfg_scale": None, "guidance_interval": None, "batch_size": None,
         "decode_batch_size": 50, "precision": None, "compile": None, "cuda_graphs": False,
     }  # fmt: skip
@@ -254,3 +261,73 @@ def test_every_option_of_every_command_has_its_declared_flags_and_help():
     assert seen[("sample", "class_")] == ["--class", "-c"]
     assert seen[("fid", "compare", "json_path")] == ["--json"]
     assert seen[("fid", "ref", "mode")] == ["--mode"]
+
+
+def test_fid_arguments_name_or_imply_their_subcommand():
+    """`uvit fid SAMPLES REF` means compare, `uvit fid --ckpt ... REF` (or --preset, --n) generate; a named
+    subcommand or --help is the group's own; after `--` nothing is an option."""
+    from uvit_cli.cli.fid import route
+
+    own = {"compare", "ref", "pack", "generate", "--help"}
+    table = {
+        ("a", "b"): "compare",
+        ("a", "b", "--batch-size", "7", "--json", "n.json"): "compare",
+        ("--ckpt", "c", "ref.npz"): "generate",
+        ("ref.npz", "--preset=p.toml"): "generate",
+        ("ref.npz", "--n", "5"): "generate",
+        ("ref.npz", "-n5"): "generate",
+        ("ref.npz", "-n=5"): "generate",
+        ("a", "--", "--ckpt"): "compare",  # a file named --ckpt
+        ("-nx", "b"): "compare",
+    }
+    for args, command in table.items():
+        assert route(list(args), own) == [command, *args], args
+    for args in ([], ["--help"], ["ref", "imgs", "--n", "3"], ["generate", "r"], ["pack", "f", "--out", "o"]):
+        assert route(args, own) == args, args
+
+
+def _stop_at(monkeypatch, target, seen):
+    """Replace `target` by a function that records its call and stops the command (exit 130)."""
+
+    def capture(*args, **kwargs):
+        seen[target] = (args, kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, capture)
+
+
+def test_fid_options_reach_their_workflow_by_name(tmp_path, monkeypatch):
+    """Each `uvit fid` command hands its options to its workflow under their own names; --batch-size is the
+    Inception's batch in compare and ref, the sampling batch in generate (the route --ckpt takes)."""
+    samples, ref, weights = tmp_path / "samples", tmp_path / "ref.npz", tmp_path / "w.pt"
+    samples.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(samples / "0.png")
+    seen = {}
+    _stop_at(monkeypatch, "uvit_cli.fid.compute_fid", seen)
+    _stop_at(monkeypatch, "uvit_cli.fid.make_ref_stats", seen)
+    _stop_at(monkeypatch, "uvit_cli.cli.fid.sampler_spec", seen)
+    features = ["--metrics", "fid,is", "--inception-weights", str(weights), "--batch-size", "7", "--workers",
+                "3", "--device", "cpu"]  # fmt: skip
+    r = runner.invoke(app, ["fid", str(samples), str(ref), *features])
+    assert r.exit_code == 130, r.output
+    args, kw = seen["uvit_cli.fid.compute_fid"]
+    assert args == (samples, ref) and kw["metrics"] == ("fid", "is") and kw["clip_score"] is None
+    want = {"mode": "legacy_tensorflow", "inception_weights": weights, "batch_size": 7, "workers": 3}
+    assert {k: kw[k] for k in want} == want and kw["device"] == "cpu"
+
+    r = runner.invoke(app, ["fid", "ref", str(samples), "--out", str(tmp_path / "new.npz"), *features])
+    assert r.exit_code == 130, r.output
+    args, kw = seen["uvit_cli.fid.make_ref_stats"]
+    assert args == (samples, tmp_path / "new.npz") and {k: kw[k] for k in want} == want
+
+    r = runner.invoke(app, ["fid", "--preset", "p.toml", str(ref), "--batch-size", "7", "--steps", "3",
+                            "--cfg-scale", "1.5", "--no-compile", "--set", "sample.steps=9"])  # fmt: skip
+    assert r.exit_code == 130, r.output
+    _, kw = seen["uvit_cli.cli.fid.sampler_spec"]
+    assert kw == {
+        "ckpt": None, "preset": "p.toml", "seed": 0, "steps": 3, "cfg_scale": 1.5, "solver": None,
+        "guidance_interval": None, "batch_size": 7, "precision": None, "no_compile": True,
+        "model_weights": "ema", "vae": None, "set_": ["sample.steps=9"],
+    }  # fmt: skip

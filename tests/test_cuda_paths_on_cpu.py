@@ -25,7 +25,14 @@ from train_fixtures import tiny_preset, write_pixel_set
 
 from uvit_cli.config import preset_from_dict
 from uvit_cli.model import UViT
-from uvit_cli.sample.generate import SampleSettings, class_conditions, generate, null_condition, to_uint8
+from uvit_cli.sample import (
+    SampleOptions,
+    SampleSettings,
+    class_conditions,
+    generate,
+    null_condition,
+    to_uint8,
+)
 from uvit_cli.train.step import StepState, setup_step, train_step
 
 
@@ -228,9 +235,9 @@ def test_train_loop_runs_the_cuda_recipe(tmp_path, monkeypatch):
 
 
 def _images(p, model, **settings) -> np.ndarray:
-    s = SampleSettings.from_preset(p, steps=4, batch_size=2, **settings)
+    s = SampleSettings.from_preset(p, SampleOptions(steps=4, batch_size=2, **settings))
     labels = [3, 0, 1, 1, 2]
-    out = generate(model, p, range(5), class_conditions(labels), null_condition(p), seed=1, settings=s)
+    out = generate(model, p, range(5), class_conditions(labels), null_condition(p.model), seed=1, settings=s)
     return np.concatenate([b for _, b in out]).astype(int)
 
 
@@ -302,7 +309,6 @@ def test_bench_ladders_run_their_cuda_recipes(cond, space, monkeypatch):
     compile), on the CPU (aot_eager for inductor; CUDA graphs become plain compile): no crash, no recompile."""
     from uvit_cli.bench import tasks as bench
     from uvit_cli.bench.recipes import SAMPLE_LADDER, TRAIN_LADDER
-    from uvit_cli.schedule import make_schedule
 
     p, dev = _preset(cond, space), torch.device("cpu")
     real = torch.compile
@@ -321,10 +327,10 @@ def test_bench_ladders_run_their_cuda_recipes(cond, space, monkeypatch):
         step = bench.make_train_step(r, p, {"x": x, **cond_}, null, dev)
         for _ in range(3):
             step()
-    schedule = make_schedule(p.schedule.kind, p.schedule.num_steps)
+    settings = SampleSettings.from_preset(p, SampleOptions(steps=3, cfg_scale=1.0, batch_size=4))
     for r in SAMPLE_LADDER:
         torch._dynamo.reset()
-        run = bench.make_sample_run(r, p, cond_, null, None, schedule, 1.0, 3, 4, dev)
+        run = bench.make_sample_run(r, p, settings, cond_, null, None, dev)
         for _ in range(2):
             run()
     assert counters and all(c.frame_count == 1 for c in counters), [c.frame_count for c in counters]

@@ -17,7 +17,7 @@ from uvit_cli.config import load_preset
 from uvit_cli.errors import ConfigError
 from uvit_cli.fid import make_ref_stats
 from uvit_cli.fid.generated import fid_from_checkpoint
-from uvit_cli.sample import SamplerSpec
+from uvit_cli.sample import SampleOptions, SamplerSpec
 from uvit_cli.shapes.prepare import prepare_shapes
 from uvit_cli.train import read_metrics, train
 
@@ -72,7 +72,9 @@ def test_every_metric_is_logged_and_equals_uvit_fid_of_the_saved_checkpoint(setu
         assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["inception_score"] >= 1
         # the in-training numbers are `uvit fid --ckpt RUN/ckpts/STEP --metrics ...` with [eval]'s settings
         spec = SamplerSpec(
-            ckpt=run / ck.CKPTS / ck.step_dir_name(m["step"]), seed=5, settings={"steps": 2, "compile": False}
+            ckpt=run / ck.CKPTS / ck.step_dir_name(m["step"]),
+            seed=5,
+            settings=SampleOptions(steps=2, compile=False),
         )
         again = fid_from_checkpoint(
             setup / "ref.npz", spec, n=6, mode=ADM, device="cpu", metrics=metrics, **FEATURES

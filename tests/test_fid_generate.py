@@ -4,6 +4,7 @@ with the real Inception architecture and random weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -32,7 +33,7 @@ from uvit_cli.fid import compute_fid, make_ref_stats
 from uvit_cli.fid import generated as gen
 from uvit_cli.fid.generated import fid_from_checkpoint, val_context_conditions
 from uvit_cli.model import UViT
-from uvit_cli.sample import SamplerSpec, random_class_conditions
+from uvit_cli.sample import SampleOptions, SamplerSpec, random_class_conditions
 
 runner = CliRunner()
 
@@ -106,7 +107,7 @@ def _one_line_error(r) -> str:
 
 def test_ckpt_fid_equals_fid_of_the_pngs_uvit_sample_writes(env, tmp_path):
     d = env["dir"]
-    settings = {"steps": 3, "cfg_scale": 0.5, "solver": "dpm_solver_pp", "batch_size": 3}
+    settings = SampleOptions(steps=3, cfg_scale=0.5, solver="dpm_solver_pp", batch_size=3)
     got = _cls_fid(env, settings=settings)
 
     # the same images through `uvit sample`: image i of `--class l0 --class l1 ... --n 1` has label l_i
@@ -127,7 +128,7 @@ def test_ckpt_fid_equals_fid_of_the_pngs_uvit_sample_writes(env, tmp_path):
 
     # the settings matter (the comparison above can fail): another seed, no guidance
     other_seed = _cls_fid(env, seed=4, settings=settings)
-    no_cfg = _cls_fid(env, settings={**settings, "cfg_scale": 0.0})
+    no_cfg = _cls_fid(env, settings=dataclasses.replace(settings, cfg_scale=0.0))
     assert abs(other_seed.fid_raw - got.fid_raw) > 1e-4 and abs(no_cfg.fid_raw - got.fid_raw) > 1e-4
 
 
@@ -154,8 +155,8 @@ def _captured_stats(monkeypatch):
 
 def test_batch_size_and_rank_slices_do_not_change_the_result(env, monkeypatch):
     seen, images = _captured_stats(monkeypatch)
-    one = _cls_fid(env, n=7, settings={"batch_size": 1})
-    five = _cls_fid(env, n=7, settings={"batch_size": 5})
+    one = _cls_fid(env, n=7, settings=SampleOptions(batch_size=1))
+    five = _cls_fid(env, n=7, settings=SampleOptions(batch_size=5))
     np.testing.assert_array_equal(images[0], images[1])  # the same 7 images, bit for bit
     assert len(np.unique(images[0].reshape(7, -1), axis=0)) == 7
     # float32 features of other batch shapes round differently: measured up to 2.6e-7 here (AVX-512, AVX2, plain
@@ -165,7 +166,7 @@ def test_batch_size_and_rank_slices_do_not_change_the_result(env, monkeypatch):
     for r in range(3):
         monkeypatch.setattr(dist, "rank", lambda r=r: r)
         monkeypatch.setattr(dist, "world_size", lambda: 3)
-        _cls_fid(env, n=7, settings={"batch_size": 2})
+        _cls_fid(env, n=7, settings=SampleOptions(batch_size=2))
     for r in range(3):
         np.testing.assert_array_equal(images[2 + r], images[0][r::3])
     whole, shards = seen[0], seen[2:]
@@ -188,7 +189,7 @@ def test_ranks_generate_a_range_of_indices_whatever_n(env, monkeypatch):
     monkeypatch.setattr(sample_generate, "generate", first_batch)
     monkeypatch.setattr(dist, "rank", lambda: 1)
     monkeypatch.setattr(dist, "world_size", lambda: 3)
-    r = _cls_fid(env, n=10**12, settings={"batch_size": 4})
+    r = _cls_fid(env, n=10**12, settings=SampleOptions(batch_size=4))
     assert seen == [range(1, 10**12, 3)] and r.num_images == 4
 
 
@@ -289,9 +290,15 @@ def test_text_checkpoint_fid_runs_and_ignores_batching(env, monkeypatch):
     seen, images = _captured_stats(monkeypatch)
     spec = dict(ckpt=d / "txt" / "nnet_ema.pth", preset=d / "tiny_t2i_px.toml", seed=1)
     # a takes its contexts from the preset's data.path, b from --contexts-from
-    a = fid_from_checkpoint(env["ref"], SamplerSpec(**spec, settings={"batch_size": 4}), n=6, **FEATS)
+    a = fid_from_checkpoint(
+        env["ref"], SamplerSpec(**spec, settings=SampleOptions(batch_size=4)), n=6, **FEATS
+    )
     b = fid_from_checkpoint(
-        env["ref"], SamplerSpec(**spec, settings={"batch_size": 6}), n=6, contexts_from=d / "shards", **FEATS
+        env["ref"],
+        SamplerSpec(**spec, settings=SampleOptions(batch_size=6)),
+        n=6,
+        contexts_from=d / "shards",
+        **FEATS,
     )
     np.testing.assert_array_equal(images[0], images[1])
     assert a.fid_raw == pytest.approx(b.fid_raw, rel=2e-5) and a.num_images == 6 and seen[0].n == 6
@@ -447,9 +454,9 @@ import torch
 sys.path.insert(0, {tests!r})
 from test_fid import _standin
 from uvit_cli.fid.generated import fid_from_checkpoint
-from uvit_cli.sample import SamplerSpec
+from uvit_cli.sample import SampleOptions, SamplerSpec
 torch.set_num_threads(1)
-spec = SamplerSpec(ckpt={ckpt!r}, preset={preset!r}, seed=3, settings={{"batch_size": 2}})
+spec = SamplerSpec(ckpt={ckpt!r}, preset={preset!r}, seed=3, settings=SampleOptions(batch_size=2))
 r = fid_from_checkpoint({ref!r}, spec, n=7, features=_standin(), feature_dim=16, device="cpu")
 if r.is_main:
     json.dump(r.stamp, open({out!r}, "w"))
@@ -477,7 +484,7 @@ def test_two_torchrun_processes_match_one(env, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
-    one = _cls_fid(env, n=7, settings={"batch_size": 2})
+    one = _cls_fid(env, n=7, settings=SampleOptions(batch_size=2))
     assert two["world_size"] == 2 and two["num_images"] == 7
     assert two["fid_raw"] == pytest.approx(one.fid_raw, rel=2e-5)
 

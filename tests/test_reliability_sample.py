@@ -22,6 +22,7 @@ from uvit_cli.config import load_preset
 from uvit_cli.errors import ConfigError, ResourceError, UvitError
 from uvit_cli.model import UViT
 from uvit_cli.sample import (
+    SampleOptions,
     SamplerSpec,
     SampleSettings,
     class_conditions,
@@ -162,7 +163,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused(env, tmp_path, monkeypatch
     monkeypatch.setattr(resources, "available_memory_bytes", lambda: 1 << 20)  # 1 MiB
     out = tmp_path / "s"
     kw = dict(ckpt=env["dir"] / "cls" / "nnet_ema.pth", preset=env["dir"] / "class.toml")
-    spec = SamplerSpec(**kw, settings={"batch_size": 1000})
+    spec = SamplerSpec(**kw, settings=SampleOptions(batch_size=1000))
     with pytest.raises(ResourceError, match="sampling a batch of 1000 images needs about .* --batch-size"):
         sample_to_dir(out, spec, classes=[3], n=2)
     assert not out.exists()
@@ -179,7 +180,7 @@ def test_generation_reads_its_indices_a_batch_at_a_time(env):
             assert len(pulled) <= 8, "generate read ahead of its batches"
             yield i
 
-    settings = SampleSettings.from_preset(p, steps=1, batch_size=4, cfg_scale=0.0)
+    settings = SampleSettings.from_preset(p, SampleOptions(steps=1, batch_size=4, cfg_scale=0.0))
     batches = generate(model, p, indices(), class_conditions(_Three()), None, settings=settings)
     first = next(batches)
     assert first[0] == [0, 1, 2, 3] and first[1].shape == (4, 8, 8, 3)
@@ -299,7 +300,7 @@ def test_sample_pngs_are_unchanged_by_the_streaming_plan(env, tmp_path):
     settings = SampleSettings.from_preset(p)
     labels = [3, 3, 3, 7, 7, 7]
     want = np.concatenate([b for _, b in generate(model, p, range(6), class_conditions(labels),
-                                                    null_condition(p), seed=5, settings=settings)])  # fmt: skip
+                                                    null_condition(p.model), seed=5, settings=settings)])  # fmt: skip
     got = np.stack([np.asarray(Image.open(out / f"{i:05d}.png")) for i in range(6)])
     assert np.array_equal(got, want)
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -23,6 +23,7 @@ from uvit_cli.config import load_preset
 from uvit_cli.errors import UvitError
 from uvit_cli.model import UViT
 from uvit_cli.sample import (
+    SampleOptions,
     SamplerSpec,
     SampleSettings,
     class_conditions,
@@ -95,7 +96,7 @@ def _one_line_error(r) -> str:
 def test_images_do_not_depend_on_batch_size(env, tmp_path):
     p, m = env["t2i"], env["t2i_model"]
     ctx = _contexts(env, ["a red cube", "a blue ball", ""])
-    cond, unc = context_conditions(ctx, [0, 0, 1, 1]), null_condition(p, ctx[2:])
+    cond, unc = context_conditions(ctx, [0, 0, 1, 1]), null_condition(p.model, ctx[2:])
     # the network + solver output is the same for batch sizes 1 and 3 (per-image noise): bitwise with
     # AVX-512 kernels; with AVX2 or plain ones the GEMM blocking depends on the batch size (1.3e-5 of 63)
     z1 = torch.cat([sample_latents(m, p, [i], cond, unc, seed=7) for i in range(4)])
@@ -109,7 +110,7 @@ def test_images_do_not_depend_on_batch_size(env, tmp_path):
     vae.scale_factor = p.autoencoder.scale_factor
 
     def images(**kw):
-        s = SampleSettings.from_preset(p, **kw)
+        s = SampleSettings.from_preset(p, SampleOptions(**kw))
         return np.concatenate(
             [b for _, b in generate(m, p, range(3), cond, unc, seed=7, autoencoder=vae, settings=s)]
         )
@@ -125,22 +126,13 @@ def test_images_do_not_depend_on_batch_size(env, tmp_path):
 def test_stochastic_solver_noise_is_per_image(env):
     """Euler–Maruyama draws fresh noise every step: still the same image for batch 1 and batch 3."""
     p, m = env["cls"], env["cls_model"]
-    cond, unc = class_conditions([3, 5, 5, 1]), null_condition(p)
-    one = [
-        img
-        for _, b in generate(
-            m, p, range(4), cond, unc, seed=1, settings=SampleSettings.from_preset(p, batch_size=1)
-        )
-        for img in b
-    ]
-    three = np.concatenate(
-        [
-            b
-            for _, b in generate(
-                m, p, range(4), cond, unc, seed=1, settings=SampleSettings.from_preset(p, batch_size=3)
-            )
-        ]
-    )
+    cond, unc = class_conditions([3, 5, 5, 1]), null_condition(p.model)
+
+    def images(batch_size: int) -> np.ndarray:
+        settings = SampleSettings.from_preset(p, SampleOptions(batch_size=batch_size))
+        return np.concatenate([b for _, b in generate(m, p, range(4), cond, unc, seed=1, settings=settings)])
+
+    one, three = images(1), images(3)
     np.testing.assert_array_equal(np.stack(one), three)
     other_seed = np.concatenate([b for _, b in generate(m, p, range(4), cond, unc, seed=2)])
     assert not np.array_equal(three, other_seed)
@@ -152,7 +144,7 @@ def test_stochastic_solver_noise_is_per_image(env):
 def test_interrupted_then_resumed_run_is_identical(env, tmp_path):
     d = env["dir"]
     kw = dict(preset=d / "tiny_class.toml", ckpt=d / "cls" / "nnet_ema.pth", classes=[1, 4, 7], n=2, seed=3)
-    _sample(out=tmp_path / "full", settings={"batch_size": 3}, **kw)  # other batches than below
+    _sample(out=tmp_path / "full", settings=SampleOptions(batch_size=3), **kw)  # other batches than below
 
     part = tmp_path / "part"
 
@@ -161,9 +153,9 @@ def test_interrupted_then_resumed_run_is_identical(env, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _sample(out=part, settings={"batch_size": 2}, progress=stop_after_two_batches, **kw)
+        _sample(out=part, settings=SampleOptions(batch_size=2), progress=stop_after_two_batches, **kw)
     assert sorted(_pngs(part)) == [f"{i:05d}.png" for i in range(4)] and not list(part.glob(".*.tmp"))
-    r = _sample(out=part, settings={"batch_size": 3}, **kw)
+    r = _sample(out=part, settings=SampleOptions(batch_size=3), **kw)
     assert (r.skipped, r.written) == (4, 2)
     a, b = _pngs(tmp_path / "full"), _pngs(part)
     assert sorted(a) == sorted(b) == [f"{i:05d}.png" for i in range(6)]
@@ -174,7 +166,7 @@ def test_interrupted_then_resumed_run_is_identical(env, tmp_path):
     assert (again.skipped, again.written) == (6, 0)
     # resuming with other settings would mix images: refused
     with pytest.raises(UvitError, match="different settings"):
-        _sample(out=part, settings={"cfg_scale": 3.0}, **kw)
+        _sample(out=part, settings=SampleOptions(cfg_scale=3.0), **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +183,7 @@ def test_cfg_scale_zero_equals_the_conditional_model(env):
     cond = context_conditions(ctx, [0, 1, 1])
     idx = [0, 1, 2]
     garbage = {"context": torch.randn(1, 77, 32) * 100}
-    s0 = SampleSettings.from_preset(p, cfg_scale=0.0)
+    s0 = SampleSettings.from_preset(p, SampleOptions(cfg_scale=0.0))
     got = sample_latents(m, p, idx, cond, garbage, seed=3, settings=s0)
 
     # reference: the solver on the conditional network alone, from the same per-image noise
@@ -201,8 +193,8 @@ def test_cfg_scale_zero_equals_the_conditional_model(env):
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
     # scale s: eps_c + s (eps_c - eps_u) with the empty context, as two separate passes (spec §4.2)
-    uncond = null_condition(p, _contexts(env, [""]))
-    s1 = SampleSettings.from_preset(p, cfg_scale=1.5)
+    uncond = null_condition(p.model, _contexts(env, [""]))
+    s1 = SampleSettings.from_preset(p, SampleOptions(cfg_scale=1.5))
     guided = sample_latents(m, p, idx, cond, uncond, seed=3, settings=s1)
     empty = uncond["context"].expand(3, -1, -1)
 
@@ -218,7 +210,7 @@ def test_cfg_scale_zero_equals_the_conditional_model(env):
 def test_decoding_uses_the_presets_scale_factor(env, tmp_path):
     p, m = env["t2i"], env["t2i_model"]
     assert p.autoencoder.scale_factor == 0.5
-    _run(env, tmp_path / "o", prompts=["a red cube"], n=2, settings={"cfg_scale": 0.0})
+    _run(env, tmp_path / "o", prompts=["a red cube"], n=2, settings=SampleOptions(cfg_scale=0.0))
     got = np.stack(list(_pngs(tmp_path / "o").values()))
 
     ctx = _contexts(env, ["a red cube"])
@@ -228,7 +220,7 @@ def test_decoding_uses_the_presets_scale_factor(env, tmp_path):
         [0, 1],
         context_conditions(ctx, [0, 0]),
         seed=7,
-        settings=SampleSettings.from_preset(p, cfg_scale=0.0),
+        settings=SampleSettings.from_preset(p, SampleOptions(cfg_scale=0.0)),
     )
     vae = env["vae"]
     with torch.no_grad():
@@ -465,11 +457,11 @@ def test_long_prompt_is_truncated_with_a_warning(env, tmp_path):
 def test_cuda_fast_path_matches_fp32(env):
     """bf16 autocast + torch.compile (+ CUDA graphs) on CUDA stay close to the fp32 eager images."""
     p, m = env["cls"], env["cls_model"].to("cuda")
-    cond, unc = class_conditions([3, 5, 5, 1, 2]), null_condition(p)
+    cond, unc = class_conditions([3, 5, 5, 1, 2]), null_condition(p.model)
     s = dict(solver="dpm_solver_pp", steps=6, batch_size=2)
 
     def run(**kw):
-        settings = SampleSettings.from_preset(p, **s, **kw)
+        settings = SampleSettings.from_preset(p, SampleOptions(**s, **kw))
         return np.concatenate([b for _, b in generate(m, p, range(5), cond, unc, seed=1, settings=settings)])
 
     ref = run(precision="fp32").astype(int)
@@ -501,10 +493,10 @@ def test_toy_text_preset_samples_through_the_cli(tmp_path):
     got = np.stack([np.asarray(Image.open(out / f"{i:05d}.png")) for i in range(2)])
 
     enc = toy_text_encoder()
-    settings = SampleSettings.from_preset(p, steps=3, cfg_scale=1.0)
+    settings = SampleSettings.from_preset(p, SampleOptions(steps=3, cfg_scale=1.0))
     ctx = enc.encode(["a red circle at the top left"])
     batches = list(generate(model, p, [0, 1], context_conditions(ctx, {0: 0, 1: 0}),
-                            null_condition(p, enc.encode([""])), settings=settings))  # fmt: skip
+                            null_condition(p.model, enc.encode([""])), settings=settings))  # fmt: skip
     assert np.array_equal(got, batches[0][1])
 
 

@@ -459,10 +459,8 @@ INTERRUPTER = textwrap.dedent(
             # returns, so the handler has run before the next step begins, however loaded the machine.
             os.kill(os.getpid(), sig)  # as Ctrl-C or a scheduler's SIGTERM would
 
-    try:
-        train(load_preset(sys.argv[1]), sys.argv[2], on_event=on_event)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    result = train(load_preset(sys.argv[1]), sys.argv[2], on_event=on_event)
+    print("stopped", result.stopped, result.step, result.checkpoint.name, flush=True)
     """
 )
 
@@ -481,9 +479,11 @@ def test_a_stop_signal_saves_at_the_step_boundary_and_resumes_exactly(shards, tm
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert proc.returncode == 130, proc.stderr[-2000:]
-    # the step in flight finished, then it saved there and stopped
-    assert proc.stdout.splitlines()[-2:] == ["log 4", "checkpoint 4"], proc.stdout
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the step in flight finished, then it saved there and returned, naming the signal (no done event)
+    assert proc.stdout.splitlines()[-3:] == ["log 4", "checkpoint 4", f"stopped {sig} 4 00000004"], (
+        proc.stdout
+    )
     assert (run / "ckpts" / "latest").read_text().strip() == "00000004"
     events = []
     train(preset, run, on_event=events.append)
@@ -491,6 +491,67 @@ def test_a_stop_signal_saves_at_the_step_boundary_and_resumes_exactly(shards, tm
     assert _losses(run) == _losses(straight)
     a, b = _weights(straight, 8, "ema.safetensors"), _weights(run, 8, "ema.safetensors")
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _due_as_the_loop_read_it(step, log, save, grid, ev, end, stopping):
+    """The seven modulo tests the loop's tail wrote inline, as (log, save, grid, eval, report, forced)."""
+    saving = step % save == 0 or step == end or stopping
+    evaluating = ev is not None and (step % ev == 0 or step == end) and not stopping
+    report = step % log == 0 or saving or evaluating
+    forced = evaluating or step % grid == 0 or step == end or stopping
+    return (step % log == 0 or saving, saving, step % grid == 0, evaluating, report, forced)
+
+
+@pytest.mark.parametrize("ev", [None, 5])
+def test_what_is_due_after_each_step_is_computed_once(ev):
+    from uvit_cli.train.observers import Intervals
+    from uvit_cli.train.stop import StopRequest
+
+    every = Intervals(log=2, save=3, grid=4, eval=ev, end_step=11)
+    stop = StopRequest(world=1, device=torch.device("cpu"))
+    for step in range(1, 12):
+        if step == 9:
+            stop.signal = 15  # SIGTERM arrives during step 9: one process stops there
+        due = every.due(step, stop)
+        got = (due.log, due.save, due.grid, due.eval, due.report, due.report_now)
+        assert got == _due_as_the_loop_read_it(step, 2, 3, 4, ev, 11, step >= 9), step
+        assert due.stop == (step >= 9) and due.pause == (due.save or due.grid or due.eval)
+    assert stop.reason == "SIGTERM"
+
+
+def test_ranks_agree_on_a_stop_at_log_steps_only(tmp_path):
+    from uvit_cli.train.stop import StopRequest
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        stop = StopRequest(
+            world=2, device=torch.device("cpu")
+        )  # as one of two ranks: every check all-reduces
+        assert not stop.agreed(at_log_step=True)
+        stop.signal = 2
+        assert not stop.agreed(at_log_step=False) and stop.reason is None  # no collective between logs
+        assert stop.agreed(at_log_step=True) and stop.reason == "SIGINT"
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_stop_handlers_are_installed_for_the_loop_and_restored_however_it_ends():
+    import signal
+
+    from uvit_cli.train.stop import stop_requests
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with stop_requests(1, torch.device("cpu")) as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle == signal.getsignal(signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first asks for a clean stop
+        assert stop.signal == signal.SIGTERM and stop.agreed(at_log_step=False)
+    assert {s: signal.getsignal(s) for s in before} == before
+    with pytest.raises(KeyboardInterrupt), stop_requests(1, torch.device("cpu")):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the second gives up on it
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_accumulation_matches_the_full_batch(shards, tmp_path):

@@ -15,7 +15,7 @@ from uvit_cli.config import load_preset
 from uvit_cli.errors import DataError
 from uvit_cli.fid import make_ref_stats
 from uvit_cli.fid.generated import fid_from_checkpoint
-from uvit_cli.sample import SamplerSpec
+from uvit_cli.sample import SampleOptions, SamplerSpec
 from uvit_cli.shapes.prepare import prepare_shapes
 from uvit_cli.train import read_metrics, train
 from uvit_cli.train.evaluate import BEST_DIR, BEST_FILE
@@ -53,7 +53,9 @@ def test_fid_is_logged_and_equals_uvit_fid_of_the_saved_checkpoint(setup, tmp_pa
 
     for m in fids:  # the in-training number is `uvit fid --ckpt RUN/ckpts/STEP` with [eval]'s settings
         step = SamplerSpec(
-            ckpt=run / ck.CKPTS / ck.step_dir_name(m["step"]), seed=5, settings={"steps": 2, "compile": False}
+            ckpt=run / ck.CKPTS / ck.step_dir_name(m["step"]),
+            seed=5,
+            settings=SampleOptions(steps=2, compile=False),
         )
         again = fid_from_checkpoint(setup / "ref.npz", step, n=6, device="cpu", **FEATURES)
         assert again.fid == pytest.approx(m["fid"], rel=1e-6, abs=1e-9)

@@ -130,6 +130,8 @@ def _train_within(
                 on_event(QuickstartEvent("train", f"warning: {e.message}"))
 
         result = train(preset, run_dir, max_steps=chunk, on_event=relay)
+        if result.stopped is not None:  # Ctrl-C / SIGTERM: saved at the step in flight; the CLI says so
+            raise KeyboardInterrupt(result.stopped)
         done = result.step - step
         step = result.step
         if done > 0:
@@ -243,7 +245,7 @@ def quickstart(
         resolved,
         range(len(prompts)),
         context_conditions(contexts, rows),
-        null_condition(resolved, encoder.encode([""])),
+        null_condition(resolved.model, encoder.encode([""])),
         seed=seed,
         settings=SampleSettings.from_preset(preset),  # this call's [sample] (--set), not the checkpoint's
         device="cpu",

@@ -5,20 +5,26 @@ one (bench/recipes.py). The encoders are timed in bench/encoders.py, the device 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from uvit_cli import dist
 from uvit_cli.bench.measure import Measurement, OnRow, count_flops, measure
 from uvit_cli.bench.recipes import OFFICIAL, OURS, Recipe, apply_attention, for_device, official_ema_update
-from uvit_cli.config import Preset
+from uvit_cli.config import NetworkPrecision, Preset
 from uvit_cli.data import to_model
 from uvit_cli.model import UViT
 
+if TYPE_CHECKING:
+    from uvit_cli.sample.generate import Decoder
+    from uvit_cli.sample.settings import SampleSettings
+
 Progress = Callable[[str], None]
+_PRECISION: dict[str | None, NetworkPrecision] = {"fp16": "fp16", "bf16": "bf16", None: "fp32"}  # recipe.amp
 
 
 def default_device() -> torch.device:
@@ -32,17 +38,11 @@ def use_recipe_settings(r: Recipe, device: torch.device) -> None:
 
 
 def conditions(preset: Preset, batch: int, device: torch.device, g: torch.Generator) -> tuple[dict, dict]:
-    """Random conditions of the real shapes, and the matching null condition (for CFG)."""
-    m = preset.model
-    if m.conditioning == "text":
-        ctx = torch.randn(batch, m.num_clip_token, m.clip_dim, generator=g).to(device)
-        return {"context": ctx}, {
-            "context": torch.randn(1, m.num_clip_token, m.clip_dim, generator=g).to(device)
-        }
-    if m.conditioning == "class":
-        y = torch.randint(0, m.num_classes - 1, (batch,), generator=g).to(device)
-        return {"y": y}, {"y": torch.full((1,), m.num_classes - 1, device=device)}
-    return {}, {}
+    """Random conditions of the real shapes, and the matching null condition (for CFG), on `device`."""
+    from uvit_cli.sample.conditions import example_conditions
+
+    cond, null = example_conditions(preset.model, batch, g)
+    return {k: v.to(device) for k, v in cond.items()}, {k: v.to(device) for k, v in null.items()}
 
 
 def network(preset: Preset, device: torch.device, official: bool) -> UViT:
@@ -52,15 +52,13 @@ def network(preset: Preset, device: torch.device, official: bool) -> UViT:
 
 def forward_flops(preset: Preset, batch: int) -> int:
     """FLOPs of one forward of the network at `batch`, counted on the meta device (no memory, no time)."""
+    from uvit_cli.sample.conditions import example_conditions
+
     m = preset.model
     with torch.device("meta"):
         net = UViT(**m.model_dump())
         x = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
-        cond: dict[str, torch.Tensor] = {}
-        if m.conditioning == "text":
-            cond = {"context": torch.randn(batch, m.num_clip_token, m.clip_dim)}
-        elif m.conditioning == "class":
-            cond = {"y": torch.zeros(batch, dtype=torch.long)}
+        cond, _ = example_conditions(m, batch)
         return count_flops(lambda: net(x, torch.ones(batch), **cond))
 
 
@@ -196,36 +194,34 @@ def bench_sample(
     progress: Progress | None = None,
     on_row: OnRow | None = None,
 ) -> list[Measurement]:
-    """Images/s of guided sampling with the preset's solver, VAE decoding included (latent presets).
+    """Images/s of sampling with the preset's solver and guidance, VAE decoding included (latent presets).
 
-    Ours runs through `uvit_cli.sample.generate` (the code `uvit sample` runs); the official recipe
-    calls the network twice per step (cond, then uncond) under fp16 autocast with fp32 attention.
+    Ours runs `sample.generate` (the code `uvit sample` runs) with the settings `SampleSettings.from_preset`
+    makes (the guidance rule included); the official recipe calls the network twice per step (cond, then
+    uncond) under fp16 autocast with fp32 attention.
     """
-    from uvit_cli.schedule import make_schedule
+    from uvit_cli.sample.settings import SampleOptions, SampleSettings
 
     device = device or default_device()
-    batch = batch or preset.sample.batch_size
+    settings = SampleSettings.from_preset(preset, SampleOptions(steps=solver_steps, batch_size=batch))
+    batch = settings.batch_size
     m = preset.model
-    solver_steps = solver_steps or preset.sample.steps
-    scale = preset.sample.cfg_scale if m.conditioning != "none" and preset.train.p_uncond > 0 else 0.0
     g = torch.Generator().manual_seed(0)
     cond, null = conditions(preset, batch, device, g)
-    schedule = make_schedule(
-        preset.schedule.kind, preset.schedule.num_steps, preset.schedule.beta_min, preset.schedule.beta_max
-    )
     vae = None
     decode_flops = 0
     if preset.data.space == "latent" and decode:
         from uvit_cli.encoders import AutoencoderKL
 
+        assert preset.autoencoder is not None
         torch.manual_seed(0)
         vae = AutoencoderKL(scale_factor=preset.autoencoder.scale_factor).to(device).eval()
         with torch.device("meta"):
             meta_vae = AutoencoderKL()
             z = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
             decode_flops = count_flops(lambda: meta_vae.decode(z))
-    passes = 2 if scale > 0 else 1
-    flops = solver_steps * passes * forward_flops(preset, batch) + decode_flops
+    passes = 2 if settings.cfg_scale > 0 else 1
+    flops = settings.steps * passes * forward_flops(preset, batch) + decode_flops
 
     results = []
     for recipe in recipes:
@@ -233,8 +229,8 @@ def bench_sample(
             progress(f"sample / {recipe.name}")
         r = for_device(recipe, device)
         use_recipe_settings(r, device)
-        run = make_sample_run(r, preset, cond, null, vae, schedule, scale, solver_steps, batch, device)
-        note = recipe_note(r) + (", batched CFG" if r.batched_cfg and scale > 0 else "")
+        run = make_sample_run(r, preset, settings, cond, null, vae, device)
+        note = recipe_note(r) + (", batched CFG" if r.batched_cfg and settings.cfg_scale > 0 else "")
         results.append(measure("sample", recipe.name, run, batch=batch, flops=flops, steps=steps,
                                warmup=warmup, device=device, note=note))  # fmt: skip
         if on_row:
@@ -247,60 +243,52 @@ def bench_sample(
 def make_sample_run(
     r: Recipe,
     preset: Preset,
+    settings: SampleSettings,
     cond: dict[str, torch.Tensor],
     null: dict[str, torch.Tensor],
-    vae: torch.nn.Module | None,
-    schedule: Any,
-    scale: float,
-    solver_steps: int,
-    batch: int,
+    vae: Decoder | None,
     device: torch.device,
 ) -> Callable[[], None]:
-    """Sampling (and decoding) of one batch with recipe `r`, as a closure over a fresh network."""
+    """Sampling (and decoding) of one batch of `settings.batch_size` with recipe `r`, as a closure over a
+    fresh network: `sample.generate` with the recipe's precision and compiling, or the official code's loop."""
     from uvit_cli import solvers
     from uvit_cli.sample.generate import (
-        SampleSettings,
         decode_latents,
         generate,
         sample_latents,
         sampling_network,
+        sampling_schedule,
         to_uint8,
     )
 
     m = preset.model
+    batch = settings.batch_size
     model = network(preset, device, r.official_attention).eval()
     if r.batched_cfg:  # the code `uvit sample` runs
-        precision = {"fp16": "fp16", "bf16": "bf16", None: "fp32"}[r.amp]
-        settings = SampleSettings.from_preset(
-            preset,
-            steps=solver_steps,
-            cfg_scale=scale,
-            batch_size=batch,
-            precision=precision,
-            compile=r.compile,
-            cuda_graphs=r.cuda_graphs,
+        ours = dataclasses.replace(
+            settings, precision=_PRECISION[r.amp], compile=r.compile, cuda_graphs=r.cuda_graphs
         )
 
         def conditions(idx: Any) -> dict[str, torch.Tensor]:
             return {k: v[: len(idx)] for k, v in cond.items()}
 
         if vae is None and preset.data.space == "latent":  # --no-decode: the solver only (generate decodes)
-            net = sampling_network(model, settings, device)
+            ours_net = sampling_network(model, ours, device)
 
             def solve() -> None:
-                sample_latents(model, preset, range(batch), conditions, null, settings=settings, network=net)
+                sample_latents(model, preset, range(batch), conditions, null, settings=ours, network=ours_net)
 
             return solve
 
         def run() -> None:
-            for _ in generate(
-                model, preset, range(batch), conditions, null, autoencoder=vae, settings=settings
-            ):
+            for _ in generate(model, preset, range(batch), conditions, null, autoencoder=vae, settings=ours):
                 pass
 
         return run
 
     amp = r.amp_dtype
+    scale = settings.cfg_scale
+    schedule = sampling_schedule(preset.schedule)
     uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in null.items()}
 
     def net(x: torch.Tensor, t: torch.Tensor, **c: torch.Tensor) -> torch.Tensor:
@@ -316,7 +304,7 @@ def make_sample_run(
     def run_official() -> None:
         with torch.no_grad():
             x_T = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=device)
-            x = solvers.sample(preset.sample.solver, eps_fn, x_T, solver_steps, schedule=schedule)
+            x = solvers.sample(settings.solver, eps_fn, x_T, settings.steps, schedule=schedule)
             to_uint8(decode_latents(vae, x, 50, "fp16" if device.type == "cuda" else "fp32"))
 
     return run_official

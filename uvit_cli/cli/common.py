@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import errno
 import functools
-import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -201,44 +200,6 @@ ClassesOpt = Annotated[
 ]
 
 
-def option_group(*options: tuple[str, Any, Any]) -> list[inspect.Parameter]:
-    """Options several commands take alike, declared once as (parameter name, Annotated type, default).
-    Used only by cli/fid.py, with `with_options`; the other commands declare each parameter."""
-    kind = inspect.Parameter.KEYWORD_ONLY
-    return [inspect.Parameter(name, kind, annotation=t, default=d) for name, t, d in options]
-
-
-def with_options(group: Sequence[inspect.Parameter]) -> Callable[[F], F]:
-    """Append an `option_group` to a command's parameters; the command receives them in its `**options`.
-    Used only by cli/fid.py."""
-
-    def add(fn: F) -> F:
-        signature = inspect.signature(fn, eval_str=True)  # the Annotated objects, not their strings
-        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        fn.__signature__ = signature.replace(parameters=[*own, *group])  # type: ignore[attr-defined]
-        return fn
-
-    return add
-
-
-# The sampling options of `uvit fid --ckpt` (cli/fid.py), as `uvit sample` declares them.
-SAMPLING = option_group(
-    ("ckpt", CkptOpt, None),
-    ("preset", PresetOpt, None),
-    ("seed", SeedOpt, 0),
-    ("steps", StepsOpt, None),
-    ("cfg_scale", CfgScaleOpt, None),
-    ("solver", SolverOpt, None),
-    ("guidance_interval", GuidanceIntervalOpt, None),
-    ("batch_size", SampleBatchOpt, None),
-    ("precision", PrecisionOpt, None),
-    ("no_compile", NoCompileOpt, False),
-    ("model_weights", ModelWeightsOpt, "ema"),
-    ("vae", VaeOpt, None),
-    ("set_", SetOption, None),
-)
-
-
 def sampler_spec(
     *,
     ckpt: str | None,
@@ -257,31 +218,32 @@ def sampler_spec(
     decode_batch_size: int | None = None,
     cuda_graphs: bool = False,
 ) -> SamplerSpec:
-    """The core's `SamplerSpec` of the sampling options: the settings left None keep the preset's (or the
-    core's default), and compiling is the core's choice unless --no-compile."""
+    """The core's `SamplerSpec` of the sampling options, its settings the typed `SampleOptions` (None keeps
+    the preset's value or the core's default; compiling is the core's choice unless --no-compile), checked
+    against the preset once, when the workflow has loaded it."""
     if ckpt is not None and not os.path.exists(ckpt):  # fails in a second, before torch loads
         raise fail(
             f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file or a run dir)", 2
         )
-    from uvit_cli.sample import SamplerSpec
+    from uvit_cli.sample import SampleOptions, SamplerSpec
 
-    settings = {
-        "solver": solver,
-        "steps": steps,
-        "cfg_scale": cfg_scale,
-        "guidance_interval": guidance_interval,
-        "batch_size": batch_size,
-        "decode_batch_size": decode_batch_size,
-        "precision": precision,
-        "compile": False if no_compile else None,
-        "cuda_graphs": cuda_graphs,
-    }
+    options = SampleOptions(
+        solver=solver,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        guidance_interval=guidance_interval,
+        batch_size=batch_size,
+        decode_batch_size=decode_batch_size,
+        precision=precision,
+        compile=False if no_compile else None,
+        cuda_graphs=cuda_graphs,
+    )
     return SamplerSpec(
         ckpt=ckpt,
         preset=preset,
         overrides=list(set_ or []),
         ema=model_weights == "ema",
-        settings=settings,
+        settings=options,
         seed=seed,
         vae=vae,
     )

@@ -4,60 +4,82 @@ from a checkpoint) and `uvit fid ref IMAGES --out REF.npz`; `--metrics` picks th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
 from uvit_cli.cli.common import (
-    SAMPLING,
+    CfgScaleOpt,
+    CkptOpt,
     ClassesOpt,
     DeviceOpt,
+    GuidanceIntervalOpt,
+    ModelWeightsOpt,
+    NoCompileOpt,
+    PrecisionOpt,
+    PresetOpt,
+    SampleBatchOpt,
+    SeedOpt,
+    SetOption,
+    SolverOpt,
+    StepsOpt,
+    VaeOpt,
     describe_os_error,
     fail,
     handle_errors,
     image_progress,
     log_rank0,
     option,
-    option_group,
     out,
     sampler_spec,
     warn,
-    with_options,
 )
 from uvit_cli.config import FidMode
 from uvit_cli.fileio import check_outputs
+
+if TYPE_CHECKING:
+    from uvit_cli.fid.result import FidResult
 
 _REF_HELP = (
     "Reference .npz: mu/sigma (fid), mu_s/sigma_s (sfid), pool_features or arr_0 images (pr); made by "
     "`uvit fid ref`, U-ViT's fid_stats, an ADM reference batch."
 )
-# Options that only generating from a checkpoint takes: their presence routes `uvit fid ...` to `generate`.
+# Options that only generating from a checkpoint takes: `uvit fid` without a subcommand name and with one of
+# these (also as --n=5 or -n5) means `uvit fid generate`.
 _GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
 
 
-def _wants_generate(args: list[str]) -> bool:
+def route(args: list[str], own: Collection[str]) -> list[str]:
+    """The arguments of `uvit fid ARGS...` with the subcommand they mean in front; `own` are the words the group
+    reads itself (its subcommands' names, --help):
+
+        uvit fid compare|ref|pack|generate ...           that subcommand; `uvit fid --help` the group's help
+        uvit fid --ckpt CKPT REF ... (or --preset, --n)  generate: FID straight from a checkpoint
+        uvit fid SAMPLES REF ...                         compare: FID of a folder or .npz of images
+
+    After a `--`, arguments are file names, not options."""
+    if not args or args[0] in own:
+        return args
     for a in args:
         if a == "--":
-            return False
+            break
         if a.split("=", 1)[0] in _GENERATE_OPTS or (a.startswith("-n") and a[2:].isdigit()):
-            return True
-    return False
+            return ["generate", *args]
+    return ["compare", *args]
 
 
-class _DefaultToCompare(TyperGroup):
-    """A group whose first argument, unless it names a subcommand, starts the default command: `generate`
-    when a checkpoint option (--ckpt, --preset, --n) is given, else `compare`."""
+class _FidGroup(TyperGroup):
+    """`uvit fid`, whose arguments name their subcommand or imply it (`route`)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = ["generate" if _wants_generate(args) else "compare", *args]
-        return super().parse_args(ctx, args)
+        return super().parse_args(ctx, route(args, {*self.commands, *ctx.help_option_names}))
 
 
 fid_app = typer.Typer(
-    cls=_DefaultToCompare,
+    cls=_FidGroup,
     no_args_is_help=True,
     help=(
         "FID with clean-fid's protocols and the ADM evaluator's table (IS, FID, sFID, precision, recall), with a "
@@ -70,6 +92,9 @@ fid_app = typer.Typer(
     ),
 )
 
+RefArg = Annotated[Path, typer.Argument(help=_REF_HELP)]
+ImagesArg = Annotated[Path, typer.Argument(help="Folder of images, or .npz with uint8 NHWC images in arr_0.")]
+NoJsonOpt = Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")]
 ModeOpt = Annotated[
     FidMode | None,
     option(
@@ -104,45 +129,23 @@ InceptionWeightsOpt = Annotated[
         "Else $UVIT_INCEPTION, else known cache files.",
     ),
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per Inception forward.")]
+# compare's and ref's --batch-size: the Inception's batch (generate's is the sampling batch, SampleBatchOpt)
+InceptionBatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per Inception forward.")]
 WorkersOpt = Annotated[
     int | None,
     option("--workers", min=0, help="Decoding workers (default: 0 on CPU, up to 8 on GPU)."),
 ]
 
 
-# How images become Inception statistics, as `compute_fid` and `make_ref_stats` take it (compare, ref).
-_FEATURES = option_group(
-    ("metrics", MetricsOpt, "fid"),
-    ("mode", ModeOpt, None),
-    ("inception_weights", InceptionWeightsOpt, None),
-    ("batch_size", BatchOpt, 50),
-    ("workers", WorkersOpt, None),
-    ("device", DeviceOpt, None),
-)
-
-
-def _progress_bar(description: str, transient: bool = True) -> tuple[Any, Any]:
-    """A rich bar on stderr and the `progress(done, total)` callback that advances it."""
-    bar = image_progress(transient=transient)
+def _progress_bar(description: str) -> tuple[Any, Callable[[int, int | None], None]]:
+    """A rich bar on stderr (gone when it ends) and the `progress(done, total)` callback that advances it."""
+    bar = image_progress(transient=True)
     task = bar.add_task(description, total=None)
 
     def update(done: int, total: int | None) -> None:
         bar.update(task, completed=done, total=total)
 
     return bar, update
-
-
-def _with_features_bar(fn: Any, images: Path, target: Path, **options: Any) -> Any:
-    """`fn(images, target, **options)` (compute_fid, make_ref_stats) under a features bar; its warnings are
-    printed on the main rank."""
-    bar, update = _progress_bar("features")
-    with bar:
-        result = fn(images, target, progress=update, **options)
-    if result.is_main:
-        for w in result.warnings:
-            warn(w)
-    return result
 
 
 def _resolve_metrics(metrics: str, mode: str | None) -> tuple[tuple[str, ...], str]:
@@ -153,23 +156,18 @@ def _resolve_metrics(metrics: str, mode: str | None) -> tuple[tuple[str, ...], s
     return names, mode or default_mode(names)
 
 
-def _clip_scorer(names: tuple[str, ...], spec: str | None, device: Any) -> Any:
-    """For --metrics clip: the CLIP scorer (`fid.metrics.clip_scorer`), its weights found now, else None."""
-    if "clip" not in names:
-        return None
-    from uvit_cli.fid.metrics import clip_scorer
-
-    return clip_scorer(spec, device)
-
-
 def _warn_skipped(folder: Path) -> None:
     """One warning line naming the first entries of an image folder that are not regular files (named pipes,
     sockets, broken links): they are skipped, never opened."""
     if not folder.is_dir():
         return
+    from uvit_cli.errors import DataError
     from uvit_cli.fid.images import scan_images, skipped_note
 
-    note = skipped_note(folder, scan_images(folder).skipped)
+    try:
+        note = skipped_note(folder, scan_images(folder).skipped)
+    except DataError:  # a folder the workflow cannot read says so itself, in its own words
+        return
     if note is not None:
         warn(note)
 
@@ -182,17 +180,20 @@ def _inputs(**paths: Any) -> dict[str, Any]:
     return {**paths, f"${ENV_VAR}": os.environ.get(ENV_VAR) or None}
 
 
-def _print_result(line: str, stamp: dict[str, Any], path: Path | None, inputs: dict[str, Any]) -> None:
-    """Print the FID line, with the stamp file it was recorded in; a stamp that cannot be written (or whose
-    path is one of `inputs`) never hides the number: the line is printed first, then the one-line error."""
+def _print_result(result: FidResult, path: Path | None, inputs: dict[str, Any]) -> None:
+    """Print the run's warnings and the FID line, with the stamp file it was recorded in; a stamp that cannot
+    be written (or whose path is one of `inputs`) never hides the number: the line comes first, then the
+    one-line error."""
     from uvit_cli.errors import ConfigError
     from uvit_cli.fid import write_stamp
 
-    error, code = None, 1
+    for w in result.warnings:
+        warn(w)
+    line, error, code = result.summary(), None, 1
     if path is not None:
         try:
             check_outputs({"the stamp (--json)": path}, inputs)
-            write_stamp(path, stamp)
+            write_stamp(path, result.stamp)
             line += f"  stamp {path}"
         except ConfigError as e:
             error, code = str(e), e.exit_code
@@ -205,70 +206,83 @@ def _print_result(line: str, stamp: dict[str, Any], path: Path | None, inputs: d
 
 @fid_app.command("compare")
 @handle_errors
-@with_options(_FEATURES)
 def compare(
-    samples: Annotated[
-        Path, typer.Argument(help="Folder of images, or .npz with uint8 NHWC images in arr_0.")
-    ],
-    ref: Annotated[
-        Path,
-        typer.Argument(help=_REF_HELP),
-    ],
+    samples: ImagesArg,
+    ref: RefArg,
     json_path: Annotated[
         Path | None,
         option("--json", help="Where to write the protocol stamp (default: SAMPLES.fid-MODE.json)."),
     ] = None,
-    no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,
+    no_json: NoJsonOpt = False,
     clip_model: ClipModelOpt = None,
-    **features: Any,
+    metrics: MetricsOpt = "fid",
+    mode: ModeOpt = None,
+    inception_weights: InceptionWeightsOpt = None,
+    batch_size: InceptionBatchOpt = 50,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """FID (and --metrics) of SAMPLES against REF (the default command: `uvit fid SAMPLES REF` runs it)."""
     from uvit_cli.fid import compute_fid, samples_stamp_path
+    from uvit_cli.fid.metrics import clip_scorer
 
-    names, features["mode"] = _resolve_metrics(features.pop("metrics"), features["mode"])
-    inputs = _inputs(SAMPLES=samples, REF=ref, **{"--inception-weights": features["inception_weights"]})
-    stamp_path = None if no_json else json_path or samples_stamp_path(samples, features["mode"])
+    names, fid_mode = _resolve_metrics(metrics, mode)
+    inputs = _inputs(SAMPLES=samples, REF=ref, **{"--inception-weights": inception_weights})
+    stamp_path = None if no_json else json_path or samples_stamp_path(samples, fid_mode)
     name = "--json" if json_path else "the stamp (--json, default SAMPLES.fid-MODE.json)"
     check_outputs({name: stamp_path}, inputs)  # before any work: an output never replaces an input
-    clip_score = _clip_scorer(names, clip_model, features["device"])
+    clip_score = clip_scorer(clip_model, device) if "clip" in names else None  # its weights found now
     _warn_skipped(samples)
-    result = _with_features_bar(compute_fid, samples, ref, metrics=names, clip_score=clip_score, **features)
-    if not result.is_main:
-        return
-    _print_result(result.summary(), result.stamp, stamp_path, inputs)
+    bar, update = _progress_bar("features")
+    with bar:
+        result = compute_fid(
+            samples, ref, metrics=names, mode=fid_mode, inception_weights=inception_weights, device=device,
+            batch_size=batch_size, workers=workers, progress=update, clip_score=clip_score,
+        )  # fmt: skip
+    if result.is_main:
+        _print_result(result, stamp_path, inputs)
 
 
 @fid_app.command("ref")
 @handle_errors
-@with_options(_FEATURES)
 def make_ref(
-    images: Annotated[
-        Path, typer.Argument(help="Folder of images, or .npz with uint8 NHWC images in arr_0.")
-    ],
+    images: ImagesArg,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the statistics (.npz).")],
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the stamp here (it is in the npz as `meta`).")
     ] = None,
-    **features: Any,
+    metrics: MetricsOpt = "fid",
+    mode: ModeOpt = None,
+    inception_weights: InceptionWeightsOpt = None,
+    batch_size: InceptionBatchOpt = 50,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """A reference of a folder or .npz of images: mu, sigma (float64) + meta, and what --metrics need
     (sfid: mu_s, sigma_s; pr: the images' pool features)."""
     from uvit_cli.fid import make_ref_stats, stats_path, write_stamp
 
-    names, features["mode"] = _resolve_metrics(features.pop("metrics"), features["mode"])
-    inputs = _inputs(IMAGES=images, **{"--inception-weights": features["inception_weights"]})
+    names, fid_mode = _resolve_metrics(metrics, mode)
+    inputs = _inputs(IMAGES=images, **{"--inception-weights": inception_weights})
     check_outputs({"--out": stats_path(out_path), "--json": json_path}, inputs)
     _warn_skipped(images)
-    result = _with_features_bar(make_ref_stats, images, out_path, metrics=names, **features)
+    bar, update = _progress_bar("features")
+    with bar:
+        result = make_ref_stats(
+            images, out_path, metrics=names, mode=fid_mode, inception_weights=inception_weights, device=device,
+            batch_size=batch_size, workers=workers, progress=update,
+        )  # fmt: skip
     if not result.is_main:
         return
+    for w in result.warnings:
+        warn(w)
     if json_path is not None:
         write_stamp(json_path, result.stamp)
     s = result.stamp
     inc = (s["inception"]["sha256"] or "custom")[:12]
     score = f"  IS {s['inception_score']:.3f}" if "inception_score" in s else ""
     out.print(
-        f"wrote {result.path} ({', '.join(s['stored'])})  mode {features['mode']}  images {result.num_images}"
+        f"wrote {result.path} ({', '.join(s['stored'])})  mode {fid_mode}  images {result.num_images}"
         f"{score}  inception {inc}",
         soft_wrap=True,
         markup=False,
@@ -295,12 +309,8 @@ def pack(
 
 @fid_app.command("generate")
 @handle_errors
-@with_options(SAMPLING)
 def generate(
-    ref: Annotated[
-        Path,
-        typer.Argument(help=_REF_HELP),
-    ],
+    ref: RefArg,
     n: Annotated[
         int | None,
         option(
@@ -338,8 +348,20 @@ def generate(
             "CKPT.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json).",
         ),
     ] = None,
-    no_json: Annotated[bool, typer.Option("--no-json", help="Do not write the stamp file.")] = False,
-    **sampling: Any,
+    no_json: NoJsonOpt = False,
+    ckpt: CkptOpt = None,
+    preset: PresetOpt = None,
+    seed: SeedOpt = 0,
+    steps: StepsOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    solver: SolverOpt = None,
+    guidance_interval: GuidanceIntervalOpt = None,
+    batch_size: SampleBatchOpt = None,
+    precision: PrecisionOpt = None,
+    no_compile: NoCompileOpt = False,
+    model_weights: ModelWeightsOpt = "ema",
+    vae: VaeOpt = None,
+    set_: SetOption = None,
 ) -> None:
     """FID (and --metrics) of N images generated from a checkpoint, streamed into the statistics (no PNGs).
 
@@ -347,8 +369,13 @@ def generate(
     captions for text models (CLIP score compares each image with its caption). Image i depends only on
     (seed, i): batch size and GPU count do not change the number.
     """
-    spec = sampler_spec(**sampling)
+    spec = sampler_spec(
+        ckpt=ckpt, preset=preset, seed=seed, steps=steps, cfg_scale=cfg_scale, solver=solver,
+        guidance_interval=guidance_interval, batch_size=batch_size, precision=precision, no_compile=no_compile,
+        model_weights=model_weights, vae=vae, set_=set_,
+    )  # fmt: skip
     from uvit_cli.fid.generated import fid_from_checkpoint
+    from uvit_cli.fid.metrics import clip_scorer
 
     names, fid_mode = _resolve_metrics(metrics, mode)
 
@@ -358,7 +385,7 @@ def generate(
     # The default stamp path, beside the checkpoint, is known after loading: _print_result checks it.
     check_outputs({"--json": json_path}, inputs)
 
-    clip_score = _clip_scorer(names, clip_model, device)
+    clip_score = clip_scorer(clip_model, device) if "clip" in names else None  # its weights found now
     bar, update = _progress_bar("generating + features")
     with bar:
         result = fid_from_checkpoint(
@@ -366,13 +393,8 @@ def generate(
             inception_weights=inception_weights, device=device, progress=update, log=log_rank0,
             metrics=names, clip_score=clip_score, classes=classes,
         )  # fmt: skip
-    if not result.is_main:
-        return
-    for w in result.warnings:
-        warn(w)
-    _print_result(
-        result.summary(), result.stamp, None if no_json else json_path or result.default_stamp_path(), inputs
-    )
+    if result.is_main:
+        _print_result(result, None if no_json else json_path or result.default_stamp_path(), inputs)
 
 
 def register(app: typer.Typer) -> None:

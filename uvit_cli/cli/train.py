@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from uvit_cli.cli.common import SetOption, console, fail, handle_errors, option, warn
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from uvit_cli.config import Preset
+    from uvit_cli.train import TrainEvent
 
 
 def register(app: typer.Typer) -> None:
@@ -75,7 +81,7 @@ def train(
 
     display = _TrainDisplay() if dist.is_main() else None
     try:
-        run_training(
+        result = run_training(
             p,
             run_dir,
             batch_per_gpu=batch_per_gpu,
@@ -86,14 +92,16 @@ def train(
             data_changed=data_changed,
             on_event=display,
         )
-    except KeyboardInterrupt:
-        if display is not None:
-            display.stop()
-            _interrupted(p, run_dir, display.completed)
-        sys.exit(130)
+        stopped = result.stopped is not None  # Ctrl-C or SIGTERM: saved at the step in flight
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: stopped at once
+        stopped = True
     finally:
         if display is not None:
             display.stop()
+    if stopped:
+        if display is not None:
+            _interrupted(p, run_dir, display.completed)
+        sys.exit(130)
 
 
 class _TrainDisplay:
@@ -113,7 +121,7 @@ class _TrainDisplay:
             console=console,
             transient=False,
         )
-        self.task: Any = None
+        self.task: TaskID | None = None
 
     @property
     def completed(self) -> float | None:
@@ -123,7 +131,7 @@ class _TrainDisplay:
     def stop(self) -> None:
         self.progress.stop()
 
-    def __call__(self, e: Any) -> None:
+    def __call__(self, e: TrainEvent) -> None:
         progress = self.progress
         if e.kind == "start":
             console.print(f"[dim]{escape(e.message)}[/dim]")
@@ -158,7 +166,7 @@ class _TrainDisplay:
             console.print(escape(e.message), soft_wrap=True)
 
 
-def _interrupted(preset: Any, run_dir: Path | None, step: float | None) -> None:
+def _interrupted(preset: Preset, run_dir: Path | None, step: float | None) -> None:
     """Say honestly what a Ctrl-C kept: the newest checkpoint (what a rerun resumes from), or nothing."""
     from uvit_cli.checkpoint import default_run_dir, list_checkpoints
 

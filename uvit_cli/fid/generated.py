@@ -26,6 +26,7 @@ from uvit_cli.fid.metrics import ClipScoreFn
 
 if TYPE_CHECKING:
     from uvit_cli.sample.resolve import SamplerSpec
+    from uvit_cli.sample.settings import SampleSettings
 
 __all__ = [
     "check_fid_request",
@@ -163,7 +164,7 @@ def fid_conditions(
     key of samples.jsonl); "balanced" on another model is one line. Text models take contexts from the val
     split of `contexts_from` (default the preset's data set) and, as null, `null_context` (e.g. CLIP(''))
     else the shards' empty_context; None, None for unconditional ones."""
-    from uvit_cli.sample.generate import describe_labels, label_conditions, null_condition, valid_classes
+    from uvit_cli.sample.conditions import describe_labels, label_conditions, null_condition, valid_classes
 
     cond = preset.model.conditioning
     info: dict[str, Any] = {"kind": cond}
@@ -177,13 +178,13 @@ def fid_conditions(
         k = len(valid_classes(preset))
         info["labels"] = describe_labels(classes, k)
         info["label_protocol"] = classes
-        return label_conditions(classes, seed, k), null_condition(preset), info
-    if preset.model.conditioning == "text":
+        return label_conditions(classes, seed, k), null_condition(preset.model), info
+    if cond == "text":
         root = Path(contexts_from) if contexts_from is not None else preset.data.set_path()
         conditions, empty, info["contexts"] = val_context_conditions(root, seed, preset)
         if null_context is not None:
             empty = null_context
-        return conditions, null_condition(preset, empty), info
+        return conditions, null_condition(preset.model, empty), info
     return None, None, info
 
 
@@ -221,7 +222,7 @@ def fid_of_model(
     *,
     n: int,
     seed: int,
-    settings: Any,
+    settings: SampleSettings,
     conditions: Any,
     uncond: Any,
     autoencoder: Any,
@@ -238,10 +239,11 @@ def fid_of_model(
     label_protocol: LabelProtocol | None = None,
 ) -> FidResult:
     """The `metrics` of `n` images of `model` (eval mode) streamed into the statistics; this rank makes
-    indices r::world and the sums are all-reduced. `settings` is a SampleSettings; `generator` describes the
-    source in the stamp; `prompts(indices)` the images' texts (CLIP score, `val_prompts`); `label_protocol`
-    how `conditions` labels a class model's images (`fid_conditions`), recorded in the stamp's protocol.
-    The one function `uvit fid --ckpt` and training's [eval] call."""
+    indices r::world and the sums are all-reduced. `settings` come from `SampleSettings.from_preset`;
+    `generator` describes the source in the stamp; `prompts(indices)` the images' texts (CLIP score,
+    `val_prompts`); `label_protocol` how `conditions` labels a class model's images (`fid_conditions`),
+    recorded in the stamp's protocol. The one function `uvit fid --ckpt` and training's [eval] call; its
+    images are `sample.generate`'s."""
     from uvit_cli import dist
     from uvit_cli.sample.generate import generate
 
@@ -320,7 +322,6 @@ def fid_from_checkpoint(
     `features`/`feature_dim` replace the Inception (tests). Under torchrun rank r generates indices r::world.
     """
     from uvit_cli import dist
-    from uvit_cli.sample.generate import check_guidance
     from uvit_cli.sample.resolve import load_sampler, preset_autoencoder, text_encoder
 
     t0 = time.perf_counter()
@@ -334,10 +335,9 @@ def fid_from_checkpoint(
     with dist.process_group():
         sampler = load_sampler(spec, device=device, say=say)
         loaded = sampler.loaded
-        check_guidance(loaded.preset, sampler.settings)
         null_context = None
         if clip is not None and loaded.preset.model.conditioning == "text":
-            null_context = text_encoder(loaded.preset, clip, sampler.device).encode([""])
+            null_context = text_encoder(loaded.preset.text_encoder, clip, sampler.device).encode([""])
         conditions, uncond, cond_info = fid_conditions(
             loaded.preset, seed, classes=classes, contexts_from=contexts_from, null_context=null_context
         )
@@ -357,7 +357,7 @@ def fid_from_checkpoint(
             ref,
             n=n if n is not None else paper_num_images(loaded.preset),
             seed=seed,
-            settings=sampler.settings,
+            settings=sampler.settings,  # checked once, with the guidance rule, by load_sampler
             conditions=conditions,
             uncond=uncond,
             autoencoder=autoencoder,

@@ -1,4 +1,5 @@
-"""What `uvit sample` writes: PNGs named by index, samples.jsonl, a grid PNG, an ADM-style .npz."""
+"""What `uvit sample` writes: PNGs named by index, samples.jsonl, a grid PNG (also training's sample grids), an
+ADM-style .npz."""
 
 from __future__ import annotations
 
@@ -134,18 +135,35 @@ def iter_jsonl(out: Path) -> Iterator[dict[str, Any]]:
                 yield r
 
 
-def write_grid(out: Path, indices: Sequence[int], path: Path, padding: int = 2) -> Path:
-    """The images of `indices` read back from `out`, in a near-square grid (torchvision make_grid's
-    layout: ceil(sqrt(n)) columns, `padding` black pixels around every tile)."""
-    first = read_png(out, indices[0])
-    h, w, _ = first.shape
-    cols = max(1, math.ceil(math.sqrt(len(indices))))
-    rows = math.ceil(len(indices) / cols)
-    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), dtype=np.uint8)
-    for k, i in enumerate(indices):
+def grid_image(images: Iterable[np.ndarray], count: int, padding: int = 2) -> np.ndarray:
+    """`count` uint8 (H, W, 3) images of one size in a near-square grid, torchvision make_grid's layout:
+    ceil(sqrt(n)) columns, `padding` black pixels around every tile. `images` is read one at a time."""
+    cols = max(1, math.ceil(math.sqrt(count)))
+    rows = math.ceil(count / cols)
+    grid = np.zeros((0, 0, 3), dtype=np.uint8)
+    for k, image in enumerate(images):
+        h, w, _ = image.shape
+        if k == 0:
+            grid = np.zeros(
+                (rows * (h + padding) + padding, cols * (w + padding) + padding, 3), dtype=np.uint8
+            )
         r, c = divmod(k, cols)
         y, x = padding + r * (h + padding), padding + c * (w + padding)
-        grid[y : y + h, x : x + w] = first if k == 0 else read_png(out, i)
+        grid[y : y + h, x : x + w] = image
+    return grid
+
+
+def save_grid(images: np.ndarray, path: Path, padding: int = 2) -> Path:
+    """uint8 images (n, H, W, 3) -> one PNG grid (`grid_image`), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid_image(images, len(images), padding)).save(tmp, format="PNG")
+    return path
+
+
+def write_grid(out: Path, indices: Sequence[int], path: Path, padding: int = 2) -> Path:
+    """The images of `indices` read back from `out`, one at a time, in a grid (`grid_image`)."""
+    grid = grid_image((read_png(out, i) for i in indices), len(indices), padding)
     with atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     return path

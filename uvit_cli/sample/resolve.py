@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uvit_cli import dist
 from uvit_cli.checkpoint import (
@@ -20,12 +20,16 @@ from uvit_cli.checkpoint import (
     latest_checkpoint,
     load_model,
 )
-from uvit_cli.config import Preset, apply_overrides, load_preset, preset_from_dict, preset_from_toml
+from uvit_cli.config import (
+    Preset,
+    TextEncoderConfig,
+    apply_overrides,
+    load_preset,
+    preset_from_dict,
+    preset_from_toml,
+)
 from uvit_cli.errors import CheckpointError, CheckpointMismatch, UvitError
-from uvit_cli.sample.generate import ConditionFn, SampleSettings, generate
-
-if TYPE_CHECKING:
-    import numpy as np
+from uvit_cli.sample.settings import SampleOptions, SampleSettings
 
 OFFICIAL_CKPTS = "https://github.com/baofff/U-ViT#pretrained-models"
 
@@ -153,48 +157,26 @@ def _load(
 
 @dataclass
 class ModelSampler:
-    """A resolved model with the settings, seed and device it generates with (`uvit sample`, `uvit fid --ckpt`)."""
+    """A resolved model with the settings and device it samples with (`uvit sample`, `uvit fid --ckpt`)."""
 
     loaded: ResolvedModel
     settings: SampleSettings
-    seed: int
     device: Any
-
-    def generate(
-        self,
-        indices: Iterable[int],
-        conditions: ConditionFn | None,
-        uncond: Mapping[str, Any] | None,
-        autoencoder: Any,
-        progress: Callable[[int], None] | None = None,
-    ) -> Iterator[tuple[list[int], np.ndarray]]:
-        """`sample.generate` of `indices` with this model, settings, seed and device."""
-        return generate(
-            self.loaded.model,
-            self.loaded.preset,
-            indices,
-            conditions,
-            uncond,
-            seed=self.seed,
-            autoencoder=autoencoder,
-            settings=self.settings,
-            device=self.device,
-            progress=progress,
-        )
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
     """What `uvit sample` and `uvit fid --ckpt` generate with: the checkpoint and/or preset (our .safetensors
     or run dir; the paper's .pth with a preset; or the run of runs/ that fits), its `--set` overrides, EMA or
-    online weights, SampleSettings overrides (solver, steps, cfg_scale, ...; None keeps the preset's), the
-    seed of image i's noise, and the autoencoder that decodes latents (None: $UVIT_VAE, the preset's)."""
+    online weights, the sampling options (`SampleOptions`: solver, steps, cfg_scale, ...; None keeps the
+    preset's), the seed of image i's noise, and the autoencoder that decodes latents (None: $UVIT_VAE, the
+    preset's)."""
 
     ckpt: str | os.PathLike[str] | None = None
     preset: str | os.PathLike[str] | None = None
     overrides: Sequence[str] = ()
     ema: bool = True
-    settings: Mapping[str, Any] | None = None
+    settings: SampleOptions = SampleOptions()
     seed: int = 0
     vae: str | None = None
 
@@ -202,15 +184,15 @@ class SamplerSpec:
 def load_sampler(
     spec: SamplerSpec, *, device: Any, say: Callable[[str], None], text: bool | None = None
 ) -> ModelSampler:
-    """`resolve_model` of `spec` on `device` (default: this rank's) with the preset's SampleSettings under
-    `spec.settings`. Call inside `dist.process_group()`."""
+    """`resolve_model` of `spec` on `device` (default: this rank's) and the settings `spec.settings` asks of
+    its preset (`SampleSettings.from_preset`: checked once, here). Call inside `dist.process_group()`."""
     device = dist.device(device)  # a --device that names no device here is one line, before the model loads
     loaded = resolve_model(
         spec.ckpt, spec.preset, overrides=spec.overrides, ema=spec.ema, device=device, say=say, text=text
     )
-    settings = SampleSettings.from_preset(loaded.preset, **(spec.settings or {}))
+    settings = SampleSettings.from_preset(loaded.preset, spec.settings)
     dist.cuda_defaults(device, tf32=settings.precision != "fp32")  # --precision fp32 keeps fp32 matmuls
-    return ModelSampler(loaded, settings, spec.seed, device)
+    return ModelSampler(loaded, settings, device)
 
 
 def preset_autoencoder(preset: Preset, vae: str | None, device: Any) -> Any:
@@ -226,16 +208,17 @@ def preset_autoencoder(preset: Preset, vae: str | None, device: Any) -> Any:
     )
 
 
-def text_encoder(preset: Preset, clip: str | None, device: Any) -> Any:
-    """The preset's text encoder: CLIP (--clip > $UVIT_CLIP > the preset's pretrained > HF cache) or the toy."""
-    assert preset.text_encoder is not None
-    if preset.text_encoder.kind == "toy":  # the shapes quickstart: seeded, frozen, no weights file
+def text_encoder(config: TextEncoderConfig | None, clip: str | None, device: Any) -> Any:
+    """The text encoder of a preset's [text_encoder] table: CLIP (--clip > $UVIT_CLIP > the table's
+    pretrained > HF cache) or the toy."""
+    assert config is not None, "a text model's preset has a [text_encoder] table"
+    if config.kind == "toy":  # the shapes quickstart: seeded, frozen, no weights file
         from uvit_cli.shapes.text import toy_text_encoder
 
         return toy_text_encoder().to(device)
     from uvit_cli.encoders import load_text_encoder
 
-    return load_text_encoder(clip, device=device, preset=preset.text_encoder.pretrained)
+    return load_text_encoder(clip, device=device, preset=config.pretrained)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,29 +10,20 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from uvit_cli import dist
-from uvit_cli.config import Preset
-from uvit_cli.errors import ConfigError, DataError, UvitError
+from uvit_cli.config import LabelProtocol, Preset
+from uvit_cli.errors import UvitError
 from uvit_cli.resources import require_disk, require_memory
 from uvit_cli.sample import outputs
-from uvit_cli.sample.generate import (
-    LABEL_PROTOCOLS,
-    LabelProtocol,
-    SampleSettings,
-    check_batch_memory,
-    check_guidance,
-    class_label,
-    effective_precision,
-    image_seed,
-    image_side,
-    valid_classes,
-)
+from uvit_cli.sample.conditions import class_conditions, context_conditions, label_conditions, null_condition
+from uvit_cli.sample.generate import check_batch_memory, effective_precision, generate, image_seed, image_side
+from uvit_cli.sample.plan import ByCondition, Plan, check_labels, make_plan
 from uvit_cli.sample.resolve import (
     SamplerSpec,
     autoencoder_identity,
@@ -41,6 +32,7 @@ from uvit_cli.sample.resolve import (
     text_encoder,
     text_encoder_identity,
 )
+from uvit_cli.sample.settings import SampleSettings
 
 GRID_MAX_IMAGES = 256
 
@@ -82,135 +74,6 @@ class SampleResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# The plan: image i is the (i % n)-th image of condition i // n, or (--classes) of the class its index gives;
-# held per condition, never per image
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Condition-major: image c * n + j is the j-th image of condition c (`{"prompt": p}`, `{"class": k}`, or
-    `{}` for an unconditional model). With a `label_protocol` (--classes) there are no listed conditions: the
-    `n` images each take the class `class_label` gives their index among the `num_classes` real classes.
-    O(conditions) memory whatever `n` is."""
-
-    conditions: tuple[dict[str, Any], ...]
-    n: int
-    label_protocol: LabelProtocol | None = None
-    num_classes: int = 0
-    seed: int = 0  # the labels' seed ("random" protocol)
-
-    def __len__(self) -> int:
-        return self.n if self.label_protocol else len(self.conditions) * self.n
-
-    def condition(self, index: int) -> dict[str, Any]:
-        if self.label_protocol:
-            k = class_label(self.label_protocol, self.seed, self.num_classes, index)
-            return {"class": k, "label_protocol": self.label_protocol}
-        return self.conditions[index // self.n]
-
-    def widest(self) -> dict[str, Any]:
-        """The condition with the longest record (the disk estimate)."""
-        if self.label_protocol:
-            return {"class": self.num_classes - 1, "label_protocol": self.label_protocol}
-        return max(self.conditions, key=lambda c: len(str(c.get("prompt", ""))))
-
-
-class _ByCondition(Mapping[int, int]):
-    """Image index -> `values[index // n]`: a per-image view of per-condition values (labels, context rows)."""
-
-    def __init__(self, values: Sequence[int], n: int) -> None:
-        self.values, self.n = values, n
-
-    def __getitem__(self, index: int) -> int:
-        return self.values[index // self.n]
-
-    def __len__(self) -> int:
-        return len(self.values) * self.n
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(len(self)))
-
-
-def _check_labels(classes: Sequence[int], label_protocol: str | None) -> None:
-    """--classes is a known protocol and excludes --class (checked before the model loads)."""
-    if label_protocol is None:
-        return
-    if label_protocol not in LABEL_PROTOCOLS:
-        raise ConfigError(
-            f"--classes {label_protocol}: unknown label protocol (choose one of {', '.join(LABEL_PROTOCOLS)})"
-        )
-    if classes:
-        raise ConfigError(
-            f"--classes {label_protocol} and --class exclude each other: --classes labels every image by its "
-            "index (--n is the total), --class makes --n images of each class given; pass one of them"
-        )
-
-
-def _plan(
-    preset: Preset,
-    prompts: Sequence[str],
-    classes: Sequence[int],
-    n: int,
-    label_protocol: LabelProtocol | None = None,
-    seed: int = 0,
-) -> Plan:
-    cond = preset.model.conditioning
-    if label_protocol is not None and cond != "class":
-        kind = "text-conditional: use --prompt" if cond == "text" else "unconditional: drop it"
-        raise ConfigError(
-            f"--classes {label_protocol} needs a class-conditional preset; '{preset.name}' is {kind}"
-        )
-    if cond == "text":
-        if classes:
-            raise ConfigError(f"preset '{preset.name}' is text-conditional: use --prompt, not --class")
-        if not prompts:
-            raise ConfigError(
-                f"preset '{preset.name}' is text-conditional: pass --prompt TEXT or --prompts-file"
-            )
-        return Plan(tuple({"prompt": p} for p in prompts), n)
-    if cond == "class":
-        if prompts:
-            raise ConfigError(f"preset '{preset.name}' is class-conditional: use --class N, not --prompt")
-        if label_protocol is not None:
-            return Plan((), n, label_protocol, len(valid_classes(preset)), seed)
-        if not classes:
-            raise ConfigError(
-                f"preset '{preset.name}' is class-conditional: pass --class N (repeatable), or --classes "
-                "random|balanced to label --n images by their index (FID sets)"
-            )
-        ok = valid_classes(preset)
-        for c in classes:
-            if c not in ok:
-                null = (
-                    f"; {preset.model.num_classes - 1} is the null class used for guidance"
-                    if preset.train.p_uncond > 0
-                    else ""
-                )
-                raise ConfigError(f"unknown class {c} for '{preset.name}' (valid: 0..{ok[-1]}{null})")
-        return Plan(tuple({"class": int(c)} for c in classes), n)
-    if prompts or classes:
-        raise ConfigError(f"preset '{preset.name}' is unconditional: drop --prompt/--class")
-    return Plan(({},), n)
-
-
-def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"--prompts-file {path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"--prompts-file {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-            "save it as UTF-8, one prompt per line"
-        ) from None
-    prompts = [ln.strip() for ln in lines if ln.strip()]
-    if not prompts:
-        raise DataError(f"--prompts-file {path}: no prompts in it")
-    return prompts
-
-
-# --------------------------------------------------------------------------------------------------
 # The workflow
 
 
@@ -239,15 +102,14 @@ def sample_to_dir(
     say = log or (lambda _msg: None)
     seed = spec.seed
     out_dir = Path(out)
-    _check_labels(classes, label_protocol)  # before the model loads
+    check_labels(classes, label_protocol)  # before the model loads
     outputs.check_not_in_checkpoints(out_dir)
     with dist.process_group():
         text = True if prompts else (False if classes or label_protocol else None)
         sampler = load_sampler(spec, device=device, say=say, text=text)
         loaded, s = sampler.loaded, sampler.settings
         resolved, weights_note = loaded.preset, loaded.note
-        plan = _plan(resolved, list(prompts), list(classes), n, label_protocol, seed)
-        check_guidance(resolved, s)
+        plan = make_plan(resolved, list(prompts), list(classes), n, label_protocol, seed)
         identity = {
             "preset": resolved.name,
             "checkpoint": weights_note,
@@ -288,7 +150,9 @@ def sample_to_dir(
                 pending: deque[Future[None]] = deque()
                 if progress:
                     progress(SampleProgress(0, todo, skipped))
-                for batch, images in sampler.generate(mine, conditions, uncond, autoencoder):
+                batches = generate(loaded.model, resolved, mine, conditions, uncond, seed=seed,
+                                   autoencoder=autoencoder, settings=s, device=sampler.device)  # fmt: skip
+                for batch, images in batches:
                     pending += [
                         pool.submit(outputs.write_png, out_dir, i, img)
                         for i, img in zip(batch, images, strict=True)
@@ -432,21 +296,14 @@ def _encoders(
     prompts once each and is freed after."""
     import torch
 
-    from uvit_cli.sample.generate import (
-        class_conditions,
-        context_conditions,
-        label_conditions,
-        null_condition,
-    )
-
     conditions = uncond = None
     cond = preset.model.conditioning
     if cond == "class":
         if plan.label_protocol:
             conditions = label_conditions(plan.label_protocol, plan.seed, plan.num_classes)
         else:
-            conditions = class_conditions(_ByCondition([c["class"] for c in plan.conditions], plan.n))
-        uncond = null_condition(preset)
+            conditions = class_conditions(ByCondition([c["class"] for c in plan.conditions], plan.n))
+        uncond = null_condition(preset.model)
     elif cond == "text":
         # the prompts of the conditions this rank still makes, each once, in order
         prompts = list(dict.fromkeys(plan.conditions[c]["prompt"] for c in sorted(needed)))
@@ -456,15 +313,15 @@ def _encoders(
             4 * len(prompts) * m.num_clip_token * (m.clip_dim or 0),
             fix="sample fewer prompts per run (split the prompts file, one --out each)",
         )
-        encoder = text_encoder(preset, clip, device)
+        encoder = text_encoder(preset.text_encoder, clip, device)
         for p, cut in zip(prompts, encoder.tokenizer(prompts).truncated, strict=True):
             if cut:
                 say(f"warning: prompt longer than 77 CLIP tokens, truncated: {p[:60]!r}...")
         row = {p: k for k, p in enumerate(prompts)}
         contexts = torch.cat([encoder.encode(prompts[k : k + 64]) for k in range(0, len(prompts), 64)])
         rows = [row.get(c["prompt"], 0) for c in plan.conditions]  # conditions not needed are never asked for
-        conditions = context_conditions(contexts, _ByCondition(rows, plan.n))
-        uncond = null_condition(preset, encoder.encode([""]))  # CLIP('') as the official empty_context
+        conditions = context_conditions(contexts, ByCondition(rows, plan.n))
+        uncond = null_condition(preset.model, encoder.encode([""]))  # CLIP('') as the official empty_context
         del encoder
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -49,8 +49,8 @@ class FidEvaluator:
     ) -> None:
         from uvit_cli.fid.generated import check_fid_request, fid_conditions, val_prompts
         from uvit_cli.fid.metrics import clip_scorer
-        from uvit_cli.sample.generate import SampleSettings, check_guidance
         from uvit_cli.sample.resolve import preset_autoencoder
+        from uvit_cli.sample.settings import SampleOptions, SampleSettings
 
         ev = preset.eval
         assert ev.ref is not None, "FidEvaluator is built only when [eval] ref is set"
@@ -62,9 +62,9 @@ class FidEvaluator:
         self.metrics = check_fid_request(
             ev.ref, ev.n, ev.mode, None, features, metrics=ev.metrics, clip_score=clip_score
         )
-        # compile=False: a network compiled for sampling would recompile at every evaluation
-        self.settings = SampleSettings.from_preset(preset, steps=ev.steps, compile=False)
-        check_guidance(preset, self.settings)
+        # compile=False: a network compiled for sampling would recompile at every evaluation. Guidance the
+        # model cannot take is refused here, before the first step (the one guidance rule).
+        self.settings = SampleSettings.from_preset(preset, SampleOptions(steps=ev.steps, compile=False))
         self.conditions, self.uncond, self.cond_info = fid_conditions(preset, ev.seed, classes=ev.classes)
         # the captions each image was generated from, which CLIP score compares it with
         self.prompts = val_prompts(preset.data.set_path(), ev.seed) if "clip" in self.metrics else None

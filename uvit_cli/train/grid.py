@@ -1,114 +1,107 @@
-"""Sample grids during training: the EMA model, the preset's solver and guidance, fixed seeds and conditions."""
+"""Sample grids during training: `sample.generate` of the EMA model with the preset's [sample] solver and
+guidance, the same images and conditions at every call, tiled into one PNG.
+
+Image i of a grid is image i of `uvit sample` with the run's train.seed (its noise from (seed, i)), with the
+class i % K for class models and the first caption of the i-th item of the set for text models.
+"""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from uvit_cli.config import Preset
-from uvit_cli.errors import UvitError
-from uvit_cli.fileio import atomic_path
+from uvit_cli.config import NetworkPrecision, Preset
+from uvit_cli.errors import ResourceError, UvitError
+from uvit_cli.sample.conditions import ConditionFn, class_conditions, context_conditions, null_condition
+from uvit_cli.sample.generate import generate
+from uvit_cli.sample.outputs import save_grid
+from uvit_cli.sample.settings import SampleOptions, SampleSettings, guidance_refusal
+
+# the training recipe's autocast dtype -> the sampling precision of the same arithmetic
+_PRECISION: dict[torch.dtype | None, NetworkPrecision] = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    None: "fp32",
+}
 
 
 class GridSampler:
-    """Draws the same `n` noises and conditions at every call, so grids of successive steps compare."""
+    """Makes the same `n` images (noise and conditions) at every call, so grids of successive steps compare.
+
+    `disabled` says why grids are off (no autoencoder, no memory for the batch); `note` is one warning to
+    show once: a preset whose guidance cannot apply (`sample.guidance_refusal`) is sampled without it, since
+    a grid must not stop a run."""
 
     def __init__(self, preset: Preset, ds: Any, device: torch.device, n: int = 16, seed: int = 0) -> None:
-        self.preset, self.device, self.n = preset, device, n
+        self.preset, self.device, self.n, self.seed = preset, device, n, seed
         m = preset.model
-        self.shape = (m.in_chans, m.img_size, m.img_size)
-        g = torch.Generator().manual_seed(seed)
-        self.x_T = torch.randn(n, *self.shape, generator=g)  # (n, C, H, W)
-        self.cond: dict[str, torch.Tensor] = {}
-        self.uncond: dict[str, torch.Tensor] = {}
+        self.conditions: ConditionFn | None = None
+        self.uncond: dict[str, torch.Tensor] | None = None
         if m.conditioning == "class":
             k = ds.num_classes or m.num_classes
-            self.cond = {"y": torch.arange(n) % k}
-            self.uncond = {"y": torch.full((n,), ds.null_class)}
+            self.conditions = class_conditions([i % k for i in range(n)])
+            self.uncond = null_condition(m)
         elif m.conditioning == "text":
             # The captions of the first items of the set (caption choice of epoch 0).
             items = [(i * ds.views) % len(ds) for i in range(n)]
-            self.cond = {"context": torch.stack([ds[(i, 0)]["context"] for i in items])}
-            self.uncond = {"context": ds.empty_context[None].expand(n, -1, -1)}
+            contexts = torch.stack([ds[(i, 0)]["context"] for i in items])  # (n, L, D)
+            self.conditions = context_conditions(contexts, range(n))
+            self.uncond = null_condition(m, ds.empty_context)
+        why = guidance_refusal(preset) if preset.sample.cfg_scale > 0 else None
+        self.note = f"sample grids are drawn without guidance: {why}" if why is not None else None
+        # one batch of the n images, decoded one at a time (bounded memory); never compiled: a grid is rare
+        options = SampleOptions(
+            cfg_scale=0.0 if why is not None else None, batch_size=n, decode_batch_size=1, compile=False
+        )
+        self.settings = SampleSettings.from_preset(preset, options)
         self.vae: Any = None
         self.disabled: str | None = None
 
     def _decoder(self) -> Any:
         if self.vae is None:
-            from uvit_cli.encoders import load_autoencoder
+            from uvit_cli.sample.resolve import preset_autoencoder
 
-            ae = self.preset.autoencoder
-            assert ae is not None
             # $UVIT_VAE > the preset's pretrained > HF cache: the rule of every command (training has no --vae)
-            self.vae = load_autoencoder(
-                None, scale_factor=ae.scale_factor, device=self.device, preset=ae.pretrained
-            )
+            self.vae = preset_autoencoder(self.preset, None, self.device)
         return self.vae
 
-    @torch.no_grad()
-    def __call__(self, ema: torch.nn.Module, path: Path, autocast_dtype: torch.dtype | None) -> Path | None:
-        """Sample, decode and save a PNG grid; returns None (and sets `disabled`) if the VAE is missing."""
-        from uvit_cli import solvers
-        from uvit_cli.schedule import make_schedule
+    def pop_note(self) -> str | None:
+        """The one-time warning (`note`), then None."""
+        note, self.note = self.note, None
+        return note
 
-        if self.disabled:
-            return None
-        p = self.preset
-        if p.data.space == "latent":
-            try:
-                vae = self._decoder()
-            except UvitError as e:
-                self.disabled = f"no sample grids: the autoencoder could not be loaded ({e})"
-                return None
-        schedule = make_schedule(
-            p.schedule.kind, p.schedule.num_steps, p.schedule.beta_min, p.schedule.beta_max
-        )
-        dev = self.device
-        cond = {k: v.to(dev) for k, v in self.cond.items()}
-        uncond = {k: v.to(dev) for k, v in self.uncond.items()}
-
-        def net(x: torch.Tensor, timesteps: torch.Tensor, **c: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                return ema(x, timesteps, **c).float()
-
-        if cond and p.sample.cfg_scale > 0 and p.train.p_uncond > 0:
-            eps_fn = solvers.guided_eps_fn(
-                net, p.sample.cfg_scale, cond, uncond, p.sample.guidance_interval, schedule=schedule
-            )
-        else:
-            eps_fn = solvers.conditional_eps_fn(net, cond)
-        gen = torch.Generator(dev).manual_seed(1)
+    def images(self, ema: torch.nn.Module, autocast_dtype: torch.dtype | None) -> np.ndarray:
+        """The grid's images, uint8 (n, H, W, 3): `generate` of the EMA model, in the training recipe's
+        autocast dtype."""
+        vae = self._decoder() if self.preset.data.space == "latent" else None
+        settings = dataclasses.replace(self.settings, precision=_PRECISION[autocast_dtype])
         was_training = ema.training
         ema.eval()
         try:
-            x = solvers.sample(p.sample.solver, eps_fn, self.x_T.to(dev), p.sample.steps, schedule=schedule,
-                               generator=gen)  # fmt: skip
-            if p.data.space == "latent":
-                x = torch.cat([vae.decode(z[None].float()) for z in x])  # one at a time: bounded memory
+            batches = generate(ema, self.preset, range(self.n), self.conditions, self.uncond, seed=self.seed,
+                               autoencoder=vae, settings=settings, device=self.device)  # fmt: skip
+            return np.concatenate([images for _, images in batches])
         finally:
             ema.train(was_training)
-        save_grid(x, path)
-        return path
 
-
-def save_grid(images: torch.Tensor, path: Path, padding: int = 2) -> Path:
-    """Images in [-1, 1] (n, 3, H, W) -> one PNG, rows of ceil(sqrt(n))."""
-    from PIL import Image
-
-    imgs = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # (n, 3, H, W)
-    n, c, h, w = imgs.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    canvas = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), dtype=np.uint8)
-    for i, img in enumerate(imgs):
-        r, q = divmod(i, cols)
-        y0, x0 = padding + r * (h + padding), padding + q * (w + padding)
-        canvas[y0 : y0 + h, x0 : x0 + w] = img.transpose(1, 2, 0)[..., :3] if c >= 3 else img[0][..., None]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
-    return path
+    def __call__(self, ema: torch.nn.Module, path: Path, autocast_dtype: torch.dtype | None) -> Path | None:
+        """Sample and save a PNG grid; None (and `disabled` set) when the autoencoder cannot be loaded or the
+        batch does not fit in memory."""
+        if self.disabled:
+            return None
+        if self.preset.data.space == "latent":
+            try:
+                self._decoder()
+            except UvitError as e:
+                self.disabled = f"no sample grids: the autoencoder could not be loaded ({e})"
+                return None
+        try:
+            images = self.images(ema, autocast_dtype)
+        except ResourceError as e:
+            self.disabled = f"no sample grids: {e}"
+            return None
+        return save_grid(images, path)

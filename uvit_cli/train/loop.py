@@ -7,17 +7,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from uvit_cli import checkpoint as ck
 from uvit_cli import dist
-from uvit_cli.config import Preset
+from uvit_cli.config import Preset, TrainConfig
 from uvit_cli.errors import ConfigError, TrainingDiverged
 from uvit_cli.train.lock import RunDirLock, RunDirLocked
 from uvit_cli.train.objective import step_seed
-from uvit_cli.train.report import ReportWriter
+from uvit_cli.train.observers import Intervals, make_observers
 from uvit_cli.train.resume import capture, check_init, initialise, resume
 from uvit_cli.train.rundir import (
     MetricsLog,
@@ -27,15 +27,18 @@ from uvit_cli.train.rundir import (
     data_identity,
     record_run_dir,
 )
-from uvit_cli.train.step import require_training_memory, setup_step, train_step
-from uvit_cli.train.stop import StopRequest
+from uvit_cli.train.step import StepState, require_training_memory, setup_step, train_step
+from uvit_cli.train.stop import stop_requests
+
+if TYPE_CHECKING:
+    from uvit_cli.data import TimedBatches
 
 
 @dataclass
 class TrainEvent:
     """What the loop reports (rank 0 only): start | log | checkpoint | samples | fid | warning | done.
 
-    A stop request (Ctrl-C, SIGTERM) raises KeyboardInterrupt after the checkpoint event of its save."""
+    A stop request (Ctrl-C, SIGTERM) ends with the checkpoint event of its save, and no done event."""
 
     kind: str
     step: int
@@ -50,10 +53,11 @@ class TrainResult:
     step: int
     checkpoint: Path | None
     loss: float | None
+    stopped: str | None = None  # the signal that stopped the run at `step` ("SIGINT", "SIGTERM"), else None
 
 
 def _recipe(
-    preset: Preset, device: torch.device, compile: bool | None
+    tc: TrainConfig, device: torch.device, compile: bool | None
 ) -> tuple[torch.dtype | None, bool, bool]:
     """(autocast dtype, torch.compile, fused AdamW): the preset's fast recipe on CUDA, fp32 eager elsewhere.
 
@@ -62,7 +66,6 @@ def _recipe(
     """
     if device.type != "cuda":
         return None, False, False
-    tc = preset.train
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
     return amp_dtype, tc.compile if compile is None else compile, True
 
@@ -90,13 +93,6 @@ def _diverged(loss: float, step: int, last_ckpt: Path | None, lr: float) -> Trai
     )
 
 
-def _waiting(share: float, ms: float, steps: int, workers: int) -> str:
-    return (
-        f"training waited for data {share:.0%} of the time of the last {steps} steps ({ms:.1f} ms per step): "
-        f"raise the loader's workers (--set train.num_workers=N, now {workers}) or keep the shards on a local disk"
-    )
-
-
 def _lock(run_dir: Path, main: bool, world: int, warn: Callable[[str], None]) -> RunDirLock | None:
     """Rank 0 creates and locks the run dir (one training process per run dir); every rank learns if it is busy."""
     lock, busy = None, None
@@ -116,59 +112,50 @@ def _lock(run_dir: Path, main: bool, world: int, warn: Callable[[str], None]) ->
     return lock
 
 
-def _observers(
-    preset: Preset,
-    ds: Any,
-    run_dir: Path,
-    device: torch.device,
-    main: bool,
-    fid_features: dict[str, Any] | None,
-) -> tuple[Any, Any]:
-    """(sample grids on rank 0, FID while training on every rank when [eval] ref is set); None where off."""
-    grid = evaluator = None
-    if main:
-        from uvit_cli.train.grid import GridSampler
+class _Meter:
+    """Steps, seconds and data wait since the last log record: the record, and one warning if training waits
+    for data. Reading the loss is the loop's one host sync."""
 
-        grid = GridSampler(preset, ds, device, seed=preset.train.seed)
-    if preset.eval.ref is not None:
-        from uvit_cli.train.evaluate import FidEvaluator
+    def __init__(self, state: StepState, batches: TimedBatches, global_batch: int, tc: TrainConfig) -> None:
+        self.state, self.batches, self.global_batch = state, batches, global_batch
+        self.log_interval, self.num_workers = tc.log_interval, tc.num_workers
+        self.steps, self.t_last, self.logs, self.warned = 0, time.perf_counter(), 0, False
 
-        evaluator = FidEvaluator(preset, run_dir, device, **(fid_features or {}))
-    return grid, evaluator
+    def restart(self) -> None:
+        """Leave the time since the last step out of img/s and the data wait (checkpoints, grids, FID)."""
+        self.t_last, self.batches.waited = time.perf_counter(), 0.0
 
-
-def _interval(
-    state: Any, batches: Any, steps: int, seconds: float, global_batch: int, at: dict[str, Any]
-) -> tuple[dict[str, Any], float]:
-    """The log record of the last `steps` steps (`at`'s step, epoch and lr, the mean loss over all ranks,
-    img/s, data wait in ms per step, wall time) and the share of the time spent waiting for data.
-    Reading the loss is the loop's one host sync."""
-    if dist.world_size() > 1:
-        torch.distributed.all_reduce(state.loss_sum)
-    seconds = max(seconds, 1e-9)
-    record = {
-        "step": at["step"],
-        "epoch": at["epoch"],
-        "loss": state.loss_sum.item() / (steps * global_batch),
-        "lr": at["lr"],
-        "img_per_s": steps * global_batch / seconds,
-        "data_wait_ms": batches.waited * 1e3 / steps,
-        "time": time.time(),
-    }
-    return record, batches.waited / seconds
-
-
-def _fid_line(fid: dict[str, Any], preset: Preset, run_dir: Path) -> str:
-    line = f"FID {fid['fid']:.4f} of {fid['fid_n']} EMA samples in {fid['fid_seconds']:.0f} s"
-    others = [
-        f"{k} {fid[k]:.4f}"
-        for k in ("sfid", "inception_score", "precision", "recall", "clip_score")
-        if k in fid
-    ]
-    line += f" ({', '.join(others)})" if others else ""
-    if not fid["fid_is_best"]:
-        return f"{line} (best {fid['fid_best']:.4f})"
-    return f"{line}, the best so far" + (f" (kept in {run_dir / 'best'})" if preset.eval.keep_best else "")
+    def record(self, step: int, epoch: int, lr: float) -> tuple[dict[str, Any], str | None]:
+        """The log record of the steps since the last one (the mean loss over all ranks, img/s, data wait in
+        ms per step, wall time) and the warning that training waits for data (once per run), then restart."""
+        now = time.perf_counter()
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(self.state.loss_sum)
+        steps, seconds, waited = self.steps, max(now - self.t_last, 1e-9), self.batches.waited
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": self.state.loss_sum.item() / (steps * self.global_batch),
+            "lr": lr,
+            "img_per_s": steps * self.global_batch / seconds,
+            "data_wait_ms": waited * 1e3 / steps,
+            "time": time.time(),
+        }
+        note = None
+        share, wait_ms = waited / seconds, record["data_wait_ms"]
+        # Judged on full log intervals after the first (the workers' start-up); 2 ms: not noise.
+        full = self.logs > 0 and steps >= self.log_interval
+        if share > 0.05 and wait_ms > 2 and full and not self.warned:
+            self.warned = True
+            note = (
+                f"training waited for data {share:.0%} of the time of the last {steps} steps ({wait_ms:.1f} ms "
+                f"per step): raise the loader's workers (--set train.num_workers=N, now {self.num_workers}) "
+                "or keep the shards on a local disk"
+            )
+        self.state.loss_sum.zero_()
+        self.steps, self.logs = 0, self.logs + 1
+        self.t_last, self.batches.waited = now, 0.0
+        return record, note
 
 
 def train(
@@ -198,7 +185,6 @@ def train(
 
     # ---- Processes, device, precision ------------------------------------------------------------
     created_group = not dist.is_initialized() and dist.init_from_env()
-    stop = StopRequest()
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
     device = dist.device()
@@ -208,8 +194,11 @@ def train(
         if main and on_event is not None:
             on_event(TrainEvent(kind, at_step, tc.steps, message, metrics))
 
+    def warn(message: str) -> None:
+        emit("warning", 0, message)
+
     dist.cuda_defaults(device)  # TF32 for any fp32 matmul left outside autocast, cuDNN autotuning
-    amp_dtype, use_compile, fused = _recipe(preset, device, compile)
+    amp_dtype, use_compile, fused = _recipe(tc, device, compile)
     lock: RunDirLock | None = None
 
     try:
@@ -232,7 +221,7 @@ def train(
 
         # ---- Run directory: rank 0 locks it (one process per run dir); every rank checks; written once
         # the start has succeeded (record_run_dir below), so a failed start blocks no rerun ----------------
-        lock = _lock(run_dir, main, world, warn=lambda m: emit("warning", 0, m))
+        lock = _lock(run_dir, main, world, warn=warn)
         claim = check_run_dir(run_dir, preset, force)
         data = data_identity(ds)
         has_checkpoints = bool(ck.list_checkpoints(run_dir))
@@ -246,25 +235,28 @@ def train(
         model = UViT(**preset.model).to(device)
         state, ema = setup_step(preset, model, device, amp_dtype=amp_dtype, compile=use_compile, fused=fused,
                                 ddp=world > 1, null_class=null_class, empty_context=empty_context)  # fmt: skip
-        resuming = init is None or check_init(run_dir, init)
-        at = resume(run_dir, preset, model, ema, state, global_batch, warn=lambda m: emit("warning", 0, m))
+        # --init starts the run from its weights, unless the run dir holds checkpoints of that start (resumed)
+        init_from = init if init is not None and not check_init(run_dir, init) else None
+        at = resume(run_dir, tc, model, ema, state, global_batch, warn=warn)
         origin = ""
-        if not resuming:
-            start = initialise(run_dir, init, model, ema, write=main)
+        if init_from is not None:
+            start = initialise(run_dir, init_from, model, ema, write=main)
             origin = f", initialised from {start['path']} (sha256 {start['sha256'][:12]})"
-        step, epoch, batch_in_epoch, resumed_from = at.step, at.epoch, at.batch_in_epoch, at.step_dir
+        step, epoch, batch_in_epoch, last_ckpt = at.step, at.epoch, at.batch_in_epoch, at.step_dir
         if batch_in_epoch >= sampler.batches_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
         end_step = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
         if main:
             record_run_dir(run_dir, preset, claim, data)
         for note in claim.notes:
-            emit("warning", 0, note)
+            warn(note)
         metrics = MetricsLog(run_dir, step) if main else None
         if metrics is not None and metrics.note:
             emit("warning", step, metrics.note)
-        grid, evaluator = _observers(preset, ds, run_dir, device, main, fid_features)
-        report = ReportWriter(run_dir) if main else None  # RUN/report.html
+        watchers = make_observers(
+            preset, ds, run_dir, device, main, ema, amp_dtype, metrics, emit, fid_features
+        )
+        every = Intervals.of(tc, preset.eval.interval if preset.eval.ref is not None else None, end_step)
 
         n_params = sum(p.numel() for p in state.params)
         emit(
@@ -273,7 +265,7 @@ def train(
             f"{n_params / 1e6:.2f}M params on {device} x{world}; global batch {global_batch} = {world} x "
             f"{accum} x {micro}; {tc.mixed_precision if amp_dtype else 'fp32'}"
             f"{', compiled' if use_compile else ''}; "
-            + (f"resuming from {resumed_from.name}" if resumed_from else f"new run in {run_dir}{origin}"),
+            + (f"resuming from {last_ckpt.name}" if last_ckpt else f"new run in {run_dir}{origin}"),
             start_step=step,
             end_step=end_step,
         )
@@ -299,86 +291,57 @@ def train(
             dist.barrier()
             return path
 
-        # ---- Training loop --------------------------------------------------------------------------
+        # ---- Training loop: Ctrl-C / SIGTERM finish the step in flight, which then saves and returns ----
         model.train()
         batches = TimedBatches(loader, sampler, epoch, batch_in_epoch)
-        logs, warned_wait = 0, False
+        meter = _Meter(state, batches, global_batch, tc)
         gen = torch.Generator(device)
-        steps_since, t_last, last_loss, last_ckpt = 0, time.perf_counter(), None, resumed_from
+        last_loss: float | None = None
         lr_used = state.sched.get_last_lr()[0]
-        stop.install()  # restored in `finally`, however the loop ends
-        while step < end_step:
-            # One global batch: the step's random numbers for all of it; each micro-batch of this rank
-            # takes the rows of its samples (lo = rank * per_rank + m * micro), loaded only when it runs.
-            gen.manual_seed(step_seed(tc.seed, step))
-            draws = state.objective.draw(gen, global_batch)
-            micro_batches = (
-                (to_model(next(batches), device), draws.rows(lo, lo + micro))
-                for lo in range(rank * per_rank, (rank + 1) * per_rank, micro)
-            )
-            lr_used = train_step(state, micro_batches, n_micro=accum, share=per_rank)
-            step += 1
-            steps_since += 1
-            batch_in_epoch += 1
-            if batch_in_epoch == sampler.batches_per_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
-
-            # ---- Log (the only host sync), checkpoint, samples -----------------------------------
-            # A stop request (Ctrl-C, SIGTERM) saves at this step boundary. One process stops at once; ranks
-            # agree at the next log step (one all-reduce that is already a sync point), so they save together.
-            stopping = stop.agreed(world, check=step % tc.log_interval == 0, device=device)
-            saving = step % tc.save_interval == 0 or step == end_step or stopping
-            if step % tc.log_interval == 0 or saving:
-                now = time.perf_counter()
-                at_step = {"step": step, "epoch": epoch, "lr": lr_used}
-                record, wait_share = _interval(
-                    state, batches, steps_since, now - t_last, global_batch, at_step
+        with stop_requests(world, device) as stop:
+            while step < end_step:
+                # One global batch: the step's random numbers for all of it; each micro-batch of this rank
+                # takes the rows of its samples (lo = rank * per_rank + m * micro), loaded only when it runs.
+                gen.manual_seed(step_seed(tc.seed, step))
+                draws = state.objective.draw(gen, global_batch)
+                micro_batches = (
+                    (to_model(next(batches), device), draws.rows(lo, lo + micro))
+                    for lo in range(rank * per_rank, (rank + 1) * per_rank, micro)
                 )
-                loss = record["loss"]
-                if not math.isfinite(loss):
-                    raise _diverged(loss, step, last_ckpt, tc.lr)
-                if metrics is not None:
-                    metrics.write(record)
-                emit("log", step, eta_s=(end_step - step) * global_batch / record["img_per_s"], **record)
-                wait_ms = record["data_wait_ms"]
-                # Judged on full log intervals after the first (the workers' start-up); 2 ms: not noise.
-                full = logs > 0 and steps_since >= tc.log_interval
-                if wait_share > 0.05 and wait_ms > 2 and full and not warned_wait:
-                    warned_wait = True
-                    emit("warning", step, _waiting(wait_share, wait_ms, steps_since, tc.num_workers))
-                state.loss_sum.zero_()
-                steps_since, t_last, last_loss, batches.waited, logs = 0, now, loss, 0.0, logs + 1
-            if saving:
-                last_ckpt = save() or last_ckpt
-            if step % tc.sample_interval == 0 and grid is not None and not grid.disabled:
-                path = grid(ema, run_dir / ck.SAMPLES / f"{ck.step_dir_name(step)}.png", amp_dtype)
-                if path is not None:
-                    emit("samples", step, f"sample grid {path}")
-                elif grid.disabled:
-                    emit("warning", step, grid.disabled)
-            evaluating = evaluator is not None and evaluator.due(step, end_step) and not stopping
-            if evaluating:
-                assert evaluator is not None
-                fid = evaluator(ema, step, write=main)
-                if metrics is not None:
-                    metrics.write(fid)
-                emit("fid", step, _fid_line(fid, preset, run_dir), **fid)
-            if report is not None and (step % tc.log_interval == 0 or saving or evaluating):
-                forced = evaluating or step % tc.sample_interval == 0 or step == end_step or stopping
-                if note := report(force=forced):
-                    emit("warning", step, note)
-            if stopping:
-                stop.restore()
-                raise KeyboardInterrupt
-            if saving or evaluating or step % tc.sample_interval == 0:
-                dist.barrier()
-                t_last, batches.waited = time.perf_counter(), 0.0  # checkpoints, grids, FID: not in img/s
+                lr_used = train_step(state, micro_batches, n_micro=accum, share=per_rank)
+                step += 1
+                meter.steps += 1
+                batch_in_epoch += 1
+                if batch_in_epoch == sampler.batches_per_epoch:
+                    epoch, batch_in_epoch = epoch + 1, 0
 
-        stop.restore()
-        emit("done", step, f"finished at step {step}; checkpoint {last_ckpt}", loss=last_loss)
-        return TrainResult(run_dir, step, last_ckpt if isinstance(last_ckpt, Path) else None, last_loss)
+                # ---- What is due now; the log record (the one host sync), checkpoint, observers ----
+                # One process stops at once; ranks agree at the next log step, so they save together.
+                due = every.due(step, stop)
+                if due.log:
+                    record, waiting = meter.record(step, epoch, lr_used)
+                    if not math.isfinite(record["loss"]):
+                        raise _diverged(record["loss"], step, last_ckpt, tc.lr)
+                    if metrics is not None:
+                        metrics.write(record)
+                    emit("log", step, eta_s=(end_step - step) * global_batch / record["img_per_s"], **record)
+                    if waiting is not None:
+                        emit("warning", step, waiting)
+                    last_loss = record["loss"]
+                if due.save:
+                    last_ckpt = save() or last_ckpt
+                for watcher in watchers:
+                    watcher.after_step(step, due)
+                if due.stop:
+                    break
+                if due.pause:
+                    dist.barrier()
+                    meter.restart()
+
+        if stop.reason is None:
+            emit("done", step, f"finished at step {step}; checkpoint {last_ckpt}", loss=last_loss)
+        return TrainResult(run_dir, step, last_ckpt, last_loss, stopped=stop.reason)
     finally:
-        stop.restore()
         if lock is not None:
             lock.release()
         if created_group:

@@ -17,6 +17,7 @@ from torch import nn
 
 from uvit_cli import checkpoint as ck
 from uvit_cli import dist
+from uvit_cli.config import TrainConfig
 from uvit_cli.errors import CheckpointError
 from uvit_cli.fileio import sha256_file, write_json_atomic
 from uvit_cli.train.step import StepState, warmup_factor
@@ -78,7 +79,7 @@ class Resumed:
 
 def resume(
     run_dir: Path,
-    preset: Any,
+    tc: TrainConfig,
     model: nn.Module,
     ema: nn.Module,
     st: StepState,
@@ -86,8 +87,7 @@ def resume(
     warn: Callable[[str], None],
 ) -> Resumed:
     """Load the newest readable checkpoint of `run_dir` into the model, EMA and step state (falling back to
-    older ones with a warning); the preset's lr, betas and weight decay win over the stored ones."""
-    tc = preset.train
+    older ones with a warning); `tc`'s lr, betas and weight decay win over the stored ones."""
     for _, step_dir in reversed(ck.list_checkpoints(run_dir)):
         try:
             model_sd, ema_sd, saved = ck.read_checkpoint(step_dir)
