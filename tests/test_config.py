@@ -144,6 +144,45 @@ def test_preset_matches_the_official_config(name):
     assert m.num_classes == {"imagenet64": 1000, "imagenet": 1001}.get(p.data.kind, -1)
 
 
+# Presets beyond the paper: a paper preset's model, data, encoders and [eval], trained and sampled as SiT (willisma/SiT
+# train.py: AdamW lr 1e-4 constant, weight decay 0, default betas, batch 256, class dropout 0.1, Linear path,
+# velocity, t ~ U(0, 1); sample_ddp.py SDE: Euler-Maruyama, 250 steps; cfg 1.5 = our 0.5 for ImageNet).
+FLOW_PRESETS = {
+    "coco_uvit_s2_deep_flow": ("coco_uvit_s2_deep", 1.0),
+    "imagenet256_uvit_l2_flow": ("imagenet256_uvit_l2", 0.5),
+    "imagenet256_uvit_h2_flow": ("imagenet256_uvit_h2", 0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOW_PRESETS))
+def test_flow_presets_are_their_paper_preset_with_sits_recipe(name):
+    paper_name, cfg_scale = FLOW_PRESETS[name]
+    flow, paper = load_preset(name), load_preset(paper_name)
+    assert "beyond the paper" in flow.description and name not in PAPER_PRESETS
+    assert (flow.model, flow.data, flow.autoencoder, flow.text_encoder, flow.eval) == (
+        paper.model,
+        paper.data,
+        paper.autoencoder,
+        paper.text_encoder,
+        paper.eval,
+    )
+    t = flow.train
+    assert (t.objective, t.t_sampling, t.t_mean, t.t_std, t.time_shift, t.min_snr_gamma) == (
+        "flow", "uniform", None, None, None, None,
+    )  # fmt: skip
+    assert (t.lr, t.weight_decay, t.betas, t.warmup_steps, t.batch_size, t.p_uncond) == (
+        1e-4, 0.0, (0.9, 0.999), 0, 256, 0.1,
+    )  # fmt: skip
+    assert (t.steps, t.ema_rate, t.grad_clip, t.seed) == (paper.train.steps, 0.9999, 0.0, 1234)
+    s = flow.sample
+    assert (s.solver, s.steps, s.cfg_scale, s.n_samples) == (
+        "flow_euler_maruyama",
+        250,
+        cfg_scale,
+        paper.sample.n_samples,
+    )
+
+
 def test_overrides_take_precedence_and_are_typed():
     p = load_preset(
         "coco_uvit_s2", ["train.lr=1e-4", "model.depth=16", "sample.solver=ddim", "train.betas=[0.9, 0.99]"]

@@ -12,7 +12,10 @@ from uvit_cli.schedule import (
     ContinuousVPSchedule,
     DiscreteSchedule,
     DiscreteVPSchedule,
+    FlowSchedule,
+    NoiseSchedule,
     make_schedule,
+    shift_time,
     stable_diffusion_betas,
     time_grid,
     time_logsnr,
@@ -224,3 +227,36 @@ def test_schedules_match_the_official_code(kind):
         want_lam, want_inv = OFFICIAL_LINEAR_LAMBDA, OFFICIAL_LINEAR_INVERSE
     torch.testing.assert_close(ns.marginal_lambda(t), torch.tensor(want_lam), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ns.inverse_lambda(lam), torch.tensor(want_inv), rtol=1e-6, atol=1e-9)
+
+
+def test_flow_schedule_is_the_linear_path():
+    fs: NoiseSchedule = FlowSchedule()  # the solvers' one interface
+    t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    torch.testing.assert_close(
+        fs.marginal_alpha(t) + fs.marginal_std(t), torch.ones_like(t)
+    )  # alpha + sigma = 1
+    torch.testing.assert_close(fs.marginal_alpha(t), torch.exp(fs.marginal_log_mean_coeff(t)))
+    torch.testing.assert_close(fs.inverse_lambda(fs.marginal_lambda(t)), t)
+    assert torch.all(fs.marginal_lambda(t)[1:] < fs.marginal_lambda(t)[:-1])
+    # g^2 = d sigma^2/dt - 2 (d log alpha/dt) sigma^2, by finite differences
+    h = 1e-6
+    dsig2 = ((t + h) ** 2 - (t - h) ** 2) / (2 * h)
+    dlog = (fs.marginal_log_mean_coeff(t + h) - fs.marginal_log_mean_coeff(t - h)) / (2 * h)
+    torch.testing.assert_close(fs.beta(t), dsig2 - 2 * dlog * t**2, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(fs.timestep_input(t), 1000 * t)
+    grid = FlowSchedule(shift=3.0).grid(1.0, 0.0, 5, "cpu", torch.float32)
+    torch.testing.assert_close(
+        grid, shift_time(torch.linspace(1.0, 0.0, 5, dtype=torch.float64), 3.0).float()
+    )
+    assert grid[0].item() == 1.0 and grid[-1].item() == 0.0
+    with pytest.raises(ValueError, match="shift"):
+        FlowSchedule(shift=0.0)
+
+
+def test_make_schedule_by_objective():
+    assert isinstance(make_schedule("discrete", objective="v"), DiscreteVPSchedule)
+    assert isinstance(make_schedule("continuous", objective="eps"), ContinuousVPSchedule)
+    flow = make_schedule("discrete", objective="flow", time_shift=2.5)
+    assert isinstance(flow, FlowSchedule) and flow.shift == 2.5
+    with pytest.raises(ValueError, match="objective"):
+        make_schedule("discrete", objective="score")

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from uvit_cli.schedule import make_schedule, stable_diffusion_betas
+from uvit_cli.config import SOLVER_NAMES
+from uvit_cli.schedule import FlowSchedule, make_schedule, stable_diffusion_betas
 from uvit_cli.solvers import (
+    FLOW_SOLVERS,
     SOLVERS,
     conditional_eps_fn,
     fast_orders,
@@ -606,18 +608,16 @@ def test_dispatcher_runs_every_solver_without_grad():
     def eps_fn(x, timesteps):
         return 0.1 * w * x
 
-    assert set(SOLVERS) == {
-        "dpm_solver_pp",
-        "dpm_solver_pp_2m",
-        "ddim",
-        "dpm_solver",
-        "euler_maruyama",
-        "euler_ode",
-    }
+    assert set(SOLVERS) == set(SOLVER_NAMES) and len(SOLVERS) == 9  # config's torch-free list of names
+    assert FLOW_SOLVERS == {"flow_euler", "flow_heun", "flow_euler_maruyama"}
+    flow = FlowSchedule(shift=2.0)
     for name in SOLVERS:
-        out = sample(name, eps_fn, x, 6, schedule=ns, generator=torch.Generator().manual_seed(0))
+        schedule, other = (flow, ns) if name in FLOW_SOLVERS else (ns, flow)
+        out = sample(name, eps_fn, x, 6, schedule=schedule, generator=torch.Generator().manual_seed(0))
         assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
         assert not out.requires_grad
+        with pytest.raises(ValueError, match="flow"):  # a VP solver on a flow path, or the reverse: one line
+            sample(name, eps_fn, x, 6, schedule=other)
     with pytest.raises(ValueError, match="unknown solver"):
         sample("heun", eps_fn, x, 6, schedule=ns)
 
@@ -746,14 +746,15 @@ def test_guided_eps_fn_compiles_without_graph_breaks():
 
 
 def test_every_solver_takes_steps_third_options_by_keyword_and_calls_back_each_step():
-    ns = make_schedule("discrete")
     x = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
     for name, solver in SOLVERS.items():
-        seen: list[int] = []
-        extra = {"generator": torch.Generator().manual_seed(0)} if name == "euler_maruyama" else {}
-        out = solver(_eps_torch, x, 6, schedule=ns, callback=lambda i, xi: seen.append(i), **extra)
-        assert seen == sorted(set(seen)) and seen[0] >= 1 and seen[-1] == 6, (name, seen)
-        assert out.shape == x.shape
+        ns = FlowSchedule() if name in FLOW_SOLVERS else make_schedule("discrete")
+        for steps in (6, 7):  # flow_heun spends an odd evaluation on a last Euler step
+            seen: list[int] = []
+            extra = {"generator": torch.Generator().manual_seed(0)} if "maruyama" in name else {}
+            out = solver(_eps_torch, x, steps, schedule=ns, callback=lambda i, xi: seen.append(i), **extra)
+            assert seen == sorted(set(seen)) and seen[0] >= 1 and seen[-1] == steps, (name, seen)
+            assert out.shape == x.shape
         with pytest.raises(TypeError):
             solver(_eps_torch, x, 6, ns)  # the schedule is keyword-only: no sniffing of positions
     with pytest.raises(ValueError, match="schedule"):

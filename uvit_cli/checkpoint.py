@@ -274,6 +274,8 @@ def recognise_preset(sd: Mapping[str, torch.Tensor], source: str) -> Preset:
     fits = []
     for name in list_presets():
         preset = load_preset(name)
+        if preset.train.objective != "eps":  # the paper's files are eps models; flow/v presets share their shapes
+            continue
         with torch.device("meta"):  # shapes only: no memory, no init cost
             shapes = _shapes(UViT(**preset.model).state_dict())
         if shapes == want:

@@ -166,6 +166,14 @@ class ScheduleConfig(_Strict):
     beta_max: float = 20.0
 
 
+# What the network predicts (docs/training.md, *Objectives*): "eps" the paper's noise; "v" = alpha eps - sigma x0
+# on the same [schedule] (Salimans & Ho 2022); "flow" the velocity eps - x0 of the linear path
+# x_t = (1 - t) x0 + t eps (SiT, SD3), which reads no [schedule].
+ObjectiveName = Literal["eps", "v", "flow"]
+# How training draws t: "uniform" (the paper's: n in {1..N}, t ~ U(0, 1)) or "logit_normal" (SD3 eq. 19).
+TimeSampling = Literal["uniform", "logit_normal"]
+
+
 class TrainConfig(_Strict):
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="global batch over all GPUs")
@@ -182,6 +190,22 @@ class TrainConfig(_Strict):
         description="weight each sample's loss by min(SNR, gamma) / SNR (Min-SNR, Hang et al. 2023); "
         "unset: the paper's unweighted loss",
     )
+    objective: ObjectiveName = Field(
+        "eps",
+        description="what the network predicts: eps (the paper's), v (Salimans & Ho 2022, on [schedule]) or "
+        "flow (velocity of the linear path, SiT / SD3; [schedule] unused)",
+    )
+    t_sampling: TimeSampling = Field(
+        "uniform", description="training times: uniform (the paper's) or logit_normal (SD3: sigmoid(N(m, s)))"
+    )
+    t_mean: float | None = Field(None, description="logit_normal location m (unset: 0)")
+    t_std: float | None = Field(None, gt=0, description="logit_normal scale s (unset: 1)")
+    time_shift: float | None = Field(
+        None,
+        gt=0,
+        description="flow only: t -> s t / (1 + (s - 1) t) for training and sampling times (SD3 §5.3.2, RAE); "
+        "unset: no shift",
+    )
     seed: Seed = 1234
     log_interval: int = Field(10, gt=0)
     sample_interval: int = Field(5000, gt=0)
@@ -192,6 +216,22 @@ class TrainConfig(_Strict):
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes; 0 reads whole batches in the training process"
     )
+
+    @model_validator(mode="after")
+    def _objective(self) -> TrainConfig:
+        if self.t_sampling != "logit_normal" and (self.t_mean is not None or self.t_std is not None):
+            raise ValueError("t_mean and t_std shape t_sampling = 'logit_normal'; set it, or remove them")
+        if self.time_shift is not None and self.objective != "flow":
+            raise ValueError(
+                f"time_shift shifts the flow path's times; objective is '{self.objective}': "
+                "set objective = 'flow', or remove time_shift"
+            )
+        if self.min_snr_gamma is not None and self.objective == "flow":
+            raise ValueError(
+                "min_snr_gamma weights the eps and v losses (Min-SNR); the flow loss is weighted through its "
+                "time density (t_sampling, time_shift): remove min_snr_gamma"
+            )
+        return self
 
 
 # The choices of `uvit prepare` (prepare/*.py and cli/prepare.py take these types; torch-free here).
@@ -214,8 +254,46 @@ LabelProtocol = Literal["random", "balanced"]
 # Inception Score, precision and recall (ADM's evaluator), CLIP score (text-to-image).
 FidMetric = Literal["fid", "sfid", "is", "pr", "clip"]
 
-SolverName = Literal["dpm_solver_pp", "dpm_solver_pp_2m", "ddim", "dpm_solver", "euler_maruyama", "euler_ode"]
+SolverName = Literal[
+    "dpm_solver_pp",
+    "dpm_solver_pp_2m",
+    "ddim",
+    "dpm_solver",
+    "euler_maruyama",
+    "euler_ode",
+    "flow_euler",
+    "flow_heun",
+    "flow_euler_maruyama",
+]
 SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # = uvit_cli.solvers.SOLVERS, without importing torch
+FLOW_SOLVER_NAMES: tuple[str, ...] = (
+    "flow_euler",
+    "flow_heun",
+    "flow_euler_maruyama",
+)  # = solvers.FLOW_SOLVERS
+
+
+def solver_mismatch(solver: str, objective: str) -> str | None:
+    """Why `solver` cannot sample a model trained with `objective`, in one line; None when it can."""
+    if objective == "flow" and solver not in FLOW_SOLVER_NAMES:
+        return (
+            f"solver '{solver}' integrates a noise prediction; a flow model (train.objective = 'flow') samples "
+            f"with {', '.join(FLOW_SOLVER_NAMES)}"
+        )
+    if objective != "flow" and solver in FLOW_SOLVER_NAMES:
+        others = ", ".join(n for n in SOLVER_NAMES if n not in FLOW_SOLVER_NAMES)
+        return (
+            f"solver '{solver}' integrates a flow model's velocity; this model predicts {objective} "
+            f"(train.objective = '{objective}'): choose one of {others}"
+        )
+    return None
+
+
+def check_solver(solver: str, objective: str) -> None:
+    """ConfigError (one line) when `solver` does not apply to a model trained with `objective`."""
+    why = solver_mismatch(solver, objective)
+    if why is not None:
+        raise ConfigError(why)
 
 
 class SampleConfig(_Strict):
@@ -335,6 +413,9 @@ class Preset(_Strict):
             )
         if "clip" in self.eval.metrics and cond != kind["text"]:
             raise ValueError(f"eval.metrics: clip scores images against their captions; this model is {cond}")
+        why = solver_mismatch(self.sample.solver, self.train.objective)
+        if why is not None:
+            raise ValueError(f"sample.solver: {why}")
         return self
 
     def to_toml(self) -> str:

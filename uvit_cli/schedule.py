@@ -1,12 +1,14 @@
-"""Noise schedules of U-ViT: the discrete SD scaled-linear schedule and the continuous VP-SDE.
+"""Noise schedules of U-ViT: the discrete SD scaled-linear schedule, the continuous VP-SDE, and the linear
+path of flow matching.
 
 Two views of the same schedules:
-* training (used by `train/objective.py`): `DiscreteSchedule` (float64 alpha_bar indexed by the integer step n = 0..N, spec §3.1) and
-  `ContinuousVPSchedule.sample_t` (t ~ U(0,1), spec §3.2);
+* training (used by `train/objective.py`): `DiscreteSchedule` (float64 alpha_bar indexed by the integer step n = 0..N, spec §3.1),
+  `ContinuousVPSchedule.sample_t` (t ~ U(0,1), spec §3.2), and the time densities beyond the paper
+  (`logit_normal_t`, `shift_time`: SD3, Esser et al. 2024 §3.1, §5.3.2);
 * sampling: `DiscreteVPSchedule` / `ContinuousVPSchedule`, the `NoiseScheduleVP('discrete' | 'linear')`
-  of DPM-Solver (Lu et al. 2022) that every solver in `solvers/` reads through one interface
-  (`NoiseSchedule`): alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t), its inverse, and what the
-  network is fed for a solver time t.
+  of DPM-Solver (Lu et al. 2022), and `FlowSchedule` (x_t = (1 - t) x0 + t eps), which every solver in
+  `solvers/` reads through one interface (`NoiseSchedule`): alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t),
+  its inverse, and what the network is fed for a solver time t.
 Time grids for the solvers are pure functions at the bottom.
 """
 
@@ -22,8 +24,11 @@ __all__ = [
     "ContinuousVPSchedule",
     "DiscreteSchedule",
     "DiscreteVPSchedule",
+    "FlowSchedule",
     "NoiseSchedule",
+    "logit_normal_t",
     "make_schedule",
+    "shift_time",
     "stable_diffusion_betas",
     "time_grid",
     "time_logsnr",
@@ -72,7 +77,8 @@ class DiscreteSchedule:
 
 
 class NoiseSchedule(Protocol):
-    """What a solver needs from a VP schedule (DPM-Solver's NoiseScheduleVP interface, Lu et al. 2022 §3)."""
+    """What a solver needs from a schedule x_t = alpha_t x0 + sigma_t eps (DPM-Solver's NoiseScheduleVP interface,
+    Lu et al. 2022 §3); the VP schedules have alpha^2 + sigma^2 = 1, `FlowSchedule` has alpha + sigma = 1."""
 
     T: float  # solver start time
     eps: float  # default solver end time
@@ -205,13 +211,96 @@ class ContinuousVPSchedule(_VPMixin):
         return torch.rand(batch, generator=generator, device=gen_device).to(device)
 
 
+class FlowSchedule:
+    """The linear path of flow matching (rectified flow; SD3 eq. 1 and §3.1): x_t = (1 - t) x0 + t eps, noise at
+    t = 1, data at t = 0, the network predicting the velocity dx_t/dt = eps - x0 and fed t * 1000.
+
+    SiT's transport (willisma/SiT transport/path.py, ICPlan) runs the same path the other way: its time is 1 - t,
+    alpha = time, sigma = 1 - time, and its velocity target x1 - x0 (data minus noise) is minus ours. Our
+    direction is that of every other solver here (t from 1 down to 0) and of SD3's `shift`.
+    `shift` maps the solver grid through `shift_time` (SD3 §5.3.2, RAE), as the training times were.
+    """
+
+    def __init__(self, shift: float = 1.0) -> None:
+        if not shift > 0:
+            raise ValueError(f"time shift must be > 0, got {shift}")
+        self.shift = float(shift)
+        self.T = 1.0
+        self.eps = 0.0  # the path is defined at t = 0 (data): the solvers end there
+        self.time_scale = 1000.0  # the range of the discrete schedule's integer n, for the same embedding
+
+    def marginal_log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha_t = log(1 - t)."""
+        return torch.log1p(-t)
+
+    def marginal_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_t = 1 - t."""
+        return 1.0 - t
+
+    def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma_t = t."""
+        return t
+
+    def marginal_lambda(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda_t = log((1 - t) / t)."""
+        return torch.log1p(-t) - torch.log(t)
+
+    def inverse_lambda(self, lamb: torch.Tensor) -> torch.Tensor:
+        """t with lambda_t = lamb: sigmoid(-lamb)."""
+        return torch.sigmoid(-lamb)
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        """g(t)^2 = d sigma^2/dt - 2 (d log alpha/dt) sigma^2 = 2 t / (1 - t), the diffusion of the forward SDE
+        with these marginals (for a VP schedule this is beta(t))."""
+        return 2.0 * t / (1.0 - t)
+
+    def timestep_input(self, t: torch.Tensor) -> torch.Tensor:
+        """Network timestep for solver time t: t * 1000, so noise is 1000 as for the discrete schedule's n."""
+        return t * self.time_scale
+
+    def grid(
+        self, t_start: float, t_end: float, points: int, device: torch.device | str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """`points` times from t_start to t_end, uniform before the shift, float64 arithmetic cast to dtype."""
+        u = torch.linspace(t_start, t_end, points, dtype=torch.float64)
+        return shift_time(u, self.shift).to(device=device, dtype=dtype)
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift (Esser et al. 2024 eq. 23; RAE): t' = s t / (1 + (s - 1) t); s > 1 moves t to noise."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def logit_normal_t(
+    batch: int,
+    mean: float,
+    std: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Training times t = sigmoid(mean + std z), z ~ N(0, 1), float32 (B,) (SD3 eq. 19, "lognorm(m, s)")."""
+    gen_device = generator.device if generator is not None else "cpu"
+    z = torch.randn(batch, generator=generator, device=gen_device).to(device)
+    return torch.sigmoid(mean + std * z)
+
+
 def make_schedule(
     kind: Literal["discrete", "continuous"],
     num_steps: int = 1000,
     beta_min: float = 0.1,
     beta_max: float = 20.0,
-) -> DiscreteVPSchedule | ContinuousVPSchedule:
-    """The sampler-side schedule of a preset: SD scaled-linear discrete (§3.1/§4.1) or the VP-SDE (§3.2)."""
+    *,
+    objective: str = "eps",
+    time_shift: float | None = None,
+) -> DiscreteVPSchedule | ContinuousVPSchedule | FlowSchedule:
+    """The sampler-side schedule of a preset: SD scaled-linear discrete (§3.1/§4.1) or the VP-SDE (§3.2) for
+    the eps and v objectives; the linear path (`FlowSchedule(time_shift)`) for objective "flow", whatever kind."""
+    if objective == "flow":
+        return FlowSchedule(1.0 if time_shift is None else time_shift)
+    if objective not in ("eps", "v"):
+        raise ValueError(f"unknown objective {objective!r}; expected 'eps', 'v' or 'flow'")
     if kind == "discrete":
         return DiscreteVPSchedule(stable_diffusion_betas(num_steps))
     if kind == "continuous":

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from uvit_cli.schedule import NoiseSchedule, make_schedule
+from uvit_cli.schedule import FlowSchedule, NoiseSchedule, make_schedule
 
 Callback = Callable[[int, torch.Tensor], None]
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,7 +64,13 @@ def _default_schedule(
     schedule: NoiseSchedule | None, steps: int, kind: Literal["discrete", "continuous"]
 ) -> NoiseSchedule:
     """The schedule given, else the one the official scripts pair with the solver (discrete SD, N = 1000,
-    or the VP-SDE); `steps` checked to be a positive int."""
+    or the VP-SDE); `steps` checked to be a positive int. A flow model's path is refused: these solvers
+    integrate a noise prediction on a VP schedule."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise TypeError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(schedule, FlowSchedule):
+        raise ValueError(
+            "this solver integrates a noise prediction on a VP schedule, not the linear path of a flow model: "
+            "use flow_euler, flow_heun or flow_euler_maruyama"
+        )
     return make_schedule(kind) if schedule is None else schedule

@@ -1,4 +1,5 @@
-"""Model adapters: conditioning and classifier-free guidance (Ho & Salimans 2022) around the network call."""
+"""Model adapters around the network call: conditioning, classifier-free guidance (Ho & Salimans 2022), and the
+parameterization of the objective the network was trained with (`model_fn_for`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def guided_eps_fn(
 ) -> EpsFn:
     """Classifier-free guidance eps = eps_c + s (eps_c - eps_u), U-ViT's convention (spec §4.2; w = 1 + s).
 
+    The rule is linear in the output, so it guides a v or velocity prediction the same way: SiT's
+    v_u + w (v_c - v_u) is this with s = w - 1 (SiT's `forward_with_cfg` guides only the first 3 of 4 latent
+    channels, DiT's reproducibility quirk; we guide all).
+
     cond and uncond run in ONE forward of batch 2B (x twice; each uncond tensor is broadcast to its cond
     tensor's shape, so an empty context (1, 77, 768) or a null label () works). scale == 0 returns
     `conditional_eps_fn` (one pass of batch B). `interval=(lo, hi)` applies guidance only where the solver
@@ -61,3 +66,26 @@ def guided_eps_fn(
         return eps_c + _bcast(s, eps_c) * (eps_c - eps_u)
 
     return eps_fn
+
+
+def eps_from_v_fn(v_fn: EpsFn, schedule: NoiseSchedule) -> EpsFn:
+    """eps = sigma_t x + alpha_t v for a v-prediction (Salimans & Ho 2022 §4; DPM-Solver's model_wrapper 'v'),
+    t = timesteps / schedule.time_scale on the VP schedule the solver runs."""
+
+    def eps_fn(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        t = timesteps / schedule.time_scale  # (B,)
+        v = v_fn(x, timesteps)
+        return _bcast(schedule.marginal_std(t), x) * x + _bcast(schedule.marginal_alpha(t), v) * v
+
+    return eps_fn
+
+
+def model_fn_for(objective: str, net_fn: EpsFn, schedule: NoiseSchedule) -> EpsFn:
+    """What the solvers integrate, from the (guided) network call `net_fn` of a model trained with `objective`:
+    eps models as they are (the noise the VP solvers take), v models through `eps_from_v_fn`, flow models as
+    they are (the velocity the flow solvers take)."""
+    if objective in ("eps", "flow"):
+        return net_fn
+    if objective == "v":
+        return eps_from_v_fn(net_fn, schedule)
+    raise ValueError(f"unknown objective {objective!r}; expected 'eps', 'v' or 'flow'")

@@ -1,4 +1,5 @@
-"""U-ViT's training objective (spec §3.3-3.4): noise prediction, condition dropout, latents, flips.
+"""U-ViT's training objective (spec §3.3-3.4): noise prediction, condition dropout, latents, flips; and the
+objectives beyond the paper (docs/training.md, *Objectives*): v-prediction and flow matching, logit-normal time.
 
 The optimiser, warm-up, EMA and the step that uses them are in `uvit_cli.train.step`.
 
@@ -18,7 +19,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from uvit_cli.schedule import ContinuousVPSchedule, DiscreteSchedule, stable_diffusion_betas
+from uvit_cli.schedule import (
+    ContinuousVPSchedule,
+    DiscreteSchedule,
+    FlowSchedule,
+    logit_normal_t,
+    shift_time,
+    stable_diffusion_betas,
+)
 
 if TYPE_CHECKING:
     from uvit_cli.config import Preset
@@ -34,14 +42,15 @@ def step_seed(seed: int, step: int) -> int:
 class StepDraws:
     """The random numbers of one step for a run of global-batch rows (one per sample)."""
 
-    timesteps: torch.Tensor  # (B,) int64 n in 1..N (discrete) or float32 t in [0, 1) (continuous)
-    eps: torch.Tensor  # (B, C, H, W) the noise the network must predict
+    timesteps: torch.Tensor  # (B,) int64 n in 1..N (discrete) or float32 t in [0, 1) (continuous, flow)
+    eps: torch.Tensor  # (B, C, H, W) the noise of x_t (the eps objective's target)
     latent_eps: torch.Tensor | None  # (B, C, H, W) noise that samples z from the stored moments
     drop: torch.Tensor | None  # (B,) bool: condition replaced by the null condition (CFG)
     flip: torch.Tensor | None  # (B,) bool: horizontal flip (pixel data sets)
 
     def rows(self, lo: int, hi: int) -> StepDraws:
-        return StepDraws(**{f.name: _rows(getattr(self, f.name), lo, hi) for f in fields(self)})
+        cut = {f.name: _rows(getattr(self, f.name), lo, hi) for f in fields(self)}
+        return StepDraws(**cut)  # type: ignore[arg-type]  # timesteps and eps are never None
 
 
 def _rows(t: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
@@ -49,11 +58,16 @@ def _rows(t: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
 
 
 class Objective:
-    """Noising and loss of one preset: x_n = sqrt(ab) x0 + sqrt(1 - ab) eps, loss = mean (eps - eps_hat)^2
-    (optionally Min-SNR weighted per sample, `loss_weight`; off in every paper preset).
+    """Noising and loss of one preset: x_t = a x0 + s eps and loss = mean (target - prediction)^2 per sample
+    (optionally Min-SNR weighted, `loss_weight`; off in every paper preset), where by `objective`:
+
+    * "eps" (the paper's): a = sqrt(ab), s = sqrt(1 - ab), target eps;
+    * "v" (Salimans & Ho 2022 §4): the same a, s; target v = a eps - s x0;
+    * "flow" (SiT, SD3): a = 1 - t, s = t, target eps - x0 (the velocity dx_t/dt), network fed 1000 t.
 
     Discrete schedules (spec §3.1) draw n uniform in {1..N} and feed the integer n; the continuous VP-SDE
-    (§3.2) draws t ~ U(0, 1) and feeds t * 999.
+    (§3.2) draws t ~ U(0, 1) and feeds t * 999. `t_sampling="logit_normal"` draws t = sigmoid(mean + std z)
+    instead (SD3 eq. 19; on the discrete schedule n = ceil(t N)), and a flow run's t passes `shift_time`.
     """
 
     def __init__(
@@ -70,10 +84,25 @@ class Objective:
         scale_factor: float = 1.0,
         random_flip: bool = False,
         min_snr_gamma: float | None = None,
+        objective: str = "eps",
+        t_sampling: str = "uniform",
+        t_mean: float = 0.0,
+        t_std: float = 1.0,
+        time_shift: float = 1.0,
         device: torch.device | str = "cpu",
     ) -> None:
         if kind not in ("discrete", "continuous"):
             raise ValueError(f"unknown schedule kind {kind!r}")
+        if objective not in ("eps", "v", "flow"):
+            raise ValueError(f"unknown objective {objective!r}; expected 'eps', 'v' or 'flow'")
+        if t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown t_sampling {t_sampling!r}; expected 'uniform' or 'logit_normal'")
+        if min_snr_gamma is not None and objective == "flow":
+            raise ValueError("min_snr_gamma weights the eps and v losses; flow weights time by t_sampling")
+        if time_shift != 1.0 and objective != "flow":
+            raise ValueError("time_shift shifts the flow path's times: it needs objective 'flow'")
+        self.objective, self.t_sampling = objective, t_sampling
+        self.t_mean, self.t_std, self.time_shift = float(t_mean), float(t_std), float(time_shift)
         self.kind, self.z_shape = kind, tuple(z_shape)
         self.num_steps, self.beta_min, self.beta_max = num_steps, beta_min, beta_max
         self.p_uncond = p_uncond if conditioning != "none" else 0.0
@@ -81,8 +110,10 @@ class Objective:
         self.random_flip = random_flip and not latent
         self.min_snr_gamma = min_snr_gamma
         self.device = torch.device(device)
-        self.schedule: DiscreteSchedule | ContinuousVPSchedule
-        if kind == "discrete":
+        self.schedule: DiscreteSchedule | ContinuousVPSchedule | FlowSchedule
+        if objective == "flow":
+            self.schedule = FlowSchedule(time_shift)  # the linear path: [schedule] is not read
+        elif kind == "discrete":
             self.schedule = DiscreteSchedule(stable_diffusion_betas(num_steps))
             # A device-resident table: indexing it needs no host transfer in the step loop.
             ab = self.schedule.alphas_cumprod  # (N+1,) float64
@@ -93,8 +124,9 @@ class Objective:
 
     @classmethod
     def for_preset(cls, preset: Preset, device: torch.device | str = "cpu") -> Objective:
-        """The objective a preset trains with (its schedule, condition dropout, latent scale, flips)."""
-        m = preset.model
+        """The objective a preset trains with (its schedule, prediction, time density, condition dropout, latent
+        scale, flips)."""
+        m, tc = preset.model, preset.train
         return cls(
             kind=preset.schedule.kind,
             z_shape=(m.in_chans, m.img_size, m.img_size),
@@ -106,17 +138,19 @@ class Objective:
             latent=preset.data.space == "latent",
             scale_factor=preset.autoencoder.scale_factor if preset.autoencoder else 1.0,
             random_flip=preset.data.random_flip,
-            min_snr_gamma=preset.train.min_snr_gamma,
+            min_snr_gamma=tc.min_snr_gamma,
+            objective=tc.objective,
+            t_sampling=tc.t_sampling,
+            t_mean=0.0 if tc.t_mean is None else tc.t_mean,
+            t_std=1.0 if tc.t_std is None else tc.t_std,
+            time_shift=1.0 if tc.time_shift is None else tc.time_shift,
             device=device,
         )
 
     def draw(self, generator: torch.Generator, batch: int) -> StepDraws:
         """All random numbers of one step for `batch` (global) samples, in the fixed order."""
         dev = generator.device
-        if isinstance(self.schedule, DiscreteSchedule):
-            timesteps = self.schedule.sample_timesteps(batch, generator, device=dev)  # n in {1..N}
-        else:
-            timesteps = self.schedule.sample_t(batch, generator, device=dev)  # t ~ U(0, 1)
+        timesteps = self._draw_times(batch, generator, dev)
         eps = torch.randn(batch, *self.z_shape, generator=generator, device=dev)
         latent_eps = (
             torch.randn(batch, *self.z_shape, generator=generator, device=dev) if self.latent else None
@@ -127,21 +161,45 @@ class Objective:
         flip = torch.rand(batch, generator=generator, device=dev) < 0.5 if self.random_flip else None
         return StepDraws(timesteps, eps, latent_eps, drop, flip)
 
+    def _draw_times(self, batch: int, generator: torch.Generator, dev: torch.device) -> torch.Tensor:
+        """The step's times (B,), drawn first: n in {1..N} (int64) on the discrete schedule, else t (float32)."""
+        if self.t_sampling == "logit_normal":
+            t = logit_normal_t(batch, self.t_mean, self.t_std, generator, device=dev)  # in (0, 1)
+            if isinstance(self.schedule, DiscreteSchedule):
+                return (t * self.schedule.N).ceil().long().clamp(1, self.schedule.N)  # n in {1..N}
+        elif isinstance(self.schedule, DiscreteSchedule):
+            return self.schedule.sample_timesteps(batch, generator, device=dev)  # n in {1..N}
+        elif isinstance(self.schedule, ContinuousVPSchedule):
+            t = self.schedule.sample_t(batch, generator, device=dev)  # t ~ U(0, 1), sde.LSimple (spec §3.2)
+        else:
+            t = torch.rand(
+                batch, generator=generator, device=dev
+            )  # U(0, 1): SiT's (train_eps = 0 for Linear)
+        return shift_time(t, self.time_shift) if self.objective == "flow" else t
+
     def coefficients(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sqrt(alpha_bar), sqrt(1 - alpha_bar), network timestep) per sample, float32 (B,)."""
+        """(a, s, network timestep) per sample, float32 (B,): x_t = a x0 + s eps; on the VP schedules
+        a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar), on the flow path a = 1 - t, s = t."""
+        if isinstance(self.schedule, FlowSchedule):
+            t = timesteps
+            return 1.0 - t, t, self.schedule.timestep_input(t)
         if self.kind == "discrete":
             return self.sqrt_ab[timesteps], self.sqrt_1m_ab[timesteps], timesteps  # integer n, as official
+        assert isinstance(self.schedule, ContinuousVPSchedule)
         t = timesteps
         # alpha_bar in sde.py's operation order (spec §3.2), which the parity tests pin to the bit
         log_ab = -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
         return torch.exp(0.5 * log_ab), torch.sqrt(-torch.expm1(log_ab)), self.schedule.timestep_input(t)
 
     def loss_weight(self, sqrt_ab: torch.Tensor, sqrt_1m_ab: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample weight of the loss (B,): min(SNR, gamma) / SNR with SNR = alpha_bar / (1 - alpha_bar) under
-        `train.min_snr_gamma`; None (the paper's unweighted mean) otherwise."""
+        """Per-sample weight of the loss (B,) under `train.min_snr_gamma` (Min-SNR-gamma, Hang et al. 2023 §3.4),
+        SNR = alpha_bar / (1 - alpha_bar): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v (the
+        same weighting of the eps error); None (the paper's unweighted mean) otherwise."""
         if self.min_snr_gamma is None:
             return None
         snr = sqrt_ab.square() / sqrt_1m_ab.square()
+        if self.objective == "v":
+            return snr.clamp(max=self.min_snr_gamma) / (snr + 1.0)
         return snr.clamp(max=self.min_snr_gamma) / snr
 
     def clean_data(self, x: torch.Tensor, draws: StepDraws) -> torch.Tensor:
@@ -149,6 +207,7 @@ class Objective:
         if self.latent:
             mean, logvar = x.chunk(2, dim=1)  # (b, C, h, w) each
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            assert draws.latent_eps is not None  # drawn for every latent objective
             return self.scale_factor * (mean + std * draws.latent_eps)  # spec §3.3
         if draws.flip is not None:
             x = torch.where(draws.flip[:, None, None, None], x.flip(-1), x)
@@ -165,14 +224,40 @@ class Objective:
         if self.conditioning == "class":
             y = batch["y"]
             if draws.drop is not None:
+                assert null_class is not None, "condition dropout needs the null class"
                 y = torch.where(draws.drop, torch.full_like(y, int(null_class)), y)
             return {"y": y}
         if self.conditioning == "text":
             context = batch["context"]
             if draws.drop is not None:
+                assert empty_context is not None, "condition dropout needs the empty context"
                 context = torch.where(draws.drop[:, None, None], empty_context.to(context.dtype), context)
             return {"context": context}
         return {}
+
+
+def prediction_mse(
+    net: nn.Module,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    timesteps: torch.Tensor,
+    objective: str = "eps",
+    **cond: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample loss (B,): mean over non-batch dims of (target - net(x_t, timesteps))^2, x_t = a x0 + s eps, the
+    target eps (DDPM L_simple), v = a eps - s x0 or the flow velocity eps - x0 (`Objective`)."""
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    x_n = a.view(shape) * x0 + s.view(shape) * eps  # (B, C, H, W)
+    pred = net(x_n, timesteps, **cond)  # (B, C, H, W), autocast dtype on CUDA
+    if objective == "eps":
+        target = eps
+    elif objective == "v":
+        target = a.view(shape) * eps - s.view(shape) * x0  # Salimans & Ho 2022 §4
+    else:
+        target = eps - x0  # d x_t / dt on the linear path
+    return (target - pred.float()).pow(2).flatten(1).mean(1)  # (B,) float32
 
 
 def eps_mse(
@@ -185,18 +270,17 @@ def eps_mse(
     **cond: torch.Tensor,
 ) -> torch.Tensor:
     """Per-sample noise-prediction loss (B,): mean over non-batch dims of (eps - net(x_n, n))^2 (DDPM L_simple)."""
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    x_n = sqrt_ab.view(shape) * x0 + sqrt_1m_ab.view(shape) * eps  # (B, C, H, W)
-    eps_hat = net(x_n, timesteps, **cond)  # (B, C, H, W), autocast dtype on CUDA
-    return (eps - eps_hat.float()).pow(2).flatten(1).mean(1)  # (B,) float32
+    return prediction_mse(net, x0, eps, sqrt_ab, sqrt_1m_ab, timesteps, "eps", **cond)
 
 
 class DiffusionLoss(nn.Module):
-    """`eps_mse` as a module, so DDP and torch.compile wrap the network and the loss in one graph."""
+    """`prediction_mse` of one objective as a module, so DDP and torch.compile wrap the network and the loss in
+    one graph."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, objective: str = "eps") -> None:
         super().__init__()
         self.net = net
+        self.objective = objective
 
     def forward(self, x0, eps, sqrt_ab, sqrt_1m_ab, timesteps, **cond):  # type: ignore[no-untyped-def]
-        return eps_mse(self.net, x0, eps, sqrt_ab, sqrt_1m_ab, timesteps, **cond)
+        return prediction_mse(self.net, x0, eps, sqrt_ab, sqrt_1m_ab, timesteps, self.objective, **cond)

@@ -177,7 +177,7 @@ def setup_step(
         warmup_steps=tc.warmup_steps if warmup_steps is None else warmup_steps,
         fused=fused,
     )
-    loss_module: nn.Module = DiffusionLoss(model)
+    loss_module: nn.Module = DiffusionLoss(model, objective=tc.objective)
     wrapper = None
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
