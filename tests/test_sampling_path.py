@@ -225,13 +225,16 @@ def test_a_grid_that_cannot_fit_in_memory_turns_grids_off(pixel_set, tmp_path, m
 
 def test_options_mirror_the_settings_and_resolve_once(env):
     names = [f.name for f in dataclasses.fields(SampleOptions)]
-    assert names == [f.name for f in dataclasses.fields(SampleSettings)]  # a field is added to both
+    # a choice is a field of both; the settings add the facts of the model they are for (from its preset)
+    model_facts = ["objective", "time_shift"]
+    assert names + model_facts == [f.name for f in dataclasses.fields(SampleSettings)]
     with pytest.raises(TypeError, match="step"):
         SampleOptions(step=3)  # type: ignore[call-arg]  # a misspelled option: no silent default
     p = env["cls"]
     s = SampleSettings.from_preset(p, SampleOptions(steps=9, guidance_interval=(0.2, 0.8)))
     assert (s.steps, s.cfg_scale, s.solver, s.batch_size) == (9, 0.5, "euler_maruyama", 4)  # flag > preset
     assert (s.decode_batch_size, s.precision, s.compile, s.cuda_graphs) == (50, None, None, False)  # defaults
+    assert (s.objective, s.time_shift) == ("eps", None) and "objective" not in s.to_dict()  # eps: as before
     assert s.guidance_interval == (0.2, 0.8) and s.to_dict()["guidance_interval"] == [0.2, 0.8]
     assert SampleSettings.from_preset(p) == SampleSettings.from_preset(p, SampleOptions())
     assert SamplerSpec().settings == SampleOptions()

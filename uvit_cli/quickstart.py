@@ -171,10 +171,12 @@ def quickstart(
     seed: int = 0,
     threads: int | None = None,
     overrides: list[str] | None = None,
+    preset_name: str = PRESET,
     on_event: Callable[[QuickstartEvent], None] | None = None,
 ) -> QuickstartResult:
-    """Run the whole pipeline on the shapes preset in `out`; `steps` fixes the training length instead of
-    `minutes` (reproducible across machines). Re-running continues the same run (more training).
+    """Run the whole pipeline on a shapes preset (`preset_name`: a packaged name or a .toml) in `out`; `steps`
+    fixes the training length instead of `minutes` (reproducible across machines). Re-running continues the
+    same run (more training).
     `threads`: torch's CPU threads (None: `dist.choose_cpu_threads`, one for the tiny model unless
     $OMP_NUM_THREADS says otherwise)."""
     t_start = time.perf_counter()  # the budget includes importing torch
@@ -193,8 +195,13 @@ def quickstart(
     data_dir, run_dir = out / "data", out / "run"
     seconds: dict[str, float] = {}
     preset = load_preset(
-        PRESET, [f"data.path={data_dir.as_posix()}", f"train.seed={seed}", *(overrides or [])]
+        preset_name, [f"data.path={data_dir.as_posix()}", f"train.seed={seed}", *(overrides or [])]
     )
+    if preset.data.kind != "shapes" or preset.model.conditioning != "text":
+        raise ConfigError(
+            f"--preset {preset_name}: the quickstart trains a text-to-image preset on the shapes set "
+            f"(data.kind = 'shapes'); this one is {preset.model.conditioning}-conditional on {preset.data.kind}"
+        )
 
     # ---- Setup: CPU threads ---------------------------------------------------------------------------
     from uvit_cli import dist

@@ -26,13 +26,22 @@ def list_() -> None:
             name,
             f"D{m.embed_dim} depth {m.depth} patch {m.patch_size}, {m.conditioning}",
             f"{p.data.kind} {p.data.resolution}px {p.data.space}",
-            p.schedule.kind,
+            _schedule(p),
             f"{p.sample.solver} {p.sample.steps}, cfg {p.sample.cfg_scale:g}",
         )
     out.print(table)
     out.print(
         f"[dim]{len(table.rows)} presets in {config.presets_dir()}; `uvit presets show NAME` prints one.[/dim]"
     )
+
+
+def _schedule(p: config.Preset) -> str:
+    """The schedule column: [schedule]'s kind for eps models, with "(v)" for v models; "flow" (and its time
+    shift) for flow models, which sample the linear path instead."""
+    t = p.train
+    if t.objective == "flow":
+        return "flow" + (f", shift {t.time_shift:g}" if t.time_shift is not None else "")
+    return p.schedule.kind + (" (v)" if t.objective == "v" else "")
 
 
 @app.command("show")

@@ -37,6 +37,12 @@ def quickstart_command(
             help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else 1 for the tiny model).",
         ),
     ] = None,
+    preset: Annotated[
+        str,
+        option(
+            "--preset", help="A shapes preset: name or .toml (default: shapes_uvit_tiny, the eps objective)."
+        ),
+    ] = "shapes_uvit_tiny",
     overrides: SetOption = None,
 ) -> None:
     """Prepare the shapes set, train a tiny text-to-image U-ViT, sample a grid and score it: all on a CPU."""
@@ -51,6 +57,7 @@ def quickstart_command(
             seed=seed,
             threads=threads,
             overrides=overrides,
+            preset_name=preset,
             on_event=_event_printer(show_time_left=steps is None),
         )
     except KeyboardInterrupt:

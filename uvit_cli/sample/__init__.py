@@ -1,7 +1,8 @@
 """`uvit sample`: seeded, guided, resumable image generation (docs/sampling.md).
 
 SampleSettings.from_preset(preset, SampleOptions(steps=..., cfg_scale=...)) -> SampleSettings
-    what to sample with: explicit option > preset [sample] > default, checked once (the guidance rule included)
+    what to sample with: explicit option > preset [sample] > default, and the model's objective (eps, v,
+    flow) from its preset; checked once (the guidance rule and the solver against the objective included)
 generate(model, preset, indices, conditions, uncond, seed=..., autoencoder=..., settings=...)
     -> Iterator[(indices, uint8 (B, H, W, 3))]      THE sampling function (sample, fid, training, bench)
 sample_to_dir(out, SamplerSpec(ckpt=..., preset=..., seed=..., settings=SampleOptions(...)), prompts=..., n=...)

@@ -1,10 +1,12 @@
-"""Seeded, batched image generation: per-image noise, guidance, solver, decoding, 8-bit images.
+"""Seeded, batched image generation: per-image noise, guidance, the objective's adapter, solver, decoding,
+8-bit images.
 
 `generate` is the one sampling function: `uvit sample` writes its batches as PNGs, `uvit fid --ckpt` and
 training's FID stream them into Inception statistics, training's sample grids tile them, `uvit bench sample`
 times it. Image i draws its initial noise, and any solver noise, from its own generator seeded from (seed, i)
 (EDM2's rule), so an image does not depend on the batch size, on which other images share its batch, or on
-the number of GPUs.
+the number of GPUs. What the network predicts (eps, v or a flow velocity) is its preset's train.objective,
+carried by the settings: the same call samples every model, with no option for it.
 
     settings = SampleSettings.from_preset(preset, SampleOptions(cfg_scale=1.0))
     for indices, images in generate(model, preset, range(100), class_conditions(labels),
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from uvit_cli import solvers
-from uvit_cli.config import ModelConfig, NetworkPrecision, Preset, ScheduleConfig
+from uvit_cli.config import ModelConfig, NetworkPrecision, ObjectiveName, Preset, ScheduleConfig
 from uvit_cli.errors import ResourceError
 from uvit_cli.resources import fmt_bytes, require_memory
 from uvit_cli.sample.conditions import ConditionFn
@@ -56,9 +58,33 @@ def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]
 # The schedule and the network call: autocast, compile
 
 
-def sampling_schedule(schedule: ScheduleConfig) -> NoiseSchedule:
-    """The solvers' noise schedule of a preset's [schedule] table: the one place it is built from the table."""
-    return make_schedule(schedule.kind, schedule.num_steps, schedule.beta_min, schedule.beta_max)
+def sampling_schedule(
+    schedule: ScheduleConfig, *, objective: ObjectiveName = "eps", time_shift: float | None = None
+) -> NoiseSchedule:
+    """The solvers' noise schedule of a preset: its [schedule] table for eps and v models, the linear path
+    (`FlowSchedule(time_shift)`) for flow models (train.objective, train.time_shift). The one place it is
+    built from a preset's tables."""
+    return make_schedule(
+        schedule.kind,
+        schedule.num_steps,
+        schedule.beta_min,
+        schedule.beta_max,
+        objective=objective,
+        time_shift=time_shift,
+    )
+
+
+def check_settings_fit(preset: Preset, settings: SampleSettings) -> None:
+    """ValueError when `settings` were made for a model of another objective or time shift than `preset`'s
+    (make them with `SampleSettings.from_preset(preset)`): the solver would integrate the wrong prediction."""
+    t = preset.train
+    shift = t.time_shift if t.objective == "flow" else None
+    if (settings.objective, settings.time_shift) != (t.objective, shift):
+        raise ValueError(
+            f"these sampling settings are for a model with objective {settings.objective!r} (time shift "
+            f"{settings.time_shift}), but preset {preset.name!r} has {t.objective!r} ({shift}): make them "
+            "with SampleSettings.from_preset(preset)"
+        )
 
 
 def _autocast_dtype(precision: NetworkPrecision | None, device: torch.device) -> torch.dtype | None:
@@ -154,19 +180,27 @@ def sample_latents(
     device: torch.device | str | None = None,
     network: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Solver output x_0 (B, C, h, w) float32 for ONE batch of image indices (latents or pixels in [-1, 1])."""
+    """Solver output x_0 (B, C, h, w) float32 for ONE batch of image indices (latents or pixels in [-1, 1]).
+
+    The network's output is read as the preset's train.objective says (`solvers.model_fn_for`): eps as it
+    is, v converted to eps for the VP solvers, a flow model's velocity for the flow solvers on its
+    `FlowSchedule`."""
     settings = settings or SampleSettings.from_preset(preset)
+    check_settings_fit(preset, settings)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    schedule = sampling_schedule(preset.schedule)
+    schedule = sampling_schedule(
+        preset.schedule, objective=settings.objective, time_shift=settings.time_shift
+    )
     net = network or sampling_network(model, settings, device)
     gens = image_generators(seed, indices)
     shape = latent_shape(preset.model)
     x_T = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, h, w)
     cond = {k: v.to(device) for k, v in (conditions(indices) if conditions else {}).items()}
+    # Guidance acts on the raw output (eps, v or velocity: the rule is linear in it), then the adapter.
     if settings.cfg_scale > 0:
         if uncond is None:
             raise ValueError("guidance (cfg_scale > 0) needs the unconditional input: pass uncond")
-        eps_fn = solvers.guided_eps_fn(
+        net_fn = solvers.guided_eps_fn(
             net,
             settings.cfg_scale,
             cond,
@@ -175,9 +209,10 @@ def sample_latents(
             schedule=schedule,
         )
     else:
-        eps_fn = solvers.conditional_eps_fn(net, cond)
+        net_fn = solvers.conditional_eps_fn(net, cond)
+    model_fn = solvers.model_fn_for(settings.objective, net_fn, schedule)
     return solvers.sample(
-        settings.solver, eps_fn, x_T, settings.steps, schedule=schedule, generator=gens
+        settings.solver, model_fn, x_T, settings.steps, schedule=schedule, generator=gens
     ).float()
 
 
@@ -244,8 +279,9 @@ def generate(
     model: a UViT in eval mode on `device`; conditions: indices -> model keywords (None: unconditional);
     uncond: the guidance input (`null_condition`), needed when cfg_scale > 0; autoencoder: required for
     latent presets, loaded with the preset's scale factor; settings: `SampleSettings.from_preset` (None: the
-    preset's own), which has checked them and the guidance rule. `progress(n)` is called after each batch with
-    the number of images it finished. Images depend only on (seed, index, condition, settings).
+    preset's own), which has checked them, the solver against the objective and the guidance rule.
+    `progress(n)` is called after each batch with the number of images it finished. Images depend only on
+    (seed, index, condition, settings).
     """
     settings = settings or SampleSettings.from_preset(preset)
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -66,10 +66,11 @@ class SampleResult:
         gi = f", guidance interval {st['guidance_interval']}" if st["guidance_interval"] else ""
         rate = f", {self.written / self.seconds:.2f} img/s overall" if self.written else ""
         labels = f", {self.label_protocol} labels" if self.label_protocol else ""
+        model = f" of a {st['objective']} model" if "objective" in st else ""  # v, flow: not the paper's eps
         return (
             f"{self.total} images in {self.out} ({self.written} new, {self.skipped} already there) "
-            f"in {self.seconds:.1f} s{rate}; {st['solver']} {st['steps']} steps, cfg {st['cfg_scale']:g}{gi}, "
-            f"seed {self.seed}{labels}"
+            f"in {self.seconds:.1f} s{rate}; {st['solver']} {st['steps']} steps{model}, "
+            f"cfg {st['cfg_scale']:g}{gi}, seed {self.seed}{labels}"
         )
 
 
@@ -116,7 +117,10 @@ def sample_to_dir(
             "checkpoint_sha256": loaded.info.sha256,
             "weights": loaded.info.weights,
             "settings": _settings_record(s, sampler.device),
-            "schedule": resolved.schedule.model_dump(mode="json"),
+            # a flow model reads no [schedule]: its path is named here, its time shift is in the settings
+            "schedule": {"kind": "flow"}
+            if s.objective == "flow"
+            else resolved.schedule.model_dump(mode="json"),
             "vae": autoencoder_identity(resolved, spec.vae),
             "clip": text_encoder_identity(resolved, clip),
         }

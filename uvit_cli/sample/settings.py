@@ -8,9 +8,9 @@ preset into the validated `SampleSettings` that `generate` takes, and the one gu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
-from uvit_cli.config import SOLVER_NAMES, NetworkPrecision, Preset
+from uvit_cli.config import SOLVER_NAMES, NetworkPrecision, ObjectiveName, Preset, check_solver
 from uvit_cli.errors import ConfigError
 
 T = TypeVar("T")
@@ -48,10 +48,25 @@ class SampleSettings:
     precision: NetworkPrecision | None = None  # None: bf16 autocast on CUDA, fp32 on the CPU
     compile: bool | None = None  # torch.compile the network; None: on CUDA only (on a CPU it only costs time)
     cuda_graphs: bool = False  # compile with mode="reduce-overhead" (CUDA graphs of the network call)
+    # What the model predicts and the flow path's time shift: its preset's train.objective and
+    # train.time_shift (`from_preset` copies them; `sample_latents` refuses settings of another objective).
+    objective: ObjectiveName = "eps"
+    time_shift: float | None = None  # flow models only; None: unshifted
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVER_NAMES:
             raise ConfigError(f"unknown solver '{self.solver}' (choose one of {', '.join(SOLVER_NAMES)})")
+        if self.objective not in get_args(ObjectiveName):
+            choices = ", ".join(get_args(ObjectiveName))
+            raise ConfigError(f"unknown objective '{self.objective}' (choose one of {choices})")
+        if self.time_shift is not None and not (
+            self.objective == "flow" and 0 < self.time_shift < float("inf")
+        ):
+            raise ConfigError(
+                f"time shift {self.time_shift}: a flow model's time shift is a finite number > 0 "
+                f"(objective '{self.objective}')"
+            )
+        check_solver(self.solver, self.objective)  # one line naming the objective and the solvers that apply
         if self.steps < 1 or self.batch_size < 1 or self.decode_batch_size < 1:
             raise ConfigError("steps, batch size and decode batch size must be >= 1")
         if not (0 <= self.cfg_scale < float("inf")):  # NaN fails every comparison
@@ -66,7 +81,9 @@ class SampleSettings:
     @classmethod
     def from_preset(cls, preset: Preset, options: SampleOptions | None = None) -> SampleSettings:
         """The settings of `options` on `preset`'s model: explicit (non-None) option > preset [sample] >
-        default. Guidance the model cannot take (`guidance_refusal`) is refused here, once."""
+        default, with the model's objective and time shift (train.objective, train.time_shift). A solver that
+        does not apply to the objective (`config.check_solver`) and guidance the model cannot take
+        (`guidance_refusal`) are refused here, once."""
         o, s = options or SampleOptions(), preset.sample
         interval = o.guidance_interval if o.guidance_interval is not None else s.guidance_interval
         settings = cls(
@@ -79,6 +96,8 @@ class SampleSettings:
             precision=o.precision,
             compile=o.compile,
             cuda_graphs=o.cuda_graphs,
+            objective=preset.train.objective,
+            time_shift=preset.train.time_shift if preset.train.objective == "flow" else None,
         )
         why = guidance_refusal(preset) if settings.cfg_scale > 0 else None
         if why is not None:
@@ -86,11 +105,15 @@ class SampleSettings:
         return settings
 
     def to_dict(self) -> dict[str, Any]:
-        """What determines the images (for samples.jsonl and FID stamps); batch sizes do not."""
+        """What determines the images (for samples.jsonl and FID stamps); batch sizes do not. The objective
+        and time shift are recorded for v and flow models only, so an eps model's record is what it always
+        was (its sample folders resume, its stamps compare)."""
         d = dataclasses.asdict(self)
         for k in ("batch_size", "decode_batch_size", "compile", "cuda_graphs"):
             d.pop(k)
         d["guidance_interval"] = list(self.guidance_interval) if self.guidance_interval else None
+        if self.objective == "eps":
+            del d["objective"], d["time_shift"]
         return d
 
 
