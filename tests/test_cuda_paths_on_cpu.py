@@ -302,6 +302,18 @@ def test_bench_sample_without_decoding_a_latent_preset():
     assert [m.recipe for m in report.measurements] == ["official", "uvit"]
 
 
+@pytest.mark.parametrize("objective", ["v", "flow"])
+def test_bench_sample_times_v_and_flow_presets_in_both_recipes(objective):
+    """The official recipe (two network passes per step) reads a v or flow network through the objective's
+    adapter and schedule, as ours does: no traceback on the presets beyond the paper."""
+    from uvit_cli.bench import run_bench
+    from uvit_cli.config import load_preset
+
+    p = load_preset(f"shapes_uvit_tiny_{objective}", ["sample.steps=2"])
+    report = run_bench("sample", p, batch=2, steps=1)
+    assert [m.recipe for m in report.measurements] == ["official", "uvit"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("cond", "space"), [("class", "pixel"), ("text", "latent")])
 def test_bench_ladders_run_their_cuda_recipes(cond, space, monkeypatch):

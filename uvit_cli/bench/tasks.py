@@ -288,7 +288,8 @@ def make_sample_run(
 
     amp = r.amp_dtype
     scale = settings.cfg_scale
-    schedule = sampling_schedule(preset.schedule)
+    tc = preset.train
+    schedule = sampling_schedule(preset.schedule, objective=tc.objective, time_shift=tc.time_shift)
     uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in null.items()}
 
     def net(x: torch.Tensor, t: torch.Tensor, **c: torch.Tensor) -> torch.Tensor:
@@ -304,7 +305,8 @@ def make_sample_run(
     def run_official() -> None:
         with torch.no_grad():
             x_T = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=device)
-            x = solvers.sample(settings.solver, eps_fn, x_T, settings.steps, schedule=schedule)
+            model_fn = solvers.model_fn_for(tc.objective, eps_fn, schedule)  # identity for eps, the paper's
+            x = solvers.sample(settings.solver, model_fn, x_T, settings.steps, schedule=schedule)
             to_uint8(decode_latents(vae, x, 50, "fp16" if device.type == "cuda" else "fp32"))
 
     return run_official

@@ -12,12 +12,15 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from uvit_cli.train.objective import DiffusionLoss, Objective, StepDraws
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 EmaFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None]
 
@@ -91,7 +94,7 @@ class StepState:
     ema_rate: float
     grad_clip: float = 0.0  # max grad norm; 0 disables clipping
     amp_dtype: torch.dtype | None = None  # autocast dtype; None runs fp32
-    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper inside loss_fn, for no_sync
+    ddp: DistributedDataParallel | None = None  # the wrapper inside loss_fn, for no_sync
     null_class: int | None = None  # CFG null label (class presets)
     empty_context: torch.Tensor | None = None  # CFG null context (text presets), (L, D)
     ema_fn: EmaFn = ema_update  # bench's official recipe swaps in the per-parameter loop
@@ -185,7 +188,10 @@ def setup_step(
         wrapper = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
         loss_module = wrapper
     if compile:
-        loss_module = torch.compile(loss_module, **({} if compile is True else {"backend": compile}))
+        compiled = (
+            torch.compile(loss_module) if compile is True else torch.compile(loss_module, backend=compile)
+        )
+        loss_module = cast(nn.Module, compiled)  # an OptimizedModule
     state = StepState(
         objective=Objective.for_preset(preset, device),
         loss_fn=loss_module,
