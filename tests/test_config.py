@@ -234,6 +234,7 @@ def test_presets_are_found_after_a_regular_install(tmp_path, monkeypatch):
     import sys
 
     import uvit_cli.config as config
+    import uvit_cli.preset_files as preset_files
 
     assert config.presets_dir().name == "presets" and "coco_uvit_s2_deep" in config.list_presets()  # checkout
     site = tmp_path / "site-packages" / "uvit_cli"
@@ -242,7 +243,7 @@ def test_presets_are_found_after_a_regular_install(tmp_path, monkeypatch):
     shared.mkdir(parents=True)
     (shared / "only_here.toml").write_text((config.presets_dir() / "coco_uvit_s2.toml").read_text())
     monkeypatch.delenv(config.PRESETS_ENV, raising=False)
-    monkeypatch.setattr(config, "__file__", str(site / "config.py"))
+    monkeypatch.setattr(preset_files, "__file__", str(site / "preset_files.py"))
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
     assert config.presets_dir() == shared and config.list_presets() == ["only_here"]
     assert config.load_preset("only_here").model.embed_dim == 512

@@ -66,7 +66,7 @@ def test_core_does_no_io_or_printing():
 
 
 def test_config_and_errors_import_no_torch():
-    for f in ["config.py", "errors.py", "toml_writer.py"]:
+    for f in ["config.py", "choices.py", "preset_files.py", "errors.py", "toml_writer.py"]:
         bad = {m for m in _imports(PKG / f) if m.split(".")[0] in {"torch", "numpy", "typer", "rich"}}
         assert not bad, f"{f} imports {bad}"
     assert {m.split(".")[0] for m in _imports(PKG / "errors.py")} <= {"__future__"}

@@ -13,7 +13,7 @@ A step directory appears (rename) only when all its files are written, so a kill
 half checkpoint under a step name; `latest` is replaced atomically after that. A step directory's step is
 the one its weights record, not its name (`list_checkpoints`). Official `nnet.pth` /
 `nnet_ema.pth` files (plain state dicts) load too: with the preset they belong to, or recognised by their
-shapes among the packaged presets.
+shapes among the packaged presets (`state_dicts`: reading them, key-by-key checks, recognition).
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uvit_cli.config import Preset, preset_from_toml
-from uvit_cli.errors import CheckpointError, CheckpointMismatch
+from uvit_cli.errors import CheckpointError
 from uvit_cli.fileio import atomic_open, atomic_path, fsync_dir, sha256_file, write_text_atomic
 from uvit_cli.safe_pickle import torch_load_tensors
+from uvit_cli.state_dicts import check_state_dict as check_state_dict
+from uvit_cli.state_dicts import first_line, read_official, recognise_preset
 
 if TYPE_CHECKING:
     import torch
@@ -103,8 +105,6 @@ def load_weights(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, torch.Tensor], Preset | None, dict[str, str]]:
     """(state_dict, embedded preset or None, metadata) of a uvit safetensors file or an official .pth."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -116,26 +116,13 @@ def load_weights(
                 meta = dict(f.metadata() or {})
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
         preset = None
         if "preset" in meta:
             preset = preset_from_toml(meta["preset"], source=f"{path} (embedded preset)")
         return sd, preset, meta
-    try:
-        obj = torch_load_tensors(path)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}: cannot read as a state dict ({_first_line(e)}); expected our .safetensors or an "
-            "official nnet.pth / nnet_ema.pth"
-        ) from None
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a plain state dict of tensors (official nnet.pth layout)")
-    return dict(obj), None, {"format": "official", "weights": "ema" if "ema" in path.stem else "model"}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    weights = "ema" if "ema" in path.stem else "model"
+    return read_official(path), None, {"format": "official", "weights": weights}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,33 +204,6 @@ def find_checkpoint(path_or_run_dir: str | os.PathLike[str], ema: bool = True) -
 # Models
 
 
-def _short(items: list[str], n: int = 4) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
-def check_state_dict(
-    expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], what: str
-) -> None:
-    """Raise one CheckpointError line naming missing / unexpected / mis-shaped keys."""
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    shapes = [
-        f"{k} {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in got and tuple(got[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_short(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch {_short(shapes, 3)}")
-        raise CheckpointMismatch(f"{what} does not fit the model: " + "; ".join(parts))
-
-
 @dataclass
 class CheckpointInfo:
     """Where a model's weights came from."""
@@ -253,44 +213,6 @@ class CheckpointInfo:
     weights: str  # "ema" | "model"
     sha256: str
     format: str  # "uvit" | "official"
-
-
-def _shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def recognise_preset(sd: Mapping[str, torch.Tensor], source: str) -> Preset:
-    """The packaged preset whose model has exactly these keys and shapes (an official .pth has no preset).
-
-    The ten paper architectures differ in at least one shape, so at most one fits; the number of heads
-    changes no shape, but no two packaged presets differ in heads alone.
-    """
-    import torch
-
-    from uvit_cli.config import list_presets, load_preset
-    from uvit_cli.model import UViT
-
-    want = _shapes(sd)
-    fits = []
-    for name in list_presets():
-        preset = load_preset(name)
-        if preset.train.objective != "eps":  # the paper's files are eps models; flow/v presets share their shapes
-            continue
-        with torch.device("meta"):  # shapes only: no memory, no init cost
-            shapes = _shapes(UViT(**preset.model).state_dict())
-        if shapes == want:
-            fits.append(preset)
-    if len(fits) == 1:
-        return fits[0]
-    if not fits:
-        width = want.get("pos_embed", ("?", "?", "?"))[-1]
-        depth = 2 * sum(1 for k in want if k.startswith("in_blocks.") and k.endswith(".norm1.weight"))
-        raise CheckpointError(
-            f"{source}: carries no preset and fits none of the packaged ones (width {width}, depth {depth}); "
-            "pass the preset it belongs to with --preset NAME or a .toml"
-        )
-    names = ", ".join(p.name for p in fits)
-    raise CheckpointError(f"{source}: carries no preset and fits several ({names}); pass one with --preset")
 
 
 def load_model(
@@ -372,7 +294,7 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch_load_tensors(path)
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable training state ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable training state ({first_line(e)})") from None
     step = state.get("step") if isinstance(state, dict) else None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: not a uvit training state (no step count)")

@@ -1,29 +1,52 @@
 """Presets: pydantic models of a run's configuration, loaded from TOML with command-line overrides.
 
 Imports no torch, so `uvit --help` and preset validation stay fast. The precedence is written down
-once, here: explicit `--set key=value` > preset file > field default.
+once, here: explicit `--set key=value` > preset file > field default. The choices the models take live in
+`choices`, reading preset files and `--set` in `preset_files`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import sys
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# `name as name`: re-exported, so `from uvit_cli.config import NAME` keeps working for every name.
+from uvit_cli.choices import FLOW_SOLVER_NAMES as FLOW_SOLVER_NAMES
+from uvit_cli.choices import SOLVER_NAMES as SOLVER_NAMES
+from uvit_cli.choices import Crop as Crop
+from uvit_cli.choices import EncoderPrecision as EncoderPrecision
+from uvit_cli.choices import (
+    FidMetric,
+    FidMode,
+    LabelProtocol,
+    ObjectiveName,
+    SolverName,
+    Space,
+    TimeSampling,
+    solver_mismatch,
+)
+from uvit_cli.choices import FolderCaptions as FolderCaptions
+from uvit_cli.choices import FolderLabels as FolderLabels
+from uvit_cli.choices import ModelWeights as ModelWeights
+from uvit_cli.choices import NetworkPrecision as NetworkPrecision
+from uvit_cli.choices import OfficialKind as OfficialKind
+from uvit_cli.choices import PrepareSplit as PrepareSplit
+from uvit_cli.choices import StorageDtype as StorageDtype
+from uvit_cli.choices import check_solver as check_solver
 from uvit_cli.errors import ConfigError
+from uvit_cli.preset_files import PRESETS_ENV as PRESETS_ENV
+from uvit_cli.preset_files import apply_overrides as apply_overrides
+from uvit_cli.preset_files import list_presets as list_presets
+from uvit_cli.preset_files import load_preset as load_preset
+from uvit_cli.preset_files import parse_override as parse_override
+from uvit_cli.preset_files import preset_from_dict as preset_from_dict
+from uvit_cli.preset_files import preset_from_toml as preset_from_toml
+from uvit_cli.preset_files import presets_dir as presets_dir
+from uvit_cli.preset_files import resolve_preset_path as resolve_preset_path
 from uvit_cli.toml_writer import dumps_toml
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-PRESETS_ENV = "UVIT_PRESETS"
 
 # Seeds reach torch.Generator.manual_seed (which takes [-2**63, 2**64)) and numpy's SeedSequence (which takes
 # non-negative integers); [0, 2**63) fits both and an int64.
@@ -166,14 +189,6 @@ class ScheduleConfig(_Strict):
     beta_max: float = 20.0
 
 
-# What the network predicts (docs/training.md, *Objectives*): "eps" the paper's noise; "v" = alpha eps - sigma x0
-# on the same [schedule] (Salimans & Ho 2022); "flow" the velocity eps - x0 of the linear path
-# x_t = (1 - t) x0 + t eps (SiT, SD3), which reads no [schedule].
-ObjectiveName = Literal["eps", "v", "flow"]
-# How training draws t: "uniform" (the paper's: n in {1..N}, t ~ U(0, 1)) or "logit_normal" (SD3 eq. 19).
-TimeSampling = Literal["uniform", "logit_normal"]
-
-
 class TrainConfig(_Strict):
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="global batch over all GPUs")
@@ -232,68 +247,6 @@ class TrainConfig(_Strict):
                 "time density (t_sampling, time_shift): remove min_snr_gamma"
             )
         return self
-
-
-# The choices of `uvit prepare` (prepare/*.py and cli/prepare.py take these types; torch-free here).
-PrepareSplit = Literal["train", "val", "both"]
-Space = Literal["latent", "pixel"]
-Crop = Literal["adm", "lanczos"]
-FolderLabels = Literal["auto", "folders", "none"]
-FolderCaptions = Literal["auto", "none"]
-OfficialKind = Literal["auto", "coco", "imagenet"]
-StorageDtype = Literal["float16", "float32"]
-EncoderPrecision = Literal["fp32", "bf16"]
-NetworkPrecision = Literal["bf16", "fp16", "fp32"]  # autocast of the network when sampling
-ModelWeights = Literal["ema", "model"]  # which weights of a checkpoint
-# clean-fid's protocols (fid.features.MODES)
-FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
-# How a class-conditional FID set labels its images: "random" (uniform from (seed, index), the paper's) or
-# "balanced" (index % K: N/K of each class, as RAE / REPA-E sample FID-50K).
-LabelProtocol = Literal["random", "balanced"]
-# The numbers `uvit fid --metrics` and [eval] metrics report (fid.metrics.METRICS is this list): FID, sFID,
-# Inception Score, precision and recall (ADM's evaluator), CLIP score (text-to-image).
-FidMetric = Literal["fid", "sfid", "is", "pr", "clip"]
-
-SolverName = Literal[
-    "dpm_solver_pp",
-    "dpm_solver_pp_2m",
-    "ddim",
-    "dpm_solver",
-    "euler_maruyama",
-    "euler_ode",
-    "flow_euler",
-    "flow_heun",
-    "flow_euler_maruyama",
-]
-SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # = uvit_cli.solvers.SOLVERS, without importing torch
-FLOW_SOLVER_NAMES: tuple[str, ...] = (
-    "flow_euler",
-    "flow_heun",
-    "flow_euler_maruyama",
-)  # = solvers.FLOW_SOLVERS
-
-
-def solver_mismatch(solver: str, objective: str) -> str | None:
-    """Why `solver` cannot sample a model trained with `objective`, in one line; None when it can."""
-    if objective == "flow" and solver not in FLOW_SOLVER_NAMES:
-        return (
-            f"solver '{solver}' integrates a noise prediction; a flow model (train.objective = 'flow') samples "
-            f"with {', '.join(FLOW_SOLVER_NAMES)}"
-        )
-    if objective != "flow" and solver in FLOW_SOLVER_NAMES:
-        others = ", ".join(n for n in SOLVER_NAMES if n not in FLOW_SOLVER_NAMES)
-        return (
-            f"solver '{solver}' integrates a flow model's velocity; this model predicts {objective} "
-            f"(train.objective = '{objective}'): choose one of {others}"
-        )
-    return None
-
-
-def check_solver(solver: str, objective: str) -> None:
-    """ConfigError (one line) when `solver` does not apply to a model trained with `objective`."""
-    why = solver_mismatch(solver, objective)
-    if why is not None:
-        raise ConfigError(why)
 
 
 class SampleConfig(_Strict):
@@ -420,148 +373,3 @@ class Preset(_Strict):
 
     def to_toml(self) -> str:
         return dumps_toml(self.model_dump(mode="json", exclude_none=True))
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading, overrides, lookup
-
-
-def presets_dir() -> Path:
-    """The packaged presets: $UVIT_PRESETS, else `presets/` of the checkout (editable install), else
-    <prefix>/share/uvit/presets (where a regular `pip install` puts them)."""
-    env = os.environ.get(PRESETS_ENV)
-    if env:
-        return Path(env)
-    checkout = Path(__file__).resolve().parent.parent / "presets"
-    installed = Path(sys.prefix) / "share" / "uvit" / "presets"
-    return installed if not checkout.is_dir() and installed.is_dir() else checkout
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in presets_dir().glob("*.toml"))
-
-
-def resolve_preset_path(name_or_path: str | os.PathLike[str]) -> Path:
-    """A path to a TOML file, or the name of a packaged preset (with or without `.toml`)."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" and p.exists():
-        return p
-    candidate = presets_dir() / f"{p.stem if p.suffix == '.toml' else p.name}.toml"
-    if candidate.exists():
-        return candidate
-    if p.suffix == ".toml":
-        raise ConfigError(f"{p}: preset file not found")
-    names = list_presets()
-    hint = _did_you_mean(str(name_or_path), names)
-    known = ", ".join(names) or "none"
-    raise ConfigError(
-        f"unknown preset '{name_or_path}'{hint} (known: {known}; or pass a path to a .toml file)"
-    )
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); the value is parsed as a TOML value, else a string."""
-    try:
-        item.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line (decoded as surrogates)
-        raise ConfigError(f"--set {_shown(item)!r}: not UTF-8 text") from None
-    if "=" not in item:
-        raise ConfigError(f"--set {_shown(item)!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
-    key, raw = item.split("=", 1)
-    path = [k.strip() for k in key.strip().split(".")]
-    if not all(path):
-        raise ConfigError(f"--set {_shown(item)!r}: empty key")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    except RecursionError:
-        raise ConfigError(f"--set {_shown(item)!r}: {_TOO_DEEP}") from None
-    return path, value
-
-
-# tomllib, json and pydantic recurse once per level of nesting; a preset nests two levels deep.
-_TOO_DEEP = "lists or tables nested too deeply to be a preset value (a preset nests two levels at most)"
-
-
-def _shown(text: str, limit: int = 80) -> str:
-    """`text`, cut to `limit` characters for an error line."""
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for k in path[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {_shown(item)!r}: '{k}' is not a table")
-            node = nxt
-        node[path[-1]] = value
-    return data
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _known_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed at `loc[:-1]` of a preset (its table's fields), for suggestions."""
-    cls: Any = Preset
-    for part in loc[:-1]:
-        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-        cls = field.annotation if field is not None else None
-    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
-
-
-def _format_validation_error(source: str, err: ValidationError, overrides: Sequence[str] = ()) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key" + _did_you_mean(str(first["loc"][-1]), _known_keys(first["loc"]))
-    for item in overrides:  # blame the --set that put the bad value there, not the file
-        path = ".".join(parse_override(item)[0])
-        if loc == path or loc.startswith(path + ".") or path.startswith(loc + "."):
-            source = f"--set {_shown(item)}"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
-
-
-def preset_from_dict(data: dict[str, Any], source: str = "preset", overrides: Sequence[str] = ()) -> Preset:
-    try:
-        return Preset.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err, overrides)) from None
-    except RecursionError:
-        raise ConfigError(f"{source}: {_TOO_DEEP}") from None
-
-
-def load_preset(name_or_path: str | os.PathLike[str], overrides: list[str] | None = None) -> Preset:
-    """Load and validate a preset; `overrides` are `key.path=value` strings applied on top."""
-    path = resolve_preset_path(name_or_path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a TOML text file (it is not UTF-8 text)") from None
-    data = _toml_table(text, str(path))
-    data.setdefault("name", path.stem)
-    apply_overrides(data, overrides or [])
-    return preset_from_dict(data, str(path), overrides or [])
-
-
-def preset_from_toml(text: str, source: str = "embedded preset") -> Preset:
-    return preset_from_dict(_toml_table(text, source), source)
-
-
-def _toml_table(text: str, source: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: invalid TOML ({e})") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: {_TOO_DEEP}") from None

@@ -4,12 +4,11 @@ from a checkpoint) and `uvit fid ref IMAGES --out REF.npz`; `--metrics` picks th
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 from uvit_cli.cli.common import (
     CfgScaleOpt,
@@ -37,6 +36,8 @@ from uvit_cli.cli.common import (
     sampler_spec,
     warn,
 )
+from uvit_cli.cli.fid_route import FidGroup
+from uvit_cli.cli.fid_route import route as route
 from uvit_cli.config import FidMode
 from uvit_cli.fileio import check_outputs
 
@@ -47,39 +48,8 @@ _REF_HELP = (
     "Reference .npz: mu/sigma (fid), mu_s/sigma_s (sfid), pool_features or arr_0 images (pr); made by "
     "`uvit fid ref`, U-ViT's fid_stats, an ADM reference batch."
 )
-# Options that only generating from a checkpoint takes: `uvit fid` without a subcommand name and with one of
-# these (also as --n=5 or -n5) means `uvit fid generate`.
-_GENERATE_OPTS = ("--ckpt", "--preset", "--n", "-n")
-
-
-def route(args: list[str], own: Collection[str]) -> list[str]:
-    """The arguments of `uvit fid ARGS...` with the subcommand they mean in front; `own` are the words the group
-    reads itself (its subcommands' names, --help):
-
-        uvit fid compare|ref|pack|generate ...           that subcommand; `uvit fid --help` the group's help
-        uvit fid --ckpt CKPT REF ... (or --preset, --n)  generate: FID straight from a checkpoint
-        uvit fid SAMPLES REF ...                         compare: FID of a folder or .npz of images
-
-    After a `--`, arguments are file names, not options."""
-    if not args or args[0] in own:
-        return args
-    for a in args:
-        if a == "--":
-            break
-        if a.split("=", 1)[0] in _GENERATE_OPTS or (a.startswith("-n") and a[2:].isdigit()):
-            return ["generate", *args]
-    return ["compare", *args]
-
-
-class _FidGroup(TyperGroup):
-    """`uvit fid`, whose arguments name their subcommand or imply it (`route`)."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, route(args, {*self.commands, *ctx.help_option_names}))
-
-
 fid_app = typer.Typer(
-    cls=_FidGroup,
+    cls=FidGroup,
     no_args_is_help=True,
     help=(
         "FID with clean-fid's protocols and the ADM evaluator's table (IS, FID, sFID, precision, recall), with a "

@@ -8,14 +8,12 @@ and rank r of W writes the shards k with k % W == r. Rank 0 writes the manifest:
 Each shard records a digest of every source it covers (`sources.source_sha256`: the bytes the decode
 worker decoded, with the key, label and captions); a rerun hashes the sources of the finished shards
 again, in threads, and refuses if any changed. Before anything is written, the run's peak memory and
-the bytes it will add on disk are estimated and refused in one line if they cannot fit (`resources`).
+the bytes it will add on disk are estimated and refused in one line if they cannot fit (`check`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 from collections.abc import Callable
@@ -29,10 +27,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from uvit_cli import data, dist, resources
-from uvit_cli.data.writer import SourceDigests
+from uvit_cli import data, dist
 from uvit_cli.errors import DataError, ResourceError
 from uvit_cli.imageio import decode_rgb, read_regular
+from uvit_cli.prepare import check
+from uvit_cli.prepare.check import source_digest
 from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source, source_sha256
 from uvit_cli.workers import worker_loader
 
@@ -131,33 +130,6 @@ class _Decode(Dataset):
 
 def _as_list(batch: list[Any]) -> list[Any]:
     return batch
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings and refusal of mixed outputs
-
-
-def _settings(spec: PrepareSpec, vae_sha: str | None, clip_sha: str | None) -> dict[str, Any]:
-    return {
-        "format_version": data.FORMAT_VERSION,
-        "kind": spec.kind,
-        "space": spec.space,
-        "resolution": spec.resolution,
-        "crop": spec.crop,
-        "flip": spec.flip,
-        "conditioning": spec.conditioning,
-        "classes": spec.classes,
-        "dtype": spec.dtype if spec.space == "latent" else "uint8",
-        "items_per_shard": spec.items_per_shard,
-        "vae_sha256": vae_sha,
-        "clip_sha256": clip_sha,
-        "vae_precision": spec.precision if spec.space == "latent" else None,
-    }
-
-
-def source_digest(sources: list[Source]) -> str:
-    rows = [(s.key, s.label, s.captions) for s in sources]
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,71 +299,6 @@ def _prepare_split(
     return state.shards_written
 
 
-def _digests_now(job: SplitJob, items_per_shard: int, pool: ThreadPoolExecutor) -> SourceDigests:
-    """What the sources of shard k hash to now, for `ShardSetWriter.todo` to compare with its record."""
-
-    def digests(k: int) -> list[tuple[str, str]]:
-        part = job.sources[k * items_per_shard : (k + 1) * items_per_shard]
-        return [(src.path, d) for src, d in zip(part, pool.map(source_sha256, part), strict=True)]
-
-    return digests
-
-
-# Peak memory of the autoencoder's encoder on the CPU: per image about 6 float32 maps of its first width at
-# full resolution, the mid-block attention weights ((h*w)^2 floats at 1/8 resolution) included, plus about
-# 60 MiB of kernel workspace (measured with `ru_maxrss`, ch=32 and 128, 1-8 images of 128 and 256 px:
-# 6.1 maps at 256 px). Planned with margin: 7 maps and 3 copies of the attention weights.
-_VAE_MAPS = 7
-_ATTENTION_COPIES = 3
-_VAE_WORKSPACE = 64 << 20
-_PREFETCH = 4  # batches each decoding worker keeps ready (DataLoader prefetch_factor)
-
-
-def _require_resources(
-    out: Path, spec: PrepareSpec, jobs: list[SplitJob], enc: _Encoders, device: torch.device
-) -> None:
-    """Refuse, before anything is written, a run whose peak memory or the shard bytes it adds cannot fit.
-
-    The peak is one shard's buffer (features as computed, plus the stacked and stored copies), the decoded
-    batches in flight, and on the CPU the encoders' activations; it does not grow with the number of images.
-    """
-    S, R, views = spec.items_per_shard, spec.resolution, 2 if spec.flip else 1
-    pixel = spec.space == "pixel"
-    stored = 1 if pixel else np.dtype(spec.dtype).itemsize
-    feat = views * (3 * R * R if pixel else 8 * (R // 8) ** 2)  # values per item
-    ctx = 0  # values per caption
-    if enc.clip is not None:
-        ctx = enc.clip.config.max_position_embeddings * enc.clip.config.hidden_size
-    shard_peak, disk = 0, 0
-    for job in jobs:
-        present = set(data.list_shards(out / job.name))
-        for k in range(math.ceil(len(job.sources) / S)):
-            part = job.sources[k * S : (k + 1) * S]
-            caps = sum(len(s.captions or []) for s in part) if ctx else 0
-            rows = len(part) * feat * (2 if pixel else 4 + 4 + stored)  # computed, stacked, stored
-            shard_peak = max(shard_peak, rows + caps * ctx * (4 + 2 * stored))
-            if k not in present:  # x, y, context offsets and keys, contexts
-                disk += len(part) * (feat * stored + 8 + 8 + 64) + caps * ctx * stored
-    batch = min(spec.batch_size, S, max(len(j.sources) for j in jobs))
-    in_flight = (spec.num_workers or 0) * _PREFETCH + 1
-    decode = in_flight * batch * 3 * R * R * 3  # the crop, its resize and the batch
-    encode = 0
-    if device.type == "cpu":
-        if enc.vae is not None:
-            maps = _VAE_MAPS * enc.vae.encoder.conv_in.out_channels * R * R  # its first width
-            encode = batch * views * 4 * (maps + _ATTENTION_COPIES * (R // 8) ** 4) + _VAE_WORKSPACE
-        if enc.clip is not None:
-            encode = max(encode, spec.text_batch_size * ctx * 4 * 8)
-    resources.require_memory(
-        f"preparing {out} ({R} px, {S} items per shard, batches of {batch})",
-        shard_peak + decode + encode,
-        fix="use a smaller --resolution, --items-per-shard or --batch-size (or fewer --workers)",
-    )
-    resources.require_disk(
-        out, "the shards still to write", disk, fix="free space, or choose another --out on a larger disk"
-    )
-
-
 def run(
     out: str | os.PathLike[str],
     spec: PrepareSpec,
@@ -421,7 +328,7 @@ def _run(
     enc = _Encoders(spec, device)
     vae_sha = enc.vae.weights_sha256 if enc.vae is not None else None
     clip_sha = enc.clip.weights_sha256 if enc.clip is not None else None
-    settings = _settings(spec, vae_sha, clip_sha)
+    settings = check.settings(spec, vae_sha, clip_sha)
     views = 2 if spec.flip else 1
     side = spec.resolution if spec.space == "pixel" else spec.resolution // 8
     shape = [3 if spec.space == "pixel" else 8, side, side]
@@ -447,7 +354,7 @@ def _run(
     n = {job.name: math.ceil(len(job.sources) / spec.items_per_shard) for job in jobs}
     splits = {job.name: (source_digest(job.sources), n[job.name]) for job in jobs}
     writer.check_splits(splits)
-    _require_resources(out, spec, jobs, enc, device)
+    check.require_resources(out, spec, jobs, enc, device)
 
     dist.barrier()  # every rank has checked --out before rank 0 writes to it
     if rank == 0:
@@ -460,7 +367,7 @@ def _run(
     with ThreadPoolExecutor(max(1, spec.num_workers or 1)) as pool:
         for job in jobs:
             mine = [k for k in range(n[job.name]) if k % world == rank]
-            pending = writer.todo(job.name, mine, _digests_now(job, spec.items_per_shard, pool))
+            pending = writer.todo(job.name, mine, check.digests_now(job, spec.items_per_shard, pool))
             result.reused[job.name] = len(mine) - len(pending)
             result.written[job.name] = _prepare_split(
                 writer, job, spec, enc, pending, progress, result.reused[job.name]
