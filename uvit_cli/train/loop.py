@@ -14,7 +14,7 @@ import torch
 from uvit_cli import checkpoint as ck
 from uvit_cli import dist
 from uvit_cli.config import Preset, TrainConfig
-from uvit_cli.errors import ConfigError, TrainingDiverged
+from uvit_cli.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from uvit_cli.train.lock import RunDirLock, RunDirLocked
 from uvit_cli.train.objective import step_seed
 from uvit_cli.train.observers import Intervals, make_observers
@@ -158,6 +158,24 @@ class _Meter:
         return record, note
 
 
+def _check_ranks_agree(data_id: str, newest_step: int | None, run_dir: Path) -> None:
+    """Every rank must see the same prepared set and the same newest checkpoint (on several nodes: one shared
+    run dir, the same data on each node, docs/multinode.md); otherwise ranks would train different data or
+    resume from different steps, and hang or diverge. One DataError naming the first rank that differs."""
+    seen = dist.all_gather_object((data_id, newest_step))
+    for r, (ident, newest) in enumerate(seen):
+        if ident != seen[0][0]:
+            raise DataError(
+                f"rank {r} reads another prepared set than rank 0 (data {str(ident)[:12]} vs {seen[0][0][:12]}): "
+                "every node needs the same set at data.path (docs/multinode.md)"
+            )
+        if newest != seen[0][1]:
+            raise CheckpointError(
+                f"{run_dir}: rank {r} sees newest checkpoint {newest}, rank 0 sees {seen[0][1]}: the run dir must be "
+                "one directory shared by every node (docs/multinode.md)"
+            )
+
+
 def train(
     preset: Preset,
     run_dir: str | Path | None = None,
@@ -224,7 +242,9 @@ def train(
         lock = _lock(run_dir, main, world, warn=warn)
         claim = check_run_dir(run_dir, preset, force)
         data = data_identity(ds)
-        has_checkpoints = bool(ck.list_checkpoints(run_dir))
+        checkpoints = ck.list_checkpoints(run_dir)
+        has_checkpoints = bool(checkpoints)
+        _check_ranks_agree(data["identity"], checkpoints[-1][0] if checkpoints else None, run_dir)
         claim.notes += check_data(run_dir, data, resuming=has_checkpoints, data_changed=data_changed)
         dist.barrier()
 
