@@ -11,14 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from train_fixtures import losses as _losses
-from train_fixtures import tiny_preset, write_pixel_set
-from train_fixtures import weights as _weights
-
-from uvit_cli.train import train
+from train_fixtures import assert_same_as_one_process, one_process_reference
 
 DEADLINE_S = 300  # both nodes together; the test takes ~8 s on the 2-core development machine
 
@@ -65,14 +60,7 @@ def _files(run: Path) -> list[str]:
 def test_two_nodes_match_one_process(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    shards = write_pixel_set(tmp_path / "px", n=32)
-    # 32 items / global batch 8 = 4 batches per epoch: 5 steps cross into epoch 1 (a new permutation).
-    preset = tiny_preset(shards, steps=5, save_interval=5)
-    one = tmp_path / "one"
-    train(preset, one)
-
-    toml = tmp_path / "tiny.toml"
-    toml.write_text(preset.to_toml())
+    one, toml = one_process_reference(tmp_path)
     # One run dir at the same path for both nodes, as on a shared file system: global rank 0 writes it,
     # and every rank reads the checkpoint it resumes from there.
     two = tmp_path / "two"
@@ -93,16 +81,7 @@ def test_two_nodes_match_one_process(tmp_path):
     # Global rank 0 reports the geometry, once: c10d numbers the nodes itself (--node-rank is ignored).
     assert sum("x2; global batch 8 = 2 x 2 x 2" in t for t in text) == 1, text
 
-    a, b = _losses(one), _losses(two)
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5]
-    np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=1e-5, atol=1e-7)
-    for name in ("model.safetensors", "ema.safetensors"):
-        wa, wb = _weights(one, 5, name), _weights(two, 5, name)
-        for key in wa:
-            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
-    state = torch.load(two / "ckpts" / "00000005" / "state.pt", weights_only=True)
-    assert len(state["rng"]) == 2 and state["world_size"] == 2  # RNG states of both nodes' ranks
-    assert state["data"] == {"epoch": 1, "batch": 1, "global_batch": 8}
+    assert_same_as_one_process(one, two)
     assert _files(two) == _files(one)  # the second node adds nothing to the run dir
 
 

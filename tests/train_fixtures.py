@@ -5,6 +5,8 @@ CUDA-path tests; `shards` (conftest.py) is one such set per test module.
     tiny_preset(data_path, **train) -> Preset                     U-ViT 8x8, patch 2, D 32, depth 2, 5 labels
     losses(run) -> [(step, loss)]                                 from metrics.jsonl
     weights(run, step, name) -> {key: tensor}                     one safetensors file of a checkpoint
+    one_process_reference(tmp) -> (run, toml)                     what the distributed tests must equal
+    assert_same_as_one_process(one, two)                          losses, weights and data position of two ranks
 """
 
 from __future__ import annotations
@@ -104,3 +106,31 @@ def tiny_toml(
         lines.append(f"[{table}]")
         lines += [f"{k} = {value(v)}" for k, v in entries.items()]
     return "\n".join(lines) + "\n"
+
+
+def one_process_reference(tmp: Path) -> tuple[Path, Path]:
+    """The run every distributed test must equal: 5 steps of the tiny preset on 32 images in one process
+    (32 items / global batch 8 = 4 batches per epoch: step 5 crosses into epoch 1, a new permutation).
+    Returns its run dir and the preset written as TOML for the torchrun commands."""
+    from uvit_cli.train import train
+
+    preset = tiny_preset(write_pixel_set(tmp / "px", n=32), steps=5, save_interval=5)
+    one = tmp / "one"
+    train(preset, one)
+    toml = tmp / "tiny.toml"
+    toml.write_text(preset.to_toml())
+    return one, toml
+
+
+def assert_same_as_one_process(one: Path, two: Path) -> None:
+    """Two ranks (global batch 8 = 2 ranks x 2 micro-batches x 2) trained what one process trained."""
+    a, b = losses(one), losses(two)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=1e-5, atol=1e-7)
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = weights(one, 5, name), weights(two, 5, name)
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+    state = torch.load(two / "ckpts" / "00000005" / "state.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and state["world_size"] == 2  # RNG states of both ranks
+    assert state["data"] == {"epoch": 1, "batch": 1, "global_batch": 8}
