@@ -333,6 +333,17 @@ def check_run_name(name: str, under: str = "runs/") -> str:
     return name
 
 
+class LogConfig(_Strict):
+    """Where a training run's numbers go besides RUN/metrics.jsonl and RUN/report.html (always written):
+    TensorBoard event files in RUN/tensorboard/ and a Weights & Biases run (offline without an API key),
+    written by rank 0. Each needs its optional extra (`pip install "uvit[tensorboard]"`, `"uvit[wandb]"`)."""
+
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = Field("uvit", min_length=1, description="W&B project")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user); unset: the account's default")
+
+
 class Preset(_Strict):
     """A complete, validated configuration: what `uvit train/sample/bench` run from."""
 
@@ -344,6 +355,7 @@ class Preset(_Strict):
     train: TrainConfig
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
     autoencoder: AutoencoderConfig | None = None
     text_encoder: TextEncoderConfig | None = None
 
