@@ -104,7 +104,8 @@ RUNTIME_DEPS = {
     "ftfy": "ftfy",
     "regex": "regex",
 }
-OPTIONAL = {"huggingface_hub"}  # hub downloads, only when installed (guarded by an ImportError handler)
+# Import name -> the optional extra of pyproject.toml that installs it; imported only when a run asks for it.
+OPTIONAL = {"huggingface_hub": "hub", "tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def _runtime_import_roots(path: Path) -> set[str]:
@@ -136,6 +137,13 @@ def test_runtime_imports_are_declared_dependencies():
     }
     for dist in RUNTIME_DEPS.values():
         assert dist in declared, f"{dist} is not in pyproject's dependencies"
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    extras = tomllib.loads(text)["project"]["optional-dependencies"]
+    for module, extra in OPTIONAL.items():
+        assert any(r.startswith(module) for r in extras.get(extra, [])), f"no extra {extra!r} installs {module}"
     for p in PKG.rglob("*.py"):
         for root in _runtime_import_roots(p):
             if root in sys.stdlib_module_names or root == "uvit_cli" or root in OPTIONAL:

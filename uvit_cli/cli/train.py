@@ -61,6 +61,20 @@ def train(
             help="Resume although data.path now gives another prepared set than the one the run trained on.",
         ),
     ] = False,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help='Log to TensorBoard in RUN/tensorboard/ (= --set log.tensorboard=true; pip install "uvit\\[tensorboard]").',
+        ),
+    ] = False,
+    wandb: Annotated[
+        bool,
+        typer.Option(
+            "--wandb",
+            help='Log to Weights & Biases, offline without an API key (= --set log.wandb=true; pip install "uvit\\[wandb]").',
+        ),
+    ] = False,
 ) -> None:
     """Train a preset's U-ViT on its prepared shards; rerunning the same command resumes exactly.
 
@@ -68,7 +82,12 @@ def train(
     """
     from uvit_cli.config import MANIFEST, load_preset
 
-    p = load_preset(preset, set_ or [])  # a wrong name or --set key fails in a second, before torch loads
+    sets = [
+        *(set_ or []),
+        *(["log.tensorboard=true"] if tensorboard else []),
+        *(["log.wandb=true"] if wandb else []),
+    ]
+    p = load_preset(preset, sets)  # a wrong name or --set key fails in a second, before torch loads
     manifest = p.data.set_path() / MANIFEST  # data/ would load torch
     if not manifest.is_file():  # likewise data that was never prepared
         raise fail(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from uvit_cli.train.rundir import (
 )
 from uvit_cli.train.step import StepState, require_training_memory, setup_step, train_step
 from uvit_cli.train.stop import stop_requests
+from uvit_cli.train.tracking import Trackers, check_trackers, open_trackers
 
 if TYPE_CHECKING:
     from uvit_cli.data import TimedBatches
@@ -218,8 +220,11 @@ def train(
     dist.cuda_defaults(device)  # TF32 for any fp32 matmul left outside autocast, cuDNN autotuning
     amp_dtype, use_compile, fused = _recipe(tc, device, compile)
     lock: RunDirLock | None = None
+    trackers: Trackers | None = None
 
     try:
+        if main:
+            check_trackers(preset.log)  # a [log] tracker whose package is missing: one line, before any work
         # ---- Batch geometry ----------------------------------------------------------------------
         global_batch = tc.batch_size
         per_rank, micro, accum = _batch_geometry(global_batch, world, batch_per_gpu)
@@ -273,8 +278,14 @@ def train(
         metrics = MetricsLog(run_dir, step) if main else None
         if metrics is not None and metrics.note:
             emit("warning", step, metrics.note)
+        # ---- Trackers ([log]: TensorBoard, W&B; rank 0): fed every metrics record, the grids, flushed at
+        # checkpoints, closed on every way out ------------------------------------------------------------
+        if metrics is not None and step < end_step:
+            trackers = open_trackers(preset, run_dir, step, metrics.logged_through, warn)
+            if trackers is not None:
+                metrics.listeners.append(trackers.record)
         watchers = make_observers(
-            preset, ds, run_dir, device, main, ema, amp_dtype, metrics, emit, fid_features
+            preset, ds, run_dir, device, main, ema, amp_dtype, metrics, emit, fid_features, trackers
         )
         every = Intervals.of(tc, preset.eval.interval if preset.eval.ref is not None else None, end_step)
 
@@ -362,6 +373,8 @@ def train(
             emit("done", step, f"finished at step {step}; checkpoint {last_ckpt}", loss=last_loss)
         return TrainResult(run_dir, step, last_ckpt, last_loss, stopped=stop.reason)
     finally:
+        if trackers is not None:
+            trackers.close(failed=sys.exc_info()[0] is not None)
         if lock is not None:
             lock.release()
         if created_group:

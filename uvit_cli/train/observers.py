@@ -5,6 +5,7 @@ checkpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from uvit_cli.train.grid import GridSampler
     from uvit_cli.train.rundir import MetricsLog
     from uvit_cli.train.stop import StopRequest
+    from uvit_cli.train.tracking import Trackers
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,8 @@ class Observer(Protocol):
 
 
 class GridObserver:
-    """The sample grid of the EMA weights (rank 0): RUN/samples/<step>.png; the grid sampler's note, and why
-    grids stopped if they cannot be drawn, each one warning."""
+    """The sample grid of the EMA weights (rank 0): RUN/samples/<step>.png, then handed to `on_grid` (the
+    trackers); the grid sampler's note, and why grids stopped if they cannot be drawn, each one warning."""
 
     def __init__(
         self,
@@ -95,8 +97,10 @@ class GridObserver:
         run_dir: Path,
         amp_dtype: torch.dtype | None,
         emit: Emit,
+        on_grid: Callable[[int, Path], None] | None = None,
     ) -> None:
         self.grid, self.ema, self.run_dir, self.amp_dtype, self.emit = grid, ema, run_dir, amp_dtype, emit
+        self.on_grid = on_grid
 
     def after_step(self, step: int, due: Due) -> None:
         if not due.grid or self.grid.disabled:
@@ -108,6 +112,8 @@ class GridObserver:
         )
         if path is not None:
             self.emit("samples", step, f"sample grid {path}")
+            if self.on_grid is not None:
+                self.on_grid(step, path)
         elif self.grid.disabled:
             self.emit("warning", step, self.grid.disabled)
 
@@ -158,15 +164,18 @@ def make_observers(
     metrics: MetricsLog | None,
     emit: Emit,
     fid_features: dict[str, Any] | None,
+    trackers: Trackers | None = None,
 ) -> list[Observer]:
     """The run's observers in the order they act: sample grids and the report on rank 0, FID on every rank
-    when [eval] ref is set."""
+    when [eval] ref is set, then the trackers ([log]; rank 0), which flush at checkpoints. The trackers get
+    the metrics records through `metrics.listeners` and the grids from the grid observer."""
     found: list[Observer] = []
     if main:
         from uvit_cli.train.grid import GridSampler
 
         grid = GridSampler(preset, ds, device, seed=preset.train.seed)
-        found.append(GridObserver(grid, ema, run_dir, amp_dtype, emit))
+        on_grid = trackers.grid if trackers is not None else None
+        found.append(GridObserver(grid, ema, run_dir, amp_dtype, emit, on_grid))
     if preset.eval.ref is not None:
         from uvit_cli.train.evaluate import BEST_DIR, FidEvaluator
 
@@ -175,6 +184,8 @@ def make_observers(
         found.append(EvalObserver(evaluator, ema, main, metrics, kept_in, emit))
     if main:
         found.append(ReportObserver(ReportWriter(run_dir), emit))  # RUN/report.html
+    if trackers is not None:
+        found.append(trackers)
     return found
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ from uvit_cli.errors import ConfigError, DataError
 from uvit_cli.fileio import write_json_atomic, write_text_atomic
 
 # What may change between two invocations on the same run dir without --force: run length, logging and
-# checkpoint cadence, loader threads, compilation, where the shards live, how samples are drawn and how
-# FID is measured during training.
+# checkpoint cadence, loader threads, compilation, where the shards live, how samples are drawn, how
+# FID is measured during training, and where the numbers are logged ([log]: TensorBoard, W&B).
 # Everything else (model, schedule, data set, optimiser recipe, seed) decides what the run IS.
 MUTABLE = {
     "description",
@@ -33,6 +34,7 @@ MUTABLE = {
     "train.num_workers",
     "sample",
     "eval",
+    "log",
 }
 
 
@@ -197,13 +199,18 @@ def _read_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[in
 
 class MetricsLog:
     """Append-only `metrics.jsonl`; on resume, entries past the resumed step (from a killed run) are dropped,
-    and so are lines that are not records (`metrics_record`), with one warning (`note`)."""
+    and so are lines that are not records (`metrics_record`), with one warning (`note`). Every record
+    written also goes to each of `listeners` (the run's trackers, `train.tracking`). `logged_through` is
+    the last step the file held before the resume dropped anything."""
 
     def __init__(self, run_dir: Path, resume_step: int) -> None:
         self.path = run_dir / METRICS_FILE
         self.note: str | None = None
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.logged_through = resume_step
         if self.path.exists():
             records, bad = _read_records(self.path)
+            self.logged_through = max([int(r["step"]) for _, r in records] + [resume_step])
             kept = [line for line, r in records if r["step"] <= resume_step]
             if bad:
                 lines = f"line {bad[0]}" if len(bad) == 1 else f"{len(bad)} lines (the first: line {bad[0]})"
@@ -216,6 +223,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for listener in self.listeners:
+            listener(record)
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
