@@ -17,10 +17,10 @@ import torch
 from encoder_fixtures import randomize_
 from PIL import Image
 from test_fid import _images, _standin
+from test_metrics import spy_on_streamed_images
 from train_fixtures import tiny_preset
 from typer.testing import CliRunner
 
-import uvit_cli.fid.features as fid_features
 from uvit_cli import solvers
 from uvit_cli.checkpoint import find_checkpoint, load_model
 from uvit_cli.cli import app
@@ -219,15 +219,7 @@ def test_settings_check_the_solver_against_the_objective(env):
 
 def test_uvit_fid_of_a_flow_run_streams_the_flow_solvers_images(env, tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "fid_from_checkpoint", functools.partial(gen.fid_from_checkpoint, **FEATS))
-    images: list[np.ndarray] = []
-    stats_fn = fid_features.batches_stats
-
-    def spy(batches, *args, **kw):
-        got = [np.asarray(b) for b in batches]
-        images.append(np.concatenate(got))
-        return stats_fn(iter(got), *args, **kw)
-
-    monkeypatch.setattr(fid_features, "batches_stats", spy)
+    images = spy_on_streamed_images(monkeypatch)
     stamp = tmp_path / "s.json"
     args = ["fid", "--ckpt", str(env["run"]), "-n", "6", "--seed", "3", "--no-compile", str(env["ref"]),
             "--json", str(stamp)]  # fmt: skip

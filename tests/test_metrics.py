@@ -633,6 +633,20 @@ class _TinyInception(torch.nn.Module):
         return out
 
 
+def spy_on_streamed_images(monkeypatch) -> list[np.ndarray]:
+    """The images `fid.features.batches_stats` receives, one array per call (they still reach the statistics)."""
+    seen = []
+    stats_fn = fid_features.batches_stats
+
+    def spy(batches, *args, **kw):
+        got = [np.asarray(b) for b in batches]
+        seen.append(np.concatenate(got))
+        return stats_fn(iter(got), *args, **kw)
+
+    monkeypatch.setattr(fid_features, "batches_stats", spy)
+    return seen
+
+
 @pytest.fixture()
 def tiny_inception(monkeypatch, tmp_path):
     import uvit_cli.inception as inc
@@ -651,28 +665,17 @@ def test_cli_metrics_all_with_a_reference_made_by_uvit_fid_ref(tmp_path, tiny_in
         (tmp_path / name).mkdir()
         for i, im in enumerate(_images(6, seed)):
             Image.fromarray(im).save(tmp_path / name / f"{i}.png")
-    res = runner.invoke(
-        app,
-        ["fid", "ref", str(tmp_path / "r"), "--out", str(tmp_path / "ref.npz"), "--metrics", "all"],
-        terminal_width=300,
-    )
+    s, r, ref, plain = (str(tmp_path / n) for n in ("s", "r", "ref.npz", "plain.npz"))
+
+    def fid(*args: str):
+        return runner.invoke(app, ["fid", *args], terminal_width=300)
+
+    res = fid("ref", r, "--out", ref, "--metrics", "all")
     assert res.exit_code == 0, res.output
     assert (
         "(mu, sigma, mu_s, sigma_s, pool_features)" in res.output and "mode legacy_tensorflow" in res.output
     )
-    res = runner.invoke(
-        app,
-        [
-            "fid",
-            str(tmp_path / "s"),
-            str(tmp_path / "ref.npz"),
-            "--metrics",
-            "all",
-            "--json",
-            str(tmp_path / "s.json"),
-        ],
-        terminal_width=300,
-    )
+    res = fid(s, ref, "--metrics", "all", "--json", str(tmp_path / "s.json"))
     assert res.exit_code == 0, res.output
     line = next(x for x in res.output.splitlines() if x.startswith("FID "))
     assert (
@@ -680,48 +683,14 @@ def test_cli_metrics_all_with_a_reference_made_by_uvit_fid_ref(tmp_path, tiny_in
         and "mode legacy_tensorflow" in line
     )
     stamp = json.loads((tmp_path / "s.json").read_text())
-    assert {"fid", "sfid", "inception_score", "precision", "recall"} <= set(stamp) and stamp[
-        "mode"
-    ] == "legacy_tensorflow"
+    assert {"fid", "sfid", "inception_score", "precision", "recall"} <= set(stamp)
+    assert stamp["mode"] == "legacy_tensorflow"
     # an ADM metric in another mode, and a reference without spatial statistics: one line each
-    res = runner.invoke(
-        app,
-        [
-            "fid",
-            str(tmp_path / "s"),
-            str(tmp_path / "ref.npz"),
-            "--metrics",
-            "sfid",
-            "--mode",
-            "clean",
-            "--no-json",
-        ],
-    )
-    assert (
-        res.exit_code == 2
-        and "use --mode legacy_tensorflow" in res.output
-        and res.output.strip().count("\n") == 0
-    )
-    assert (
-        runner.invoke(
-            app,
-            [
-                "fid",
-                "ref",
-                str(tmp_path / "r"),
-                "--out",
-                str(tmp_path / "plain.npz"),
-                "--mode",
-                "legacy_tensorflow",
-            ],
-        ).exit_code
-        == 0
-    )
-    res = runner.invoke(
-        app,
-        ["fid", str(tmp_path / "s"), str(tmp_path / "plain.npz"), "--metrics", "sfid", "--no-json"],
-        terminal_width=300,
-    )
+    res = fid(s, ref, "--metrics", "sfid", "--mode", "clean", "--no-json")
+    assert res.exit_code == 2 and "use --mode legacy_tensorflow" in res.output, res.output
+    assert res.output.strip().count("\n") == 0
+    assert fid("ref", r, "--out", plain, "--mode", "legacy_tensorflow").exit_code == 0
+    res = fid(s, plain, "--metrics", "sfid", "--no-json")
     assert res.exit_code == 2 and "`mu_s`/`sigma_s`" in res.output and "--metrics sfid" in res.output, (
         res.output
     )
@@ -815,15 +784,7 @@ def test_a_checkpoint_gives_the_table_of_the_images_it_generates(tmp_path, monke
     torch.save(randomize_(UViT(**preset.model.model_dump()), seed=2).state_dict(), tmp_path / "nnet_ema.pth")
     ref_images = _images(12, 2, size=8)
     ref = _adm_batch(tmp_path / "ref.npz", ref_images, _standin_numpy(ref_images))
-    seen = []
-    stats_fn = fid_features.batches_stats
-
-    def spy(batches, *args, **kw):
-        got = [np.asarray(b) for b in batches]
-        seen.append(np.concatenate(got))
-        return stats_fn(iter(got), *args, **kw)
-
-    monkeypatch.setattr(fid_features, "batches_stats", spy)
+    seen = spy_on_streamed_images(monkeypatch)
     spec = SamplerSpec(ckpt=tmp_path / "nnet_ema.pth", preset=str(tmp_path / "tiny_class.toml"), seed=3)
     r = fid_from_checkpoint(ref, spec, n=9, metrics="all", **KW)
     assert r.stamp["metrics"] == ["fid", "sfid", "is", "pr"]

@@ -666,3 +666,36 @@ def test_data_roots_come_from_the_flag_then_the_environment_then_data_dir(tmp_pa
     monkeypatch.delenv("UVIT_CIFAR10", raising=False)
     res = CliRunner().invoke(app, ["prepare", "cifar10", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "$UVIT_CIFAR10" in res.output and "Traceback" not in res.output
+
+
+def test_prepare_result_summary_progress_note_and_the_cpu_bf16_warning():
+    """What `uvit prepare` prints is the core's: a line per split and encoder, the shards kept, the skipped
+    images named (first three), the bar's note; bf16 without a GPU is warned about, fp32 is not."""
+    import torch
+
+    from uvit_cli.prepare import PrepareResult, Progress
+    from uvit_cli.prepare.check import precision_warning
+
+    skipped = [{"key": f"k{i}", "reason": "named pipe"} for i in range(5)]
+    manifest = {
+        "splits": {
+            "train": {"items": 7, "shards": ["a", "b"], "captions": 30, "skipped": skipped},
+            "val": {"items": 2, "shards": ["c"]},
+        },
+        "encoders": {"vae": {"path": "/w/vae.pth", "sha256": "0123456789abcdef" * 4}},
+    }
+    result = PrepareResult(Path("feats/coco256"), manifest, reused={"train": 2, "val": 0})
+    assert result.summary(1.25) == [
+        "train: 7 items in 2 shards, 30 captions, 5 unreadable images skipped (listed in manifest.json)",
+        "val: 2 items in 1 shards",
+        "vae: /w/vae.pth sha256 0123456789abcdef",
+        "wrote feats/coco256 in 1.2 s (2 finished shards verified and kept)",
+    ]
+    assert result.skipped_warnings() == [
+        "train: skipped k0 (named pipe); k1 (named pipe); k2 (named pipe), and 2 more"
+    ]
+    assert Progress("train", 1, 2, skipped=3, shards_reused=4).note() == "3 skipped, 4 shards reused"
+    assert Progress("train", 1, 2).note() == ""
+    assert precision_warning("fp32") is None
+    bf16 = precision_warning("bf16")
+    assert (bf16 is None) == torch.cuda.is_available()

@@ -7,6 +7,7 @@ import errno
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -18,6 +19,7 @@ from uvit_cli.config import SOLVER_NAMES, LabelProtocol, ModelWeights, NetworkPr
 from uvit_cli.errors import UvitError
 
 if TYPE_CHECKING:
+    from uvit_cli.prepare import PrepareResult, Progress
     from uvit_cli.sample.resolve import SamplerSpec
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line in logs too
@@ -78,6 +80,37 @@ def image_progress(*, note: bool = False, transient: bool = False) -> Any:
     if note:
         columns.append(TextColumn("{task.fields[note]}"))
     return Progress(*columns, console=console, transient=transient, disable=not is_rank0())
+
+
+class PrepareReport:
+    """The progress bar of a prepare workflow (it reports to `report.update`), then its summary: rank 0 only."""
+
+    def __init__(self, precision: str = "fp32") -> None:
+        from uvit_cli.prepare.check import precision_warning
+
+        if (note := precision_warning(precision)) and is_rank0():
+            warn(note)
+        self.t0, self.bar, self.tasks = time.perf_counter(), image_progress(note=True), dict[str, Any]()
+
+    def __enter__(self) -> PrepareReport:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, p: Progress) -> None:
+        if p.split not in self.tasks:
+            self.tasks[p.split] = self.bar.add_task(p.split, total=p.total, note="")
+        self.bar.update(self.tasks[p.split], completed=p.done, total=p.total, note=p.note())
+
+    def done(self, result: PrepareResult) -> None:
+        """Close the bar and print the summary of `result`."""
+        self.bar.stop()
+        if is_rank0():
+            out.print("\n".join(result.summary(time.perf_counter() - self.t0)))
+            for line in result.skipped_warnings():
+                warn(line)
 
 
 def warn(message: str) -> None:

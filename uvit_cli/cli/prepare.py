@@ -1,23 +1,19 @@
 """`uvit prepare coco|imagenet|cifar10|celeba|folder|shapes|official-features`: data sets into feature shards;
 `uvit prepare verify DIR`: the full hash check of a prepared folder (see docs/data.md).
 
-Each command is a typed function that calls its workflow by name (imported when it runs: `--help` loads no
-torch); its parameters are named as the workflow's keywords, with the same defaults (tests/test_cli.py checks)."""
+Each command is a typed function that calls its workflow by name (`uvit_cli.prepare` imports torch only when a
+workflow runs); its parameters are named as the workflow's keywords, with their defaults (tests/test_cli.py)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from uvit_cli import config
-from uvit_cli.cli.common import ClipOpt, VaeOpt, handle_errors, image_progress, is_rank0, option, warn
-from uvit_cli.cli.common import out as stdout
-
-if TYPE_CHECKING:
-    from uvit_cli.prepare import PrepareResult, Progress
+from uvit_cli import config, prepare
+from uvit_cli.cli.common import ClipOpt, PrepareReport, VaeOpt, handle_errors, option
+from uvit_cli.cli.prepare_verify import verify
 
 app = typer.Typer(
     help="Turn a data set into feature shards for training (docs/data.md).", no_args_is_help=True
@@ -51,70 +47,24 @@ WorkersOpt = Annotated[
 OUT = Path(config.DATA_ROOT)  # --out by default: where the packaged presets read
 
 
-def _source_root(flag: str, kind: str, holds: str) -> Any:
+_HOLDS = {  # what the folder of each data set's originals holds
+    "coco": "Holds train2014/, val2014/ and annotations/captions_*2014.json",
+    "imagenet": "ImageNet directory holding train/<synset>/*.JPEG",
+    "cifar10": "Holds cifar-10-batches-py/ (cifar-10-python.tar.gz extracted)",
+    "celeba": "Holds img_align_celeba/*.jpg and optionally list_eval_partition.txt",
+}
+
+
+def _source_root(flag: str, kind: str) -> Any:
     """The option that names where data set `kind`'s originals are; its default is the core's DATA_ROOTS."""
     env, conventional = config.DATA_ROOTS[kind]
-    return option(flag, help=f"{holds} (default: ${env}, else ./{conventional}).")
-
-
-class _Report:
-    """A prepare workflow's progress bar (it reports to `report.update`), then its one-screen summary."""
-
-    def __init__(self, precision: config.EncoderPrecision = "fp32") -> None:
-        if precision == "bf16" and is_rank0():
-            import torch
-
-            if not torch.cuda.is_available():  # measured: bf16 convolutions ~140x slower than fp32 on a CPU
-                warn(
-                    "--precision bf16 without a GPU: CPU bf16 convolutions are far slower than fp32 "
-                    "(use the default fp32 here)"
-                )
-        self.t0 = time.perf_counter()
-        self.bar = image_progress(note=True)
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> _Report:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-
-    def update(self, p: Progress) -> None:
-        if p.split not in self.tasks:
-            self.tasks[p.split] = self.bar.add_task(p.split, total=p.total, note="")
-        note = f"{p.skipped} skipped" if p.skipped else ""
-        if p.shards_reused:
-            note += f"{', ' if note else ''}{p.shards_reused} shards reused"
-        self.bar.update(self.tasks[p.split], completed=p.done, total=p.total, note=note)
-
-    def summary(self, result: PrepareResult) -> None:
-        if not is_rank0():
-            return
-        m = result.manifest
-        for split, entry in m["splits"].items():
-            skipped = entry.get("skipped", [])
-            stdout.print(
-                f"{split}: {entry.get('items', 0)} items in {len(entry.get('shards', []))} shards"
-                + (f", {entry['captions']} captions" if entry.get("captions") else "")
-                + (f", {len(skipped)} unreadable images skipped (listed in manifest.json)" if skipped else "")
-            )
-            if skipped:  # named, so that a named pipe or a broken link among the images is seen
-                more = f", and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-                named = "; ".join(f"{s.get('key')} ({s.get('reason')})" for s in skipped[:3])
-                warn(f"{split}: skipped {named}{more}")
-        for name, e in m.get("encoders", {}).items():
-            stdout.print(f"{name}: {e['path']} sha256 {e['sha256'][:16]}")
-        stdout.print(f"wrote {result.out} in {time.perf_counter() - self.t0:.1f} s")
+    return option(flag, help=f"{_HOLDS[kind]} (default: ${env}, else ./{conventional}).")
 
 
 @app.command("coco")
 @handle_errors
 def coco(
-    coco_root: Annotated[
-        Path | None,
-        _source_root("--coco-root", "coco", "Holds train2014/, val2014/ and annotations/captions_*2014.json"),
-    ] = None,
+    coco_root: Annotated[Path | None, _source_root("--coco-root", "coco")] = None,
     split: Annotated[
         config.PrepareSplit, typer.Option("--split", help="Which split(s) to prepare.")
     ] = "both",
@@ -130,26 +80,20 @@ def coco(
     num_workers: WorkersOpt = None,
 ) -> None:
     """MS-COCO 2014 as U-ViT: autoencoder moments + CLIP features of every caption, and CLIP("")."""
-    from uvit_cli import prepare
-
-    with _Report(precision) as report:
-        result = prepare.prepare_coco(
+    with PrepareReport(precision) as report:
+        report.done(prepare.prepare_coco(
             coco_root, out, name=name, split=split, vae=vae, clip=clip, resolution=resolution,
             batch_size=batch_size, dtype=dtype, precision=precision, items_per_shard=items_per_shard,
             num_workers=num_workers, progress=report.update,
-        )  # fmt: skip
-    report.summary(result)
+        ))  # fmt: skip
 
 
 @app.command("imagenet")
 @handle_errors
 def imagenet(
-    root: Annotated[
-        Path | None, _source_root("--root", "imagenet", "ImageNet directory holding train/<synset>/*.JPEG")
-    ] = None,
+    root: Annotated[Path | None, _source_root("--root", "imagenet")] = None,
     resolution: Annotated[
-        int | None,
-        typer.Option("--resolution", help="256 or 512 (latent), 64 (pixel) (default: 256 / 64)."),
+        int | None, typer.Option("--resolution", help="256 or 512 (latent), 64 (pixel) (default: 256 / 64).")
     ] = None,
     space: Annotated[
         config.Space,
@@ -165,49 +109,35 @@ def imagenet(
     num_workers: WorkersOpt = None,
 ) -> None:
     """ImageNet train as U-ViT: ADM centre crop, labels; moments of each image and its mirror image, or pixels."""
-    from uvit_cli import prepare
-
-    with _Report(precision) as report:
-        result = prepare.prepare_imagenet(
+    with PrepareReport(precision) as report:
+        report.done(prepare.prepare_imagenet(
             root, out, name=name, resolution=resolution, space=space, vae=vae, batch_size=batch_size,
             dtype=dtype, precision=precision, items_per_shard=items_per_shard, num_workers=num_workers,
             progress=report.update,
-        )  # fmt: skip
-    report.summary(result)
+        ))  # fmt: skip
 
 
 @app.command("cifar10")
 @handle_errors
 def cifar10(
-    root: Annotated[
-        Path | None,
-        _source_root("--root", "cifar10", "Holds cifar-10-batches-py/ (cifar-10-python.tar.gz extracted)"),
-    ] = None,
+    root: Annotated[Path | None, _source_root("--root", "cifar10")] = None,
     out: OutOpt = OUT,
     name: NameOpt = None,
     items_per_shard: ShardOpt = 1000,
     num_workers: WorkersOpt = None,
 ) -> None:
     """CIFAR-10 as U-ViT: uint8 32x32 pixels with labels; train (50,000) and test (10,000) splits."""
-    from uvit_cli import prepare
-
-    with _Report() as report:
-        result = prepare.prepare_cifar10(
+    with PrepareReport() as report:
+        report.done(prepare.prepare_cifar10(
             root, out, name=name, items_per_shard=items_per_shard, num_workers=num_workers,
             progress=report.update,
-        )  # fmt: skip
-    report.summary(result)
+        ))  # fmt: skip
 
 
 @app.command("celeba")
 @handle_errors
 def celeba(
-    root: Annotated[
-        Path | None,
-        _source_root(
-            "--root", "celeba", "Holds img_align_celeba/*.jpg and optionally list_eval_partition.txt"
-        ),
-    ] = None,
+    root: Annotated[Path | None, _source_root("--root", "celeba")] = None,
     resolution: Annotated[int, typer.Option("--resolution", help="Side after the 128x128 face crop.")] = 64,
     out: OutOpt = OUT,
     name: NameOpt = None,
@@ -215,14 +145,11 @@ def celeba(
     num_workers: WorkersOpt = None,
 ) -> None:
     """CelebA as U-ViT: 128x128 face crop, Resize(64), uint8 pixels; the official splits if listed."""
-    from uvit_cli import prepare
-
-    with _Report() as report:
-        result = prepare.prepare_celeba(
+    with PrepareReport() as report:
+        report.done(prepare.prepare_celeba(
             root, out, name=name, resolution=resolution, items_per_shard=items_per_shard,
             num_workers=num_workers, progress=report.update,
-        )  # fmt: skip
-    report.summary(result)
+        ))  # fmt: skip
 
 
 @app.command("folder")
@@ -258,16 +185,13 @@ def folder(
     num_workers: WorkersOpt = None,
 ) -> None:
     """Your own images: optional captions (text) or sub-folder classes; latent or pixel space."""
-    from uvit_cli import prepare
-
-    with _Report(precision) as report:
-        result = prepare.prepare_folder(
+    with PrepareReport(precision) as report:
+        report.done(prepare.prepare_folder(
             directory, out, name=name, space=space, resolution=resolution, crop=crop, flip=flip,
             labels=labels, captions=captions, vae=vae, clip=clip, batch_size=batch_size, dtype=dtype,
             precision=precision, items_per_shard=items_per_shard, num_workers=num_workers,
             progress=report.update,
-        )  # fmt: skip
-    report.summary(result)
+        ))  # fmt: skip
 
 
 @app.command("official-features")
@@ -286,14 +210,11 @@ def official_features(
     name: NameOpt = None,
 ) -> None:
     """Features extracted by U-ViT's own scripts, copied into shards (no encoder runs)."""
-    from uvit_cli import prepare
-
-    with _Report() as report:
-        result = prepare.import_official_features(
+    with PrepareReport() as report:
+        report.done(prepare.import_official_features(
             src, out, name=name, kind=kind, items_per_shard=items_per_shard, dtype=dtype,
             num_workers=num_workers, progress=report.update,
-        )  # fmt: skip
-    report.summary(result)
+        ))  # fmt: skip
 
 
 @app.command("shapes")
@@ -302,56 +223,22 @@ def shapes(
     out_dir: OutOpt = OUT,
     name: Annotated[str, typer.Option("--name", help="Folder of the set under --out.")] = "shapes",
     n: Annotated[int, typer.Option("--n", min=1, help="Training images.")] = 10000,
-    n_val: Annotated[
-        int | None,
-        option("--val", min=0, help="Held-out images (default: n / 10)."),
-    ] = None,
+    n_val: Annotated[int | None, option("--val", min=0, help="Held-out images (default: n / 10).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the scenes.")] = 0,
     resolution: Annotated[
-        int | None,
-        option("--resolution", help="Image side in pixels (default: shapes_uvit_tiny's, 16)."),
+        int | None, option("--resolution", help="Image side in pixels (default: shapes_uvit_tiny's, 16).")
     ] = None,
 ) -> None:
     """Captioned shapes ("a small red circle at the top left"): pixels + toy-CLIP contexts, no downloads."""
     from uvit_cli.shapes.prepare import prepare_shapes
 
-    t0 = time.perf_counter()
-    result = prepare_shapes(out_dir, name=name, n=n, n_val=n_val, seed=seed, resolution=resolution)
-    for split, entry in result.manifest["splits"].items():
-        stdout.print(
-            f"{split}: {entry['items']} images, {entry['captions']} captions in {len(entry['shards'])} shards"
-        )
-    reused = sum(result.reused.values())
-    note = f" ({reused} finished shards verified and kept)" if reused else ""
-    stdout.print(f"wrote {result.out} in {time.perf_counter() - t0:.1f} s{note}")
+    with PrepareReport() as report:
+        report.done(prepare_shapes(
+            out_dir, name=name, n=n, n_val=n_val, seed=seed, resolution=resolution, progress=report.update
+        ))  # fmt: skip
 
 
-@app.command("verify")
-@handle_errors
-def verify(
-    directory: Annotated[
-        Path, typer.Argument(help="A folder written by uvit prepare (holds manifest.json).")
-    ],
-    split: Annotated[str | None, option("--split", help="Check only this split (default: all).")] = None,
-) -> None:
-    """Recompute the sha256 of every shard file against the manifest (finds flipped bytes; slow on big sets)."""
-    from rich.progress import Progress
-
-    from uvit_cli.data import verify as verify_set
-
-    t0 = time.perf_counter()
-    with Progress(console=stdout, transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(f"{name} shards", total=total)
-            bar.update(tasks[name], completed=done)
-
-        checked = verify_set(directory, split, progress)
-    for name, files in checked.items():
-        stdout.print(f"{name}: {files} files match the manifest")
-    stdout.print(f"{directory}: intact ({time.perf_counter() - t0:.1f} s)")
+app.command("verify")(verify)  # the full check of a prepared folder (cli/prepare_verify.py)
 
 
 def register(root: typer.Typer) -> None:

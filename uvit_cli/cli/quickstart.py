@@ -25,8 +25,7 @@ def quickstart_command(
         option("--train-steps", min=1, help="Train exactly this many steps instead (ignores --minutes)."),
     ] = None,
     images: Annotated[
-        int | None,
-        option("--images", min=64, help="Training images (default: 10000)."),
+        int | None, option("--images", min=64, help="Training images (default: 10000).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, training and sampling.")] = 0,
     threads: Annotated[

@@ -36,13 +36,9 @@ from uvit_cli.cli.common import (
 
 @handle_errors
 def sample(
-    prompt: Annotated[
-        list[str] | None,
-        option("--prompt", "-p", help="Text prompt (repeatable)."),
-    ] = None,
+    prompt: Annotated[list[str] | None, option("--prompt", "-p", help="Text prompt (repeatable).")] = None,
     prompts_file: Annotated[
-        Path | None,
-        option("--prompts-file", help="File of prompts, one per line."),
+        Path | None, option("--prompts-file", help="File of prompts, one per line.")
     ] = None,
     class_: Annotated[
         list[int] | None,

@@ -47,10 +47,10 @@ def paper_num_images(preset: Preset) -> int:
     return preset.sample.n_samples
 
 
-def _val_split_missing(root: Path, preset: Preset, have: str) -> DataError:
+def _val_split_missing(root: Path, data_kind: str, have: str) -> DataError:
     how = (
         f"`uvit prepare coco --coco-root DIR --split val --out {root}`"
-        if preset.data.kind == "coco"
+        if data_kind == "coco"
         else f"`uvit prepare ... --out {root}` with a val split"
     )
     return DataError(
@@ -75,11 +75,11 @@ def val_context_conditions(
 
     root = Path(root)
     if not (root / MANIFEST).is_file():
-        raise _val_split_missing(root, preset, "nothing: no manifest.json there")
+        raise _val_split_missing(root, preset.data.kind, "nothing: no manifest.json there")
     manifest = read_manifest(root)
     splits = manifest.get("splits", {})
     if "val" not in splits:
-        raise _val_split_missing(root, preset, ", ".join(splits) or "none")
+        raise _val_split_missing(root, preset.data.kind, ", ".join(splits) or "none")
     if manifest.get("conditioning") != "text":
         raise DataError(
             f"{root}: a {manifest.get('conditioning')}-conditional set, but preset '{preset.name}' needs "
@@ -335,8 +335,9 @@ def fid_from_checkpoint(
     with dist.process_group():
         sampler = load_sampler(spec, device=device, say=say)
         loaded = sampler.loaded
+        text_model = loaded.preset.model.conditioning == "text"
         null_context = None
-        if clip is not None and loaded.preset.model.conditioning == "text":
+        if clip is not None and text_model:
             null_context = text_encoder(loaded.preset.text_encoder, clip, sampler.device).encode([""])
         conditions, uncond, cond_info = fid_conditions(
             loaded.preset, seed, classes=classes, contexts_from=contexts_from, null_context=null_context
@@ -345,7 +346,7 @@ def fid_from_checkpoint(
             cond_info["contexts"]["null"] = f"CLIP('') of {clip}"
         prompts = None
         if "clip" in names:
-            if loaded.preset.model.conditioning != "text":
+            if not text_model:
                 raise DataError(f"--metrics clip: preset '{loaded.preset.name}' is not a text-to-image model")
             root = Path(contexts_from) if contexts_from is not None else loaded.preset.data.set_path()
             prompts = val_prompts(root, seed)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from uvit_cli.config import (
     DATA_ROOTS,
@@ -33,8 +34,12 @@ from uvit_cli.config import (
     set_dir,
 )
 from uvit_cli.errors import DataError
-from uvit_cli.prepare.official import import_official_features
-from uvit_cli.prepare.run import PrepareResult, PrepareSpec, Progress, ProgressFn, SplitJob, run
+from uvit_cli.lazy import lazy_exports
+from uvit_cli.prepare.result import PrepareResult, Progress, ProgressFn
+
+if TYPE_CHECKING:
+    from uvit_cli.prepare.official import import_official_features
+    from uvit_cli.prepare.run import PrepareSpec
 
 __all__ = [
     "PrepareResult",
@@ -50,6 +55,9 @@ __all__ = [
     "prepare_folder",
     "prepare_imagenet",
 ]
+
+# The engine imports torch: read on first use, so that `uvit prepare --help` stays fast.
+__getattr__ = lazy_exports(__name__, {"PrepareSpec": "run", "import_official_features": "official"})
 
 Path_ = str | os.PathLike[str]
 
@@ -85,6 +93,7 @@ def prepare_coco(
 ) -> PrepareResult:
     """MS-COCO 2014 as U-ViT (spec §5.1): moments (8, 32, 32) per image, CLIP features of all its captions."""
     coco_root = data_root("coco", coco_root)
+    from uvit_cli.prepare.run import PrepareSpec, SplitJob, run
     from uvit_cli.prepare.sources import coco_sources
 
     splits = ["train", "val"] if split == "both" else [split]
@@ -125,6 +134,7 @@ def prepare_imagenet(
     """ImageNet train as U-ViT (spec §5.3, §5.4): ADM centre crop and class label, then either the moments
     of the image and its flip (latent: 256 or 512) or the uint8 pixels (pixel: 64; flipped at train time)."""
     root = data_root("imagenet", root)
+    from uvit_cli.prepare.run import PrepareSpec, SplitJob, run
     from uvit_cli.prepare.sources import imagenet_sources
 
     pixel = space == "pixel"
@@ -170,6 +180,7 @@ def prepare_cifar10(
     """CIFAR-10 python pickles (spec §5.4): uint8 32x32 pixels and labels; train (data_batch_1..5), test."""
     root = data_root("cifar10", root)
     from uvit_cli.prepare.pixel_sets import cifar10_classes, cifar10_sources
+    from uvit_cli.prepare.run import PrepareSpec, SplitJob, run
 
     classes = cifar10_classes(root)
     jobs = [SplitJob(s, cifar10_sources(root, s)) for s in ("train", "test")]
@@ -201,6 +212,7 @@ def prepare_celeba(
     """CelebA img_align_celeba (spec §5.4): 128x128 face crop, torchvision Resize(64), uint8 pixels, no labels."""
     root = data_root("celeba", root)
     from uvit_cli.prepare.pixel_sets import celeba_sources
+    from uvit_cli.prepare.run import PrepareSpec, SplitJob, run
 
     if not 0 < resolution <= 128:
         raise DataError(f"--resolution {resolution}: the CelebA face crop is 128x128 (U-ViT: 64)")
@@ -241,6 +253,7 @@ def prepare_folder(
     progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """A folder of images: captions from captions.jsonl or sidecar .txt files, classes from sub-folders."""
+    from uvit_cli.prepare.run import PrepareSpec, SplitJob, run
     from uvit_cli.prepare.sources import folder_sources
 
     sources, classes, has_captions = folder_sources(directory, labels=labels, captions=captions)

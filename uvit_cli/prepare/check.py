@@ -111,3 +111,16 @@ def require_resources(
     resources.require_disk(
         out, "the shards still to write", disk, fix="free space, or choose another --out on a larger disk"
     )
+
+
+def precision_warning(precision: str) -> str | None:
+    """Why `precision` is a poor choice on this machine, else None (measured: bf16 convolutions on a CPU
+    are ~140x slower than fp32)."""
+    import torch
+
+    if precision == "bf16" and not torch.cuda.is_available():
+        return (
+            "--precision bf16 without a GPU: CPU bf16 convolutions are far slower than fp32 "
+            "(use the default fp32 here)"
+        )
+    return None

@@ -38,7 +38,7 @@ from uvit_cli.config import OfficialKind, dataset_name, set_dir
 from uvit_cli.data.writer import SourceDigests
 from uvit_cli.errors import DataError
 from uvit_cli.imageio import non_regular, read_regular
-from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
+from uvit_cli.prepare.result import PrepareResult, Progress, ProgressFn
 from uvit_cli.safe_pickle import load_numpy_pickle
 
 IMAGENET_CLASSES = 1000  # datasets.py ImageNet256Features / ImageNet512Features: self.K = 1000

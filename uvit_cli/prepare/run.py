@@ -16,9 +16,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from uvit_cli.errors import DataError, ResourceError
 from uvit_cli.imageio import decode_rgb, read_regular
 from uvit_cli.prepare import check
 from uvit_cli.prepare.check import source_digest
+from uvit_cli.prepare.result import PrepareResult, Progress, ProgressFn
 from uvit_cli.prepare.sources import CROP_DESCRIPTIONS, CROPS, Source, source_sha256
 from uvit_cli.workers import worker_loader
 
@@ -64,6 +64,16 @@ class PrepareSpec:
     num_workers: int | None = None  # image-decoding processes; None: min(8, CPUs)
     text_batch_size: int = 256
 
+    @property
+    def text(self) -> bool:
+        """Captions are encoded (CLIP contexts stored beside the images)."""
+        return self.conditioning == "text"
+
+    @property
+    def labels(self) -> bool:
+        """Class labels are stored."""
+        return self.conditioning == "class"
+
     def __post_init__(self) -> None:
         if self.num_workers is None:
             self.num_workers = min(8, os.cpu_count() or 1)
@@ -73,29 +83,6 @@ class PrepareSpec:
             raise DataError(
                 f"--resolution {self.resolution} is not a multiple of 8 (the autoencoder downsamples by 8)"
             )
-
-
-@dataclass
-class Progress:
-    """Reported after every batch: this rank's images done / to do in `split` (skipped = unreadable)."""
-
-    split: str
-    done: int
-    total: int
-    skipped: int = 0
-    shards_written: int = 0
-    shards_reused: int = 0
-
-
-@dataclass
-class PrepareResult:
-    out: Path
-    manifest: dict[str, Any]
-    written: dict[str, int] = field(default_factory=dict)  # shards written per split by this rank
-    reused: dict[str, int] = field(default_factory=dict)
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,7 +129,7 @@ class _Encoders:
 
         self.spec, self.device = spec, device
         self.vae = load_autoencoder(spec.vae, device=device) if spec.space == "latent" else None
-        self.clip = load_text_encoder(spec.clip, device=device) if spec.conditioning == "text" else None
+        self.clip = load_text_encoder(spec.clip, device=device) if spec.text else None
 
     def ids(self) -> dict[str, Any]:
         enc: dict[str, Any] = {}
@@ -209,12 +196,12 @@ def _finish_shard(
         f = 1 if spec.space == "pixel" else 8
         r = spec.resolution // f
         x = np.zeros((0, 2 if spec.flip else 1, c, r, r), np.uint8 if spec.space == "pixel" else spec.dtype)
-    text = spec.conditioning == "text"
+    text = spec.text
     shard = data.ShardData(
         x=x,
         keys=[sources[i].key for i in order],
         sources=buf.hi - buf.lo,
-        y=np.array([sources[i].label for i in order], np.int64) if spec.conditioning == "class" else None,
+        y=np.array([sources[i].label for i in order], np.int64) if spec.labels else None,
         contexts=[data.to_storage(buf.rows[i][1], spec.dtype) for i in order] if text else None,  # type: ignore[arg-type]
         captions=[list(sources[i].captions or []) for i in order] if text else None,
         skipped=[
@@ -265,7 +252,7 @@ def _prepare_split(
             if img is None:
                 bufs[owner[i]].skipped[i] = err
                 state.skipped += 1
-            elif spec.conditioning == "text" and not job.sources[i].captions:
+            elif spec.text and not job.sources[i].captions:
                 bufs[owner[i]].skipped[i] = "no captions"
                 state.skipped += 1
         ok = [(i, img) for i, img in ok if i not in bufs[owner[i]].skipped]
@@ -278,7 +265,7 @@ def _prepare_split(
                     f"{spec.resolution} px: use a smaller --batch-size"
                 ) from None
             ctx: list[np.ndarray | None] = [None] * len(ok)
-            if spec.conditioning == "text":
+            if spec.text:
                 caps = [c for i, _ in ok for c in job.sources[i].captions or []]
                 flat = enc.texts(caps)
                 bounds = np.cumsum([0] + [len(job.sources[i].captions or []) for i, _ in ok])
@@ -341,7 +328,7 @@ def _run(
         dtype=settings["dtype"],
         items_per_shard=spec.items_per_shard,
         settings=settings,
-        num_classes=len(spec.classes) if spec.conditioning == "class" and spec.classes else None,
+        num_classes=len(spec.classes) if spec.labels and spec.classes else None,
         classes=spec.classes,
         context_shape=None,
         encoders=enc.ids(),

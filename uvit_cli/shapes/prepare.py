@@ -16,7 +16,7 @@ import numpy as np
 from uvit_cli import data, resources
 from uvit_cli.config import set_dir
 from uvit_cli.errors import DataError
-from uvit_cli.prepare.run import PrepareResult, Progress, ProgressFn
+from uvit_cli.prepare.result import PrepareResult, Progress, ProgressFn
 from uvit_cli.shapes import render, text
 
 if TYPE_CHECKING:
