@@ -13,7 +13,10 @@ A step directory appears (rename) only when all its files are written, so a kill
 half checkpoint under a step name; `latest` is replaced atomically after that. A step directory's step is
 the one its weights record, not its name (`list_checkpoints`). Official `nnet.pth` /
 `nnet_ema.pth` files (plain state dicts) load too: with the preset they belong to, or recognised by their
-shapes among the packaged presets (`state_dicts`: reading them, key-by-key checks, recognition).
+shapes among the packaged presets (`state_dicts`: reading them, key-by-key checks, recognition). A weights
+file without an embedded preset takes the `preset.toml` beside it (an exported folder, `hub.export`); a
+`--ckpt` that names a Hub model (`org/name`, `hf://org/name/file`) is found through the Hugging Face cache
+(`hub.resolve_hub`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uvit_cli.config import Preset, preset_from_toml
+from uvit_cli.config import Preset, load_preset, preset_from_toml
 from uvit_cli.errors import CheckpointError
 from uvit_cli.fileio import atomic_open, atomic_path, fsync_dir, sha256_file, write_text_atomic
 from uvit_cli.safe_pickle import torch_load_tensors
@@ -75,23 +78,22 @@ def save_weights(
     path: str | os.PathLike[str],
     state_dict: Mapping[str, torch.Tensor],
     preset: Preset | None,
-    step: int,
+    step: int | None,
     weights: str,
+    extra: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write `state_dict` as safetensors with the uvit metadata; temp file + rename (atomic)."""
+    """Write `state_dict` as safetensors with the uvit metadata (`extra` added to it; no step recorded when
+    `step` is None); temp file + rename (atomic)."""
     from safetensors.torch import save_file
 
     from uvit_cli import __version__
 
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if weights not in ("ema", "model", "released"):  # released: the paper's files, which do not say
+        raise ValueError(f"weights must be 'ema', 'model' or 'released', got {weights!r}")
     path = Path(path)
-    meta = {
-        "format": FORMAT,
-        "step": str(int(step)),
-        "weights": weights,
-        "uvit_version": __version__,
-    }
+    meta = {**(extra or {}), "format": FORMAT, "weights": weights, "uvit_version": __version__}
+    if step is not None:
+        meta["step"] = str(int(step))
     if preset is not None:
         meta["preset"] = preset.to_toml()
     # safetensors wants contiguous, unshared CPU tensors; the copy also detaches from the live model.
@@ -179,12 +181,20 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def find_checkpoint(path_or_run_dir: str | os.PathLike[str], ema: bool = True) -> Path:
-    """A weights file from a file, a step directory or a run directory (its latest step); EMA preferred."""
+    """A weights file from a file, a step directory, a run directory (its latest step) or a Hub reference
+    (`org/name` where no such local path exists, `hf://org/name[/file]`: `hub.resolve_hub`); EMA preferred."""
     p = Path(path_or_run_dir)
     if p.is_file():
         return p
+    from uvit_cli.hub import hub_ref, resolve_hub
+
+    # `org/name` (no such local path) or `hf://org/name[/file]`: a Hub model, through the Hugging Face cache
+    if (ref := hub_ref(path_or_run_dir)) is not None:
+        return resolve_hub(ref, ema=ema)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory (pass a .safetensors/.pth file or a run dir)")
+        raise CheckpointError(
+            f"{p}: no such file or directory (pass a .safetensors/.pth file, a run dir or a Hub id ORG/NAME)"
+        )
     step_dir = p
     if not (p / MODEL_FILE).exists() and not (p / EMA_FILE).exists():
         latest = latest_checkpoint(p)
@@ -227,6 +237,8 @@ def load_model(
     file = find_checkpoint(path, ema=ema)
     sd, embedded, meta = load_weights(file)
     preset = preset if preset is not None else embedded
+    if preset is None and (file.parent / PRESET_FILE).is_file():  # an exported folder: weights + preset.toml
+        preset = load_preset(file.parent / PRESET_FILE)
     if preset is None:
         preset = recognise_preset(sd, str(file))
     model = UViT(**preset.model)

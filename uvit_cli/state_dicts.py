@@ -1,9 +1,11 @@
 """Plain state dicts: an official `nnet.pth` / `nnet_ema.pth` read, a state dict checked key by key against a
-model, and the packaged preset an official file belongs to, recognised by its shapes."""
+model, the packaged preset an official file belongs to, recognised by its shapes, and the paper's released
+files (`OFFICIAL_FILES`: where to get each, the preset it loads with)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,3 +103,79 @@ def recognise_preset(sd: Mapping[str, torch.Tensor], source: str) -> Preset:
         )
     names = ", ".join(p.name for p in fits)
     raise CheckpointError(f"{source}: carries no preset and fits several ({names}); pass one with --preset")
+
+
+# Wrappers whose prefix a saved state dict can carry: DDP (`module.`) and torch.compile (`_orig_mod.`).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def official_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` under the official key names: a prefix that every key carries from a DDP or torch.compile
+    wrapper is removed (our checkpoints and the paper's files carry none, so they come back unchanged)."""
+    out = dict(sd)
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                changed = True
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's released files
+
+
+@dataclass(frozen=True)
+class OfficialFile:
+    """One of the paper's released U-ViT files, as the official README lists it (baofff/U-ViT, *Pretrained
+    Models* and the FID commands' `--nnet_path`): its file name, the model, the packaged preset it loads
+    with, the FID and training iterations the README reports, its Google Drive file id, and a ModelScope
+    mirror where one is known. Sizes and sha256 are not published there: None, never guessed."""
+
+    file: str
+    model: str
+    preset: str
+    fid: float
+    iterations: str
+    drive_id: str
+    modelscope: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+
+    @property
+    def drive_url(self) -> str:
+        return f"https://drive.google.com/file/d/{self.drive_id}/view"
+
+
+# ModelScope mirrors: modelscope/modelscope examples/pytorch/UViT_ImageNet_demo.ipynb downloads
+# imagenet256_uvit_huge.pth from thu-ml/imagenet256_uvit_huge and imagenet512_uvit_huge.pth from
+# thu-ml/imagenet512_uvit_huge; no mirror of the others is documented.
+OFFICIAL_FILES = (
+    OfficialFile("cifar10_uvit_small.pth", "CIFAR10 (U-ViT-S/2)", "cifar10_uvit_s2", 3.11, "500K",
+                 "1yoYyuzR_hQYWU0mkTj659tMTnoCWCMv-"),
+    OfficialFile("celeba64_uvit_small.pth", "CelebA 64x64 (U-ViT-S/4)", "celeba64_uvit_s4", 2.87, "500K",
+                 "13YpbRtlqF1HDBNLNRlKxLTbKbKeLE06C"),
+    OfficialFile("imagenet64_uvit_mid.pth", "ImageNet 64x64 (U-ViT-M/4)", "imagenet64_uvit_m4", 5.85, "300K",
+                 "1igVgRY7-A0ZV3XqdNcMGOnIGOxKr9azv"),
+    OfficialFile("imagenet64_uvit_large.pth", "ImageNet 64x64 (U-ViT-L/4)", "imagenet64_uvit_l4", 4.26,
+                 "300K", "19rmun-T7RwkNC1feEPWinIo-1JynpW7J"),
+    OfficialFile("imagenet256_uvit_large.pth", "ImageNet 256x256 (U-ViT-L/2)", "imagenet256_uvit_l2", 3.40,
+                 "300K", "1w7T1hiwKODgkYyMH9Nc9JNUThbxFZgs3"),
+    OfficialFile("imagenet256_uvit_huge.pth", "ImageNet 256x256 (U-ViT-H/2)", "imagenet256_uvit_h2", 2.29,
+                 "500K", "13StUdrjaaSXjfqqF7M47BzPyhMAArQ4u", modelscope="thu-ml/imagenet256_uvit_huge"),
+    OfficialFile("imagenet512_uvit_large.pth", "ImageNet 512x512 (U-ViT-L/4)", "imagenet512_uvit_l4", 4.67,
+                 "500K", "1mkj4aN2utHMBTWQX9l1nYue9vleL7ZSB"),
+    OfficialFile("imagenet512_uvit_huge.pth", "ImageNet 512x512 (U-ViT-H/4)", "imagenet512_uvit_h4", 4.05,
+                 "500K", "1uegr2o7cuKXtf2akWGAN2Vnlrtw5YKQq", modelscope="thu-ml/imagenet512_uvit_huge"),
+    OfficialFile("mscoco_uvit_small.pth", "MS-COCO (U-ViT-S/2)", "coco_uvit_s2", 5.95, "1M",
+                 "15JsZWRz2byYNU6K093et5e5Xqd4uwA8S"),
+    OfficialFile("mscoco_uvit_small_deep.pth", "MS-COCO (U-ViT-S/2, Deep)", "coco_uvit_s2_deep", 5.48, "1M",
+                 "1gHRy8sn039Wy-iFL21wH8TiheHK8Ky71"),
+)  # fmt: skip
+
+
+def official_file(name: str) -> OfficialFile | None:
+    """The released file of this name (`imagenet256_uvit_huge.pth`), or None."""
+    return next((f for f in OFFICIAL_FILES if f.file == name), None)

@@ -16,14 +16,14 @@ from uvit_cli import __version__
 from uvit_cli.cli import presets
 
 # Each workflow's command lives in uvit_cli/cli/<name>.py and exposes `register(app)`.
-_COMMANDS = ("prepare", "train", "sample", "fid", "bench", "quickstart", "report")
+_COMMANDS = ("prepare", "train", "sample", "fid", "bench", "quickstart", "report", "export")
 
 
 class _PipelineOrder(TyperGroup):
     """`uvit --help` lists the commands in pipeline order, not commands-then-groups."""
 
     def list_commands(self, ctx: Any) -> list[str]:
-        order = [*_COMMANDS, "presets"]
+        order = [*_COMMANDS, "push", "presets"]  # export.py registers export and push
         return sorted(super().list_commands(ctx), key=lambda n: order.index(n) if n in order else len(order))
 
 

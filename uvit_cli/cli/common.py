@@ -184,7 +184,12 @@ ClipOpt = Annotated[
 ]
 # Sampling (uvit sample, uvit fid --ckpt): the same flags for the same settings.
 CkptOpt = Annotated[
-    str | None, option("--ckpt", help="Our .safetensors / run dir, or the paper's nnet_ema.pth (+ --preset).")
+    str | None,
+    option(
+        "--ckpt",
+        help="Our .safetensors / run dir / exported folder, a Hub model ORG/NAME or hf://ORG/NAME/FILE, or the "
+        "paper's nnet_ema.pth (+ --preset).",
+    ),
 ]
 PresetOpt = Annotated[
     str | None, option("--preset", help="Preset name or .toml: for an official .pth, or to find runs/NAME.")
@@ -254,9 +259,14 @@ def sampler_spec(
     """The core's `SamplerSpec` of the sampling options, its settings the typed `SampleOptions` (None keeps
     the preset's value or the core's default; compiling is the core's choice unless --no-compile), checked
     against the preset once, when the workflow has loaded it."""
-    if ckpt is not None and not os.path.exists(ckpt):  # fails in a second, before torch loads
+    from uvit_cli.hub import hub_ref  # torch-free
+
+    # Fails in a second, before torch loads; a Hub model (org/name, hf://...) is looked up when loading.
+    if ckpt is not None and not os.path.exists(ckpt) and hub_ref(ckpt) is None:
         raise fail(
-            f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file or a run dir)", 2
+            f"--ckpt {ckpt}: no such file or directory (pass a .safetensors/.pth file, a run dir or a Hub "
+            "model ORG/NAME)",
+            2,
         )
     from uvit_cli.sample import SampleOptions, SamplerSpec
 

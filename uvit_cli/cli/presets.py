@@ -1,4 +1,4 @@
-"""`uvit presets list|show`."""
+"""`uvit presets list|show|weights`."""
 
 from __future__ import annotations
 
@@ -52,3 +52,26 @@ def show(
 ) -> None:
     """Print a preset, fully resolved (defaults filled in, overrides applied), as TOML."""
     typer.echo(config.load_preset(name, set_ or []).to_toml(), nl=False)
+
+
+@app.command("weights")
+@handle_errors
+def weights() -> None:
+    """List the paper's released checkpoints: file, preset, reported FID, where to get them, the export line."""
+    from uvit_cli.state_dicts import OFFICIAL_FILES
+
+    for f in OFFICIAL_FILES:  # a block per file: the ids and links stay whole on any terminal
+        size = f"{f.size_bytes:,} bytes" if f.size_bytes is not None else "size unknown"
+        out.print(f"{f.file}  {f.model}, FID {f.fid:g} ({f.iterations} iterations)", markup=False)
+        out.print(f"    preset {f.preset}; {size}; sha256 {f.sha256 or 'unknown'}", markup=False)
+        out.print(f"    Google Drive {f.drive_url}", markup=False)
+        if f.modelscope:
+            out.print(
+                f"    ModelScope {f.modelscope} (https://modelscope.cn/models/{f.modelscope})", markup=False
+            )
+    out.print(
+        "From the official README (github.com/baofff/U-ViT, Pretrained Models), which gives no sizes or "
+        "sha256. Each loads as --ckpt FILE (its preset recognised by its shapes); make one Hub-ready with "
+        "`uvit export FILE --out DIR`, then `uvit push DIR ORG/NAME`.",
+        markup=False,
+    )

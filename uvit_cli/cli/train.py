@@ -50,8 +50,8 @@ def train(
         Path | None,
         option(
             "--init",
-            help="Start a new run from these weights (our checkpoint or run dir, or the paper's nnet_ema.pth): "
-            "model and EMA loaded, fresh optimiser and schedule.",
+            help="Start a new run from these weights (our checkpoint or run dir, a Hub model ORG/NAME or "
+            "hf://ORG/NAME/FILE, or the paper's nnet_ema.pth): model and EMA loaded, fresh optimiser and schedule.",
         ),
     ] = None,
     data_changed: Annotated[

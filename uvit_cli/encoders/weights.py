@@ -10,6 +10,8 @@ The first of these that is given decides; each is a file, a directory (or an SD 
 `huggingface_hub` is installed, downloads are allowed (`HF_HUB_OFFLINE` / `UVIT_OFFLINE` unset) and
 huggingface.co answers, a hub download, logged as a warning. Otherwise a `WeightsNotFoundError` lists every
 place looked at and how to fix it. A given path that does not exist is an error, never a silent fallback.
+The same rule for a hub id (cache, then a guarded download) serves other weights too (`find_in_hub`: U-ViT
+checkpoints named `--ckpt org/name`, `uvit_cli.hub`).
 """
 
 from __future__ import annotations
@@ -147,12 +149,38 @@ def _from_cache(
     return None
 
 
+def is_hub_id(value: str) -> bool:
+    """Whether `value` has the form of a hub repo id `org/name` (whether such a repo exists is not asked)."""
+    return bool(_HUB_ID.match(value))
+
+
+def offline() -> bool:
+    """Whether downloads are switched off: `HF_HUB_OFFLINE` or `UVIT_OFFLINE` set to anything but "" or "0"."""
+    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "UVIT_OFFLINE"))
+
+
+def find_in_hub(
+    repo_id: str,
+    kind: WeightKind,
+    looked: list[str],
+    *,
+    prefer: str | None = None,
+    allow_download: bool = True,
+) -> ResolvedWeights | None:
+    """A hub repo's weights file by the module's rule for hub ids: the local cache first (no network), then a
+    guarded download; None when neither has it, `looked` saying where it looked and why nothing was fetched."""
+    if found := _from_cache(repo_id, kind, looked, "hub id", prefer):
+        return ResolvedWeights(found, "cache", looked)
+    if not allow_download:
+        looked.append(f"no download of {repo_id} (downloads disabled)")
+    elif found := _download(repo_id, kind, looked, prefer):
+        return ResolvedWeights(found, "download", looked)
+    return None
+
+
 def _download(repo_id: str, kind: WeightKind, looked: list[str], prefer: str | None) -> Path | None:
     """Last resort, never silent: only with huggingface_hub installed, downloads allowed and a network."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("UVIT_OFFLINE", "0") not in (
-        "",
-        "0",
-    ):
+    if offline():
         looked.append(f"no download of {repo_id} (HF_HUB_OFFLINE/UVIT_OFFLINE set)")
         return None
     try:

@@ -1,5 +1,6 @@
-"""Resolving what `uvit sample` and `uvit fid --ckpt` sample with: the checkpoint (`--ckpt`, `--preset`, or
-the run under runs/ that fits), the preset and its `--set` overrides, the settings, and the encoders."""
+"""Resolving what `uvit sample` and `uvit fid --ckpt` sample with: the checkpoint (`--ckpt`: a file, run dir,
+exported folder or Hub model `org/name` / `hf://org/name/file`; `--preset`; or the run under runs/ that
+fits), the preset and its `--set` overrides, the settings, and the encoders."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from uvit_cli.config import (
     preset_from_toml,
 )
 from uvit_cli.errors import CheckpointError, CheckpointMismatch, UvitError
+from uvit_cli.hub import hub_ref
 from uvit_cli.sample.settings import SampleOptions, SampleSettings
 
 OFFICIAL_CKPTS = "https://github.com/baofff/U-ViT#pretrained-models"
@@ -143,10 +145,15 @@ def _load(
     )
     step = f", step {info.step}" if info.step is not None else ""
     where = f"{info.path}{step} ({info.format}, sha256 {info.sha256[:12]})"
+    if ckpt is not None and (ref := hub_ref(ckpt)) is not None:
+        where = f"Hub {ref}: {where}"
     if info.format == "official" and preset is None:
         where += f"; preset {resolved.name}, recognised from its shapes"
-    if info.format == "official" and "ema" not in file.stem and file.stem != "nnet":
-        # the README's released files (e.g. imagenet256_uvit_huge.pth) do not say which weights they hold
+    if info.weights == "released" or (
+        info.format == "official" and "ema" not in file.stem and file.stem != "nnet"
+    ):
+        # the README's released files (e.g. imagenet256_uvit_huge.pth, and their exports) do not say which
+        # weights they hold
         return model, resolved, info, f"released weights: {where}"
     kind = "EMA" if info.weights == "ema" else "online (non-EMA)"
     note = f"{kind} weights: {where}"
