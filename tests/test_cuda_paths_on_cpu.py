@@ -172,20 +172,29 @@ _SYNCS = {
 
 
 class _HostSyncs(TorchFunctionMode):
-    """Records tensor -> host conversions (a device sync on CUDA) made directly by code in `under`."""
+    """Records tensor -> host conversions (a device sync on CUDA) made directly by code in `under`.
+
+    Subclasses widen what is a sync (`is_sync`) and where it counts (`counts`)."""
 
     def __init__(self, under: str) -> None:
         super().__init__()
         self.under, self.hits = under, Counter()
 
+    def is_sync(self, func, args, kwargs) -> bool:
+        return getattr(func, "__name__", "") in _SYNCS
+
+    def counts(self, filename: str) -> bool:
+        return self.under in filename
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in _SYNCS:
+        kwargs = kwargs or {}
+        if self.is_sync(func, args, kwargs):
             for frame in reversed(traceback.extract_stack()[:-1]):
                 if "/uvit_cli/" in frame.filename:  # the innermost uvit frame is the one that asked
-                    if self.under in frame.filename:
+                    if self.counts(frame.filename):
                         self.hits[f"{func.__name__} at {Path(frame.filename).name}:{frame.lineno}"] += 1
                     break
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize(("cond", "space"), [("class", "pixel"), ("text", "latent")])

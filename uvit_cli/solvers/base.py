@@ -25,20 +25,33 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() > 0 else v
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device` without making the host wait for the device: a copy from pageable CPU memory
+    synchronises the stream (torch waits for it to finish; the driver may too), so a CPU tensor bound for a
+    GPU is staged in pinned memory and copied asynchronously (torch's pinned-memory cache keeps the staging
+    block until the copy is done)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """N(0, I) like x; one generator per image makes the noise independent of the batch size."""
+    """N(0, I) like x; one generator per image makes the noise independent of the batch size. Drawn on the
+    generators' device (the CPU for `sample.generate`'s per-image generators) and moved to x's in one copy
+    that does not wait for the device: the stochastic solvers draw every step."""
     if generator is None:
         return torch.randn_like(x)
     if isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+        draw = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
+        return _to_device(draw, x.device)
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-    return torch.stack(
-        [
-            torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device)
-            for g in generator
-        ]
-    )
+    draws = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
+    if len({d.device for d in draws}) > 1:  # generators on several devices: gather them on x's first
+        draws = [_to_device(d, x.device) for d in draws]
+    return _to_device(torch.stack(draws), x.device)  # (B, ...)
 
 
 def _eps(eps_fn: EpsFn, schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
