@@ -23,7 +23,7 @@ from sample_fixtures import class_toml, save_tiny_uvit
 from train_fixtures import tiny_preset
 from typer.testing import CliRunner
 
-from uvit_cli import hub
+from uvit_cli import export, hub
 from uvit_cli.checkpoint import find_checkpoint, load_model
 from uvit_cli.cli import app
 from uvit_cli.errors import CheckpointError
@@ -92,7 +92,7 @@ def run(tmp_path_factory, shards):
     )  # another checkpoint's
     (ema.parent / "ema.fid-clean-n10-x.json").write_text(json.dumps(other))
     exported = d / "exported"
-    hub.export(run, exported)
+    export.export(run, exported)
     return {"dir": d, "run": run, "ema": ema, "exported": exported, "preset": preset}
 
 
@@ -175,7 +175,7 @@ def test_export_best_takes_run_best_or_says_why_not(run, tmp_path):
     (best / "best").mkdir()
     shutil.copy(best / "ckpts" / "00000003" / "ema.safetensors", best / "best" / "ema.safetensors")
     (best / "best" / "fid.json").write_text(json.dumps({"step": 3, "fid": 77.5, "stamp": {"mode": "clean"}}))
-    result = hub.export(best, tmp_path / "b", best=True)
+    result = export.export(best, tmp_path / "b", best=True)
     assert result.source == best / "best" / "ema.safetensors"
     assert "| 3 | 77.5 |" in (tmp_path / "b" / "README.md").read_text()
 
@@ -216,7 +216,7 @@ def test_export_of_an_official_pth_keeps_its_keys_and_values(tmp_path):
 
     grid = tmp_path / "grid.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(grid)
-    hub.export(tmp_path / "nnet_ema.pth", out, preset=tmp_path / "tiny_class.toml", samples=grid, force=True)
+    export.export(tmp_path / "nnet_ema.pth", out, preset=tmp_path / "tiny_class.toml", samples=grid, force=True)
     assert (out / "samples.png").read_bytes() == grid.read_bytes()
     assert "given with --samples" in (out / "README.md").read_text()
 
@@ -240,7 +240,7 @@ def test_a_released_file_of_the_paper_exports_and_loads_as_its_preset(tmp_path):
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     torch.save(sd, tmp_path / "cifar10_uvit_small.pth")
-    result = hub.export(tmp_path / "cifar10_uvit_small.pth", tmp_path / "exp")
+    result = export.export(tmp_path / "cifar10_uvit_small.pth", tmp_path / "exp")
     assert result.preset.name == "cifar10_uvit_s2" and result.weights == "released"
     card = (tmp_path / "exp" / "README.md").read_text()
     assert "CIFAR10 (U-ViT-S/2)" in card and "FID 3.11 after 500K" in card and "as released" in card

@@ -14,7 +14,7 @@ half checkpoint under a step name; `latest` is replaced atomically after that. A
 the one its weights record, not its name (`list_checkpoints`). Official `nnet.pth` /
 `nnet_ema.pth` files (plain state dicts) load too: with the preset they belong to, or recognised by their
 shapes among the packaged presets (`state_dicts`: reading them, key-by-key checks, recognition). A weights
-file without an embedded preset takes the `preset.toml` beside it (an exported folder, `hub.export`); a
+file without an embedded preset takes the `preset.toml` beside it (an exported folder, `export.export`); a
 `--ckpt` that names a Hub model (`org/name`, `hf://org/name/file`) is found through the Hugging Face cache
 (`hub.resolve_hub`).
 """

@@ -38,7 +38,7 @@ def export_command(
 ) -> None:
     """Write a Hub-ready folder: model.safetensors (EMA weights, official key names), preset.toml, README.md
     (model card), samples.png. Upload it with `uvit push DIR ORG/NAME`; load it with --ckpt DIR."""
-    from uvit_cli.hub import export
+    from uvit_cli.export import export
 
     result = export(source, out_dir, preset=preset, best=best, samples=samples, repo_id=repo_id, force=force)
     for note in result.notes:
