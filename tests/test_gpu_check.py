@@ -54,7 +54,7 @@ def test_dry_run_passes_within_the_device_limits(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results, summary = _check_out(out)
     rows = {row["name"]: row for row in results["rows"]}
-    assert {n: row["status"] for n, row in rows.items() if row["status"] != "ok"} == {"levers": "skipped"}
+    assert {n: row["status"] for n, row in rows.items() if row["status"] != "ok"} == {}
     log = (out / "gpu-check.log").read_text()
     assert "copy host→device 32 MiB (pinned): skipped: no CUDA" in log  # a CUDA-only probe says so
     for name in ("train_s2deep", "train_h2", "sample", "prepare"):
@@ -65,12 +65,28 @@ def test_dry_run_passes_within_the_device_limits(tmp_path):
     assert "forward flash, backward flash" in rows["sdpa_h2"]["numbers"]
     assert "use_checkpoint=false" in " ".join(rows["train_h2"]["command"])
     assert "--no-decode" in rows["sample_nodecode"]["command"]
+    # the lever rows: ours, then each rung that applies here; on the CPU only the channels_last decoder does
+    (train,) = rows["levers_train"]["reports"]
+    assert [m["recipe"] for m in train["measurements"]] == ["uvit"]
+    assert set(train["settings"]["skipped"]) == {
+        "+FP8 linears",
+        "+bf16 stream",
+        "+cuDNN attention",
+        "+max-autotune",
+    }
+    assert "skipped: +FP8 linears" in rows["levers_train"]["numbers"]
+    (sample,) = rows["levers_sample"]["reports"]
+    assert [m["recipe"] for m in sample["measurements"]] == ["uvit", "+channels_last VAE"]
+    assert (
+        "+channels_last VAE " in rows["levers_sample"]["numbers"]
+        and "x uvit" in rows["levers_sample"]["numbers"]
+    )
     assert r.stdout.rstrip().endswith(summary[-1])  # the summary is the last thing printed
 
 
 def test_a_row_killed_by_its_limit_keeps_the_rows_before(tmp_path):
     out = tmp_path / "out"
-    r = _dry_run(out, "--only", "device,levers,sample", "--limit", "sample=2")
+    r = _dry_run(out, "--only", "device,sample", "--limit", "sample=2")
     assert r.returncode == 1
     results, summary = _check_out(out)
     rows = {row["name"]: row for row in results["rows"]}

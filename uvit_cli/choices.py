@@ -1,11 +1,14 @@
 """The closed choices of presets and commands as `Literal` types, and which solver samples which objective.
 
 Imports no torch (prepare/*.py, cli/*.py and config.py take these types); `config` re-exports every name.
+The speed levers' choices come with their field descriptions too, as [train] and [sample] share them.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
+
+from pydantic import Field
 
 from uvit_cli.errors import ConfigError
 
@@ -27,6 +30,28 @@ StorageDtype = Literal["float16", "float32"]
 EncoderPrecision = Literal["fp32", "bf16"]
 NetworkPrecision = Literal["bf16", "fp16", "fp32"]  # autocast of the network when sampling
 ModelWeights = Literal["ema", "model"]  # which weights of a checkpoint
+# The speed levers ([train] and [sample]; docs/benchmarks.md, *The levers*). Each default is the official numerics.
+# The residual stream under autocast: "fp32" (official: the fp32 time token promotes the stream to fp32) or
+# "autocast" (time and label tokens in the autocast dtype, so the stream stays bf16).
+StreamDtype = Literal["fp32", "autocast"]
+# SDPA's kernel order on CUDA: torch's own, or cuDNN attention first.
+AttentionKernel = Literal["auto", "cudnn"]
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]  # torch.compile's mode for the network
+# ... as the fields [train] and [sample] share
+StreamField = Annotated[
+    StreamDtype,
+    Field(description="the residual stream under autocast: fp32 (official) or autocast (bf16 throughout)"),
+]
+AttentionField = Annotated[
+    AttentionKernel, Field(description="SDPA's kernel order on CUDA: auto (torch's) or cudnn (cuDNN first)")
+]
+CompileModeField = Annotated[
+    CompileMode, Field(description="torch.compile's mode: default or max-autotune-no-cudagraphs")
+]
+# Seeds reach torch.Generator.manual_seed (which takes [-2**63, 2**64)) and numpy's SeedSequence (which takes
+# non-negative integers); [0, 2**63) fits both and an int64.
+SEED_MAX = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="a seed in 0 .. 2**63 - 1")]
 # clean-fid's protocols (fid.features.MODES)
 FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
 # How a class-conditional FID set labels its images: "random" (uniform from (seed, index), the paper's) or

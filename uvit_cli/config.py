@@ -9,25 +9,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # `name as name`: re-exported, so `from uvit_cli.config import NAME` keeps working for every name.
 from uvit_cli.choices import FLOW_SOLVER_NAMES as FLOW_SOLVER_NAMES
+from uvit_cli.choices import SEED_MAX as SEED_MAX
 from uvit_cli.choices import SOLVER_NAMES as SOLVER_NAMES
-from uvit_cli.choices import Crop as Crop
-from uvit_cli.choices import EncoderPrecision as EncoderPrecision
 from uvit_cli.choices import (
+    AttentionField,
+    CompileModeField,
     FidMetric,
     FidMode,
     LabelProtocol,
     ObjectiveName,
+    Seed,
     SolverName,
     Space,
+    StreamField,
     TimeSampling,
     solver_mismatch,
 )
+from uvit_cli.choices import AttentionKernel as AttentionKernel
+from uvit_cli.choices import CompileMode as CompileMode
+from uvit_cli.choices import Crop as Crop
+from uvit_cli.choices import EncoderPrecision as EncoderPrecision
 from uvit_cli.choices import FolderCaptions as FolderCaptions
 from uvit_cli.choices import FolderLabels as FolderLabels
 from uvit_cli.choices import ModelWeights as ModelWeights
@@ -35,6 +42,7 @@ from uvit_cli.choices import NetworkPrecision as NetworkPrecision
 from uvit_cli.choices import OfficialKind as OfficialKind
 from uvit_cli.choices import PrepareSplit as PrepareSplit
 from uvit_cli.choices import StorageDtype as StorageDtype
+from uvit_cli.choices import StreamDtype as StreamDtype
 from uvit_cli.choices import check_solver as check_solver
 from uvit_cli.errors import ConfigError
 from uvit_cli.preset_files import PRESETS_ENV as PRESETS_ENV
@@ -47,11 +55,6 @@ from uvit_cli.preset_files import preset_from_toml as preset_from_toml
 from uvit_cli.preset_files import presets_dir as presets_dir
 from uvit_cli.preset_files import resolve_preset_path as resolve_preset_path
 from uvit_cli.toml_writer import dumps_toml
-
-# Seeds reach torch.Generator.manual_seed (which takes [-2**63, 2**64)) and numpy's SeedSequence (which takes
-# non-negative integers); [0, 2**63) fits both and an int64.
-SEED_MAX = 2**63 - 1
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="a seed in 0 .. 2**63 - 1")]
 
 
 class _Strict(BaseModel):
@@ -231,6 +234,11 @@ class TrainConfig(_Strict):
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes; 0 reads whole batches in the training process"
     )
+    # The speed levers (docs/training.md, *Speed switches*); each default keeps the official numerics.
+    stream_dtype: StreamField = "fp32"
+    attention: AttentionField = "auto"
+    compile_mode: CompileModeField = "default"
+    fp8: bool = Field(False, description="the blocks' linears as scaled float8 matmuls (CUDA sm 8.9+)")
 
     @model_validator(mode="after")
     def _objective(self) -> TrainConfig:
@@ -256,6 +264,11 @@ class SampleConfig(_Strict):
     guidance_interval: tuple[float, float] | None = None
     n_samples: int = Field(50000, gt=0, description="samples for the final FID evaluation")
     batch_size: int = Field(50, gt=0)
+    # The speed levers (docs/sampling.md, *Speed switches*); each default keeps the official numerics.
+    stream_dtype: StreamField = "fp32"
+    attention: AttentionField = "auto"
+    compile_mode: CompileModeField = "default"
+    vae_channels_last: bool = Field(False, description="a channels_last VAE decoder (compiled on CUDA)")
 
 
 class EvalConfig(_Strict):
@@ -341,7 +354,7 @@ class LogConfig(_Strict):
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = Field("uvit", min_length=1, description="W&B project")
-    wandb_entity: str | None = Field(None, description="W&B entity (team or user); unset: the account's default")
+    wandb_entity: str | None = Field(None, description="W&B team or user; unset: the account's default")
 
 
 class Preset(_Strict):

@@ -13,6 +13,7 @@ Which conditioning: `clip_dim` given -> text (context tokens); else `num_classes
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # --------------------------------------------------------------------------------------------------
 # Leaves
@@ -98,6 +100,20 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
+def attention_kernels(choice: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The SDPA kernel order around a network call: "auto" is torch's own; "cudnn" puts cuDNN attention first
+    (then flash, efficient, math) on CUDA. Off CUDA both are torch's (the CPU has no cuDNN attention)."""
+    if choice == "auto" or device.type != "cuda":
+        return contextlib.nullcontext()
+    order = [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ]
+    return sdpa_kernel(order, set_priority=True)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU (exact erf form) -> fc2, as timm's Mlp."""
 
@@ -158,7 +174,15 @@ class UViT(nn.Module):
     Token layout (official): text [time, context(num_clip_token), patches]; class [label, time,
     patches] (label first); unconditional [time, patches]. Long skips pair in_blocks[i] with
     out_blocks[depth//2 - 1 - i] (LIFO).
+
+    `autocast_stream` (False: the official numerics) is the residual stream's dtype under autocast: the
+    official time token is fp32, so `torch.cat` promotes every token, and so the whole stream, to fp32; True
+    rounds the embedded tokens to the autocast dtype once, and the stream stays bf16 (half the bytes of every
+    residual add and LayerNorm). A plain attribute, not a constructor keyword: the presets' `stream_dtype`
+    sets it (`set_autocast_stream`), the weights and state-dict keys do not change.
     """
+
+    autocast_stream: bool = False
 
     def __init__(
         self,
@@ -266,6 +290,8 @@ class UViT(nn.Module):
             tokens.insert(0, self.label_emb(y).unsqueeze(1))  # label token goes in front of time
         h = torch.cat([*tokens, h], dim=1)  # (B, T, D)
         h = h + self.pos_embed  # (B, T, D)
+        if self.autocast_stream and torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))  # (B, T, D) in bf16 / fp16, through every block
 
         skips = []
         for blk in self.in_blocks:
@@ -283,3 +309,11 @@ class UViT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def set_autocast_stream(model: nn.Module, on: bool) -> nn.Module:
+    """Set `autocast_stream` on every U-ViT inside `model` (itself, or under DDP / a loss module), in place."""
+    for m in model.modules():
+        if isinstance(m, UViT):
+            m.autocast_stream = on
+    return model

@@ -27,7 +27,16 @@ import torch
 
 from uvit_cli import dist
 from uvit_cli.bench.measure import Measurement, device_name, peak_tflops
-from uvit_cli.bench.recipes import OFFICIAL, OURS, SAMPLE_LADDER, TRAIN_LADDER
+from uvit_cli.bench.recipes import (
+    OFFICIAL,
+    OURS,
+    SAMPLE_LADDER,
+    SAMPLE_LEVERS,
+    TRAIN_LADDER,
+    TRAIN_LEVERS,
+    Recipe,
+    lever_refusal,
+)
 from uvit_cli.bench.tasks import bench_sample, bench_train
 from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError, ResourceError
@@ -79,6 +88,7 @@ def run_bench(
     batch: int | None = None,
     steps: int | None = None,
     compare: bool = False,
+    levers: bool = False,
     official: bool = True,
     decode: bool = True,
     data_dir: str | Path | None = None,
@@ -88,7 +98,8 @@ def run_bench(
     on_row: Callable[[BenchReport, Measurement], None] | None = None,
 ) -> BenchReport:
     """Run one benchmark task and return its report (our recipe and, by default, the official one);
-    `on_row(report, row)` the moment each row is measured."""
+    `on_row(report, row)` the moment each row is measured. `compare` adds the ladder from the official
+    recipe to ours and then the lever rungs; `levers` the lever rungs alone after ours (train, sample)."""
     if task not in TASKS:
         raise ConfigError(f"unknown bench task '{task}' (choose from {', '.join(TASKS)})")
     for flag, value in (("--batch", batch), ("--repeats", steps)):
@@ -116,6 +127,7 @@ def run_bench(
             "batch": None if task == "device" else batch,
             "steps": steps,
             "compare": compare,
+            "levers": levers,
             "decode": decode,
             "data": str(data_dir) if data_dir is not None else None,
         },
@@ -133,7 +145,7 @@ def run_bench(
     if steps is not None:
         kw["steps"] = steps
     try:
-        _run_task(task, preset, batch, compare, official, decode, data_dir, workers, kw, skip)
+        _run_task(task, preset, batch, (compare, levers, official), decode, data_dir, workers, kw, skip)
     except torch.OutOfMemoryError:
         raise ResourceError(
             f"bench {task} at batch {batch} does not fit in the memory of {device}: pass a smaller --batch"
@@ -145,8 +157,7 @@ def _run_task(
     task: str,
     preset: Preset,
     batch: int,
-    compare: bool,
-    official: bool,
+    which: tuple[bool, bool, bool],
     decode: bool,
     data_dir: str | Path | None,
     workers: list[int] | None,
@@ -154,11 +165,18 @@ def _run_task(
     skip: Callable[[str, str], None],
 ) -> None:
     device = kw["device"]
+    compare, levers, official = which
+    base = [OFFICIAL, OURS] if official else [OURS]
     if task == "train":
-        recipes = TRAIN_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
+        recipes = [
+            *(TRAIN_LADDER if compare else base),
+            *_levers(TRAIN_LEVERS, compare or levers, device, skip),
+        ]
         bench_train(preset, batch=batch, recipes=recipes, data_dir=data_dir, **kw)
     elif task == "sample":
-        recipes = SAMPLE_LADDER if compare else ([OFFICIAL, OURS] if official else [OURS])
+        decodes = decode and preset.data.space == "latent"
+        rungs = _levers(SAMPLE_LEVERS, compare or levers, device, skip, decodes=decodes)
+        recipes = [*(SAMPLE_LADDER if compare else base), *rungs]
         if device.type != "cuda":
             recipes = [r for r in recipes if not r.cuda_graphs]
         bench_sample(preset, batch=batch, recipes=recipes, decode=decode, **kw)
@@ -182,6 +200,28 @@ def _run_task(
         from uvit_cli.bench.device import bench_device
 
         bench_device(skip=skip, **kw)
+
+
+def _levers(
+    rungs: list[Recipe],
+    wanted: bool,
+    device: torch.device,
+    skip: Callable[[str, str], None],
+    *,
+    decodes: bool = True,
+) -> list[Recipe]:
+    """The lever rungs that can show their lever on `device` (when `wanted`); the others are skipped, each
+    with why."""
+    if not wanted:
+        return []
+    kept = []
+    for r in rungs:
+        why = lever_refusal(r, device, decodes=decodes)
+        if why is None:
+            kept.append(r)
+        else:
+            skip(r.name, why)
+    return kept
 
 
 # Batches of the tasks whose preset has none: the encoders' and Inception's (the device probe has none).

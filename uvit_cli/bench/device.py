@@ -154,13 +154,20 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def op_families(call: Callable[[], torch.Tensor]) -> tuple[str, str]:
+    """(forward, backward) kernel families of one attention `call` (its inputs require grad) and its backward,
+    read from the ATen ops they dispatch to."""
+    with _OpNames() as fwd:
+        out = call()
+    with _OpNames() as bwd:
+        out.backward(torch.ones_like(out))
+    return kernel_family(fwd.names), kernel_family(bwd.names)
+
+
 def sdpa_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, str, list[str]]:
     """(forward family, backward family, the two longest-running CUDA kernels of each) of one SDPA call
     with the backend torch picks for these tensors."""
-    with _OpNames() as fwd:
-        out = F.scaled_dot_product_attention(q, k, v)
-    with _OpNames() as bwd:
-        out.backward(torch.ones_like(out))
+    fwd, bwd = op_families(lambda: F.scaled_dot_product_attention(q, k, v))
     q.grad = k.grad = v.grad = None
     kernels: list[str] = []
     if q.is_cuda:  # the GPU kernels themselves, from the profiler
@@ -174,7 +181,7 @@ def sdpa_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str
         gpu = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
         gpu.sort(key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)
         kernels = [e.key[:90] for e in gpu[:3]]
-    return kernel_family(fwd.names), kernel_family(bwd.names), kernels
+    return fwd, bwd, kernels
 
 
 def bench_attention(

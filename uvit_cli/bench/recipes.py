@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uvit_cli.choices import AttentionKernel, CompileMode
 from uvit_cli.model import Attention
 
 
@@ -28,6 +29,12 @@ class Recipe:
     batched_cfg: bool = True  # sampling: cond and uncond in one forward
     cuda_graphs: bool = False  # sampling: torch.compile mode="reduce-overhead"
     tuned: bool = False  # CUDA: TF32 matmuls, cuDNN autotuning (`dist.cuda_defaults`); else torch's
+    # The speed levers, off in `official` and `uvit` (the presets' defaults); each lever rung sets one.
+    stream: bool = False  # the residual stream in the autocast dtype (stream_dtype = "autocast")
+    attention: AttentionKernel = "auto"  # "cudnn": cuDNN attention first in SDPA's kernel order (CUDA)
+    compile_mode: CompileMode = "default"  # torch.compile's mode
+    fp8: bool = False  # training: the blocks' linears as float8 matmuls (compute capability 8.9+)
+    vae_channels_last: bool = False  # sampling: the VAE decoder in channels_last (compiled on CUDA)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -56,14 +63,45 @@ SAMPLE_LADDER = [
     dataclasses.replace(OURS, name="+CUDA graphs", cuda_graphs=True),
 ]
 
+# `--levers` (and the end of `--compare`): one lever at a time on top of ours, each beside `uvit`. The order is
+# what a run cut short should have measured first: the largest expected gain, the longest compile last.
+_MAX_AUTOTUNE: CompileMode = "max-autotune-no-cudagraphs"
+TRAIN_LEVERS = [
+    dataclasses.replace(OURS, name="+FP8 linears", fp8=True),
+    dataclasses.replace(OURS, name="+bf16 stream", stream=True),
+    dataclasses.replace(OURS, name="+cuDNN attention", attention="cudnn"),
+    dataclasses.replace(OURS, name="+max-autotune", compile_mode=_MAX_AUTOTUNE),
+]
+SAMPLE_LEVERS = [
+    dataclasses.replace(OURS, name="+channels_last VAE", vae_channels_last=True),
+    dataclasses.replace(OURS, name="+bf16 stream", stream=True),
+    dataclasses.replace(OURS, name="+cuDNN attention", attention="cudnn"),
+    dataclasses.replace(OURS, name="+max-autotune", compile_mode=_MAX_AUTOTUNE),
+]
+
 
 def for_device(recipe: Recipe, device: torch.device) -> Recipe:
-    """What a recipe becomes on the CPU: fp32 (CPU autocast is not what either code base runs), eager."""
+    """What a recipe becomes on the CPU: fp32 (CPU autocast is not what either code base runs), eager, and
+    so without the levers that act on autocast, CUDA kernels or compiling (the channels_last decoder runs)."""
     if device.type == "cuda":
         return recipe
     return dataclasses.replace(
-        recipe, amp=None, compile=False, cuda_graphs=False, fused_adamw=False, tuned=False
-    )
+        recipe, amp=None, compile=False, cuda_graphs=False, fused_adamw=False, tuned=False, stream=False,
+        attention="auto", compile_mode="default", fp8=False,
+    )  # fmt: skip
+
+
+def lever_refusal(lever: Recipe, device: torch.device, *, decodes: bool = True) -> str | None:
+    """Why a lever rung cannot show its lever here (then it is skipped with this note), or None."""
+    if lever.vae_channels_last and not decodes:
+        return "no VAE decoding here (a pixel preset, or --no-decode)"
+    if for_device(lever, device) == dataclasses.replace(for_device(OURS, device), name=lever.name):
+        return "no CUDA: on the CPU this rung is uvit itself (fp32, eager)"
+    if lever.fp8:
+        from uvit_cli.fp8 import fp8_refusal
+
+        return fp8_refusal(device)
+    return None
 
 
 class OfficialAttention(Attention):

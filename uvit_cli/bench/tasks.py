@@ -6,7 +6,7 @@ one (bench/recipes.py). The encoders are timed in bench/encoders.py, the device 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,20 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def each_recipe(
+    task: str, recipes: Sequence[Recipe], device: torch.device, progress: Progress | None
+) -> Iterator[tuple[Recipe, Recipe]]:
+    """(recipe, what it becomes on `device`) one at a time, with its code base's CUDA settings set; the
+    device's cached memory is freed after each (the caller drops its step first)."""
+    for recipe in recipes:
+        if progress:
+            progress(f"{task} / {recipe.name}")
+        r = for_device(recipe, device)
+        use_recipe_settings(r, device)
+        yield recipe, r
+        free_memory(device)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 
@@ -97,15 +111,11 @@ def bench_train(
     flops = 3 * forward_flops(preset, batch)
 
     results = []
-    for recipe in recipes:
-        if progress:
-            progress(f"train / {recipe.name}")
-        r = for_device(recipe, device)
-        use_recipe_settings(r, device)
+    for recipe, r in each_recipe("train", recipes, device, progress):
         feed = data_feed(preset, data_dir, batch, device) if data_dir is not None else None
         step = make_train_step(r, preset, {"x": x, **cond}, null, device, feed)
         row = measure("train", recipe.name, step, batch=batch, flops=flops, steps=steps, warmup=warmup,
-                      device=device, note=recipe_note(r))  # fmt: skip
+                      device=device, note=recipe_note(r, preset, device))  # fmt: skip
         if feed is not None:
             wait = feed.waited / (steps + warmup)  # the warm-up steps' waits are counted too: an upper bound
             share = min(wait * 1e3 / row.ms_per_step, 1)
@@ -113,8 +123,7 @@ def bench_train(
         results.append(row)
         if on_row:
             on_row(row)
-        del step
-        free_memory(device)
+        del step  # before each_recipe frees the device's cached memory
     return results
 
 
@@ -140,7 +149,7 @@ def make_train_step(
 ) -> Callable[[], None]:
     """One full training step of recipe `r` (`uvit train`'s `train_step`) over a fresh model, optimiser, EMA;
     on `batch`, or on the next batch of `feed` (TimedBatches) each step."""
-    from uvit_cli.train.step import ema_update, setup_step, train_step
+    from uvit_cli.train.step import Levers, ema_update, setup_step, train_step
 
     m = preset.model
     model = network(preset, device, r.official_attention).train()
@@ -155,6 +164,7 @@ def make_train_step(
         null_class=m.num_classes - 1 if m.conditioning == "class" else None,
         empty_context=null["context"][0] if m.conditioning == "text" else None,
         ema_fn=official_ema_update if r.name == OFFICIAL.name else ema_update,
+        levers=Levers("autocast" if r.stream else "fp32", r.attention, r.compile_mode, r.fp8),
     )
     gen = torch.Generator(device).manual_seed(0)
     n = len(batch["x"])
@@ -166,7 +176,22 @@ def make_train_step(
     return step
 
 
-def recipe_note(r: Recipe) -> str:
+def attention_kernel(r: Recipe, preset: Preset, device: torch.device) -> str:
+    """The SDPA kernel family (forward/backward) that the preset's attention shape dispatches to under recipe
+    `r`'s dtype and kernel order (`uvit bench attention` reads it the same way), at batch 1."""
+    from uvit_cli.bench.device import attention_shape, op_families
+    from uvit_cli.model import attention_kernels
+
+    _, H, T, Dh = attention_shape(preset, 1)
+    dtype = torch.float32 if r.official_attention else (r.amp_dtype or torch.float32)
+    q, k, v = (torch.randn(1, H, T, Dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    with attention_kernels(r.attention, device):
+        fwd, bwd = op_families(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    return f"{fwd}/{bwd}"
+
+
+def recipe_note(r: Recipe, preset: Preset | None = None, device: torch.device | None = None) -> str:
+    """The recipe's switches in words; on CUDA with `preset`, the SDPA kernel its attention runs."""
     parts = [r.amp or "fp32", "fp32 attention" if r.official_attention else "SDPA in autocast dtype"]
     if r.compile:
         parts.append("compiled")
@@ -174,6 +199,11 @@ def recipe_note(r: Recipe) -> str:
         parts.append("CUDA graphs")
     if r.tuned:
         parts.append("TF32 matmuls, cuDNN autotuning")
+    levers = {"bf16 stream": r.stream, "cuDNN attention first": r.attention == "cudnn", r.compile_mode:
+              r.compile_mode != "default", "FP8 linears": r.fp8, "channels_last VAE": r.vae_channels_last}  # fmt: skip
+    parts += [name for name, on in levers.items() if on]
+    if preset is not None and device is not None and device.type == "cuda":
+        parts.append(f"SDPA {attention_kernel(r, preset, device)}")
     return ", ".join(parts)
 
 
@@ -224,19 +254,15 @@ def bench_sample(
     flops = settings.steps * passes * forward_flops(preset, batch) + decode_flops
 
     results = []
-    for recipe in recipes:
-        if progress:
-            progress(f"sample / {recipe.name}")
-        r = for_device(recipe, device)
-        use_recipe_settings(r, device)
+    for recipe, r in each_recipe("sample", recipes, device, progress):
         run = make_sample_run(r, preset, settings, cond, null, vae, device)
-        note = recipe_note(r) + (", batched CFG" if r.batched_cfg and settings.cfg_scale > 0 else "")
+        note = recipe_note(r, preset, device)
+        note += ", batched CFG" if r.batched_cfg and settings.cfg_scale > 0 else ""
         results.append(measure("sample", recipe.name, run, batch=batch, flops=flops, steps=steps,
                                warmup=warmup, device=device, note=note))  # fmt: skip
         if on_row:
             on_row(results[-1])
-        del run
-        free_memory(device)
+        del run  # before each_recipe frees the device's cached memory
     return results
 
 
@@ -266,7 +292,14 @@ def make_sample_run(
     model = network(preset, device, r.official_attention).eval()
     if r.batched_cfg:  # the code `uvit sample` runs
         ours = dataclasses.replace(
-            settings, precision=_PRECISION[r.amp], compile=r.compile, cuda_graphs=r.cuda_graphs
+            settings,
+            precision=_PRECISION[r.amp],
+            compile=r.compile,
+            cuda_graphs=r.cuda_graphs,
+            stream_dtype="autocast" if r.stream else "fp32",
+            attention=r.attention,
+            compile_mode=r.compile_mode,
+            vae_channels_last=r.vae_channels_last,
         )
 
         def conditions(idx: Any) -> dict[str, torch.Tensor]:

@@ -44,7 +44,20 @@ def bench(
     repeats: Annotated[
         int | None, typer.Option("--repeats", min=1, help="Timed repetitions (steps, batches) after warm-up.")
     ] = None,
-    compare: Annotated[bool, typer.Option("--compare", help="Add each optimisation one at a time.")] = False,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare", help="Add each optimisation one at a time, then each speed lever (train, sample)."
+        ),
+    ] = False,
+    levers: Annotated[
+        bool,
+        typer.Option(
+            "--levers",
+            help="train, sample: after uvit, one rung per speed lever (bf16 stream, cuDNN attention, "
+            "max-autotune, FP8 linears / channels_last VAE), without the ladder.",
+        ),
+    ] = False,
     official: Annotated[
         bool, typer.Option(help="Also time the official recipe (the ratio's baseline).")
     ] = True,
@@ -98,6 +111,7 @@ def bench(
             batch=batch,
             steps=repeats,
             compare=compare,
+            levers=levers,
             official=official,
             decode=decode,
             data_dir=data,

@@ -8,6 +8,7 @@ down/upsample -> encoder/decoder -> autoencoder, then the key maps.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -226,6 +227,26 @@ class AutoencoderKL(nn.Module):
         """Scaled latents (B, embed_dim, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
         # (1 / s) * z, not z / s: the official expression, so the result is bit-identical.
         return self.decoder(self.post_quant_conv((1.0 / self.scale_factor) * z))
+
+
+class ChannelsLastDecoder(nn.Module):
+    """`AutoencoderKL.decode` on a copy of the decoding half (post_quant_conv, decoder) in channels_last memory
+    (NHWC), the layout cuDNN's tensor-core convolutions run without transposes; `sample.vae_channels_last`.
+    The same arithmetic as `decode`, so the images agree to fp32 round-off (the kernels differ)."""
+
+    def __init__(self, autoencoder: AutoencoderKL) -> None:
+        super().__init__()
+        self.post_quant_conv = copy.deepcopy(autoencoder.post_quant_conv).to(
+            memory_format=torch.channels_last
+        )
+        self.decoder = copy.deepcopy(autoencoder.decoder).to(memory_format=torch.channels_last)
+        self.scale_factor = autoencoder.scale_factor
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.contiguous(memory_format=torch.channels_last)  # (B, embed_dim, h, w), NHWC in memory
+        return self.decoder(self.post_quant_conv((1.0 / self.scale_factor) * z))  # (B, 3, 8h, 8w)
+
+    decode = forward
 
 
 # --- loading helpers (shared with clip.py) -----------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 from uvit_cli import solvers
 from uvit_cli.config import ModelConfig, NetworkPrecision, ObjectiveName, Preset, ScheduleConfig
 from uvit_cli.errors import ResourceError
+from uvit_cli.model import attention_kernels, set_autocast_stream
 from uvit_cli.resources import fmt_bytes, require_memory
 from uvit_cli.sample.conditions import ConditionFn
 from uvit_cli.sample.settings import DECODE_BATCH_SIZE, SampleSettings
@@ -100,21 +101,30 @@ def _compiled(settings: SampleSettings, device: torch.device) -> bool:
     )
 
 
+def compile_mode(mode: str, cuda_graphs: bool) -> str | None:
+    """torch.compile's mode for the network: CUDA graphs ("reduce-overhead") and the autotuning mode
+    (`sample.compile_mode`) combine into "max-autotune", which does both."""
+    if mode == "default":
+        return "reduce-overhead" if cuda_graphs else None
+    return "max-autotune" if cuda_graphs else mode
+
+
 def sampling_network(
     model: torch.nn.Module, settings: SampleSettings, device: torch.device
 ) -> Callable[..., torch.Tensor]:
     """model(x, timesteps, **cond) in the chosen precision, returning float32 for the solver."""
     amp = _autocast_dtype(settings.precision, device)
+    set_autocast_stream(model, settings.stream_dtype == "autocast")
     net: Callable[..., torch.Tensor] = model
-    if _compiled(settings, device):
-        mode = "reduce-overhead" if settings.cuda_graphs and device.type == "cuda" else None
-        net = torch.compile(model, mode=mode, dynamic=False)
     cuda_graphs = settings.cuda_graphs and device.type == "cuda"
+    if _compiled(settings, device):
+        net = torch.compile(model, mode=compile_mode(settings.compile_mode, cuda_graphs), dynamic=False)
 
     def call(x: torch.Tensor, timesteps: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         if cuda_graphs:  # the solver keeps earlier outputs: a new graph step must not overwrite them
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        amp_on = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+        with amp_on, attention_kernels(settings.attention, device):
             raw = net(x, timesteps, **cond)
         out = raw.float()
         return out.clone() if cuda_graphs and out is raw else out
@@ -240,6 +250,33 @@ def decode_latents(
     return torch.cat(outs)
 
 
+class _DecodeWith:
+    """A Decoder over a decoding callable (a compiled `ChannelsLastDecoder`)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fn(z)
+
+
+def decoding_network(
+    autoencoder: Decoder | None, settings: SampleSettings, device: torch.device
+) -> Decoder | None:
+    """What decodes: the autoencoder as it is, or with `settings.vae_channels_last` a channels_last copy of
+    its decoder (NHWC: cuDNN's tensor-core convolutions take it without transposes), compiled on CUDA."""
+    if autoencoder is None or not settings.vae_channels_last:
+        return autoencoder
+    from uvit_cli.encoders.autoencoder import AutoencoderKL, ChannelsLastDecoder
+
+    if not isinstance(autoencoder, AutoencoderKL):  # another Decoder (a stand-in) has no decoder to copy
+        return autoencoder
+    decoder = ChannelsLastDecoder(autoencoder)
+    if device.type != "cuda":
+        return decoder
+    return _DecodeWith(torch.compile(decoder))
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] (B, 3, H, W) -> uint8 numpy (B, H, W, 3): clamp(0.5 (v + 1), 0, 1) (spec §4.3), then as
     torchvision's save_image: x * 255 + 0.5, clamped, truncated to uint8."""
@@ -289,6 +326,7 @@ def generate(
         raise ValueError(f"preset '{preset.name}' samples latents: pass the autoencoder to decode them")
     check_batch_memory(preset, settings, device)
     net = sampling_network(model, settings, device)
+    decoder = decoding_network(autoencoder, settings, device) if preset.data.space == "latent" else None
     bs = settings.batch_size
     # Indices are taken a batch at a time, so a plan of any length holds one batch of them.
     # A compiled network is specialised to the batch shape (dynamic=False): a last partial batch would compile
@@ -308,7 +346,7 @@ def generate(
                                device=device, network=net)[: len(batch)]  # fmt: skip
             images = to_uint8(
                 decode_latents(
-                    autoencoder if preset.data.space == "latent" else None,
+                    decoder,
                     x,
                     settings.decode_batch_size,
                     settings.precision,

@@ -10,7 +10,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar, get_args
 
-from uvit_cli.config import SOLVER_NAMES, NetworkPrecision, ObjectiveName, Preset, check_solver
+from uvit_cli.config import (
+    SOLVER_NAMES,
+    AttentionKernel,
+    CompileMode,
+    NetworkPrecision,
+    ObjectiveName,
+    Preset,
+    StreamDtype,
+    check_solver,
+)
 from uvit_cli.errors import ConfigError
 
 T = TypeVar("T")
@@ -52,6 +61,12 @@ class SampleSettings:
     # train.time_shift (`from_preset` copies them; `sample_latents` refuses settings of another objective).
     objective: ObjectiveName = "eps"
     time_shift: float | None = None  # flow models only; None: unshifted
+    # The speed levers, from the preset's [sample] (docs/sampling.md, *Speed switches*); the defaults are the
+    # official numerics.
+    stream_dtype: StreamDtype = "fp32"  # "autocast": the residual stream in the autocast dtype
+    attention: AttentionKernel = "auto"  # "cudnn": cuDNN attention first (CUDA)
+    compile_mode: CompileMode = "default"  # torch.compile's mode when the network is compiled
+    vae_channels_last: bool = False  # the VAE decoder in channels_last, compiled on CUDA
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVER_NAMES:
@@ -98,6 +113,10 @@ class SampleSettings:
             cuda_graphs=o.cuda_graphs,
             objective=preset.train.objective,
             time_shift=preset.train.time_shift if preset.train.objective == "flow" else None,
+            stream_dtype=s.stream_dtype,
+            attention=s.attention,
+            compile_mode=s.compile_mode,
+            vae_channels_last=s.vae_channels_last,
         )
         why = guidance_refusal(preset) if settings.cfg_scale > 0 else None
         if why is not None:
@@ -107,10 +126,15 @@ class SampleSettings:
     def to_dict(self) -> dict[str, Any]:
         """What determines the images (for samples.jsonl and FID stamps); batch sizes do not. The objective
         and time shift are recorded for v and flow models only, so an eps model's record is what it always
-        was (its sample folders resume, its stamps compare)."""
+        was (its sample folders resume, its stamps compare); so is the stream dtype, when it is not the
+        official fp32. Kernel choices (compiling, its mode, the attention kernel, the decoder's memory layout)
+        are not recorded: they move pixels by round-off only."""
         d = dataclasses.asdict(self)
-        for k in ("batch_size", "decode_batch_size", "compile", "cuda_graphs"):
+        for k in ("batch_size", "decode_batch_size", "compile", "cuda_graphs", "attention", "compile_mode",
+                  "vae_channels_last"):  # fmt: skip
             d.pop(k)
+        if self.stream_dtype == "fp32":
+            del d["stream_dtype"]
         d["guidance_interval"] = list(self.guidance_interval) if self.guidance_interval else None
         if self.objective == "eps":
             del d["objective"], d["time_shift"]

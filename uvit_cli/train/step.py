@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from uvit_cli.model import attention_kernels, set_autocast_stream
 from uvit_cli.train.objective import DiffusionLoss, Objective, StepDraws
 
 if TYPE_CHECKING:
@@ -77,6 +78,26 @@ def ema_update(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------
+# The speed levers
+
+
+@dataclass(frozen=True)
+class Levers:
+    """The speed switches of a training run (docs/training.md, *Speed switches*); the defaults are the
+    official numerics. `uvit train` takes them from the preset's [train]; `uvit bench` from its recipes."""
+
+    stream_dtype: str = "fp32"  # "autocast": the residual stream in the autocast dtype
+    attention: str = "auto"  # "cudnn": cuDNN attention first in SDPA's kernel order (CUDA)
+    compile_mode: str = "default"  # torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
+    fp8: bool = False  # the blocks' linears as float8 matmuls (uvit_cli.fp8)
+
+    @classmethod
+    def of(cls, tc: Any) -> Levers:
+        """The levers a preset's [train] table sets."""
+        return cls(tc.stream_dtype, tc.attention, tc.compile_mode, tc.fp8)
+
+
+# --------------------------------------------------------------------------------------------------
 # The step
 
 
@@ -98,6 +119,7 @@ class StepState:
     null_class: int | None = None  # CFG null label (class presets)
     empty_context: torch.Tensor | None = None  # CFG null context (text presets), (L, D)
     ema_fn: EmaFn = ema_update  # bench's official recipe swaps in the per-parameter loop
+    attention: str = "auto"  # SDPA's kernel order around the network call (train.attention)
     # Sum of per-sample losses since the caller last read it: on the device, so no host sync per step.
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
@@ -116,6 +138,7 @@ def train_step(
     autocast = torch.autocast(
         device_type, dtype=s.amp_dtype or torch.float32, enabled=s.amp_dtype is not None
     )
+    device = s.params[0].device
 
     # ---- Forward and backward, micro-batch by micro-batch (gradients accumulate) --------------------
     for m, (batch, d) in enumerate(micro_batches):
@@ -126,7 +149,7 @@ def train_step(
         # DDP all-reduces the gradients once, on the last micro-batch.
         no_sync = s.ddp.no_sync() if s.ddp is not None and m < n_micro - 1 else contextlib.nullcontext()
         with no_sync:
-            with autocast:
+            with autocast, attention_kernels(s.attention, device):
                 per_sample = s.loss_fn(x0, d.eps, sqrt_ab, sqrt_1m_ab, timesteps, **cond)  # (micro,)
             # Sum / share: DDP's mean over ranks then makes it the global-batch mean. The logged loss is the
             # unweighted one, so runs with and without a weighting compare.
@@ -162,15 +185,29 @@ def setup_step(
     null_class: int | None = None,
     empty_context: torch.Tensor | None = None,
     ema_fn: EmaFn = ema_update,
+    levers: Levers | None = None,
 ) -> tuple[StepState, nn.Module]:
     """The step state for training `model` (on `device`) with `preset.train`, and its EMA model.
 
     The EMA is an fp32 copy of the online weights (the official `ema_update(0)`); AdamW with the linear
     warm-up (`warmup_steps`, default the preset's); a grad scaler for fp16; the loss wrapped by DDP when
     `ddp`, then by `torch.compile` when `compile` (True, or a backend: "aot_eager", a test's counter).
+    The speed levers are `levers`, default the preset's (train.stream_dtype, attention, compile_mode, fp8):
+    the stream dtype and FP8 linears change the online model in place, after the EMA copy is made.
     """
     tc = preset.train
+    lv = levers or Levers.of(tc)
     ema = copy.deepcopy(model).requires_grad_(False)
+    set_autocast_stream(model, lv.stream_dtype == "autocast")
+    if lv.fp8:
+        from uvit_cli.fp8 import convert_to_float8, fp8_refusal
+
+        why = fp8_refusal(device)
+        if why is not None:
+            from uvit_cli.errors import ConfigError
+
+            raise ConfigError(f"train.fp8 = true: {why}; set train.fp8 = false")
+        convert_to_float8(model)
     params = list(model.parameters())
     opt, sched = build_optimizer(
         params,
@@ -188,8 +225,12 @@ def setup_step(
         wrapper = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
         loss_module = wrapper
     if compile:
+        # The mode is inductor's; another backend (a test's aot_eager) takes none.
+        mode = None if lv.compile_mode == "default" else lv.compile_mode
         compiled = (
-            torch.compile(loss_module) if compile is True else torch.compile(loss_module, backend=compile)
+            torch.compile(loss_module, mode=mode)
+            if compile is True
+            else torch.compile(loss_module, backend=compile)
         )
         loss_module = cast(nn.Module, compiled)  # an OptimizedModule
     state = StepState(
@@ -207,6 +248,7 @@ def setup_step(
         null_class=null_class,
         empty_context=empty_context,
         ema_fn=ema_fn,
+        attention=lv.attention,
         loss_sum=torch.zeros((), device=device),  # on the device: no host sync until it is read
     )
     return state, ema
