@@ -109,7 +109,7 @@ def test_random_labels_are_unchanged_and_differ_from_balanced():
 
 def test_the_null_class_is_never_a_label(env):
     p = env["cls"]
-    k = len(valid_classes(p))
+    k = len(valid_classes(p.model.num_classes, p.train.p_uncond))
     assert k == p.model.num_classes - 1 == 10
     for protocol in LABEL_PROTOCOLS:
         assert max(_labels(label_conditions(protocol, 0, k), range(200))) == k - 1

@@ -175,7 +175,7 @@ def fid_conditions(
             f"{kind}; drop --classes"
         )
     if cond == "class":
-        k = len(valid_classes(preset))
+        k = len(valid_classes(preset.model.num_classes, preset.train.p_uncond))
         info["labels"] = describe_labels(classes, k)
         info["label_protocol"] = classes
         return label_conditions(classes, seed, k), null_condition(preset.model), info

@@ -9,22 +9,22 @@ from the [model] table (`model.conditioning`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
-from uvit_cli.config import LabelProtocol, ModelConfig, Preset
+from uvit_cli.config import LabelProtocol, ModelConfig
 from uvit_cli.errors import ConfigError
 
 # indices of a batch -> the model's conditioning keywords for those images ({"y": (B,)}, {"context": (B,L,D)}, {})
 ConditionFn = Callable[[Sequence[int]], dict[str, torch.Tensor]]
 
 
-def valid_classes(preset: Preset) -> range:
-    """Labels a user may ask for: with condition dropout (p_uncond > 0) the last class is the null class."""
-    k = preset.model.num_classes
-    return range(k - 1) if preset.train.p_uncond > 0 else range(k)
+def valid_classes(num_classes: int, p_uncond: float) -> range:
+    """Labels a user may ask for of a model with `num_classes` label embeddings (model.num_classes) trained
+    with condition dropout `p_uncond` (train.p_uncond): with dropout the last class is the null class."""
+    return range(num_classes - 1) if p_uncond > 0 else range(num_classes)
 
 
 def class_conditions(labels: Sequence[int] | Mapping[int, int]) -> ConditionFn:
@@ -113,6 +113,23 @@ def null_condition(model: ModelConfig, empty_context: torch.Tensor | None = None
             raise ValueError("a text model's null condition is CLIP(''): pass empty_context")
         return {"context": empty_context.reshape(1, *empty_context.shape[-2:])}
     return {}
+
+
+def data_conditions(
+    model: ModelConfig, ds: Any, n: int
+) -> tuple[ConditionFn | None, dict[str, torch.Tensor] | None]:
+    """(conditions of images 0..n-1, the null condition) of a network of the [model] table `model` trained on
+    the prepared set `ds` (`data.FeatureDataset`): labels i % K and the null class for class models; for text
+    models the captions of the first items (caption choice of epoch 0) and the set's CLIP(''); (None, None)
+    for unconditional ones."""
+    if model.conditioning == "class":
+        k = ds.num_classes or model.num_classes
+        return class_conditions([i % k for i in range(n)]), null_condition(model)
+    if model.conditioning == "text":
+        items = [(i * ds.views) % len(ds) for i in range(n)]
+        contexts = torch.stack([ds[(i, 0)]["context"] for i in items])  # (n, L, D)
+        return context_conditions(contexts, range(n)), null_condition(model, ds.empty_context)
+    return None, None
 
 
 def example_conditions(

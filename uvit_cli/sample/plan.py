@@ -100,14 +100,14 @@ def make_plan(
     if cond == "class":
         if prompts:
             raise ConfigError(f"preset '{preset.name}' is class-conditional: use --class N, not --prompt")
+        ok = valid_classes(preset.model.num_classes, preset.train.p_uncond)
         if label_protocol is not None:
-            return Plan((), n, label_protocol, len(valid_classes(preset)), seed)
+            return Plan((), n, label_protocol, len(ok), seed)
         if not classes:
             raise ConfigError(
                 f"preset '{preset.name}' is class-conditional: pass --class N (repeatable), or --classes "
                 "random|balanced to label --n images by their index (FID sets)"
             )
-        ok = valid_classes(preset)
         for c in classes:
             if c not in ok:
                 null = (

@@ -86,30 +86,18 @@ class FidEvaluator:
         was_training = ema.training
         ema.eval()
         try:
+            generator = {
+                "checkpoint": f"{self.run_dir} step {step} (EMA, in training)",
+                "step": step,
+                "conditions": self.cond_info,
+            }
             result = fid_of_model(
-                ema,
-                self.preset,
-                self.ref,
-                n=ev.n,
-                seed=ev.seed,
-                settings=self.settings,
-                conditions=self.conditions,
-                uncond=self.uncond,
-                autoencoder=self.autoencoder,
-                device=self.device,
-                generator={
-                    "checkpoint": f"{self.run_dir} step {step} (EMA, in training)",
-                    "step": step,
-                    "conditions": self.cond_info,
-                },  # fmt: skip
-                mode=ev.mode,
-                features=self.features,
-                feature_dim=self.feature_dim,
-                metrics=self.metrics,
-                prompts=self.prompts,
-                clip_score=self.clip_score,
+                ema, self.preset, self.ref, n=ev.n, seed=ev.seed, settings=self.settings,
+                conditions=self.conditions, uncond=self.uncond, autoencoder=self.autoencoder, device=self.device,
+                generator=generator, mode=ev.mode, features=self.features, feature_dim=self.feature_dim,
+                metrics=self.metrics, prompts=self.prompts, clip_score=self.clip_score,
                 label_protocol=self.cond_info.get("label_protocol"),
-            )
+            )  # fmt: skip
         finally:
             ema.train(was_training)
         fid = float(result.fid)

@@ -16,7 +16,7 @@ import torch
 
 from uvit_cli.config import NetworkPrecision, Preset
 from uvit_cli.errors import ResourceError, UvitError
-from uvit_cli.sample.conditions import ConditionFn, class_conditions, context_conditions, null_condition
+from uvit_cli.sample.conditions import data_conditions
 from uvit_cli.sample.generate import generate
 from uvit_cli.sample.outputs import save_grid
 from uvit_cli.sample.settings import SampleOptions, SampleSettings, guidance_refusal
@@ -38,19 +38,7 @@ class GridSampler:
 
     def __init__(self, preset: Preset, ds: Any, device: torch.device, n: int = 16, seed: int = 0) -> None:
         self.preset, self.device, self.n, self.seed = preset, device, n, seed
-        m = preset.model
-        self.conditions: ConditionFn | None = None
-        self.uncond: dict[str, torch.Tensor] | None = None
-        if m.conditioning == "class":
-            k = ds.num_classes or m.num_classes
-            self.conditions = class_conditions([i % k for i in range(n)])
-            self.uncond = null_condition(m)
-        elif m.conditioning == "text":
-            # The captions of the first items of the set (caption choice of epoch 0).
-            items = [(i * ds.views) % len(ds) for i in range(n)]
-            contexts = torch.stack([ds[(i, 0)]["context"] for i in items])  # (n, L, D)
-            self.conditions = context_conditions(contexts, range(n))
-            self.uncond = null_condition(m, ds.empty_context)
+        self.conditions, self.uncond = data_conditions(preset.model, ds, n)
         why = guidance_refusal(preset) if preset.sample.cfg_scale > 0 else None
         self.note = f"sample grids are drawn without guidance: {why}" if why is not None else None
         # one batch of the n images, decoded one at a time (bounded memory); never compiled: a grid is rare
