@@ -41,6 +41,10 @@ class SampleOptions:
     precision: NetworkPrecision | None = None
     compile: bool | None = None
     cuda_graphs: bool = False
+    stream_dtype: StreamDtype | None = None
+    attention: AttentionKernel | None = None
+    compile_mode: CompileMode | None = None
+    vae_channels_last: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +61,15 @@ class SampleSettings:
     precision: NetworkPrecision | None = None  # None: bf16 autocast on CUDA, fp32 on the CPU
     compile: bool | None = None  # torch.compile the network; None: on CUDA only (on a CPU it only costs time)
     cuda_graphs: bool = False  # compile with mode="reduce-overhead" (CUDA graphs of the network call)
-    # What the model predicts and the flow path's time shift: its preset's train.objective and
-    # train.time_shift (`from_preset` copies them; `sample_latents` refuses settings of another objective).
-    objective: ObjectiveName = "eps"
-    time_shift: float | None = None  # flow models only; None: unshifted
-    # The speed levers, from the preset's [sample] (docs/sampling.md, *Speed switches*); the defaults are the
-    # official numerics.
+    # The speed levers (docs/sampling.md, *Speed switches*); the defaults are the official numerics.
     stream_dtype: StreamDtype = "fp32"  # "autocast": the residual stream in the autocast dtype
     attention: AttentionKernel = "auto"  # "cudnn": cuDNN attention first (CUDA)
     compile_mode: CompileMode = "default"  # torch.compile's mode when the network is compiled
     vae_channels_last: bool = False  # the VAE decoder in channels_last, compiled on CUDA
+    # What the model predicts and the flow path's time shift: its preset's train.objective and
+    # train.time_shift (`from_preset` copies them; `sample_latents` refuses settings of another objective).
+    objective: ObjectiveName = "eps"
+    time_shift: float | None = None  # flow models only; None: unshifted
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVER_NAMES:
@@ -113,10 +116,10 @@ class SampleSettings:
             cuda_graphs=o.cuda_graphs,
             objective=preset.train.objective,
             time_shift=preset.train.time_shift if preset.train.objective == "flow" else None,
-            stream_dtype=s.stream_dtype,
-            attention=s.attention,
-            compile_mode=s.compile_mode,
-            vae_channels_last=s.vae_channels_last,
+            stream_dtype=_pick(o.stream_dtype, s.stream_dtype),
+            attention=_pick(o.attention, s.attention),
+            compile_mode=_pick(o.compile_mode, s.compile_mode),
+            vae_channels_last=_pick(o.vae_channels_last, s.vae_channels_last),
         )
         why = guidance_refusal(preset) if settings.cfg_scale > 0 else None
         if why is not None:
