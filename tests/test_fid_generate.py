@@ -506,3 +506,22 @@ def test_the_default_stamp_of_balanced_labels_does_not_replace_the_random_one(tm
     }  # fmt: skip
     assert paths["random"].name == "model.fid-clean-n100-dpm_solver_pp25-cfg0.4-seed0.json"
     assert paths["balanced"] != paths["random"] and paths["balanced"].name.endswith("-balanced.json")
+
+
+def test_the_default_stamp_of_a_hub_checkpoint_goes_to_the_current_folder(tmp_path, monkeypatch):
+    """uvit never writes into the Hugging Face cache: a stamp of `--ckpt org/name` lands in the current folder."""
+    from uvit_cli.fid.result import FidResult
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc123" / "model.safetensors"
+    gen = {
+        "checkpoint": str(ckpt),
+        "n": 100,
+        "solver": "dpm_solver_pp",
+        "steps": 25,
+        "cfg_scale": 0.4,
+        "seed": 0,
+    }
+    path = FidResult(1.0, 1.0, 100, {"mode": "clean", "samples": {"generator": gen}}).default_stamp_path()
+    assert path == tmp_path / "org--name.model.fid-clean-n100-dpm_solver_pp25-cfg0.4-seed0.json"

@@ -61,7 +61,9 @@ class FidResult:
 
     def default_stamp_path(self) -> Path:
         """Where the stamp goes unless told: beside the samples (SAMPLES.fid-MODE.json), or for a checkpoint
-        beside it, named by what changes the number (<ckpt>.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json)."""
+        beside it, named by what changes the number (<ckpt>.fid-MODE-nN-SOLVERSTEPS-cfgS-seedS.json); for a
+        checkpoint in the Hugging Face cache (`--ckpt org/name`), which uvit never writes into, in the current
+        folder as <org>--<name>.<file>.fid-....json."""
         s = self.stamp
         g = s["samples"].get("generator")
         if g:
@@ -71,8 +73,23 @@ class FidResult:
                 s.get("protocol", {}).get("label_protocol") == "balanced"
             ):  # random (the paper's) keeps its name
                 tag += "-balanced"
+            repo = _hub_repo(ck)
+            if repo is not None:
+                return Path.cwd() / f"{repo}.{ck.stem}.fid-{tag}.json"
             return ck.with_name(f"{ck.stem}.fid-{tag}.json")
         return samples_stamp_path(s["samples"]["path"], s["mode"])
+
+
+def _hub_repo(file: Path) -> str | None:
+    """`org--name` of a file in the Hugging Face cache (models--org--name/snapshots/REV/...), else None."""
+    from uvit_cli.encoders.weights import hf_hub_cache
+
+    try:
+        rel = file.absolute().relative_to(hf_hub_cache().expanduser().absolute())
+    except ValueError:
+        return None
+    top = rel.parts[0] if rel.parts else ""
+    return top.removeprefix("models--") if top.startswith("models--") else None
 
 
 @dataclass
