@@ -102,8 +102,7 @@ def _state(
         amp_dtype=amp,
         compile=compile_backend or False,
         fused=fused,
-        null_class=m.num_classes - 1 if m.conditioning == "class" else None,
-        empty_context=torch.zeros(m.num_clip_token, m.clip_dim) if m.conditioning == "text" else None,
+        uncond=null_condition(m, torch.zeros(m.num_clip_token, m.clip_dim or 1)),
     )
 
 

@@ -262,8 +262,7 @@ def _trace_two_train_steps(p: Preset, model: UViT, full_recipe: bool, monkeypatc
             amp_dtype=torch.bfloat16,
             compile=counter,
             fused=full_recipe,
-            null_class=m.num_classes - 1 if m.conditioning == "class" else None,
-            empty_context=torch.zeros(m.num_clip_token, m.clip_dim) if m.conditioning == "text" else None,
+            uncond=null_condition(m, torch.zeros(m.num_clip_token, m.clip_dim or 1)),
         )
     if not full_recipe:
         del ema

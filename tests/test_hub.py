@@ -216,7 +216,9 @@ def test_export_of_an_official_pth_keeps_its_keys_and_values(tmp_path):
 
     grid = tmp_path / "grid.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(grid)
-    export.export(tmp_path / "nnet_ema.pth", out, preset=tmp_path / "tiny_class.toml", samples=grid, force=True)
+    export.export(
+        tmp_path / "nnet_ema.pth", out, preset=tmp_path / "tiny_class.toml", samples=grid, force=True
+    )
     assert (out / "samples.png").read_bytes() == grid.read_bytes()
     assert "given with --samples" in (out / "README.md").read_text()
 

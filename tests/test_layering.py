@@ -143,7 +143,9 @@ def test_runtime_imports_are_declared_dependencies():
         import tomli as tomllib
     extras = tomllib.loads(text)["project"]["optional-dependencies"]
     for module, extra in OPTIONAL.items():
-        assert any(r.startswith(module) for r in extras.get(extra, [])), f"no extra {extra!r} installs {module}"
+        assert any(r.startswith(module) for r in extras.get(extra, [])), (
+            f"no extra {extra!r} installs {module}"
+        )
     for p in PKG.rglob("*.py"):
         for root in _runtime_import_roots(p):
             if root in sys.stdlib_module_names or root == "uvit_cli" or root in OPTIONAL:

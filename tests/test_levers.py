@@ -146,7 +146,7 @@ def test_every_lever_traces_the_train_step_in_one_graph(tmp_path):
     counter = CompileCounterWithBackend("aot_eager")
     torch.manual_seed(0)
     levers = Levers("autocast", "cudnn", "max-autotune-no-cudagraphs", fp8=True)
-    state, _ = setup_step(p, UViT(**p.model), CPU, amp_dtype=torch.bfloat16, compile=counter, null_class=4,
+    state, _ = setup_step(p, UViT(**p.model), CPU, amp_dtype=torch.bfloat16, compile=counter, uncond={"y": torch.tensor(4)},
                           levers=levers)  # fmt: skip
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -220,7 +220,7 @@ def test_an_fp8_train_step_stays_close_to_full_precision(tmp_path):
     for on in (False, True):
         p = tiny_preset(tmp_path, fp8=on)
         torch.manual_seed(0)
-        state, _ = setup_step(p, UViT(**p.model), CPU, null_class=4)
+        state, _ = setup_step(p, UViT(**p.model), CPU, uncond={"y": torch.tensor(4)})
         g = torch.Generator().manual_seed(0)
         for _ in range(3):
             batch = {"x": torch.randn(8, 3, 8, 8, generator=g), "y": torch.randint(0, 4, (8,), generator=g)}

@@ -119,13 +119,13 @@ def test_cfg_dropout_rate_and_null_conditions():
     d = obj.draw(torch.Generator().manual_seed(step_seed(1234, 7)), 200_000)
     assert abs(d.drop.float().mean().item() - 0.1) < 0.004
     y = torch.randint(0, 1000, (200_000,))
-    out = obj.condition({"y": y}, d, null_class=1000)["y"]
+    out = obj.condition({"y": y}, d, {"y": torch.tensor(1000)})["y"]
     assert (out[d.drop] == 1000).all() and torch.equal(out[~d.drop], y[~d.drop])
 
     obj = Objective(kind="discrete", z_shape=(1, 1, 1), p_uncond=0.5, conditioning="text")
     d = obj.draw(torch.Generator().manual_seed(0), 400)
     ctx, empty = torch.randn(400, 3, 4), torch.randn(3, 4)
-    out = obj.condition({"context": ctx}, d, empty_context=empty)["context"]
+    out = obj.condition({"context": ctx}, d, {"context": empty[None]})["context"]
     assert 150 < int(d.drop.sum()) < 250
     assert (out[d.drop] == empty).all() and torch.equal(out[~d.drop], ctx[~d.drop])
 
@@ -282,7 +282,7 @@ def run_official_recipe(kind: str, check_first_step: bool = False):
         params=params,
         ema_params=list(ema.parameters()),
         ema_rate=r["ema_rate"],
-        null_class=3,
+        uncond={"y": torch.tensor(3)},
     )
     first = copy.deepcopy(model.state_dict())
     lrs, losses = [], []

@@ -151,7 +151,6 @@ def make_train_step(
     on `batch`, or on the next batch of `feed` (TimedBatches) each step."""
     from uvit_cli.train.step import Levers, ema_update, setup_step, train_step
 
-    m = preset.model
     model = network(preset, device, r.official_attention).train()
     state, _ = setup_step(
         preset,
@@ -161,8 +160,7 @@ def make_train_step(
         compile=r.compile,
         fused=r.fused_adamw,
         warmup_steps=0,  # every timed step runs at the preset's lr
-        null_class=m.num_classes - 1 if m.conditioning == "class" else None,
-        empty_context=null["context"][0] if m.conditioning == "text" else None,
+        uncond=null,
         ema_fn=official_ema_update if r.name == OFFICIAL.name else ema_update,
         levers=Levers("autocast" if r.stream else "fp32", r.attention, r.compile_mode, r.fp8),
     )

@@ -115,6 +115,12 @@ def null_condition(model: ModelConfig, empty_context: torch.Tensor | None = None
     return {}
 
 
+def data_null_condition(model: ModelConfig, ds: Any) -> dict[str, torch.Tensor]:
+    """The null condition of a network of the [model] table `model` trained on the prepared set `ds`
+    (`data.FeatureDataset`): the null class, the set's CLIP('') for text models, nothing otherwise."""
+    return null_condition(model, ds.empty_context if model.conditioning == "text" else None)
+
+
 def data_conditions(
     model: ModelConfig, ds: Any, n: int
 ) -> tuple[ConditionFn | None, dict[str, torch.Tensor] | None]:
@@ -128,7 +134,7 @@ def data_conditions(
     if model.conditioning == "text":
         items = [(i * ds.views) % len(ds) for i in range(n)]
         contexts = torch.stack([ds[(i, 0)]["context"] for i in items])  # (n, L, D)
-        return context_conditions(contexts, range(n)), null_condition(model, ds.empty_context)
+        return context_conditions(contexts, range(n)), data_null_condition(model, ds)
     return None, None
 
 

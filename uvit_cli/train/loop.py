@@ -16,6 +16,7 @@ from uvit_cli import checkpoint as ck
 from uvit_cli import dist
 from uvit_cli.config import Preset, TrainConfig
 from uvit_cli.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from uvit_cli.sample.conditions import data_null_condition
 from uvit_cli.train.lock import RunDirLock, RunDirLocked
 from uvit_cli.train.objective import step_seed
 from uvit_cli.train.observers import Intervals, make_observers
@@ -239,8 +240,7 @@ def train(
             len(ds), global_batch, seed=tc.seed, rank=rank, world_size=world, with_epoch=True
         )
         loader = make_loader(ds, sampler, micro, tc.num_workers, pin_memory=cuda)
-        null_class = ds.null_class if preset.model.conditioning == "class" else None
-        empty_context = ds.empty_context.to(device) if preset.model.conditioning == "text" else None
+        uncond = data_null_condition(preset.model, ds)  # CFG's null condition: dropped conditions become it
 
         # ---- Run directory: rank 0 locks it (one process per run dir); every rank checks; written once
         # the start has succeeded (record_run_dir below), so a failed start blocks no rerun ----------------
@@ -259,7 +259,7 @@ def train(
         torch.manual_seed(tc.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         model = UViT(**preset.model).to(device)
         state, ema = setup_step(preset, model, device, amp_dtype=amp_dtype, compile=use_compile, fused=fused,
-                                ddp=world > 1, null_class=null_class, empty_context=empty_context)  # fmt: skip
+                                ddp=world > 1, uncond=uncond)  # fmt: skip
         # --init starts the run from its weights, unless the run dir holds checkpoints of that start (resumed)
         init_from = init if init is not None and not check_init(run_dir, init) else None
         at = resume(run_dir, tc, model, ema, state, global_batch, warn=warn)

@@ -12,7 +12,7 @@ only on (seed, s, i): not on the number of ranks, the micro-batch size or a resu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -214,26 +214,17 @@ class Objective:
         return x
 
     def condition(
-        self,
-        batch: dict[str, torch.Tensor],
-        draws: StepDraws,
-        null_class: int | None = None,
-        empty_context: torch.Tensor | None = None,
+        self, batch: dict[str, torch.Tensor], draws: StepDraws, uncond: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """The model's condition keywords, with dropped ones replaced by the null class / empty context."""
-        if self.conditioning == "class":
-            y = batch["y"]
-            if draws.drop is not None:
-                assert null_class is not None, "condition dropout needs the null class"
-                y = torch.where(draws.drop, torch.full_like(y, int(null_class)), y)
-            return {"y": y}
-        if self.conditioning == "text":
-            context = batch["context"]
-            if draws.drop is not None:
-                assert empty_context is not None, "condition dropout needs the empty context"
-                context = torch.where(draws.drop[:, None, None], empty_context.to(context.dtype), context)
-            return {"context": context}
-        return {}
+        """The model's condition keywords, those of `uncond` (the null condition, `sample.null_condition`:
+        the null class, or CLIP('') of the data set), with the dropped rows replaced by it."""
+        cond = {k: batch[k] for k in uncond}
+        if draws.drop is None:
+            return cond
+        return {
+            k: torch.where(draws.drop.view(-1, *[1] * (v.dim() - 1)), uncond[k].to(v.dtype), v)
+            for k, v in cond.items()
+        }
 
 
 def prediction_mse(

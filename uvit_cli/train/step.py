@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -116,8 +116,9 @@ class StepState:
     grad_clip: float = 0.0  # max grad norm; 0 disables clipping
     amp_dtype: torch.dtype | None = None  # autocast dtype; None runs fp32
     ddp: DistributedDataParallel | None = None  # the wrapper inside loss_fn, for no_sync
-    null_class: int | None = None  # CFG null label (class presets)
-    empty_context: torch.Tensor | None = None  # CFG null context (text presets), (L, D)
+    # The null condition on the device (`sample.null_condition`: the null label, or the set's CLIP('')); its
+    # keys are the network's condition keywords. Empty for unconditional models.
+    uncond: dict[str, torch.Tensor] = field(default_factory=dict)
     ema_fn: EmaFn = ema_update  # bench's official recipe swaps in the per-parameter loop
     attention: str = "auto"  # SDPA's kernel order around the network call (train.attention)
     # Sum of per-sample losses since the caller last read it: on the device, so no host sync per step.
@@ -143,7 +144,7 @@ def train_step(
     # ---- Forward and backward, micro-batch by micro-batch (gradients accumulate) --------------------
     for m, (batch, d) in enumerate(micro_batches):
         x0 = s.objective.clean_data(batch["x"], d)
-        cond = s.objective.condition(batch, d, s.null_class, s.empty_context)
+        cond = s.objective.condition(batch, d, s.uncond)
         sqrt_ab, sqrt_1m_ab, timesteps = s.objective.coefficients(d.timesteps)
         weight = s.objective.loss_weight(sqrt_ab, sqrt_1m_ab)  # None: the paper's unweighted loss
         # DDP all-reduces the gradients once, on the last micro-batch.
@@ -182,8 +183,7 @@ def setup_step(
     fused: bool = False,
     ddp: bool = False,
     warmup_steps: int | None = None,
-    null_class: int | None = None,
-    empty_context: torch.Tensor | None = None,
+    uncond: Mapping[str, torch.Tensor] | None = None,
     ema_fn: EmaFn = ema_update,
     levers: Levers | None = None,
 ) -> tuple[StepState, nn.Module]:
@@ -245,8 +245,7 @@ def setup_step(
         grad_clip=tc.grad_clip,
         amp_dtype=amp_dtype,
         ddp=wrapper,
-        null_class=null_class,
-        empty_context=empty_context,
+        uncond={k: v.to(device) for k, v in (uncond or {}).items()},
         ema_fn=ema_fn,
         attention=lv.attention,
         loss_sum=torch.zeros((), device=device),  # on the device: no host sync until it is read
