@@ -319,3 +319,14 @@ def test_a_bench_row_can_name_the_attention_kernel_it_runs(tmp_path):
     fwd, bwd = attention_kernel(r, p, CPU).split("/")
     assert fwd in ("flash", "math") and bwd in ("flash", "math")  # the CPU's kernels
     assert "/" not in recipe_note(r, p, CPU)  # named on CUDA only, where it tells cuDNN from flash
+
+
+def test_the_start_line_names_the_levers_that_are_on():
+    from uvit_cli.config import load_preset
+    from uvit_cli.train.loop import _levers_on
+
+    assert _levers_on(load_preset("shapes_uvit_tiny").train) == ""  # the official numerics: nothing to name
+    on = load_preset(
+        "shapes_uvit_tiny", ["train.fp8=true", "train.stream_dtype=autocast", "train.attention=cudnn"]
+    )
+    assert _levers_on(on.train) == ", stream_dtype=autocast, attention=cudnn, fp8"

@@ -161,6 +161,14 @@ class _Meter:
         return record, note
 
 
+def _levers_on(tc: TrainConfig) -> str:
+    """The speed levers switched on, as the start line names them: ", stream_dtype=autocast, fp8"."""
+    on = [f"stream_dtype={tc.stream_dtype}" if tc.stream_dtype != "fp32" else "",
+          f"attention={tc.attention}" if tc.attention != "auto" else "",
+          f"compile_mode={tc.compile_mode}" if tc.compile_mode != "default" else "", "fp8" if tc.fp8 else ""]  # fmt: skip
+    return "".join(f", {x}" for x in on if x)
+
+
 def _check_ranks_agree(data_id: str, newest_step: int | None, run_dir: Path) -> None:
     """Every rank must see the same prepared set and the same newest checkpoint (on several nodes: one shared
     run dir, the same data on each node, docs/multinode.md); otherwise ranks would train different data or
@@ -295,7 +303,7 @@ def train(
             step,
             f"{n_params / 1e6:.2f}M params on {device} x{world}; global batch {global_batch} = {world} x "
             f"{accum} x {micro}; {tc.mixed_precision if amp_dtype else 'fp32'}"
-            f"{', compiled' if use_compile else ''}; "
+            f"{', compiled' if use_compile else ''}{_levers_on(tc)}; "
             + (f"resuming from {last_ckpt.name}" if last_ckpt else f"new run in {run_dir}{origin}"),
             start_step=step,
             end_step=end_step,
