@@ -177,7 +177,7 @@ def test_prepare_coco_matches_direct_computation(tmp_path, encoders):
         coco, out, encoders, "--items-per-shard", "2", "--batch-size", "2", "--dtype", "float32"
     )
     assert r.exit_code == 0, r.output
-    assert "train: 3 items in 2 shards, 18 captions" in r.output and "val: 1 items in 1 shards" in r.output
+    assert "train: 3 items in 2 shards, 18 captions" in r.output and "val: 1 items in 1 shard" in r.output
 
     vae = load_autoencoder(encoders["vae"])
     clip = load_text_encoder(encoders["clip"])
@@ -576,7 +576,7 @@ def test_import_official_coco_features(tmp_path):
     r = invoke("prepare", "official-features", str(tmp_path / "coco256_features"), "--out", str(out),
                "--items-per-shard", "2", "--dtype", "float32")  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "train: 5 items in 3 shards, 28 captions" in r.output and "val: 2 items in 1 shards" in r.output
+    assert "train: 5 items in 3 shards, 28 captions" in r.output and "val: 2 items in 1 shard" in r.output
     ds = data.FeatureDataset(out, "train", seed=0)
     assert ds.conditioning == "text" and ds.space == "latent" and ds.z_shape == (4, 4, 4) and len(ds) == 5
     assert ds.manifest["context_shape"] == [77, 16] and ds.manifest["kind"] == "coco"
@@ -687,7 +687,7 @@ def test_prepare_result_summary_progress_note_and_the_cpu_bf16_warning():
     result = PrepareResult(Path("feats/coco256"), manifest, reused={"train": 2, "val": 0})
     assert result.summary(1.25) == [
         "train: 7 items in 2 shards, 30 captions, 5 unreadable images skipped (listed in manifest.json)",
-        "val: 2 items in 1 shards",
+        "val: 2 items in 1 shard",
         "vae: /w/vae.pth sha256 0123456789abcdef",
         "wrote feats/coco256 in 1.2 s (2 finished shards verified and kept)",
     ]

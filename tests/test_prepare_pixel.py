@@ -90,7 +90,7 @@ def test_cifar10_matches_pickles_and_trains(tmp_path):
     r = invoke("prepare", "cifar10", "--root", str(tmp_path / "cifar"), "--out", str(out),
                "--items-per-shard", "4", "--workers", "0")  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "train: 10 items in 3 shards" in r.output and "test: 3 items in 1 shards" in r.output
+    assert "train: 10 items in 3 shards" in r.output and "test: 3 items in 1 shard" in r.output
     for split in ("train", "test"):
         got = read_split(out, split)
         want_x = np.concatenate([x for _, x, _ in rows[split]]).reshape(-1, 3, 32, 32)  # R, G, B planes

@@ -157,7 +157,7 @@ def test_prepare_shapes_cli(tmp_path):
     out = tmp_path / "shapes"
     res = CliRunner().invoke(app, ["prepare", "shapes", "--out", str(out), "--n", "40", "--resolution", "16"])
     assert res.exit_code == 0, res.output
-    assert "train: 40 images, 80 captions" in res.output
+    assert "train: 40 items in 1 shard, 80 captions" in res.output
     assert len(FeatureDataset(out, "val")) == 4
     res = CliRunner().invoke(app, ["prepare", "shapes", "--out", str(out), "--n", "41"])
     assert res.exit_code == 2 and "other settings" in res.output

@@ -40,9 +40,9 @@ class PrepareResult:
         """A line per split (items, shards, captions, images skipped) and per encoder, then where it went."""
         lines = []
         for split, entry in self.manifest["splits"].items():
-            skipped = len(entry.get("skipped", []))
+            skipped, shards = len(entry.get("skipped", [])), len(entry.get("shards", []))
             lines.append(
-                f"{split}: {entry.get('items', 0)} items in {len(entry.get('shards', []))} shards"
+                f"{split}: {entry.get('items', 0)} items in {shards} shard{'s' if shards != 1 else ''}"
                 + (f", {entry['captions']} captions" if entry.get("captions") else "")
                 + (f", {skipped} unreadable images skipped (listed in manifest.json)" if skipped else "")
             )
