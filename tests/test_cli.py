@@ -203,6 +203,15 @@ def test_prepare_commands_pass_keywords_their_workflow_takes_with_its_defaults()
     assert {p.name for p in group.commands["imagenet"].params} >= {"batch_size", "dtype", "precision"}
 
 
+# The speed levers have no flags: `--set sample.stream_dtype=autocast` etc. sets them in the preset.
+LEVERS_FROM_THE_PRESET = {
+    "stream_dtype": None,
+    "attention": None,
+    "compile_mode": None,
+    "vae_channels_last": None,
+}
+
+
 def test_sample_options_reach_the_sampler_spec(tmp_path, monkeypatch):
     """`uvit sample` hands each sampling option to the core's SamplerSpec (the settings by their names)."""
     import uvit_cli.sample
@@ -227,12 +236,14 @@ def test_sample_options_reach_the_sampler_spec(tmp_path, monkeypatch):
     assert dataclasses.asdict(spec.settings) == {
         "solver": "ddim", "steps": 3, "cfg_scale": 1.5, "guidance_interval": (0.1, 0.9), "batch_size": 2,
         "decode_batch_size": 5, "precision": "fp32", "compile": False, "cuda_graphs": True,
+        **LEVERS_FROM_THE_PRESET,
     }  # fmt: skip
     assert runner.invoke(app, ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s")]).exit_code == 130
     assert seen["spec"].ema and seen["spec"].seed == 0 and seen["spec"].overrides == []
     assert dataclasses.asdict(seen["spec"].settings) == {
         "solver": None, "steps": None, "cfg_scale": None, "guidance_interval": None, "batch_size": None,
         "decode_batch_size": 50, "precision": None, "compile": None, "cuda_graphs": False,
+        **LEVERS_FROM_THE_PRESET,
     }  # fmt: skip
 
 
