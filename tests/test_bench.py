@@ -75,7 +75,7 @@ def test_forward_flops_match_analytic_count(tiny):
     patch = 2 * L * (m.in_chans * m.patch_size**2) * D
     decoder = 2 * T * D * m.patch_size**2 * m.in_chans
     final_conv = 2 * m.img_size**2 * m.in_chans * m.in_chans * 9
-    assert forward_flops(p, B) == B * (blocks * per_block + skips + patch + decoder + final_conv)
+    assert forward_flops(p.model, B) == B * (blocks * per_block + skips + patch + decoder + final_conv)
 
 
 def test_official_attention_upcasts_and_matches_in_fp32():
@@ -202,8 +202,8 @@ def test_attention_shapes_are_the_presets():
     from uvit_cli.bench.device import attention_shape
     from uvit_cli.config import load_preset
 
-    assert attention_shape(load_preset("coco_uvit_s2_deep"), 256) == (256, 8, 334, 64)
-    assert attention_shape(load_preset("imagenet256_uvit_h2"), 128) == (128, 16, 258, 72)
+    assert attention_shape(load_preset("coco_uvit_s2_deep").model, 256) == (256, 8, 334, 64)
+    assert attention_shape(load_preset("imagenet256_uvit_h2").model, 128) == (128, 16, 258, 72)
 
 
 def test_kernel_family_reads_the_aten_op():

@@ -31,7 +31,7 @@ from uvit_cli.checkpoint import (
     load_weights,
     save_weights,
 )
-from uvit_cli.config import Preset, list_presets, load_preset
+from uvit_cli.config import ModelConfig, Preset, list_presets, load_preset
 from uvit_cli.errors import CheckpointError, ConfigError, UvitError
 from uvit_cli.fileio import atomic_open, check_outputs, sha256_file, write_json_atomic, write_text_atomic
 from uvit_cli.hub import CARD_FILE, REPO_PLACEHOLDER
@@ -94,7 +94,7 @@ def export(
         chosen = load_preset(preset) if preset is not None else recognise_preset(sd, str(file))
     elif preset is not None:
         notes.append(f"the checkpoint's embedded preset '{chosen.name}' is used, not --preset")
-    _check_fits(chosen, sd, file)
+    _check_fits(chosen.model, sd, file)
     step = int(meta["step"]) if str(meta.get("step", "")).isdigit() else None
     weights = meta.get("weights", "ema")
     if official and "ema" not in file.stem and file.stem != "nnet":
@@ -170,14 +170,15 @@ def _preset_beside(file: Path) -> Preset | None:
     return load_preset(beside) if beside.is_file() else None
 
 
-def _check_fits(preset: Preset, sd: dict[str, Any], file: Path) -> None:
-    """The weights fit the preset's model key by key and shape by shape (a meta-device model: no memory)."""
+def _check_fits(model: ModelConfig, sd: dict[str, Any], file: Path) -> None:
+    """The weights fit the [model] table's network key by key and shape by shape (a meta-device model: no
+    memory)."""
     import torch
 
     from uvit_cli.model import UViT
 
     with torch.device("meta"):
-        expected = UViT(**preset.model).state_dict()
+        expected = UViT(**model).state_dict()
     check_state_dict(expected, sd, str(file))
 
 
@@ -263,11 +264,11 @@ def _eval_protocol(run: Path) -> dict[str, Any] | None:
 # The model card
 
 
-def pipeline_tag(preset: Preset) -> str:
-    """The Hub's task of a preset: text-to-image for text models; class-conditional and unconditional models
+def pipeline_tag(model: ModelConfig) -> str:
+    """The Hub's task of a network: text-to-image for text models; class-conditional and unconditional models
     are listed as unconditional-image-generation (the Hub has no class-conditional task; ImageNet generators
     such as MAR and PAR are tagged so)."""
-    return "text-to-image" if preset.model.conditioning == "text" else "unconditional-image-generation"
+    return "text-to-image" if model.conditioning == "text" else "unconditional-image-generation"
 
 
 def model_card(
@@ -293,7 +294,7 @@ def model_card(
     repo = repo_id or REPO_PLACEHOLDER
     release = official_file(source.name) if official else None
     lines = ["---", "library_name: uvit", "tags:", *(f"- {t}" for t in dict.fromkeys(tags)),
-             f"pipeline_tag: {pipeline_tag(preset)}", "---", "", f"# {preset.name}", ""]  # fmt: skip
+             f"pipeline_tag: {pipeline_tag(preset.model)}", "---", "", f"# {preset.name}", ""]  # fmt: skip
     what = (f"the paper's released {release.model}" if release else
             "released U-ViT weights (the paper's format)" if official else "a U-ViT trained with uvit")  # fmt: skip
     lines += [

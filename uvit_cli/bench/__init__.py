@@ -258,7 +258,7 @@ def _check_resources(
     if task == "attention":  # q, k, v, out and their gradients; the math path keeps two (T, T) maps per head
         from uvit_cli.bench.device import attention_shape
 
-        B, H, T, Dh = attention_shape(preset, batch)
+        B, H, T, Dh = attention_shape(preset.model, batch)
         require_memory(what, 4 * B * H * (8 * T * Dh + 4 * T * T), fix=fix)
         return
     if task == "sample":  # guided as the preset samples, decoding 50 at a time as both recipes do

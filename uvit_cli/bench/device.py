@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from uvit_cli import dist
 from uvit_cli.bench.measure import Measurement, OnRow, measure, synchronize
-from uvit_cli.config import Preset
+from uvit_cli.config import ModelConfig, Preset
 
 Progress = Callable[[str], None]
 Skip = Callable[[str, str], None]  # (probe, why): a probe that did not run
@@ -127,9 +127,8 @@ def _copy_row(
 # Attention
 
 
-def attention_shape(preset: Preset, batch: int) -> tuple[int, int, int, int]:
-    """(B, H, T, Dh) of the preset's attention: T = patch tokens + the time token + the condition's tokens."""
-    m = preset.model
+def attention_shape(m: ModelConfig, batch: int) -> tuple[int, int, int, int]:
+    """(B, H, T, Dh) of the network's attention: T = patch tokens + the time token + the condition's tokens."""
     extras = 1 + {"text": m.num_clip_token or 0, "class": 1}.get(m.conditioning, 0)
     return batch, m.num_heads, (m.img_size // m.patch_size) ** 2 + extras, m.embed_dim // m.num_heads
 
@@ -200,7 +199,7 @@ def bench_attention(
     q, k, v. A backend that cannot run these tensors is reported through `skip` with torch's reason."""
     device = device or dist.device()
     cuda = device.type == "cuda"
-    B, H, T, Dh = attention_shape(preset, batch)
+    B, H, T, Dh = attention_shape(preset.model, batch)
     flops = 3 * 4 * B * H * T * T * Dh  # q k^T and attn v, 2 FLOPs a multiply-add; backward = 2x forward
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = f"{B}x{H}x{T}x{Dh}"

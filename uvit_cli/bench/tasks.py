@@ -15,7 +15,7 @@ import torch
 from uvit_cli import dist
 from uvit_cli.bench.measure import Measurement, OnRow, count_flops, measure
 from uvit_cli.bench.recipes import OFFICIAL, OURS, Recipe, apply_attention, for_device, official_ema_update
-from uvit_cli.config import NetworkPrecision, Preset
+from uvit_cli.config import ModelConfig, NetworkPrecision, Preset
 from uvit_cli.data import to_model
 from uvit_cli.model import UViT
 
@@ -37,24 +37,24 @@ def use_recipe_settings(r: Recipe, device: torch.device) -> None:
     dist.cuda_defaults(device, tf32=r.tuned, autotune=r.tuned)
 
 
-def conditions(preset: Preset, batch: int, device: torch.device, g: torch.Generator) -> tuple[dict, dict]:
+def conditions(model: ModelConfig, batch: int, device: torch.device, g: torch.Generator) -> tuple[dict, dict]:
     """Random conditions of the real shapes, and the matching null condition (for CFG), on `device`."""
     from uvit_cli.sample.conditions import example_conditions
 
-    cond, null = example_conditions(preset.model, batch, g)
+    cond, null = example_conditions(model, batch, g)
     return {k: v.to(device) for k, v in cond.items()}, {k: v.to(device) for k, v in null.items()}
 
 
-def network(preset: Preset, device: torch.device, official: bool) -> UViT:
+def network(model: ModelConfig, device: torch.device, official: bool) -> UViT:
+    """The network of the [model] table with seed-0 weights, its attention the official or ours."""
     torch.manual_seed(0)
-    return apply_attention(UViT(**preset.model).to(device), official)
+    return apply_attention(UViT(**model).to(device), official)
 
 
-def forward_flops(preset: Preset, batch: int) -> int:
+def forward_flops(m: ModelConfig, batch: int) -> int:
     """FLOPs of one forward of the network at `batch`, counted on the meta device (no memory, no time)."""
     from uvit_cli.sample.conditions import example_conditions
 
-    m = preset.model
     with torch.device("meta"):
         net = UViT(**m.model_dump())
         x = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
@@ -107,8 +107,8 @@ def bench_train(
     g = torch.Generator().manual_seed(0)
     # Stored moments (mean | logvar) for latent data sets, pixels in [-1, 1] otherwise.
     x = torch.randn(batch, m.in_chans * (2 if latent else 1), m.img_size, m.img_size, generator=g).to(device)
-    cond, null = conditions(preset, batch, device, g)
-    flops = 3 * forward_flops(preset, batch)
+    cond, null = conditions(preset.model, batch, device, g)
+    flops = 3 * forward_flops(preset.model, batch)
 
     results = []
     for recipe, r in each_recipe("train", recipes, device, progress):
@@ -151,7 +151,7 @@ def make_train_step(
     on `batch`, or on the next batch of `feed` (TimedBatches) each step."""
     from uvit_cli.train.step import Levers, ema_update, setup_step, train_step
 
-    model = network(preset, device, r.official_attention).train()
+    model = network(preset.model, device, r.official_attention).train()
     state, _ = setup_step(
         preset,
         model,
@@ -180,7 +180,7 @@ def attention_kernel(r: Recipe, preset: Preset, device: torch.device) -> str:
     from uvit_cli.bench.device import attention_shape, op_families
     from uvit_cli.model import attention_kernels
 
-    _, H, T, Dh = attention_shape(preset, 1)
+    _, H, T, Dh = attention_shape(preset.model, 1)
     dtype = torch.float32 if r.official_attention else (r.amp_dtype or torch.float32)
     q, k, v = (torch.randn(1, H, T, Dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     with attention_kernels(r.attention, device):
@@ -235,7 +235,7 @@ def bench_sample(
     batch = settings.batch_size
     m = preset.model
     g = torch.Generator().manual_seed(0)
-    cond, null = conditions(preset, batch, device, g)
+    cond, null = conditions(preset.model, batch, device, g)
     vae = None
     decode_flops = 0
     if preset.data.space == "latent" and decode:
@@ -249,7 +249,7 @@ def bench_sample(
             z = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
             decode_flops = count_flops(lambda: meta_vae.decode(z))
     passes = 2 if settings.cfg_scale > 0 else 1
-    flops = settings.steps * passes * forward_flops(preset, batch) + decode_flops
+    flops = settings.steps * passes * forward_flops(preset.model, batch) + decode_flops
 
     results = []
     for recipe, r in each_recipe("sample", recipes, device, progress):
@@ -287,7 +287,7 @@ def make_sample_run(
 
     m = preset.model
     batch = settings.batch_size
-    model = network(preset, device, r.official_attention).eval()
+    model = network(preset.model, device, r.official_attention).eval()
     if r.batched_cfg:  # the code `uvit sample` runs
         ours = dataclasses.replace(
             settings,
