@@ -33,7 +33,8 @@ def bench_prepare(
     runs the VAE under bf16 autocast (`--precision bf16`). Both run torch's CUDA defaults, as `uvit prepare`
     does (`dist.cuda_defaults(tf32=False, autotune=False)`). Image decoding is not timed (DataLoader workers).
     """
-    from uvit_cli.encoders import AutoencoderKL, CLIPTextConfig, CLIPTextEncoder
+    from uvit_cli.encoders import AutoencoderKL, CLIPTextEncoder
+    from uvit_cli.encoders.clip import CLIP_L14_TEXT
     from uvit_cli.prepare.run import PrepareSpec
 
     device = device or default_device()
@@ -43,7 +44,7 @@ def bench_prepare(
     torch.manual_seed(0)
     vae = AutoencoderKL().to(device).eval()
     text = preset.model.conditioning == "text"
-    clip = CLIPTextEncoder(CLIPTextConfig()).to(device).eval() if text else None
+    clip = CLIPTextEncoder(CLIP_L14_TEXT).to(device).eval() if text else None
     res = preset.data.resolution
     images = torch.rand(batch, 3, res, res, device=device) * 2 - 1
     tokens = torch.randint(0, 49406, (batch * captions_per_image, 77), device=device)
@@ -52,7 +53,7 @@ def bench_prepare(
         meta_vae = AutoencoderKL()
         flops = count_flops(lambda: meta_vae.encode_moments(torch.randn(batch, 3, res, res)))
         if text:
-            meta_clip = CLIPTextEncoder(CLIPTextConfig())
+            meta_clip = CLIPTextEncoder(CLIP_L14_TEXT)
             flops += count_flops(
                 lambda: meta_clip(torch.zeros(batch * captions_per_image, 77, dtype=torch.long))
             )

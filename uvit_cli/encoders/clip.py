@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,30 +23,35 @@ from torch import nn
 from uvit_cli.encoders.tokenizer import CLIPTokenizer
 from uvit_cli.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from uvit_cli.encoders.clip_vision import CLIPVisionConfig
 
+@dataclass(frozen=True, kw_only=True)
+class CLIPTowerConfig:
+    """The sizes the shared attention, MLP and layer modules read: either tower's (text or image)."""
 
-@dataclass(frozen=True)
-class CLIPTextConfig:
-    """Sizes of the text tower; the defaults are openai/clip-vit-large-patch14."""
-
-    vocab_size: int = 49408
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    max_position_embeddings: int = 77
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
 
-# The config the shared attention, MLP and layer modules read their sizes from: either tower's.
-TowerConfig: TypeAlias = "CLIPTextConfig | CLIPVisionConfig"
+@dataclass(frozen=True, kw_only=True)
+class CLIPTextConfig(CLIPTowerConfig):
+    """The text tower: the shared sizes, its vocabulary and its context length."""
+
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+
+
+# openai/clip-vit-large-patch14's text tower (U-ViT's COCO encoder).
+CLIP_L14_TEXT = CLIPTextConfig(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+)
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: TowerConfig, causal: bool = True) -> None:
+    def __init__(self, cfg: CLIPTowerConfig, causal: bool = True) -> None:
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
@@ -75,7 +80,7 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, cfg: TowerConfig) -> None:
+    def __init__(self, cfg: CLIPTowerConfig) -> None:
         super().__init__()
         if cfg.hidden_act not in ("quick_gelu", "gelu"):
             raise CheckpointError(f"unsupported CLIP hidden_act {cfg.hidden_act!r} (quick_gelu or gelu)")
@@ -90,7 +95,7 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: TowerConfig, causal: bool = True) -> None:
+    def __init__(self, cfg: CLIPTowerConfig, causal: bool = True) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = CLIPAttention(cfg, causal)
@@ -103,7 +108,7 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: TowerConfig, causal: bool = True) -> None:
+    def __init__(self, cfg: CLIPTowerConfig, causal: bool = True) -> None:
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg.num_hidden_layers))
 
@@ -120,7 +125,7 @@ class CLIPTextEncoder(nn.Module):
 
     def __init__(self, cfg: CLIPTextConfig | None = None, tokenizer: CLIPTokenizer | None = None) -> None:
         super().__init__()
-        self.config = cfg = cfg or CLIPTextConfig()
+        self.config = cfg = cfg or CLIP_L14_TEXT
         self.embeddings = CLIPEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)

@@ -21,24 +21,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from uvit_cli.encoders.clip import CLIPEncoder, CLIPTextConfig, CLIPTextEncoder, config_from_state_dict
+from uvit_cli.encoders.clip import (
+    CLIPEncoder,
+    CLIPTextConfig,
+    CLIPTextEncoder,
+    CLIPTowerConfig,
+    config_from_state_dict,
+)
 from uvit_cli.encoders.tokenizer import CLIPTokenizer
 from uvit_cli.errors import CheckpointError
 
 
-@dataclass(frozen=True)
-class CLIPVisionConfig:
-    """Sizes of the image tower; the defaults are openai/clip-vit-large-patch14."""
+@dataclass(frozen=True, kw_only=True)
+class CLIPVisionConfig(CLIPTowerConfig):
+    """The image tower: the shared sizes, its input side, patch and channels."""
 
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
     image_size: int = 224
     patch_size: int = 14
     num_channels: int = 3
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
+
+
+# openai/clip-vit-large-patch14's image tower (CLIP score).
+CLIP_L14_VISION = CLIPVisionConfig(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16
+)
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -60,7 +66,7 @@ class CLIPVisionTransformer(nn.Module):
 
     def __init__(self, cfg: CLIPVisionConfig | None = None) -> None:
         super().__init__()
-        self.config = cfg = cfg or CLIPVisionConfig()
+        self.config = cfg = cfg or CLIP_L14_VISION
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # HF's spelling
         self.encoder = CLIPEncoder(cfg, causal=False)
