@@ -340,7 +340,7 @@ def test_bench_ladders_run_their_cuda_recipes(cond, space, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_)
     g = torch.Generator().manual_seed(0)
-    cond_, null = bench.conditions(p, 4, dev, g)
+    cond_, null = bench.conditions(p.model, 4, dev, g)
     x = _batch(p, 4, 0)["x"]
     for r in TRAIN_LADDER:
         torch._dynamo.reset()
