@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from uvit_cli.config import AttentionKernel, CompileMode, StreamDtype, TrainConfig
 from uvit_cli.model import attention_kernels, set_autocast_stream
 from uvit_cli.train.objective import DiffusionLoss, Objective, StepDraws
 
@@ -86,13 +87,13 @@ class Levers:
     """The speed switches of a training run (docs/training.md, *Speed switches*); the defaults are the
     official numerics. `uvit train` takes them from the preset's [train]; `uvit bench` from its recipes."""
 
-    stream_dtype: str = "fp32"  # "autocast": the residual stream in the autocast dtype
-    attention: str = "auto"  # "cudnn": cuDNN attention first in SDPA's kernel order (CUDA)
-    compile_mode: str = "default"  # torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
+    stream_dtype: StreamDtype = "fp32"  # "autocast": the residual stream in the autocast dtype
+    attention: AttentionKernel = "auto"  # "cudnn": cuDNN attention first in SDPA's kernel order (CUDA)
+    compile_mode: CompileMode = "default"  # torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
     fp8: bool = False  # the blocks' linears as float8 matmuls (uvit_cli.fp8)
 
     @classmethod
-    def of(cls, tc: Any) -> Levers:
+    def of(cls, tc: TrainConfig) -> Levers:
         """The levers a preset's [train] table sets."""
         return cls(tc.stream_dtype, tc.attention, tc.compile_mode, tc.fp8)
 
@@ -120,7 +121,7 @@ class StepState:
     # keys are the network's condition keywords. Empty for unconditional models.
     uncond: dict[str, torch.Tensor] = field(default_factory=dict)
     ema_fn: EmaFn = ema_update  # bench's official recipe swaps in the per-parameter loop
-    attention: str = "auto"  # SDPA's kernel order around the network call (train.attention)
+    attention: AttentionKernel = "auto"  # SDPA's kernel order around the network call (train.attention)
     # Sum of per-sample losses since the caller last read it: on the device, so no host sync per step.
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
