@@ -10,7 +10,7 @@ import torch
 from train_fixtures import tiny_toml
 from typer.testing import CliRunner
 
-from uvit_cli.bench.measure import peak_tflops
+from uvit_cli.bench.measure import Timing, peak_tflops
 from uvit_cli.bench.recipes import OFFICIAL, OfficialAttention, apply_attention
 from uvit_cli.bench.tasks import bench_train, forward_flops
 from uvit_cli.cli import app
@@ -95,7 +95,7 @@ def test_official_attention_upcasts_and_matches_in_fp32():
 
 def test_train_bench_on_cpu_is_fp32_eager(tiny):
     p = preset_from_toml(TINY)
-    (m,) = bench_train(p, batch=2, steps=1, warmup=0, recipes=[OFFICIAL], device=torch.device("cpu"))
+    (m,) = bench_train(p, batch=2, recipes=[OFFICIAL], timing=Timing(1, 0, torch.device("cpu")))
     assert m.note.startswith("fp32") and m.batch == 2 and m.ms_per_step > 0
 
 

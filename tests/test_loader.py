@@ -195,12 +195,16 @@ def test_bench_data_reads_a_prepared_folder(tmp_path):
     root = _sets(tmp_path)["txt"]
     preset = load_preset("coco_uvit_s2_deep", ["model.clip_dim=16"])
     from uvit_cli.bench.data import bench_data
+    from uvit_cli.bench.measure import Timing
 
-    ms = bench_data(preset, batch=4, steps=2, warmup=1, data_dir=root, workers=[0], cold=False)
+    ms = bench_data(
+        preset, batch=4, data_dir=root, workers=[0], cold=False, timing=Timing(2, 1, torch.device("cpu"))
+    )
     assert [m.recipe for m in ms] == ["official", "uvit"] and all(m.images_per_s > 0 for m in ms)
 
 
 def test_bench_train_on_a_prepared_folder_reports_the_data_wait(tmp_path):
+    from uvit_cli.bench.measure import Timing
     from uvit_cli.bench.recipes import OURS
     from uvit_cli.bench.tasks import bench_train
 
@@ -210,8 +214,9 @@ def test_bench_train_on_a_prepared_folder_reports_the_data_wait(tmp_path):
     real = data.FeatureDataset.__getitems__
     data.FeatureDataset.__getitems__ = lambda self, keys: calls.append(len(keys)) or real(self, keys)
     try:
-        (m,) = bench_train(preset, batch=8, steps=3, warmup=1, recipes=[OURS], data_dir=shards,
-                           device=torch.device("cpu"))  # fmt: skip
+        (m,) = bench_train(
+            preset, batch=8, recipes=[OURS], data_dir=shards, timing=Timing(3, 1, torch.device("cpu"))
+        )
     finally:
         data.FeatureDataset.__getitems__ = real
     assert calls == [8] * 4  # one batch from the folder per step

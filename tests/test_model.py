@@ -182,32 +182,22 @@ def test_tiny_t2i_key_list_matches_spec():
     sd = UViT(**TINY_T2I).state_dict()
     assert len(sd) == 70
     assert sum(v.numel() for v in sd.values()) == 271_396
+    # spec §1.6: the keys outside the blocks, then one block's (qkv_bias False: no attn.qkv.bias)
     expected = {
         "pos_embed": (1, 22, 64),
-        "patch_embed.proj.weight": (64, 4, 2, 2),
-        "patch_embed.proj.bias": (64,),
-        "context_embed.weight": (64, 32),
-        "context_embed.bias": (64,),
-        "norm.weight": (64,),
-        "norm.bias": (64,),
-        "decoder_pred.weight": (16, 64),
-        "decoder_pred.bias": (16,),
-        "final_layer.weight": (4, 4, 3, 3),
-        "final_layer.bias": (4,),
-    }
+        "patch_embed.proj.weight": (64, 4, 2, 2), "patch_embed.proj.bias": (64,),
+        "context_embed.weight": (64, 32), "context_embed.bias": (64,),
+        "norm.weight": (64,), "norm.bias": (64,),
+        "decoder_pred.weight": (16, 64), "decoder_pred.bias": (16,),
+        "final_layer.weight": (4, 4, 3, 3), "final_layer.bias": (4,),
+    }  # fmt: skip
     block = {
-        "norm1.weight": (64,),
-        "norm1.bias": (64,),
-        "attn.qkv.weight": (192, 64),
-        "attn.proj.weight": (64, 64),
-        "attn.proj.bias": (64,),
-        "norm2.weight": (64,),
-        "norm2.bias": (64,),
-        "mlp.fc1.weight": (256, 64),
-        "mlp.fc1.bias": (256,),
-        "mlp.fc2.weight": (64, 256),
-        "mlp.fc2.bias": (64,),
-    }
+        "norm1.weight": (64,), "norm1.bias": (64,),
+        "attn.qkv.weight": (192, 64), "attn.proj.weight": (64, 64), "attn.proj.bias": (64,),
+        "norm2.weight": (64,), "norm2.bias": (64,),
+        "mlp.fc1.weight": (256, 64), "mlp.fc1.bias": (256,),
+        "mlp.fc2.weight": (64, 256), "mlp.fc2.bias": (64,),
+    }  # fmt: skip
     for prefix in ["in_blocks.0.", "in_blocks.1.", "mid_block.", "out_blocks.0.", "out_blocks.1."]:
         expected.update({prefix + k: v for k, v in block.items()})
     for i in (0, 1):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from uvit_cli import dist
-from uvit_cli.bench.measure import Measurement, device_name, peak_tflops
+from uvit_cli.bench.measure import Measurement, Progress, Timing, device_name, peak_tflops
 from uvit_cli.bench.recipes import (
     OFFICIAL,
     OURS,
@@ -44,7 +44,6 @@ from uvit_cli.fileio import write_text_atomic
 from uvit_cli.resources import require_disk, require_memory
 
 TASKS = ("train", "sample", "prepare", "fid", "data", "attention", "device")
-Progress = Callable[[str], None]
 
 
 @dataclasses.dataclass
@@ -141,11 +140,9 @@ def run_bench(
     def skip(what: str, why: str) -> None:
         report.settings.setdefault("skipped", {})[what] = why
 
-    kw: dict[str, Any] = {"device": device, "progress": progress, "on_row": add}
-    if steps is not None:
-        kw["steps"] = steps
+    timing = Timing.of(task, steps=steps, device=device, progress=progress, on_row=add, skip=skip)
     try:
-        _run_task(task, preset, batch, (compare, levers, official), decode, data_dir, workers, kw, skip)
+        _run_task(task, preset, batch, (compare, levers, official), decode, data_dir, workers, timing)
     except torch.OutOfMemoryError:
         raise ResourceError(
             f"bench {task} at batch {batch} does not fit in the memory of {device}: pass a smaller --batch"
@@ -161,10 +158,9 @@ def _run_task(
     decode: bool,
     data_dir: str | Path | None,
     workers: list[int] | None,
-    kw: dict[str, Any],
-    skip: Callable[[str, str], None],
+    timing: Timing,
 ) -> None:
-    device = kw["device"]
+    device, skip = timing.device, timing.skipped
     compare, levers, official = which
     base = [OFFICIAL, OURS] if official else [OURS]
     if task == "train":
@@ -172,34 +168,34 @@ def _run_task(
             *(TRAIN_LADDER if compare else base),
             *_levers(TRAIN_LEVERS, compare or levers, device, skip),
         ]
-        bench_train(preset, batch=batch, recipes=recipes, data_dir=data_dir, **kw)
+        bench_train(preset, batch=batch, recipes=recipes, data_dir=data_dir, timing=timing)
     elif task == "sample":
         decodes = decode and preset.data.space == "latent"
         rungs = _levers(SAMPLE_LEVERS, compare or levers, device, skip, decodes=decodes)
         recipes = [*(SAMPLE_LADDER if compare else base), *rungs]
         if device.type != "cuda":
             recipes = [r for r in recipes if not r.cuda_graphs]
-        bench_sample(preset, batch=batch, recipes=recipes, decode=decode, **kw)
+        bench_sample(preset, batch=batch, recipes=recipes, decode=decode, timing=timing)
     elif task == "data":
         from uvit_cli.bench.data import bench_data
 
-        bench_data(preset, batch=batch, data_dir=data_dir, workers=workers, **kw)
+        bench_data(preset, batch=batch, data_dir=data_dir, workers=workers, timing=timing)
     elif task == "prepare":
         from uvit_cli.bench.encoders import bench_prepare
 
-        bench_prepare(preset, batch=batch, **kw)
+        bench_prepare(preset, batch=batch, timing=timing)
     elif task == "fid":
         from uvit_cli.bench.encoders import bench_fid
 
-        bench_fid(batch=batch, **kw)
+        bench_fid(batch=batch, timing=timing)
     elif task == "attention":
         from uvit_cli.bench.device import bench_attention
 
-        bench_attention(preset, batch=batch, skip=skip, **kw)
+        bench_attention(preset, batch=batch, timing=timing)
     else:
         from uvit_cli.bench.device import bench_device
 
-        bench_device(skip=skip, **kw)
+        bench_device(timing)
 
 
 def _levers(

@@ -33,12 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from uvit_cli.bench.measure import Measurement, OnRow
+from uvit_cli.bench.measure import Measurement, Timing
 from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError
 from uvit_cli.workers import worker_loader
 
-Progress = Callable[[str], None]
 CONTEXT_LEN = 77
 CAPTIONS = 5  # COCO has 5 (a few images 6 or 7) captions per image
 
@@ -229,25 +228,22 @@ def bench_data(
     preset: Preset,
     *,
     batch: int | None = None,
-    steps: int = 10,
-    warmup: int = 2,
     data_dir: str | os.PathLike[str] | None = None,
     workers: list[int] | None = None,
     cold: bool = True,
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-    on_row: OnRow | None = None,
+    timing: Timing | None = None,
 ) -> list[Measurement]:
     """Samples/s of our training loader and of the official reader on the same items, per worker count
-    (default: 0, 2 and the preset's `train.num_workers`) and page-cache state; `on_row` gets each row as
-    soon as it is measured."""
+    (default: 0, 2 and the preset's `train.num_workers`) and page-cache state; `timing.on_row` gets each
+    row as soon as it is measured. Batches are pinned when `timing.device` is a GPU."""
     from uvit_cli.data import FeatureDataset, ResumableSampler, make_loader
 
-    say = progress or (lambda _: None)
+    t = timing or Timing.of("data")
+    steps, warmup, say = t.steps, t.warmup, t.say
     tc = preset.train
     batch = batch or tc.batch_size
     workers = workers if workers is not None else sorted({0, 2, tc.num_workers})  # in-process vs processes
-    pin = device is not None and device.type == "cuda"
+    pin = t.device.type == "cuda"
     can_drop = hasattr(os, "posix_fadvise")
     n_samples = batch * (steps + warmup)
     out: list[Measurement] = []
@@ -291,9 +287,8 @@ def bench_data(
                         _warm(ours_root if recipe == "uvit" else official_root)
                     sec, warmup_s = _time(loader, steps, warmup)
                     extra = ", items in memory" if recipe == "official" and in_memory else ""
-                    out.append(Measurement.from_timing("data", recipe, batch, sec, None, None,
-                                                       torch.device("cpu"), note + extra, warmup_s))  # fmt: skip
-                    if on_row:
-                        on_row(out[-1])
+                    row = Measurement.from_timing("data", recipe, batch, sec, None, None, torch.device("cpu"),
+                                                  note + extra, warmup_s)  # fmt: skip
+                    t.add(out, row)
                     del loader
     return out

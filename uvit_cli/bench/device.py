@@ -19,11 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from uvit_cli import dist
-from uvit_cli.bench.measure import Measurement, OnRow, measure, synchronize
+from uvit_cli.bench.measure import Measurement, Timing, synchronize
 from uvit_cli.config import ModelConfig, Preset
-
-Progress = Callable[[str], None]
-Skip = Callable[[str, str], None]  # (probe, why): a probe that did not run
 
 # The backends `sdpa_kernel` can pin, by the names the report uses.
 SDPA_BACKENDS: dict[str, SDPBackend] = {
@@ -47,78 +44,53 @@ _FAMILIES = [
 # Ceilings
 
 
-def bench_device(
-    *,
-    steps: int = 10,
-    warmup: int = 3,
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-    on_row: OnRow | None = None,
-    skip: Skip | None = None,
-) -> list[Measurement]:
+def bench_device(timing: Timing | None = None) -> list[Measurement]:
     """A large matmul in bf16 and in fp32 (TF32, as `dist.cuda_defaults` sets), and copies device to device
     and pinned host to device: the ceilings. CUDA: 8192³ and 1 GiB; CPU: fp32 512³ and 32 MiB only."""
-    device = device or dist.device()
+    t = timing or Timing.of("device")
+    device = t.device
     cuda = device.type == "cuda"
     settings = dist.cuda_defaults(device)
     n, nbytes = (8192, 1 << 30) if cuda else (512, 32 << 20)
     rows: list[Measurement] = []
 
-    def add(row: Measurement) -> None:
-        rows.append(row)
-        if on_row:
-            on_row(row)
-
-    def skipped(what: str) -> None:
-        if skip:
-            skip(what, "no CUDA")
-
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         what = f"matmul {name} {n}³"
         if dtype != torch.float32 and not cuda:
-            skipped(what)
+            t.skipped(what, "no CUDA")
             continue
-        if progress:
-            progress(what)
+        t.say(what)
         g = torch.Generator(device).manual_seed(0)
         a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
         b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
         note = "random data" + (f", {settings}" if dtype == torch.float32 and settings else "")
-        add(measure("device", what, functools.partial(torch.mm, a, b), batch=1, flops=2 * n**3, steps=steps,
-                    warmup=warmup, device=device, note=note))  # fmt: skip
+        t.add(
+            rows,
+            t.measure("device", what, functools.partial(torch.mm, a, b), batch=1, flops=2 * n**3, note=note),
+        )
         del a, b
 
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     what = f"copy device→device {nbytes >> 20} MiB"
-    if progress:
-        progress(what)
-    add(_copy_row(what, dst, src, 2 * nbytes, steps, warmup, device, "bytes read + written"))
+    t.say(what)
+    t.add(rows, _copy_row(t, what, dst, src, 2 * nbytes, "bytes read + written"))
     what = f"copy host→device {nbytes >> 20} MiB (pinned)"
     if cuda:
-        if progress:
-            progress(what)
+        t.say(what)
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
-        add(_copy_row(what, dst, host, nbytes, steps, warmup, device, "what the loader's batches cross"))
+        t.add(rows, _copy_row(t, what, dst, host, nbytes, "what the loader's batches cross"))
         del host
     else:
-        skipped(what)
+        t.skipped(what, "no CUDA")
     del src, dst
     return rows
 
 
 def _copy_row(
-    what: str,
-    dst: torch.Tensor,
-    src: torch.Tensor,
-    moved: int,
-    steps: int,
-    warmup: int,
-    device: torch.device,
-    note: str,
+    t: Timing, what: str, dst: torch.Tensor, src: torch.Tensor, moved: int, note: str
 ) -> Measurement:
-    row = measure("device", what, lambda: dst.copy_(src, non_blocking=True), batch=1, flops=None, steps=steps,
-                  warmup=warmup, device=device, note=note)  # fmt: skip
+    row = t.measure("device", what, lambda: dst.copy_(src, non_blocking=True), batch=1, flops=None, note=note)
     row.gb_per_s = moved / (row.ms_per_step / 1e3) / 1e9
     return row
 
@@ -183,21 +155,12 @@ def sdpa_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str
     return fwd, bwd, kernels
 
 
-def bench_attention(
-    preset: Preset,
-    *,
-    batch: int,
-    steps: int = 10,
-    warmup: int = 3,
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-    on_row: OnRow | None = None,
-    skip: Skip | None = None,
-) -> list[Measurement]:
+def bench_attention(preset: Preset, *, batch: int, timing: Timing | None = None) -> list[Measurement]:
     """Forward + backward of the preset's attention at `batch`: the backend torch picks (bf16 on CUDA, as
     the uvit recipe runs it; fp32 on the CPU), each backend alone, and on CUDA the official recipe's fp32
-    q, k, v. A backend that cannot run these tensors is reported through `skip` with torch's reason."""
-    device = device or dist.device()
+    q, k, v. A backend that cannot run these tensors is reported through `timing.skip` with torch's reason."""
+    t = timing or Timing.of("attention")
+    device = t.device
     cuda = device.type == "cuda"
     B, H, T, Dh = attention_shape(preset.model, batch)
     flops = 3 * 4 * B * H * T * T * Dh  # q k^T and attn v, 2 FLOPs a multiply-add; backward = 2x forward
@@ -226,8 +189,7 @@ def bench_attention(
         return step
 
     def run(recipe: str, dt: torch.dtype, backend: SDPBackend | None, tuned: bool = True) -> None:
-        if progress:
-            progress(f"attention / {recipe}")
+        t.say(f"attention / {recipe}")
         settings = dist.cuda_defaults(device, tf32=tuned, autotune=tuned)  # the official: torch's defaults
         q, k, v = tensors(dt)
         step = step_fn(q, k, v, backend)
@@ -237,8 +199,7 @@ def bench_attention(
                 step()
             except RuntimeError as e:  # this backend cannot run these tensors (dtype, head width, device)
                 why = "; ".join(" ".join(str(w.message).split()) for w in caught) or " ".join(str(e).split())
-                if skip:
-                    skip(f"{recipe} {shape}", why[:300])  # torch's warnings say why each kernel refused
+                t.skipped(f"{recipe} {shape}", why[:300])  # torch's warnings say why each kernel refused
                 return
         if backend is None:
             fwd, bwd, kernels = sdpa_kernels(q, k, v)
@@ -250,11 +211,7 @@ def bench_attention(
         note = f"{shape} {'bf16' if dt == torch.bfloat16 else 'fp32'}, {picked}"
         if settings and dt == torch.float32:
             note += f"; {settings}"
-        row = measure("attention", recipe, step, batch=B, flops=flops, steps=steps, warmup=warmup,
-                      device=device, note=note)  # fmt: skip
-        rows.append(row)
-        if on_row:
-            on_row(row)
+        t.add(rows, t.measure("attention", recipe, step, batch=B, flops=flops, note=note))
         del q, k, v, step
 
     run("default", dtype, None)
@@ -262,6 +219,6 @@ def bench_attention(
         run(name, dtype, backend)
     if cuda:
         run("official (fp32 q, k, v)", torch.float32, None, tuned=False)
-    elif skip:
-        skip("official (fp32 q, k, v)", "no CUDA (on the CPU the default already runs fp32)")
+    else:
+        t.skipped("official (fp32 q, k, v)", "no CUDA (on the CPU the default already runs fp32)")
     return rows

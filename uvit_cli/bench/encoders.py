@@ -8,8 +8,7 @@ from collections.abc import Callable
 import torch
 
 from uvit_cli import dist
-from uvit_cli.bench.measure import Measurement, OnRow, count_flops, measure
-from uvit_cli.bench.tasks import Progress, default_device
+from uvit_cli.bench.measure import Measurement, Timing, count_flops
 from uvit_cli.config import Preset
 from uvit_cli.errors import ConfigError
 
@@ -18,12 +17,8 @@ def bench_prepare(
     preset: Preset,
     *,
     batch: int = 64,
-    steps: int = 3,
-    warmup: int = 1,
     captions_per_image: int = 5,
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-    on_row: OnRow | None = None,
+    timing: Timing | None = None,
 ) -> list[Measurement]:
     """Encoder throughput of `uvit prepare` (VAE moments + CLIP of every caption), random real-size weights.
 
@@ -37,7 +32,8 @@ def bench_prepare(
     from uvit_cli.encoders.clip import CLIP_L14_TEXT
     from uvit_cli.prepare.run import PrepareSpec
 
-    device = device or default_device()
+    t = timing or Timing.of("prepare")
+    device = t.device
     if preset.data.space != "latent":
         raise ConfigError(f"bench prepare needs a latent preset; '{preset.name}' is pixel-space")
     settings = dist.cuda_defaults(device, tf32=False, autotune=False)
@@ -84,32 +80,21 @@ def bench_prepare(
     ]
     if device.type == "cuda":  # bf16 convolutions on a CPU are ~140x slower than fp32 (docs/data.md)
         rows.append(("uvit --precision bf16", ours("bf16"), "batched, VAE under bf16 autocast, CLIP fp32"))
-    results = []
+    results: list[Measurement] = []
     for name, fn, note in rows:
-        if progress:
-            progress(f"prepare / {name}")
-        results.append(measure("prepare", name, fn, batch=batch, flops=flops, steps=steps, warmup=warmup,
-                               device=device, note=note))  # fmt: skip
-        if on_row:
-            on_row(results[-1])
+        t.say(f"prepare / {name}")
+        t.add(results, t.measure("prepare", name, fn, batch=batch, flops=flops, note=note))
     return results
 
 
-def bench_fid(
-    *,
-    batch: int = 200,
-    steps: int = 3,
-    warmup: int = 1,
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-    on_row: OnRow | None = None,
-) -> list[Measurement]:
+def bench_fid(*, batch: int = 200, timing: Timing | None = None) -> list[Measurement]:
     """Inception feature throughput at 299x299 (random weights of the real FID Inception), as `uvit fid`
     extracts: fp32 with TF32 off (`exact_fp32`), cuDNN autotuning (`dist.cuda_defaults(tf32=False)`)."""
     from uvit_cli.fid.features import exact_fp32
     from uvit_cli.inception import FIDInception
 
-    device = device or default_device()
+    t = timing or Timing.of("fid")
+    device = t.device
     settings = "cuDNN autotuning" if dist.cuda_defaults(device, tf32=False) else ""
     net = FIDInception().to(device).eval()
     x = torch.rand(batch, 3, 299, 299, device=device) * 255
@@ -121,11 +106,8 @@ def bench_fid(
         with torch.no_grad(), exact_fp32():
             net(x)
 
-    if progress:
-        progress("fid / uvit")
+    t.say("fid / uvit")
     note = "fp32, TF32 off (exact_fp32)" + (f"; {settings}" if settings else "")
-    row = measure("fid", "uvit", run, batch=batch, flops=flops, steps=steps, warmup=warmup, device=device,
-                  note=note)  # fmt: skip
-    if on_row:
-        on_row(row)
-    return [row]
+    rows: list[Measurement] = []
+    t.add(rows, t.measure("fid", "uvit", run, batch=batch, flops=flops, note=note))
+    return rows

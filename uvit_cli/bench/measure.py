@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from uvit_cli import dist
+
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets. The first
 # substring of the device name that matches wins, so the more specific names come first.
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
@@ -33,6 +35,15 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
 
 
 OnRow = Callable[["Measurement"], None]  # called with each row the moment it is measured
+Progress = Callable[[str], None]  # called with what is about to be timed
+Skip = Callable[[str, str], None]  # (probe, why): a probe that did not run
+
+# Timed calls and warm-up calls per row of each task (`uvit bench --repeats` sets the first): ten of the
+# short steps (training, data, the device probes), fewer of the long ones (sampling, the encoders).
+REPEATS: dict[str, tuple[int, int]] = {
+    "train": (10, 3), "data": (10, 2), "attention": (10, 3), "device": (10, 3),
+    "sample": (2, 1), "prepare": (3, 1), "fid": (3, 1),
+}  # fmt: skip
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -135,21 +146,58 @@ class Measurement:
         )
 
 
-def measure(
-    task: str,
-    recipe: str,
-    fn: Callable[[], Any],
-    *,
-    batch: int,
-    flops: int | None,
-    steps: int,
-    warmup: int,
-    device: torch.device,
-    note: str = "",
-) -> Measurement:
-    """One row: `fn` timed by `time_steps` from a reset peak-memory counter; MFU against the device's dense
-    bf16 peak (known GPUs only)."""
-    reset_peak_memory(device)
-    sec, warmup_s = time_steps(fn, steps, warmup, device)
-    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
-    return Measurement.from_timing(task, recipe, batch, sec, flops, peak, device, note, warmup_s)
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How a bench task times its rows and tells its caller: `steps` timed calls after `warmup` calls per
+    row, on `device`; `progress` hears what is about to be timed, `on_row` each row the moment it is
+    measured, `skip` each probe that cannot run here and why."""
+
+    steps: int
+    warmup: int
+    device: torch.device
+    progress: Progress | None = None
+    on_row: OnRow | None = None
+    skip: Skip | None = None
+
+    @classmethod
+    def of(
+        cls,
+        task: str,
+        *,
+        steps: int | None = None,
+        device: torch.device | None = None,
+        progress: Progress | None = None,
+        on_row: OnRow | None = None,
+        skip: Skip | None = None,
+    ) -> Timing:
+        """The task's own repeats (REPEATS; `steps` overrides the timed ones) on `device` (default: this
+        rank's GPU when CUDA is available, else the CPU)."""
+        default_steps, warmup = REPEATS[task]
+        return cls(
+            default_steps if steps is None else steps, warmup, dist.device(device), progress, on_row, skip
+        )
+
+    def say(self, what: str) -> None:
+        if self.progress:
+            self.progress(what)
+
+    def skipped(self, what: str, why: str) -> None:
+        if self.skip:
+            self.skip(what, why)
+
+    def measure(
+        self, task: str, recipe: str, fn: Callable[[], Any], *, batch: int, flops: int | None, note: str = ""
+    ) -> Measurement:
+        """One row: `fn` timed by `time_steps` from a reset peak-memory counter; MFU against the device's
+        dense bf16 peak (known GPUs only). Not yet told: `add` it when its note is final."""
+        device = self.device
+        reset_peak_memory(device)
+        sec, warmup_s = time_steps(fn, self.steps, self.warmup, device)
+        peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+        return Measurement.from_timing(task, recipe, batch, sec, flops, peak, device, note, warmup_s)
+
+    def add(self, rows: list[Measurement], row: Measurement) -> None:
+        """Append `row` to the task's `rows` and tell `on_row`."""
+        rows.append(row)
+        if self.on_row:
+            self.on_row(row)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from uvit_cli import dist
-from uvit_cli.bench.measure import Measurement, OnRow, count_flops, measure
+from uvit_cli.bench.measure import Measurement, Timing, count_flops
 from uvit_cli.bench.recipes import OFFICIAL, OURS, Recipe, apply_attention, for_device, official_ema_update
 from uvit_cli.config import ModelConfig, NetworkPrecision, Preset
 from uvit_cli.data import to_model
@@ -23,13 +23,7 @@ if TYPE_CHECKING:
     from uvit_cli.sample.generate import Decoder
     from uvit_cli.sample.settings import SampleSettings
 
-Progress = Callable[[str], None]
 _PRECISION: dict[str | None, NetworkPrecision] = {"fp16": "fp16", "bf16": "bf16", None: "fp32"}  # recipe.amp
-
-
-def default_device() -> torch.device:
-    """`dist.device()`: this rank's GPU when CUDA is available, else the CPU."""
-    return dist.device()
 
 
 def use_recipe_settings(r: Recipe, device: torch.device) -> None:
@@ -67,18 +61,15 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def each_recipe(
-    task: str, recipes: Sequence[Recipe], device: torch.device, progress: Progress | None
-) -> Iterator[tuple[Recipe, Recipe]]:
-    """(recipe, what it becomes on `device`) one at a time, with its code base's CUDA settings set; the
+def each_recipe(task: str, recipes: Sequence[Recipe], t: Timing) -> Iterator[tuple[Recipe, Recipe]]:
+    """(recipe, what it becomes on `t.device`) one at a time, with its code base's CUDA settings set; the
     device's cached memory is freed after each (the caller drops its step first)."""
     for recipe in recipes:
-        if progress:
-            progress(f"{task} / {recipe.name}")
-        r = for_device(recipe, device)
-        use_recipe_settings(r, device)
+        t.say(f"{task} / {recipe.name}")
+        r = for_device(recipe, t.device)
+        use_recipe_settings(r, t.device)
         yield recipe, r
-        free_memory(device)
+        free_memory(t.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,18 +80,16 @@ def bench_train(
     preset: Preset,
     *,
     batch: int | None = None,
-    steps: int = 10,
-    warmup: int = 3,
     recipes: Sequence[Recipe] = (OFFICIAL, OURS),
     data_dir: str | Path | None = None,
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-    on_row: OnRow | None = None,
+    timing: Timing | None = None,
 ) -> list[Measurement]:
     """Images/s of full training steps (noising, forward, backward, optimiser, EMA) for each recipe; with
     `data_dir`, every step takes its batch from the loader `uvit train` builds over that prepared folder,
-    and the note says how long the steps waited for it. `on_row` gets each row as soon as it is measured."""
-    device = device or default_device()
+    and the note says how long the steps waited for it. `timing.on_row` gets each row as soon as it is
+    measured."""
+    t = timing or Timing.of("train")
+    device = t.device
     batch = batch or preset.train.batch_size
     m = preset.model
     latent = preset.data.space == "latent"
@@ -110,19 +99,18 @@ def bench_train(
     cond, null = conditions(preset.model, batch, device, g)
     flops = 3 * forward_flops(preset.model, batch)
 
-    results = []
-    for recipe, r in each_recipe("train", recipes, device, progress):
+    results: list[Measurement] = []
+    for recipe, r in each_recipe("train", recipes, t):
         feed = data_feed(preset, data_dir, batch, device) if data_dir is not None else None
         step = make_train_step(r, preset, {"x": x, **cond}, null, device, feed)
-        row = measure("train", recipe.name, step, batch=batch, flops=flops, steps=steps, warmup=warmup,
-                      device=device, note=recipe_note(r, preset, device))  # fmt: skip
+        row = t.measure(
+            "train", recipe.name, step, batch=batch, flops=flops, note=recipe_note(r, preset, device)
+        )
         if feed is not None:
-            wait = feed.waited / (steps + warmup)  # the warm-up steps' waits are counted too: an upper bound
+            wait = feed.waited / (t.steps + t.warmup)  # the warm-up steps' waits count too: an upper bound
             share = min(wait * 1e3 / row.ms_per_step, 1)
             row.note += f"; data {data_dir}: waited {wait * 1e3:.1f} ms/step ({share:.0%})"
-        results.append(row)
-        if on_row:
-            on_row(row)
+        t.add(results, row)
         del step  # before each_recipe frees the device's cached memory
     return results
 
@@ -214,13 +202,9 @@ def bench_sample(
     *,
     batch: int | None = None,
     solver_steps: int | None = None,
-    steps: int = 2,
-    warmup: int = 1,
     decode: bool = True,
     recipes: Sequence[Recipe] = (OFFICIAL, OURS),
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-    on_row: OnRow | None = None,
+    timing: Timing | None = None,
 ) -> list[Measurement]:
     """Images/s of sampling with the preset's solver and guidance, VAE decoding included (latent presets).
 
@@ -230,7 +214,8 @@ def bench_sample(
     """
     from uvit_cli.sample.settings import SampleOptions, SampleSettings
 
-    device = device or default_device()
+    t = timing or Timing.of("sample")
+    device = t.device
     settings = SampleSettings.from_preset(preset, SampleOptions(steps=solver_steps, batch_size=batch))
     batch = settings.batch_size
     m = preset.model
@@ -251,15 +236,12 @@ def bench_sample(
     passes = 2 if settings.cfg_scale > 0 else 1
     flops = settings.steps * passes * forward_flops(preset.model, batch) + decode_flops
 
-    results = []
-    for recipe, r in each_recipe("sample", recipes, device, progress):
+    results: list[Measurement] = []
+    for recipe, r in each_recipe("sample", recipes, t):
         run = make_sample_run(r, preset, settings, cond, null, vae, device)
         note = recipe_note(r, preset, device)
         note += ", batched CFG" if r.batched_cfg and settings.cfg_scale > 0 else ""
-        results.append(measure("sample", recipe.name, run, batch=batch, flops=flops, steps=steps,
-                               warmup=warmup, device=device, note=note))  # fmt: skip
-        if on_row:
-            on_row(results[-1])
+        t.add(results, t.measure("sample", recipe.name, run, batch=batch, flops=flops, note=note))
         del run  # before each_recipe frees the device's cached memory
     return results
 
