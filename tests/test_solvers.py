@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -716,7 +715,6 @@ def test_guided_sampling_end_to_end():
 
 def test_guided_eps_fn_compiles_without_graph_breaks():
     torch._dynamo.reset()
-    start = time.perf_counter()
     net = CountingNet()
     net.calls = None  # type: ignore[assignment]  # no Python side effects inside the compiled region
 
@@ -742,7 +740,6 @@ def test_guided_eps_fn_compiles_without_graph_breaks():
         explanation = torch._dynamo.explain(fn)(x, ts)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
-    assert time.perf_counter() - start < 60
 
 
 def test_every_solver_takes_steps_third_options_by_keyword_and_calls_back_each_step():
